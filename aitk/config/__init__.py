@@ -1,0 +1,1 @@
+"""The job file: schema (schema.py), reading and substitution (loader.py)."""

@@ -1,0 +1,1 @@
+"""Model adapters: one module per architecture family behind the interface in base.py."""

@@ -1,0 +1,136 @@
+"""The model-adapter interface: everything the trainer needs to know about one architecture.
+
+The trainer never names an architecture; it calls these methods. Flow-matching transformers
+(FLUX, WAN) and multi-expert models (WAN 2.2) implement the same interface: `experts()` lists
+the denoisers, `expert_for_timesteps()` says which one a timestep belongs to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aitk.config.schema import ModelConfig, TrainConfig
+
+
+@dataclass
+class NoisyBatch:
+    """What one training step feeds the denoiser and compares against."""
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    # Per-sample loss weights from the model's objective (e.g. min-SNR); None = all ones.
+    loss_weights: torch.Tensor | None = None
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch; `extra` carries model-specific tensors (pooled, ids...)."""
+
+    hidden_states: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptEmbeds":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
+
+        return PromptEmbeds(move(self.hidden_states), {k: move(v) for k, v in self.extra.items()})
+
+    def select(self, index: torch.Tensor | list[int]) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden_states[index], {k: v[index] for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
+        keys = items[0].extra.keys()
+        return PromptEmbeds(
+            torch.cat([i.hidden_states for i in items]),
+            {k: torch.cat([i.extra[k] for i in items]) for k in keys},
+        )
+
+
+class ModelAdapter(ABC):
+    """One architecture family. Instances are created by `aitk.models.registry.load_adapter`."""
+
+    #: architecture keys (model.arch) this adapter serves
+    arch_names: tuple[str, ...] = ()
+    #: pixel sizes of buckets must be multiples of this
+    bucket_divisibility: int = 64
+    #: prefix of the denoiser's LoRA keys in kohya/ComfyUI files (e.g. "lora_unet")
+    lora_prefix: str = "lora_unet"
+    #: ss_base_model_version / modelspec.architecture metadata values
+    base_model_version: str = ""
+    modelspec_architecture: str = ""
+
+    def __init__(self, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.model_cfg = model_cfg
+        self.device = device
+        self.dtype = dtype
+
+    # --- loading -------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None:
+        """Load every part (from a diffusers folder, hub id or single file) onto self.device."""
+
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The module a network wraps and the trainer trains (UNet or transformer)."""
+
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """Named denoisers; single-model architectures have one, named "main"."""
+        return {"main": self.denoiser()}
+
+    def expert_for_timesteps(self, timesteps: torch.Tensor) -> str:
+        return "main"
+
+    def network_target_modules(self, module: torch.nn.Module) -> list[str]:
+        """Names of Linear/Conv2d modules inside `module` that a network may wrap."""
+        names = []
+        for name, sub in module.named_modules():
+            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and self.may_wrap(name, sub):
+                names.append(name)
+        return names
+
+    def may_wrap(self, name: str, module: torch.nn.Module) -> bool:
+        return True
+
+    # --- encoding ------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Text conditioning for `prompts` (no grad, on self.device)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents for pixel batches in [-1, 1], shape (B, 3, H, W); scaled for the denoiser."""
+
+    def latent_space_id(self) -> str:
+        """Identifies the latent space, so latent caches from another VAE are never reused."""
+        return self.modelspec_architecture
+
+    def free_text_encoders(self) -> None:
+        """Release the text encoders once every prompt embedding is cached."""
+
+    # --- training objective --------------------------------------------------------------
+    @abstractmethod
+    def make_noisy_batch(
+        self,
+        latents: torch.Tensor,
+        train_cfg: TrainConfig,
+        generator: torch.Generator | None,
+    ) -> NoisyBatch:
+        """Draw noise and timesteps, return noisy inputs, timesteps and the training target."""
+
+    @abstractmethod
+    def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
+        """The denoiser's prediction for `batch` under conditioning `cond`."""
+
+    # --- previews ------------------------------------------------------------------------
+    @abstractmethod
+    def sample_pipeline(self) -> Any:
+        """A diffusers pipeline over the live (possibly network-wrapped) modules."""
+
+    def sample_defaults(self) -> dict[str, Any]:
+        return {}
