@@ -2,66 +2,173 @@
 
 Every model keeps unknown keys (extra="allow") so the loader can warn about them with a
 did-you-mean instead of failing; `--strict` turns those warnings into errors.
+
+Validators here raise ``PydanticCustomError("aitk", "{message}", {"message": ...})`` whose message
+is already user-facing ("500 is not valid; use a multiple of 8 ..."); the loader prefixes the key
+path. Keep that convention for new checks so no raw pydantic text reaches users.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def user_error(message: str, key: str | None = None) -> PydanticCustomError:
+    """An error whose text the loader shows as is (after the key path).
+
+    `key` (for model-level validators) names the field the problem is about, so the path
+    points at it rather than at the section.
+    """
+    ctx: dict[str, Any] = {"message": message}
+    if key:
+        ctx["aitk_key"] = key
+    return PydanticCustomError("aitk", "{message}", ctx)
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_pixel_size(value: int, what: str = "a multiple of 8 that is at least 64") -> None:
+    if value < 64 or value % 8:
+        lower = max(64, value // 8 * 8)
+        upper = max(64, lower + 8 if value % 8 else lower)
+        example = f"{lower}" if lower == upper else f"{lower} or {upper}"
+        raise user_error(f"{_fmt(value)} is not valid; use {what}, e.g. {example}")
+
+
+def _non_none_args(annotation: Any) -> tuple[Any, ...] | None:
+    """The members of a Union annotation without None; None when it is not a Union."""
+    if get_origin(annotation) in (Union, UnionType):
+        return tuple(a for a in get_args(annotation) if a is not type(None))
+    return None
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...]:
+    members = _non_none_args(annotation)
+    if members is not None and len(members) == 1:
+        annotation = members[0]
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def _allows_none(annotation: Any) -> bool:
+    return annotation is Any or (
+        get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation)
+    )
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="allow",
+        validate_assignment=True,
+        protected_namespaces=(),
+        # YAML turns `name: 2024` or `trigger_word: 123` into numbers; accept them as text.
+        coerce_numbers_to_str=True,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_input(cls, data: Any) -> Any:
+        """Forgive what ai-toolkit forgives.
+
+        - Choices are case-insensitive (`optimizer: AdamW8bit`), as in ai-toolkit.
+        - An empty section (`train:` with nothing under it, i.e. null) means its defaults.
+        """
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] | None = None
+        for name, field in cls.model_fields.items():
+            if name not in data:
+                continue
+            value = data[name]
+            if value is None and not field.is_required() and not _allows_none(field.annotation):
+                out = dict(data) if out is None else out
+                del out[name]
+            elif isinstance(value, str):
+                choices = _literal_choices(field.annotation)
+                if choices and value not in choices:
+                    norm = value.strip().lower().replace("-", "_")
+                    if norm in choices:
+                        out = dict(data) if out is None else out
+                        out[name] = norm
+        return data if out is None else out
 
 
 class NetworkKwargs(Section):
-    only_if_contains: list[str] | None = None
-    ignore_if_contains: list[str] | None = None
+    only_if_contains: list[str] | None = Field(
+        None, description="Wrap only modules whose name contains one of these strings."
+    )
+    ignore_if_contains: list[str] | None = Field(
+        None, description="Never wrap modules whose name contains one of these (wins over only_if_contains)."
+    )
 
 
 class ExitCriteria(Section):
-    loss_improvement_rate_below: float = 0.001
-    min_gradient_stability: float = 0.55
-    min_loss_r2: float | None = None
-    max_loss_cv: float | None = None
-    min_samples: int = 100
+    loss_improvement_rate_below: float = Field(
+        0.001, ge=0.0, description="Plateau threshold T: |loss slope| per step must be at most this."
+    )
+    min_gradient_stability: float = Field(
+        0.55, ge=0.0, le=1.0, description="Required EMA of the gradient sign agreement (0..1)."
+    )
+    min_loss_r2: float | None = Field(
+        None, ge=0.0, le=1.0, description="Optional: required R² of the loss trend (or a flat trend)."
+    )
+    max_loss_cv: float | None = Field(
+        None, gt=0.0, description="Optional: the loss coefficient of variation must be below this."
+    )
+    min_samples: int = Field(100, ge=1, description="Losses needed in the window before a transition.")
 
 
 class AlphaPhase(Section):
-    alpha: float | None = None
-    linear_alpha: float | None = None
-    min_steps: int = 500
+    alpha: float | None = Field(None, description="Conv alpha in this phase.")
+    linear_alpha: float | None = Field(None, description="Linear alpha in this phase (optional).")
+    min_steps: int = Field(500, ge=0, description="Steps to spend in this phase at least.")
     exit_criteria: ExitCriteria = Field(default_factory=ExitCriteria)
 
 
 class ExpertAlphaSchedule(Section):
-    conv_alpha_phases: dict[str, AlphaPhase] | None = None
-    alpha_phases: dict[str, AlphaPhase] | None = None
-    linear_alpha_phases: dict[str, AlphaPhase] | None = None
-    linear_alpha: float | None = None
+    conv_alpha_phases: dict[str, AlphaPhase] | None = Field(
+        None, description="Ordered phases (YAML order) that set conv alpha (and optionally linear alpha)."
+    )
+    alpha_phases: dict[str, AlphaPhase] | None = Field(
+        None, description="Phases whose `alpha` sets the linear alpha (models without conv layers)."
+    )
+    linear_alpha_phases: dict[str, AlphaPhase] | None = Field(
+        None, description="Same as alpha_phases."
+    )
+    linear_alpha: float | None = Field(
+        None, description="Linear alpha while no phase sets linear_alpha."
+    )
 
 
 class AlphaSchedule(ExpertAlphaSchedule):
-    enabled: bool = False
-    per_expert: dict[str, ExpertAlphaSchedule] | None = None
+    enabled: bool = Field(False, description="Turn alpha scheduling on.")
+    per_expert: dict[str, ExpertAlphaSchedule] | None = Field(
+        None, description="Multi-expert models: overrides per expert (high_noise, low_noise)."
+    )
 
 
 class NetworkConfig(Section):
-    type: Literal["lora", "locon", "lokr", "loha", "dora"] = "lora"
-    linear: int | None = None
-    rank: int | None = None
-    linear_alpha: float | None = None
-    alpha: float | None = None
-    conv: int | None = None
-    conv_alpha: float | None = None
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    dora: bool = False
-    lokr_full_rank: bool = False
-    lokr_factor: int = -1
+    type: Literal["lora", "locon", "lokr", "loha", "dora"] = Field(
+        "lora", description="Adapter kind: lora (linear layers), locon (lora + conv layers), lokr."
+    )
+    linear: int | None = Field(None, ge=1, description="Rank of linear layers (default 4).")
+    rank: int | None = Field(None, ge=1, description="Alias of `linear`.")
+    linear_alpha: float | None = Field(None, description="Alpha of linear layers (default: the rank).")
+    alpha: float | None = Field(None, description="Alias of `linear_alpha`.")
+    conv: int | None = Field(None, ge=1, description="Rank of conv layers (LoCon); none = conv layers untouched.")
+    conv_alpha: float | None = Field(None, description="Alpha of conv layers (default: the conv rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's hidden features.")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    lokr_full_rank: bool = Field(False, description="LoKr: use a full-rank second factor.")
+    lokr_factor: int = Field(-1, description="LoKr factor (-1 = automatic).")
     network_kwargs: NetworkKwargs = Field(default_factory=NetworkKwargs)
-    pretrained_lora_path: str | None = None
-    alpha_schedule: AlphaSchedule | None = None
+    pretrained_lora_path: str | None = Field(None, description="Start from this LoRA file.")
+    alpha_schedule: AlphaSchedule | None = Field(None, description="Alpha scheduling (phases of alpha).")
 
     @property
     def linear_rank(self) -> int:
@@ -87,45 +194,61 @@ class NetworkConfig(Section):
 
 
 class SaveConfig(Section):
-    dtype: Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"] = "float16"
-    save_every: int = Field(1000, ge=1)
-    max_step_saves_to_keep: int = Field(5, ge=0)
-    save_format: Literal["comfyui", "kohya", "diffusers"] = "comfyui"
-    push_to_hub: bool = False
-    hf_repo_id: str | None = None
-    hf_private: bool = True
+    dtype: Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"] = Field(
+        "float16", description="Precision of the saved LoRA weights."
+    )
+    save_every: int = Field(1000, ge=1, description="Save a LoRA and a checkpoint every N steps.")
+    max_step_saves_to_keep: int = Field(5, ge=0, description="Keep this many step saves (older ones are removed).")
+    save_format: Literal["comfyui", "kohya", "diffusers"] = Field(
+        "comfyui", description="Key naming of the LoRA file: comfyui/kohya (lora_unet_...) or diffusers (PEFT)."
+    )
+    push_to_hub: bool = Field(False, description="Upload the final LoRA to the Hugging Face Hub.")
+    hf_repo_id: str | None = Field(None, description="Hub repository for push_to_hub (user/name).")
+    hf_private: bool = Field(True, description="Make the Hub repository private.")
 
 
 class DatasetConfig(Section):
-    folder_path: str
-    caption_ext: str = "txt"
-    default_caption: str = ""
-    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
-    shuffle_tokens: bool = False
-    keep_tokens: int = Field(0, ge=0)
-    token_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
-    trigger_word: str | None = None
-    resolution: int | list[int] = 512
-    buckets: bool = True
-    bucket_tolerance: int = 64
-    random_crop: bool = False
-    flip_x: bool = False
-    flip_y: bool = False
-    num_repeats: int = Field(1, ge=1)
-    cache_latents: bool = False
-    cache_latents_to_disk: bool = False
-    cache_text_embeddings: bool = False
-    num_workers: int = Field(0, ge=0)
-    is_reg: bool = False
-    loss_multiplier: float = 1.0
-    control_path: str | None = None
-    mask_path: str | None = None
-    num_frames: int = Field(1, ge=1)
-    shrink_video_to_frames: bool = True
-    fps: float | None = None
-    max_pixels_per_frame: int | None = None
-    temporal_jitter: int = 0
-    do_i2v: bool = False
+    folder_path: str = Field(description="Folder of images (and caption files).")
+    caption_ext: str = Field("txt", description="Extension of the caption file next to each image.")
+    default_caption: str = Field("", description="Caption for images without a caption file.")
+    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0, description="Chance of training with an empty caption.")
+    shuffle_tokens: bool = Field(False, description="Shuffle comma-separated caption parts.")
+    keep_tokens: int = Field(0, ge=0, description="Caption parts kept in front when shuffling.")
+    token_dropout_rate: float = Field(0.0, ge=0.0, le=1.0, description="Chance of dropping each caption part.")
+    trigger_word: str | None = Field(None, description="Trigger word for this dataset.")
+    resolution: int | list[int] = Field(
+        512, description="Training resolution; a list trains one bucket set per value (e.g. [512, 768])."
+    )
+    buckets: bool = Field(True, description="Group images by aspect ratio instead of square cropping.")
+    bucket_tolerance: int = Field(64, ge=1, description="Bucket size step in pixels.")
+    random_crop: bool = Field(False, description="Crop at random positions instead of the centre.")
+    flip_x: bool = Field(False, description="Also train on horizontally flipped images.")
+    flip_y: bool = Field(False, description="Also train on vertically flipped images.")
+    num_repeats: int = Field(1, ge=1, description="Repeat each image this many times per epoch.")
+    cache_latents: bool = Field(False, description="Encode images once and keep the latents in memory.")
+    cache_latents_to_disk: bool = Field(False, description="Encode images once and keep the latents on disk.")
+    cache_text_embeddings: bool = Field(False, description="Encode captions once.")
+    num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
+    is_reg: bool = Field(False, description="A regularisation dataset.")
+    loss_multiplier: float = Field(1.0, ge=0.0, description="Weight of this dataset's loss.")
+    control_path: str | None = Field(None, description="Folder of control images (control models).")
+    mask_path: str | None = Field(None, description="Folder of loss masks.")
+    num_frames: int = Field(1, ge=1, description="Frames per sample; more than 1 = video.")
+    shrink_video_to_frames: bool = Field(True, description="Sample num_frames evenly over each video.")
+    fps: float | None = Field(None, gt=0.0, description="Video frame rate to sample at.")
+    max_pixels_per_frame: int | None = Field(None, ge=1, description="Video: limit of pixels per frame.")
+    temporal_jitter: int = Field(0, ge=0, description="Video: random offset of sampled frames.")
+    do_i2v: bool = Field(False, description="Video: image-to-video training.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_is_a_pixel_size(cls, value: int | list[int]) -> int | list[int]:
+        values = [value] if isinstance(value, int) else value
+        if not values:
+            raise user_error("[] is not valid; use a resolution or a list of them, e.g. 512 or [512, 768]")
+        for v in values:
+            _check_pixel_size(v)
+        return value
 
     @property
     def resolutions(self) -> list[int]:
@@ -133,8 +256,8 @@ class DatasetConfig(Section):
 
 
 class EmaConfig(Section):
-    use_ema: bool = False
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step.")
 
 
 Optimizer = Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "automagic", "sgd", "adam"]
@@ -150,38 +273,60 @@ LrScheduler = Literal[
 
 
 class TrainConfig(Section):
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    gradient_accumulation_steps: int | None = None  # ai-toolkit spelling; same meaning
-    lr: float = 1e-4
-    unet_lr: float | None = None
-    text_encoder_lr: float | None = None
-    optimizer: Optimizer = "adamw"
-    optimizer_params: dict[str, Any] = Field(default_factory=dict)
-    lr_scheduler: LrScheduler = "constant"
-    lr_scheduler_params: dict[str, Any] = Field(default_factory=dict)
-    lr_warmup_steps: int = 0
-    dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
-    train_unet: bool = True
-    train_text_encoder: bool = False
-    gradient_checkpointing: bool = False
-    noise_scheduler: str = "ddpm"
-    timestep_type: Literal["sigmoid", "linear", "shift", "lognorm", "weighted", "uniform"] | None = None
-    content_or_style: Literal["balanced", "content", "style"] = "balanced"
-    min_denoising_steps: int = Field(0, ge=0)
-    max_denoising_steps: int = Field(999, ge=0)
-    loss_type: Literal["mse", "mae", "l1", "pseudo_huber", "huber"] = "mse"
-    huber_c: float = 0.1
-    noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
-    max_grad_norm: float = 1.0
+    steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Images per step.")
+    gradient_accumulation: int = Field(1, ge=1, description="Batches accumulated per optimizer step.")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="ai-toolkit spelling of gradient_accumulation; wins when set."
+    )
+    lr: float = Field(1e-4, gt=0.0, description="Learning rate.")
+    unet_lr: float | None = Field(None, gt=0.0, description="Learning rate of the denoiser (default: lr).")
+    text_encoder_lr: float | None = Field(None, gt=0.0, description="Learning rate of the text encoder (default: lr).")
+    optimizer: Optimizer = Field("adamw", description="Optimizer.")
+    optimizer_params: dict[str, Any] = Field(
+        default_factory=dict, description="Extra optimizer arguments (weight_decay, betas, ...)."
+    )
+    lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule.")
+    lr_scheduler_params: dict[str, Any] = Field(default_factory=dict, description="Extra schedule arguments.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of *_with_warmup schedules.")
+    dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = Field(
+        "fp32", description="Training precision."
+    )
+    train_unet: bool = Field(True, description="Train the denoiser (UNet / transformer).")
+    train_text_encoder: bool = Field(False, description="Also train the text encoder.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    noise_scheduler: str = Field("ddpm", description="Noise schedule: ddpm, flowmatch, ...")
+    timestep_type: Literal["sigmoid", "linear", "shift", "lognorm", "weighted", "uniform"] | None = Field(
+        None, description="How training timesteps are drawn."
+    )
+    content_or_style: Literal["balanced", "content", "style"] = Field(
+        "balanced", description="Bias timesteps towards content (high noise) or style (low noise)."
+    )
+    min_denoising_steps: int = Field(0, ge=0, description="Lowest training timestep.")
+    max_denoising_steps: int = Field(999, ge=0, description="Highest training timestep.")
+    loss_type: Literal["mse", "mae", "l1", "pseudo_huber", "huber"] = Field("mse", description="Loss function.")
+    huber_c: float = Field(0.1, gt=0.0, description="Huber / pseudo-Huber threshold.")
+    noise_offset: float = Field(0.0, description="Noise offset.")
+    min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting gamma.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 = off).")
     ema_config: EmaConfig = Field(default_factory=EmaConfig)
-    switch_boundary_every: int | None = None
-    skip_first_sample: bool = False
-    disable_sampling: bool = False
-    cache_text_embeddings: bool = False
-    attention_backend: str | None = None
+    switch_boundary_every: int | None = Field(
+        None, ge=1, description="Multi-expert models: switch the trained expert every N steps."
+    )
+    skip_first_sample: bool = Field(False, description="Do not sample before the first step.")
+    disable_sampling: bool = Field(False, description="Never sample previews.")
+    cache_text_embeddings: bool = Field(False, description="Encode captions once.")
+    attention_backend: str | None = Field(None, description="Attention implementation to use.")
+
+    @model_validator(mode="after")
+    def _denoising_range(self) -> "TrainConfig":
+        if self.min_denoising_steps > self.max_denoising_steps:
+            raise user_error(
+                f"{self.max_denoising_steps} is not valid; it must be at least "
+                f"min_denoising_steps ({self.min_denoising_steps})",
+                key="max_denoising_steps",
+            )
+        return self
 
     @property
     def accumulation_steps(self) -> int:
@@ -189,20 +334,22 @@ class TrainConfig(Section):
 
 
 class ModelConfig(Section):
-    name_or_path: str
-    arch: str | None = None
-    is_flux: bool = False
-    is_xl: bool = False
-    is_v2: bool = False
-    is_v_pred: bool = False
-    quantize: bool = False
-    qtype: str | None = None
-    quantize_te: bool = False
-    low_vram: bool = False
-    assistant_lora_path: str | None = None
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    dtype: str | None = None
-    vae_path: str | None = None
+    name_or_path: str = Field(
+        description="Base model: a Hugging Face hub id, a local diffusers folder or a .safetensors file."
+    )
+    arch: str | None = Field(None, description="Architecture: sd1, sdxl, flux, wan21, ... (default sd1).")
+    is_flux: bool = Field(False, description="Legacy flag: arch flux.")
+    is_xl: bool = Field(False, description="Legacy flag: arch sdxl.")
+    is_v2: bool = Field(False, description="Legacy flag: arch sd2.")
+    is_v_pred: bool = Field(False, description="The model predicts v instead of noise.")
+    quantize: bool = Field(False, description="Quantize the denoiser.")
+    qtype: str | None = Field(None, description="Quantization type.")
+    quantize_te: bool = Field(False, description="Quantize the text encoder.")
+    low_vram: bool = Field(False, description="Keep parts on the CPU to save GPU memory.")
+    assistant_lora_path: str | None = Field(None, description="A LoRA merged in while training only.")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Model-specific options.")
+    dtype: str | None = Field(None, description="Precision the model is loaded in.")
+    vae_path: str | None = Field(None, description="A different VAE (hub id, folder or file).")
 
     @property
     def resolved_arch(self) -> str:
@@ -219,71 +366,90 @@ class ModelConfig(Section):
 
 
 class SamplePrompt(Section):
-    prompt: str
-    width: int | None = None
-    height: int | None = None
+    prompt: str = Field(description="Prompt text ([trigger] is replaced by the trigger word).")
+    width: int | None = Field(None, description="Image width (multiple of 8).")
+    height: int | None = Field(None, description="Image height (multiple of 8).")
     seed: int | None = None
     guidance_scale: float | None = None
-    sample_steps: int | None = None
+    sample_steps: int | None = Field(None, ge=1)
     neg: str | None = None
     network_multiplier: float | None = None
     ctrl_img: str | None = None
 
+    @field_validator("width", "height")
+    @classmethod
+    def _pixel_size(cls, value: int | None) -> int | None:
+        if value is not None:
+            _check_pixel_size(value)
+        return value
+
 
 class SampleConfig(Section):
-    sampler: str = "ddpm"
-    sample_every: int = Field(100, ge=1)
-    width: int = 512
-    height: int = 512
-    prompts: list[str] = Field(default_factory=list)
-    samples: list[SamplePrompt] = Field(default_factory=list)
-    neg: str = ""
-    seed: int = 42
-    walk_seed: bool = False
-    guidance_scale: float = 7.0
-    sample_steps: int = Field(20, ge=1)
-    num_frames: int = 1
-    fps: int = 16
-    network_multiplier: float = 1.0
-    ctrl_img: str | None = None
+    sampler: str = Field("ddpm", description="Sampler / scheduler used for previews.")
+    sample_every: int = Field(100, ge=1, description="Sample previews every N steps.")
+    width: int = Field(512, description="Preview width (multiple of 8).")
+    height: int = Field(512, description="Preview height (multiple of 8).")
+    prompts: list[str] = Field(
+        default_factory=list, description="Preview prompts; inline flags --w --h --seed --cfg --steps --n."
+    )
+    samples: list[SamplePrompt] = Field(default_factory=list, description="Preview prompts with their own settings.")
+    neg: str = Field("", description="Negative prompt.")
+    seed: int = Field(42, description="Seed of the first preview.")
+    walk_seed: bool = Field(False, description="Use seed + i for the i-th prompt.")
+    guidance_scale: float = Field(7.0, description="Classifier-free guidance scale.")
+    sample_steps: int = Field(20, ge=1, description="Denoising steps per preview.")
+    num_frames: int = Field(1, ge=1, description="Video models: frames per preview.")
+    fps: int = Field(16, ge=1, description="Video models: frame rate of previews.")
+    network_multiplier: float = Field(1.0, description="LoRA strength used for previews.")
+    ctrl_img: str | None = Field(None, description="Control image for control models.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _pixel_size(cls, value: int) -> int:
+        _check_pixel_size(value)
+        return value
 
 
 class LoggingConfig(Section):
-    log_every: int = 1
-    use_wandb: bool = False
-    verbose: bool = False
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    use_wandb: bool = Field(False, description="Also log to Weights & Biases.")
+    verbose: bool = Field(False, description="More output.")
 
 
 class ProcessConfig(Section):
-    type: Literal["sd_trainer", "diffusion_trainer", "ui_trainer"] = "sd_trainer"
-    training_folder: str
-    device: str | None = None
-    trigger_word: str | None = None
-    training_seed: int | None = None
-    log_dir: str | None = None
-    performance_log_every: int | None = None
-    network: NetworkConfig | None = None
+    type: Literal["sd_trainer", "diffusion_trainer", "ui_trainer"] = Field(
+        "sd_trainer", description="Process kind (all three train the same way)."
+    )
+    training_folder: str = Field(description="Output goes to <training_folder>/<name>/.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:N or mps (default: the best available).")
+    trigger_word: str | None = Field(None, description="Word that triggers the LoRA; replaces [trigger].")
+    training_seed: int | None = Field(None, description="Seed of the run (default: random, recorded).")
+    log_dir: str | None = Field(None, description="Extra folder for logs.")
+    performance_log_every: int | None = Field(None, ge=1, description="Print timing statistics every N steps.")
+    network: NetworkConfig | None = Field(None, description="The adapter; none = full fine-tune.")
     save: SaveConfig = Field(default_factory=SaveConfig)
-    datasets: list[DatasetConfig] = Field(min_length=1)
+    datasets: list[DatasetConfig] = Field(min_length=1, description="One or more image folders.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig
-    sample: SampleConfig | None = None
+    sample: SampleConfig | None = Field(None, description="Preview sampling; none = no previews.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
 class JobConfig(Section):
-    name: str = Field(min_length=1)
-    process: list[ProcessConfig] = Field(min_length=1)
+    name: str = Field(min_length=1, description="Run name: the output folder and LoRA file name.")
+    process: list[ProcessConfig] = Field(min_length=1, description="The training process (one entry).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        if "/" in name or "\\" in name or name.strip() in {".", ".."} or not name.strip():
+            raise user_error(
+                f"{name!r} is not valid; use a plain folder name without '/' or '..', e.g. my_lora_v1"
+            )
+        return name
 
 
 class JobFile(Section):
-    job: Literal["extension", "train"] = "extension"
+    job: Literal["extension", "train"] = Field("extension", description="Job kind (ai-toolkit: extension).")
     config: JobConfig
-    meta: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _name_is_a_folder_name(self) -> "JobFile":
-        name = self.config.name
-        if "/" in name or "\\" in name or name in {".", ".."}:
-            raise ValueError(f"config.name {name!r} must be a plain folder name (no '/' or '..')")
-        return self
+    meta: dict[str, Any] = Field(default_factory=dict, description="Copied into the LoRA file's metadata.")

@@ -86,16 +86,12 @@ class ModelAdapter(ABC):
     def expert_for_timesteps(self, timesteps: torch.Tensor) -> str:
         return "main"
 
-    def network_target_modules(self, module: torch.nn.Module) -> list[str]:
-        """Names of Linear/Conv2d modules inside `module` that a network may wrap."""
-        names = []
-        for name, sub in module.named_modules():
-            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and self.may_wrap(name, sub):
-                names.append(name)
-        return names
+    def network_candidates(self, include_conv: bool) -> list[str] | None:
+        """Module names of the denoiser a network may wrap by default (None = every Linear/Conv).
 
-    def may_wrap(self, name: str, module: torch.nn.Module) -> bool:
-        return True
+        `include_conv` is true for LoCon (a conv rank is set): the kxk convs join the candidates.
+        """
+        return None
 
     # --- encoding ------------------------------------------------------------------------
     @abstractmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-TINY_SD15_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
+TINY_SD15_VERSION = "2"  # bump when the shapes below change, so cached folders are rebuilt
 
 
 def _byte_level_vocab() -> tuple[dict[str, int], list[str]]:
@@ -84,6 +84,8 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0) -> Path:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    # SD 1.5's own scheduler config carries these; previews derive DDIM/Euler from it.
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,

@@ -1,0 +1,5 @@
+import sys
+
+from aitk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""`aitk` command line: run, validate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is the whole story: shown without a traceback."""
+    from aitk.config.loader import JobFileError
+    from aitk.data import DatasetError
+    from aitk.models.registry import UnknownArchitectureError
+    from aitk.models.sd15 import ModelLoadError
+    from aitk.optim.factory import OptimizerConfigError
+    from aitk.trainer.loop import TrainingAborted
+    from aitk.trainer.sampling import SamplePromptError
+
+    return (
+        JobFileError, DatasetError, UnknownArchitectureError, ModelLoadError,
+        OptimizerConfigError, TrainingAborted, SamplePromptError, FileNotFoundError,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from aitk.config.loader import JobFileError, load_job_file
+    from aitk.trainer.loop import Trainer
+    from aitk.trainer.stop import StopController
+
+    stop = StopController()
+    for job_path in args.jobs:
+        try:
+            loaded = load_job_file(job_path, strict=args.strict)
+        except JobFileError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for warning in loaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        for index, process in enumerate(loaded.job.config.process):
+            trainer = Trainer(loaded.job, process, stop=stop)
+            stop.install(announce=lambda message: print(message, file=sys.stderr))
+            try:
+                result = trainer.run()
+            except _user_errors() as exc:
+                print(f"error in {job_path} (process {index}): {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            except Exception as exc:  # noqa: BLE001 - last resort: message here, details in the log
+                detail = traceback.format_exc()
+                log = Path(process.training_folder) / loaded.job.config.name / "log.txt"
+                if log.parent.is_dir():
+                    with open(log, "a", encoding="utf-8") as handle:
+                        handle.write(detail)
+                if args.debug:
+                    print(detail, file=sys.stderr)
+                print(
+                    f"error in {job_path} (process {index}): {type(exc).__name__}: {exc}\n"
+                    f"(the full traceback is in {log}; run with --debug to print it)",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            finally:
+                stop.uninstall()
+            if result.state == "stopped":
+                return stop.exit_code or EXIT_OK
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from aitk.config.validate import validate_command
+
+    return validate_command(list(args.jobs), strict=args.strict)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aitk.demo import run_demo
+
+    return run_demo(Path(args.output), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aitk", description="AI Toolkit: train diffusion-model LoRAs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train from one or more job files (resumes when output exists)")
+    run.add_argument("jobs", nargs="+", help="job files (YAML, JSON or JSONC)")
+    run.add_argument("--strict", action="store_true", help="unknown keys are errors, not warnings")
+    run.add_argument("--debug", action="store_true", help="print full tracebacks")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check job files without loading any model")
+    validate.add_argument("jobs", nargs="+")
+    validate.add_argument("--strict", action="store_true")
+    validate.set_defaults(func=cmd_validate)
+
+    demo = sub.add_parser("demo", help="train a tiny SD 1.5 LoRA on a synthetic dataset (CPU, minutes)")
+    demo.add_argument("--output", default="output", help="folder for the demo's data and run")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
+    if argv and argv[0] not in {"run", "validate", "demo", "-h", "--help"}:
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

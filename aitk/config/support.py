@@ -1,0 +1,233 @@
+"""What the job file may say that this version does not do yet (table-driven).
+
+Two tables:
+- UNSUPPORTED: schema fields whose value asks for something not implemented yet (LoKr, FLUX,
+  video datasets...). Each active row gives one warning naming the key, saying it is not supported
+  yet and what happens (ignored, or the run fails at start).
+- AI_TOOLKIT_KEYS: keys ostris/ai-toolkit knows that our schema does not model. They are not
+  "unknown" (no did-you-mean, not errors under --strict); when set they warn like the rows above.
+
+When a feature lands, delete its row. Nothing else needs to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from aitk.config.schema import (
+    DatasetConfig,
+    JobFile,
+    ModelConfig,
+    NetworkConfig,
+    ProcessConfig,
+    SampleConfig,
+    SaveConfig,
+    Section,
+    TrainConfig,
+)
+
+# Architectures this version trains (ModelConfig.resolved_arch values).
+SUPPORTED_ARCHS: frozenset[str] = frozenset({"sd1"})
+
+IGNORED = "it is ignored"
+FAILS = "the run fails at start"
+SD15_ONLY = "SD 1.5 only in this version (use arch: sd1 or leave arch out); the run fails at start"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """One "known but not supported yet" rule.
+
+    section: the schema class the key lives in; key: attribute path inside it (dotted for nested
+    sections, e.g. "alpha_schedule.enabled"); active(value, section) -> whether to warn; what: the
+    feature in words ({value} is replaced by the value); outcome: what happens.
+    """
+
+    section: type[Section]
+    key: str
+    active: Callable[[Any, Any], bool]
+    what: str
+    outcome: str = IGNORED
+
+
+def _is_true(value: Any, _section: Any = None) -> bool:
+    return value is True
+
+
+def _is_set(value: Any, _section: Any = None) -> bool:
+    return value is not None
+
+
+def _truthy(value: Any, _section: Any = None) -> bool:
+    return bool(value)
+
+
+def _never(_value: Any, _section: Any = None) -> bool:
+    return False
+
+
+UNSUPPORTED: list[Unsupported] = [
+    # network
+    Unsupported(ProcessConfig, "network", lambda v, s: v is None,
+                "no `network:` section means a full fine-tune, which",
+                f"{FAILS}; to train a LoRA add network: {{type: lora, linear: 16, linear_alpha: 16}}"),
+    Unsupported(NetworkConfig, "type", lambda v, s: v in ("lokr", "loha", "dora"),
+                "network type {value}", f"{FAILS} (lora and locon work)"),
+    Unsupported(NetworkConfig, "dora", _is_true, "DoRA", FAILS),
+    Unsupported(NetworkConfig, "alpha_schedule.enabled", _is_true, "alpha scheduling",
+                "the schedule is ignored and the alphas stay at linear_alpha / conv_alpha"),
+    Unsupported(NetworkConfig, "pretrained_lora_path", _is_set, "starting from an existing LoRA",
+                "it is ignored and training starts from a new LoRA"),
+    # model
+    Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
+                "architecture {value}", SD15_ONLY),
+    Unsupported(ModelConfig, "is_flux", _is_true, "FLUX (is_flux: true)", SD15_ONLY),
+    Unsupported(ModelConfig, "is_xl", _is_true, "SDXL (is_xl: true)", SD15_ONLY),
+    Unsupported(ModelConfig, "is_v2", _is_true, "SD 2 (is_v2: true)", SD15_ONLY),
+    Unsupported(ModelConfig, "quantize", _is_true, "quantizing the model",
+                "it is ignored and the model is loaded unquantized"),
+    Unsupported(ModelConfig, "quantize_te", _is_true, "quantizing the text encoder",
+                "it is ignored and the text encoder is loaded unquantized"),
+    Unsupported(ModelConfig, "low_vram", _is_true, "low_vram mode", IGNORED),
+    Unsupported(ModelConfig, "assistant_lora_path", _is_set, "an assistant LoRA", IGNORED),
+    # datasets
+    Unsupported(DatasetConfig, "num_frames", lambda v, s: v > 1, "video datasets (num_frames > 1)",
+                "it is ignored and each file is read as one still image"),
+    Unsupported(DatasetConfig, "control_path", _is_set, "control images", IGNORED),
+    Unsupported(DatasetConfig, "mask_path", _is_set, "loss masks", "it is ignored (no masking)"),
+    Unsupported(DatasetConfig, "shuffle_tokens", _is_true, "caption shuffling",
+                "it is ignored and captions are used as written"),
+    Unsupported(DatasetConfig, "token_dropout_rate", lambda v, s: v > 0, "caption token dropout",
+                IGNORED),
+    Unsupported(DatasetConfig, "is_reg", _is_true, "regularisation datasets",
+                "it is ignored and the dataset is trained on like any other"),
+    Unsupported(DatasetConfig, "do_i2v", _is_true, "image-to-video training", IGNORED),
+    Unsupported(DatasetConfig, "fps", _is_set, "video frame rates", IGNORED),
+    Unsupported(DatasetConfig, "temporal_jitter", lambda v, s: v > 0, "video temporal jitter",
+                IGNORED),
+    Unsupported(DatasetConfig, "max_pixels_per_frame", _is_set, "video frame size limits", IGNORED),
+    # train
+    Unsupported(TrainConfig, "optimizer", lambda v, s: v == "automagic", "the automagic optimizer",
+                f"{FAILS}; use adamw, adamw8bit, adafactor, prodigy, lion or sgd"),
+    Unsupported(TrainConfig, "train_text_encoder", _is_true, "training the text encoder",
+                "it is ignored and only the UNet is trained"),
+    Unsupported(TrainConfig, "switch_boundary_every", _is_set,
+                "switching experts (multi-expert models)", IGNORED),
+    # save
+    Unsupported(SaveConfig, "push_to_hub", _is_true, "uploading to the Hugging Face Hub",
+                "it is ignored and the LoRA is saved locally only"),
+]
+
+# Keys ostris/ai-toolkit accepts that the schema does not model: (section, key) -> rule.
+# `active` gets the raw value; rows with _never are recognised and harmless (their parent
+# option already warns, or the value changes nothing here).
+AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
+    (row.section, row.key): row
+    for row in [
+        Unsupported(ProcessConfig, "sqlite_db_path", _never, "the ai-toolkit UI database"),
+        Unsupported(TrainConfig, "linear_timesteps", _truthy, "linear_timesteps",
+                    "it is ignored; use timestep_type: linear"),
+        Unsupported(TrainConfig, "unload_text_encoder", _truthy, "unloading the text encoder"),
+        Unsupported(TrainConfig, "bypass_guidance_embedding", _truthy, "bypass_guidance_embedding"),
+        Unsupported(TrainConfig, "force_first_sample", _truthy, "force_first_sample"),
+        Unsupported(TrainConfig, "diff_output_preservation", _truthy,
+                    "differential output preservation"),
+        Unsupported(TrainConfig, "diff_output_preservation_multiplier", _never, ""),
+        Unsupported(TrainConfig, "diff_output_preservation_class", _never, ""),
+        Unsupported(TrainConfig, "xformers", _truthy, "xformers",
+                    "it is ignored; set attention_backend instead"),
+        Unsupported(ModelConfig, "qtype_te", _never, ""),
+        Unsupported(ModelConfig, "inference_lora_path", _truthy, "an inference LoRA"),
+        Unsupported(ModelConfig, "layer_offloading", _truthy, "layer offloading"),
+        Unsupported(ModelConfig, "layer_offloading_transformer_percent", _never, ""),
+        Unsupported(ModelConfig, "layer_offloading_text_encoder_percent", _never, ""),
+        Unsupported(DatasetConfig, "mask_min_value", _never, ""),
+        Unsupported(DatasetConfig, "network_weight", lambda v, s: v not in (None, 1, 1.0),
+                    "per-dataset network weights"),
+        Unsupported(DatasetConfig, "controls", _truthy, "control inputs"),
+        Unsupported(SampleConfig, "guidance_rescale", _truthy, "guidance_rescale"),
+    ]
+}
+
+
+def is_known_extra(section: type[BaseModel], key: str) -> bool:
+    """Whether an extra (non-schema) key is a recognised ai-toolkit option, not a typo."""
+    return any((cls, key) in AI_TOOLKIT_KEYS for cls in section.__mro__)
+
+
+def render_path(parts: list[str | int] | tuple[str | int, ...]) -> str:
+    """('config', 'process', 0, 'train', 'lr') -> 'config.process[0].train.lr'."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part and all(c.isalnum() or c in "_-" for c in part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out or "(top level)"
+
+
+def walk_sections(model: BaseModel, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], BaseModel]]:
+    """Every section of a validated job (itself first) with its key path, in file order."""
+    yield path, model
+    for name in type(model).model_fields:
+        value = getattr(model, name, None)
+        if isinstance(value, BaseModel):
+            yield from walk_sections(value, path + (name,))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from walk_sections(item, path + (name, i))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    yield from walk_sections(item, path + (name, str(key)))
+
+
+def _lookup(section: Any, dotted: str) -> tuple[bool, Any]:
+    value = section
+    for attr in dotted.split("."):
+        if value is None:
+            return False, None
+        value = getattr(value, attr, None)
+    return True, value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _message(path: tuple[str | int, ...], row: Unsupported, value: Any) -> str:
+    what = row.what.replace("{value}", _fmt(value))
+    return f"{render_path(path + tuple(row.key.split('.')))}: {what} is not supported yet; {row.outcome}"
+
+
+def unsupported_warnings(job: JobFile) -> list[str]:
+    """One warning per known-but-unsupported setting in the job, in file order."""
+    warnings: list[str] = []
+    for path, section in walk_sections(job):
+        for row in UNSUPPORTED:
+            if isinstance(section, row.section):
+                found, value = _lookup(section, row.key)
+                if found and row.active(value, section):
+                    warnings.append(_message(path, row, value))
+        for key, value in (section.model_extra or {}).items():
+            row = next(
+                (AI_TOOLKIT_KEYS[(cls, key)] for cls in type(section).__mro__ if (cls, key) in AI_TOOLKIT_KEYS),
+                None,
+            )
+            if row is not None and row.active(value, section):
+                warnings.append(
+                    f"{render_path(path + (key,))}: {row.what.replace('{value}', _fmt(value))} "
+                    f"(an ai-toolkit option) is not supported yet; {row.outcome}"
+                )
+    return warnings

@@ -1,0 +1,60 @@
+"""`aitk validate job.yaml ...`: check job files without loading any model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from aitk.config.loader import JobFileError, LoadedJob, load_job_file
+from aitk.config.support import render_path
+
+
+def _local_checks(loaded: LoadedJob) -> list[str]:
+    """Hints that only make sense on the machine that validates (never errors)."""
+    notes: list[str] = []
+    for i, process in enumerate(loaded.job.config.process):
+        for j, dataset in enumerate(process.datasets):
+            folder = Path(dataset.folder_path).expanduser()
+            if not folder.is_dir():
+                where = render_path(("config", "process", i, "datasets", j, "folder_path"))
+                notes.append(
+                    f"{where}: folder {dataset.folder_path!r} does not exist here "
+                    "(fine if it exists on the machine that trains)"
+                )
+    return notes
+
+
+def validate_command(paths: list[str], strict: bool = False) -> int:
+    """Validate each job file; print `OK path` and its warnings, or its errors.
+
+    Returns 0 when every file is valid, else 1. Never raises for a bad file.
+    """
+    if not paths:
+        print("aitk validate: give one or more job files, e.g. aitk validate job.yaml", file=sys.stderr)
+        return 1
+    failed = 0
+    for path in paths:
+        try:
+            loaded = load_job_file(path, strict=strict)
+        except JobFileError as exc:
+            failed += 1
+            print(str(exc), file=sys.stderr)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a bad file must never print a traceback
+            failed += 1
+            print(f"{path}: 1 problem\n  could not be checked: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        try:
+            notes = _local_checks(loaded)
+        except Exception:  # noqa: BLE001 - hints are best effort
+            notes = []
+        warnings = loaded.warnings
+        suffix = f" ({len(warnings)} warning{'' if len(warnings) == 1 else 's'})" if warnings else ""
+        print(f"OK {path}{suffix}")
+        for warning in warnings:
+            print(f"  warning: {warning}")
+        for note in notes:
+            print(f"  note: {note}")
+    if len(paths) > 1:
+        print(f"{len(paths) - failed} of {len(paths)} job files valid")
+    return 1 if failed else 0

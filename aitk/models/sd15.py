@@ -1,0 +1,271 @@
+"""Stable Diffusion 1.x / 2.x: UNet2DConditionModel + AutoencoderKL + CLIP, epsilon or v-prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitk.config.schema import TrainConfig
+from aitk.models.base import ModelAdapter, NoisyBatch, PromptEmbeds
+
+# Used for the component configs of a single-file checkpoint when no local config folder is given.
+DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt"}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def timestep_bias(content_or_style: str, u: torch.Tensor) -> torch.Tensor:
+    """Map uniform u in [0,1) to a biased fraction: content favours high noise, style low noise."""
+    if content_or_style == "content":
+        return 1.0 - u**3
+    if content_or_style == "style":
+        return u**3
+    return u
+
+
+class SD15Adapter(ModelAdapter):
+    arch_names = ("sd1", "sd15", "sd2")
+    bucket_divisibility = 64
+    lora_prefix = "lora_unet"
+    base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1/lora"
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+
+    # --- loading -------------------------------------------------------------------------
+    def load(self) -> None:
+        import os
+
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        source = self.model_cfg.name_or_path
+        offline_note = (
+            "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used"
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+            else ""
+        )
+        path = Path(source).expanduser()
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if not path.is_file():
+                raise ModelLoadError(
+                    f"model.name_or_path: file {source!r} does not exist; give an existing "
+                    ".safetensors / .ckpt checkpoint, a diffusers folder or a hub id (owner/name)"
+                )
+            self._load_single_file(path)
+        else:
+            # a hub id is exactly owner/name; anything else that does not exist is a missing path
+            could_be_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+            if not could_be_hub_id and not path.exists():
+                raise ModelLoadError(
+                    f"model.name_or_path: {source!r} is neither an existing folder nor a hub id "
+                    "(owner/name); give a diffusers folder, a hub id or a .safetensors file"
+                )
+            if path.exists() and not path.is_dir():
+                raise ModelLoadError(
+                    f"model.name_or_path: {source!r} is a file but not a .safetensors / .ckpt "
+                    "checkpoint; give a diffusers folder, a hub id or a .safetensors file"
+                )
+            location = str(path) if path.exists() else source
+            try:
+                self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+                self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+                self.unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet")
+                self.vae = self._load_vae(location)
+                self.noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
+            except ModelLoadError:
+                raise
+            # OSError for missing files / hub look-ups; corrupt weights and configs raise others
+            except Exception as exc:
+                if path.exists():
+                    what = (
+                        "give a diffusers folder (model_index.json with tokenizer/, text_encoder/, "
+                        "unet/, vae/ and scheduler/)"
+                    )
+                else:
+                    what = (
+                        "no local folder of that name exists, so it was looked up as a hub id"
+                        f"{offline_note}; "
+                        "give a diffusers folder, a .safetensors file or a hub id that is cached "
+                        "or can be downloaded"
+                    )
+                raise ModelLoadError(
+                    f"model.name_or_path: could not load a Stable Diffusion model from {source!r}: "
+                    f"{exc} ({what})"
+                ) from exc
+        if self.model_cfg.is_v_pred:
+            self.noise_scheduler.register_to_config(prediction_type="v_prediction")
+        self._freeze_and_place()
+
+    def _load_vae(self, config_source: str) -> Any:
+        """The VAE: model.vae_path when set, else the vae/ of `config_source` (folder or hub id).
+
+        model.vae_path may be a single file (its component config comes from `config_source`'s
+        vae/, so it loads offline), a VAE folder, a pipeline folder with vae/, or a hub id.
+        """
+        import os
+
+        from diffusers import AutoencoderKL
+
+        vae_source = self.model_cfg.vae_path
+        if not vae_source:
+            return AutoencoderKL.from_pretrained(config_source, subfolder="vae")
+        vae_path = Path(vae_source).expanduser()
+        is_file = vae_path.suffix.lower() in SINGLE_FILE_SUFFIXES
+        could_be_hub_id = vae_source.count("/") == 1 and not vae_source.startswith((".", "/", "~"))
+        if (is_file or not could_be_hub_id) and not vae_path.exists():
+            raise ModelLoadError(
+                f"model.vae_path: {vae_source!r} does not exist; give a VAE .safetensors file, "
+                "a VAE folder (with config.json) or a hub id, or leave it unset to use the model's VAE"
+            )
+        try:
+            if is_file:
+                return AutoencoderKL.from_single_file(str(vae_path), config=config_source, subfolder="vae")
+            if vae_path.is_dir():
+                if not (vae_path / "config.json").is_file() and (vae_path / "vae" / "config.json").is_file():
+                    return AutoencoderKL.from_pretrained(str(vae_path), subfolder="vae")
+                return AutoencoderKL.from_pretrained(str(vae_path))
+            return AutoencoderKL.from_pretrained(vae_source)
+        except Exception as exc:
+            offline_note = (
+                "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used"
+                if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+                else ""
+            )
+            raise ModelLoadError(
+                f"model.vae_path: could not load a VAE from {vae_source!r}: {exc} (give a VAE "
+                ".safetensors file, a VAE folder with config.json, a pipeline folder with vae/ or "
+                f"a hub id{offline_note})"
+            ) from exc
+
+    def _load_single_file(self, path: Path) -> None:
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        config = str(self.model_cfg.model_kwargs.get("config") or DEFAULT_CONFIG_REPO)
+        if Path(config).expanduser().exists():
+            config = str(Path(config).expanduser())
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=config, safety_checker=None, requires_safety_checker=False
+            )
+        except Exception as exc:  # diffusers raises several types for unreadable / foreign files
+            raise ModelLoadError(
+                f"model.name_or_path: {path} could not be read as a Stable Diffusion checkpoint "
+                f"(component configs from {config!r}; set model.model_kwargs.config to a local "
+                f"diffusers folder when offline): {exc}"
+            ) from exc
+        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        self.unet = pipe.unet
+        self.vae = self._load_vae_override(pipe.vae, config)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def _load_vae_override(self, vae: Any, config_source: str) -> Any:
+        return self._load_vae(config_source) if self.model_cfg.vae_path else vae
+
+    def _freeze_and_place(self) -> None:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        self.unet.to(self.device, dtype=self.dtype)
+        self.text_encoder.to(self.device, dtype=self.dtype)
+        # The VAE stays fp32: fp16 SD VAEs overflow, and it only runs for caching and previews.
+        self.vae.to(self.device, dtype=torch.float32)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def network_candidates(self, include_conv: bool) -> list[str]:
+        from aitk.networks.targets import unet_lora_candidates
+
+        return unet_lora_candidates(self.unet, include_conv)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    # --- encoding ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return PromptEmbeds(self.text_encoder(ids)[0])
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, dtype=torch.float32)
+        # The distribution's mean: deterministic, so cached latents and resumed runs agree.
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def latent_space_id(self) -> str:
+        cfg = self.vae.config
+        return f"sd-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{self.model_cfg.vae_path or self.model_cfg.name_or_path}"
+
+    def free_text_encoders(self) -> None:
+        self.text_encoder.to("cpu")
+
+    # --- training objective --------------------------------------------------------------
+    def make_noisy_batch(
+        self, latents: torch.Tensor, train_cfg: TrainConfig, generator: torch.Generator | None
+    ) -> NoisyBatch:
+        from aitk.trainer.loss import apply_noise_offset, min_snr_weights
+
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator)
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        low = min(train_cfg.min_denoising_steps, num_train - 1)
+        high = min(train_cfg.max_denoising_steps, num_train - 1)
+        u = torch.rand(batch, generator=generator)
+        fraction = timestep_bias(train_cfg.content_or_style, u)
+        timesteps = (low + fraction * (high - low + 1)).long().clamp(low, high).to(latents.device)
+
+        latents = latents.to(torch.float32)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        weights = None
+        if train_cfg.min_snr_gamma:
+            weights = min_snr_weights(
+                timesteps, self.alphas_cumprod, train_cfg.min_snr_gamma, self.prediction_type
+            )
+        return NoisyBatch(noisy.to(self.dtype), timesteps, target, weights)
+
+    def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
+        return self.unet(
+            batch.noisy_latents, batch.timesteps, encoder_hidden_states=cond.hidden_states.to(self.dtype)
+        ).sample
+
+    # --- previews ------------------------------------------------------------------------
+    def sample_pipeline(self, sampler: str | None = None) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        from aitk.models.samplers import preview_scheduler
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=preview_scheduler(sampler, self.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

@@ -1,0 +1,34 @@
+"""Networks trained on top of a frozen model: LoRA / LoCon (peft), targeting, export formats.
+
+Import the submodules directly (aitk.networks.lora, .export, .metadata, .targets); this package
+re-exports the main entry points lazily so `import aitk.networks` pulls in neither peft nor
+safetensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "NetworkHandle": "aitk.networks.lora",
+    "inject_network": "aitk.networks.lora",
+    "select_targets": "aitk.networks.lora",
+    "unet_lora_candidates": "aitk.networks.targets",
+    "network_to_kohya": "aitk.networks.export",
+    "network_to_diffusers": "aitk.networks.export",
+    "kohya_to_network_state": "aitk.networks.export",
+    "diffusers_to_network_state": "aitk.networks.export",
+    "save_lora": "aitk.networks.export",
+    "load_lora_file": "aitk.networks.export",
+    "lora_metadata": "aitk.networks.metadata",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'aitk.networks' has no attribute {name!r}")

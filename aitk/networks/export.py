@@ -1,0 +1,294 @@
+"""LoRA files: kohya / ComfyUI layout and diffusers (PEFT) layout, atomic safetensors writes.
+
+kohya / ComfyUI (save_format "comfyui" or "kohya"), per wrapped module:
+    <prefix>_<module path, "." -> "_">.lora_down.weight   (= peft lora_A)
+    <prefix>_<module path, "." -> "_">.lora_up.weight     (= peft lora_B)
+    <prefix>_<module path, "." -> "_">.alpha              (0-dim float32: the alpha in effect now)
+A prefix ending in "." keeps the dotted module path instead ("diffusion_model." + path).
+
+diffusers (save_format "diffusers"):
+    <prefix>.<module path>.lora_A.weight / .lora_B.weight, and metadata["lora_adapter_metadata"]
+    = JSON of the peft LoraConfig (r, lora_alpha, rank_pattern, alpha_pattern with the alphas in
+    effect now, target_modules), keys prefixed "<prefix>." as diffusers writes them; diffusers'
+    load_lora_weights builds its LoraConfig from it, so the scale is exact.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from aitk.networks.lora import NetworkHandle
+
+__all__ = [
+    "SAVE_FORMATS",
+    "network_to_kohya",
+    "network_to_diffusers",
+    "kohya_to_network_state",
+    "diffusers_to_network_state",
+    "save_lora",
+    "load_lora_file",
+    "kohya_module_key",
+    "atomic_write_bytes",
+    "diffusers_kohya_alpha_conflicts",
+    "network_lora_config",
+]
+
+SAVE_FORMATS = ("comfyui", "kohya", "diffusers")
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads (loaders/lora_base.py)
+
+
+def kohya_module_key(prefix: str, module_name: str) -> str:
+    """File key stem of one module: "lora_unet" + "down_blocks.0..." -> "lora_unet_down_blocks_0_..."."""
+    if prefix.endswith("."):
+        return prefix + module_name
+    return f"{prefix}_{module_name.replace('.', '_')}" if prefix else module_name.replace(".", "_")
+
+
+def _kohya_names(handle: NetworkHandle, prefix: str) -> dict[str, str]:
+    """module name -> kohya key stem; refuses two modules that flatten to the same key."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in handle.wrapped_module_names():
+        key = kohya_module_key(prefix, name)
+        if key in seen:
+            raise ValueError(f"modules {seen[key]!r} and {name!r} both map to the key {key!r}")
+        seen[key] = name
+        out[name] = key
+    return out
+
+
+def _to_file(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=dtype).contiguous()
+
+
+#: module-name endings whose kohya `.alpha` diffusers' converter files under a wrong name
+#: (".../attn1.processor.to_q_lora.down.weight"), so diffusers gives them the file's most common alpha
+_DIFFUSERS_ALPHA_BLIND = (".to_q", ".to_k", ".to_v", ".to_out.0")
+
+
+def diffusers_kohya_alpha_conflicts(handle: NetworkHandle) -> list[str]:
+    """Wrapped modules whose alpha diffusers would misread from a kohya SD / SDXL UNet file.
+
+    diffusers 0.42 (lora_conversion_utils._get_alpha_name) loses the `.alpha` of attention
+    to_q / to_k / to_v / to_out.0 and applies the most common alpha in the file instead. That is
+    exact while those modules share the most common alpha (all linear modules share one alpha and
+    outnumber the convs: always so with the default SD 1.5 targets). ComfyUI is not affected.
+    """
+    alphas = handle.module_alphas()
+    counts = collections.Counter(alphas.values()).most_common()
+    if len(counts) <= 1:
+        return []
+    top, n_top = counts[0]
+    tie = len(counts) > 1 and counts[1][1] == n_top
+    return [
+        n for n, a in alphas.items() if n.endswith(_DIFFUSERS_ALPHA_BLIND) and (a != top or tie)
+    ]
+
+
+def network_to_kohya(
+    handle: NetworkHandle, prefix: str = "lora_unet", dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """kohya / ComfyUI tensors: lora_down / lora_up in `dtype`, `.alpha` (float32) = alpha now."""
+    a = handle.adapter_name
+    layers = handle.lora_layers()
+    out: dict[str, torch.Tensor] = {}
+    for name, key in _kohya_names(handle, prefix).items():
+        layer = layers[name]
+        out[f"{key}.lora_down.weight"] = _to_file(layer.lora_A[a].weight, dtype)
+        out[f"{key}.lora_up.weight"] = _to_file(layer.lora_B[a].weight, dtype)
+        out[f"{key}.alpha"] = torch.tensor(handle.module_alpha(name), dtype=torch.float32)
+    return out
+
+
+def _group_pattern(values: dict[str, float | int], default: float | int) -> dict[str, float | int]:
+    """{regex: value} for modules whose value differs from `default`, one key per value."""
+    groups: dict[float | int, list[str]] = collections.defaultdict(list)
+    for name, v in values.items():
+        if v != default:
+            groups[v].append(name)
+    # peft matches a key with re.match(r"(.*\.)?(KEY)$", name): "^" pins it to the full name
+    return {"^(?:" + "|".join(re.escape(n) for n in names) + ")": v for v, names in groups.items()}
+
+
+def network_lora_config(handle: NetworkHandle) -> dict:
+    """peft LoraConfig kwargs describing the network as it is now (current alphas)."""
+    ranks = handle.module_ranks()
+    alphas = handle.module_alphas()
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    names = handle.wrapped_module_names()
+    return {
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "rank_pattern": _group_pattern(ranks, r),
+        "alpha_pattern": _group_pattern(alphas, alpha),
+        "target_modules": "^(?:" + "|".join(re.escape(n) for n in names) + ")$",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+    }
+
+
+def network_to_diffusers(
+    handle: NetworkHandle, prefix: str = "unet", dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT keys "<prefix>.<path>.lora_A.weight" / lora_B + metadata with the LoRA config."""
+    a = handle.adapter_name
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in handle.lora_layers().items():
+        tensors[f"{prefix}.{name}.lora_A.weight"] = _to_file(layer.lora_A[a].weight, dtype)
+        tensors[f"{prefix}.{name}.lora_B.weight"] = _to_file(layer.lora_B[a].weight, dtype)
+    cfg = {f"{prefix}.{k}": v for k, v in network_lora_config(handle).items()}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def kohya_to_network_state(
+    handle: NetworkHandle, tensors: dict[str, torch.Tensor], prefix: str = "lora_unet"
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Inverse of `network_to_kohya`: (state in the handle's peft names, {module name: alpha}).
+
+    A module without `.alpha` gets alpha = its rank (what every loader assumes). Keys that name no
+    wrapped module, and wrapped modules missing from the file, raise KeyError.
+    """
+    names = _kohya_names(handle, prefix)
+    by_key = {v: k for k, v in names.items()}
+    state: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    unexpected: list[str] = []
+    for key, t in tensors.items():
+        stem, _, kind = key.partition(".")
+        module = by_key.get(stem)
+        if module is None:
+            unexpected.append(key)
+        elif kind == "lora_down.weight":
+            state[f"{module}.lora_A.weight"] = t
+        elif kind == "lora_up.weight":
+            state[f"{module}.lora_B.weight"] = t
+        elif kind == "alpha":
+            alphas[module] = float(t.item())
+        else:
+            unexpected.append(key)
+    expected = set(handle.named_trainable_parameters())
+    missing = sorted(expected - set(state))
+    if unexpected or missing:
+        raise KeyError(
+            f"LoRA file does not match the network (prefix {prefix!r}): {len(missing)} missing "
+            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
+        )
+    for name in names:
+        alphas.setdefault(name, float(handle.module_rank(name)))
+    alphas = {n: alphas[n] for n in names}
+    return state, alphas
+
+
+def diffusers_to_network_state(
+    handle: NetworkHandle, tensors: dict[str, torch.Tensor], prefix: str = "unet"
+) -> dict[str, torch.Tensor]:
+    """Inverse of `network_to_diffusers`'s tensors: strip "<prefix>." (alphas live in metadata)."""
+    p = prefix + "."
+    state = {k[len(p):] if k.startswith(p) else k: v for k, v in tensors.items()}
+    expected = set(handle.named_trainable_parameters())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"LoRA file does not match the network (prefix {prefix!r}): {len(missing)} missing "
+            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
+        )
+    return state
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def save_lora(
+    path: str | Path,
+    handle: NetworkHandle,
+    *,
+    save_format: str = "comfyui",
+    prefix: str = "lora_unet",
+    dtype: torch.dtype = torch.float16,
+    metadata: dict[str, str] | None = None,
+    diffusers_prefix: str = "unet",
+) -> Path:
+    """Write the network to a .safetensors file (atomically) and return its path.
+
+    save_format "comfyui" / "kohya": kohya layout with `prefix` (same file for both);
+    "diffusers": PEFT keys under `diffusers_prefix` plus the LoRA config in the metadata.
+    `metadata` (all values str) is added to the file's header.
+    """
+    import safetensors.torch
+
+    fmt = str(save_format).lower()
+    if fmt in ("comfyui", "kohya"):
+        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype)
+        header: dict[str, str] = {"format": "pt"}
+        conflicts = diffusers_kohya_alpha_conflicts(handle) if prefix.startswith("lora_unet") else []
+        if conflicts:
+            warnings.warn(
+                f"{Path(path).name}: diffusers' kohya loader will apply the file's most common alpha to "
+                f"{len(conflicts)} attention module(s) (e.g. {conflicts[0]}) instead of their own; ComfyUI "
+                "reads them right. Give linear and conv modules the same alpha, or save_format: diffusers, "
+                "for an exact diffusers load.",
+                stacklevel=2,
+            )
+    elif fmt == "diffusers":
+        tensors, header = network_to_diffusers(handle, prefix=diffusers_prefix, dtype=dtype)
+    else:
+        raise ValueError(f"save_format {save_format!r} is not supported; use one of {', '.join(SAVE_FORMATS)}")
+    for k, v in (metadata or {}).items():
+        if not isinstance(v, str):
+            raise TypeError(f"metadata value of {k!r} must be str, got {type(v).__name__}")
+        if k == LORA_ADAPTER_METADATA_KEY and LORA_ADAPTER_METADATA_KEY in header:
+            continue  # the config describing these tensors wins
+        header[k] = v
+    data = safetensors.torch.save(tensors, metadata=header)
+    return atomic_write_bytes(path, data)
+
+
+def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (on CPU) and header metadata of a .safetensors LoRA file."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return tensors, metadata

@@ -1,0 +1,507 @@
+"""The training loop: steps, accumulation, and the cadence of save / sample / log.
+
+It knows no architecture by name: everything model-specific goes through the ModelAdapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitk.config.schema import JobFile, ProcessConfig
+from aitk.models.base import ModelAdapter, PromptEmbeds
+from aitk.trainer import checkpoint as ckpt
+from aitk.trainer.reporting import MetricsWriter, RunLog, StatusFile, iso_now
+from aitk.trainer.session import RunPaths, Session, start_session, torch_dtype
+from aitk.trainer.state import CheckpointContent, TrainerState, read_content, write_content
+from aitk.trainer.stop import StopController
+
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. the loss stays NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    state: str  # completed | stopped
+    step: int
+    final_lora: Path | None
+    output_dir: Path
+
+
+class Trainer:
+    def __init__(
+        self,
+        job: JobFile,
+        process: ProcessConfig,
+        *,
+        stop: StopController | None = None,
+        on_step_end: Callable[["Trainer", int], None] | None = None,
+        checkpoint_pause_hook: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.process = process
+        self.train_cfg = process.train
+        self.stop = stop or StopController()
+        self.on_step_end = on_step_end
+        self.checkpoint_pause_hook = checkpoint_pause_hook or ckpt.pause_hook_from_env()
+        self.paths = RunPaths(Path(process.training_folder) / job.config.name, job.config.name)
+        self.state = TrainerState()
+        self._prompt_cache: dict[str, PromptEmbeds] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        from aitk.config.loader import dump_job
+        from aitk.data import TrainingData
+        from aitk.models.registry import create_adapter
+
+        self.session: Session = start_session(self.process)
+        main = self.session.is_main
+        if main:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.paths.log, enabled=main)
+        for note in self.session.notes:
+            self.log(f"note: {note}")
+        self.status = StatusFile(self.paths.status, self.train_cfg.steps) if main else None
+        self._set_status(state="starting")
+        if main:
+            self.paths.config.write_text(dump_job(self.job))
+
+        seed = self.process.training_seed if self.process.training_seed is not None else 42
+        self.seed = seed
+        from aitk.trainer.rng import seed_everything
+
+        seed_everything(seed + self.session.rank)
+        self.noise_generator = torch.Generator(device="cpu").manual_seed(seed + self.session.rank)
+
+        adapter_cls = self._adapter_class()
+        self.data = TrainingData(
+            self.process.datasets,
+            trigger_word=self.process.trigger_word,
+            divisibility=adapter_cls.bucket_divisibility,
+            batch_size=self.train_cfg.batch_size,
+            seed=seed,
+            rank=self.session.rank,
+            world_size=self.session.world_size,
+            log=self.log,
+        )
+        for line in self.data.summary_lines:
+            self.log(line)
+
+        self.log(f"loading model {self.process.model.name_or_path}")
+        self.adapter: ModelAdapter = create_adapter(
+            self.process.model, self.session.device, self.session.weight_dtype
+        )
+        self.adapter.load()
+        self._setup_network()
+        self._setup_optimizer()
+
+    def _adapter_class(self) -> type[ModelAdapter]:
+        from aitk.models.registry import adapter_class
+
+        return adapter_class(self.process.model.resolved_arch)
+
+    def _setup_network(self) -> None:
+        from aitk.networks import inject_network
+
+        net_cfg = self.process.network
+        if net_cfg is None:
+            raise TrainingAborted(
+                "network: is missing; full fine-tuning is not supported yet. Add e.g. "
+                "`network: {type: lora, linear: 16, linear_alpha: 16}`"
+            )
+        denoiser = self.adapter.denoiser()
+        include_conv = net_cfg.conv_rank is not None
+        self.network = inject_network(
+            denoiser,
+            linear_rank=net_cfg.linear_rank,
+            linear_alpha=net_cfg.linear_alpha_value,
+            conv_rank=net_cfg.conv_rank,
+            conv_alpha=net_cfg.conv_alpha_value,
+            dropout=net_cfg.dropout,
+            only_if_contains=net_cfg.network_kwargs.only_if_contains,
+            ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
+            candidates=self.adapter.network_candidates(include_conv),
+            seed=self.seed,
+        )
+        self.params = self.network.trainable_parameters()
+        count = sum(p.numel() for p in self.params)
+        self.log(
+            f"network: {len(self.network.wrapped_module_names())} modules wrapped, "
+            f"{count:,} trainable parameters"
+        )
+        if self.train_cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()  # network dropout; the frozen base has no dropout in these models
+
+    def _setup_optimizer(self) -> None:
+        from aitk.optim import build_lr_scheduler, build_optimizer
+
+        cfg = self.train_cfg
+        lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.lr
+        self.optimizer = build_optimizer(
+            cfg.optimizer, [{"params": self.params, "lr": lr}], lr=lr, optimizer_params=cfg.optimizer_params
+        )
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer,
+            cfg.lr_scheduler,
+            total_steps=cfg.steps,
+            warmup_steps=cfg.lr_warmup_steps,
+            params=cfg.lr_scheduler_params,
+        )
+        self.ema = None
+        if cfg.ema_config.use_ema:
+            from aitk.optim import NetworkEMA
+
+            self.ema = NetworkEMA(self.network.named_trainable_parameters(), cfg.ema_config.ema_decay)
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> bool:
+        from aitk.trainer.rng import restore_rng
+
+        if self.session.is_main:
+            ckpt.remove_stale_temp_dirs(self.paths.checkpoints)
+        found = ckpt.latest_complete_checkpoint(self.paths.checkpoints, warn=self.log)
+        if found is None:
+            return False
+        content = read_content(found.path)
+        self.network.load_network_state_dict(content.network)
+        self.optimizer.load_state_dict(content.optimizer)
+        self.lr_scheduler.load_state_dict(content.lr_scheduler)
+        if self.ema is not None and content.ema is not None:
+            self.ema.load_state_dict(content.ema)
+        self.state = content.state
+        self.data.load_state_dict(content.state.data)
+        rank = self.session.rank
+        if rank < len(content.rng_per_rank):
+            restore_rng(content.rng_per_rank[rank], self.noise_generator)
+        else:
+            self.log(f"warning: the checkpoint has no random state for process {rank}; reseeding it")
+        self.log(f"resuming from {found.path} (step {self.state.step} of {self.train_cfg.steps})")
+        return True
+
+    # ------------------------------------------------------------------ status
+    def _set_status(self, **fields: Any) -> None:
+        if self.status is not None:
+            self.status.update(**fields)
+
+    # ------------------------------------------------------------------ conditioning
+    def _prompt_embeds(self, captions: list[str]) -> PromptEmbeds:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
+        if missing:
+            encoded = self.adapter.encode_prompts(missing)
+            for index, caption in enumerate(missing):
+                self._prompt_cache[caption] = encoded.select([index])
+        return PromptEmbeds.cat([self._prompt_cache[c] for c in captions])
+
+    # ------------------------------------------------------------------ one step
+    def _micro_step(self, scale: float) -> tuple[float, int]:
+        from aitk.trainer.loss import diffusion_loss
+
+        batch = self.data.next_batch()
+        if batch.latents is not None:
+            latents = batch.latents.to(self.session.device)
+        else:
+            latents = self.adapter.encode_images(batch.pixels)
+        cond = self._prompt_embeds(batch.captions)
+        noisy = self.adapter.make_noisy_batch(latents, self.train_cfg, self.noise_generator)
+        weights = batch.loss_multiplier.to(self.session.device)
+        if noisy.loss_weights is not None:
+            weights = weights * noisy.loss_weights
+        with self.session.accelerator.autocast():
+            prediction = self.adapter.predict(noisy, cond)
+        loss = diffusion_loss(
+            prediction.float(),
+            noisy.target.float(),
+            loss_type=self.train_cfg.loss_type,
+            huber_c=self.train_cfg.huber_c,
+            sample_weights=weights,
+        )
+        (loss * scale).backward()
+        return loss.item(), latents.shape[0]
+
+    def _sync(self, loss: float) -> tuple[float, bool]:
+        """Average gradients and loss over processes; agree on stopping (one all-reduce)."""
+        stop_flag = 1.0 if self.stop.requested else 0.0
+        if self.session.world_size == 1:
+            return loss, bool(stop_flag)
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss, stop_flag])])
+        flat = flat.to(self.session.device)
+        dist.all_reduce(flat)
+        flat /= self.session.world_size
+        offset = 0
+        for param, grad in zip(self.params, grads):
+            n = grad.numel()
+            param.grad = flat[offset : offset + n].view_as(param).to(param.dtype)
+            offset += n
+        return flat[-2].item(), flat[-1].item() > 0
+
+    def _optimizer_step(self) -> tuple[float, float, int, bool]:
+        accumulation = self.train_cfg.accumulation_steps
+        losses, samples = [], 0
+        for _ in range(accumulation):
+            loss, count = self._micro_step(1.0 / accumulation)
+            losses.append(loss)
+            samples += count
+        mean_loss, stop = self._sync(sum(losses) / len(losses))
+        max_norm = self.train_cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, max_norm if max_norm and max_norm > 0 else float("inf")
+        ).item()
+        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            # Skip the update so one bad batch cannot poison the weights; the checkpoint stays good.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_in_a_row += 1
+            self.log(
+                f"warning: step {self.state.step}: loss or gradient is not finite "
+                f"(loss={mean_loss}, grad_norm={grad_norm}); the update was skipped"
+            )
+            if self.state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise TrainingAborted(
+                    f"the loss was not finite for {MAX_NONFINITE_IN_A_ROW} steps in a row; lower "
+                    "train.lr, set train.max_grad_norm, or use train.dtype fp32/bf16 instead of fp16"
+                )
+        else:
+            self.state.nonfinite_in_a_row = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
+        self.lr_scheduler.step()
+        return mean_loss, grad_norm, samples * self.session.world_size, stop
+
+    # ------------------------------------------------------------------ save & sample
+    def _lora_metadata(self, step: int) -> dict[str, str]:
+        from aitk.networks.metadata import lora_metadata
+
+        net_cfg = self.process.network
+        resolution = self.process.datasets[0].resolutions[0]
+        return lora_metadata(
+            name=self.job.config.name,
+            steps=step,
+            network_dim=self.network.linear_rank,
+            network_alpha=self.network.linear_alpha,
+            conv_dim=self.network.conv_rank,
+            conv_alpha=self.network.conv_alpha,
+            base_model_version=self.adapter.base_model_version,
+            architecture=self.adapter.modelspec_architecture,
+            resolution=(resolution, resolution),
+            training_settings=self.process.train.model_dump(mode="json")
+            | {"network": net_cfg.model_dump(mode="json") if net_cfg else None},
+            meta=self.job.meta,
+            trigger_word=self.process.trigger_word,
+        )
+
+    def _save_lora(self, step: int | None) -> Path:
+        from aitk.networks.export import save_lora
+
+        path = self.paths.lora_file(step)
+        save_cfg = self.process.save
+        shown_step = self.state.step if step is None else step
+
+        def write() -> None:
+            save_lora(
+                path,
+                self.network,
+                save_format=save_cfg.save_format,
+                prefix=self.adapter.lora_prefix,
+                dtype=torch_dtype(save_cfg.dtype),
+                metadata=self._lora_metadata(shown_step),
+            )
+
+        if self.ema is not None:
+            with self.ema.applied():
+                write()
+        else:
+            write()
+        return path
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        from aitk.trainer.rng import capture_rng
+
+        mine = capture_rng(self.noise_generator)
+        if self.session.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * self.session.world_size
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    def _save_checkpoint(self, final: bool = False) -> None:
+        step = self.state.step
+        rng = self._gather_rng()  # every process takes part; only the main one writes
+        if not self.session.is_main:
+            return
+        self._set_status(state="saving")
+        self.state.data = self.data.state_dict()
+        lora = self._save_lora(None if final else step)
+        if final:
+            # The final file is also kept under its step name, so pruning never leaves a gap.
+            self._save_lora(step)
+        content = CheckpointContent(
+            state=self.state,
+            network=self.network.network_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),
+            rng_per_rank=rng,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+        )
+        folder = ckpt.write_checkpoint(
+            self.paths.checkpoints,
+            step,
+            lambda tmp: write_content(tmp, content),
+            pause_hook=self.checkpoint_pause_hook,
+        )
+        self._prune()
+        self._set_status(state="training", last_checkpoint=str(folder), force=True)
+        self.log(f"saved {lora.name} and checkpoint {folder.name} at step {step}")
+
+    def _prune(self) -> None:
+        keep = self.process.save.max_step_saves_to_keep
+        if keep <= 0:
+            return
+        import shutil
+
+        for info in ckpt.list_checkpoints(self.paths.checkpoints)[keep:]:
+            shutil.rmtree(info.path, ignore_errors=True)
+            self.paths.lora_file(info.step).unlink(missing_ok=True)
+
+    def _sample(self, step: int) -> None:
+        sample_cfg = self.process.sample
+        if sample_cfg is None or self.train_cfg.disable_sampling or not self.session.is_main:
+            return
+        if not sample_cfg.prompts and not sample_cfg.samples:
+            return
+        from aitk.trainer.sampling import preview_requests, render_previews
+
+        self._set_status(state="sampling")
+        denoiser = self.adapter.denoiser()
+        denoiser.eval()
+        started = time.perf_counter()
+        context = self.ema.applied() if self.ema is not None else nullcontext()
+        with context:
+            paths = render_previews(
+                self.adapter.sample_pipeline(sample_cfg.sampler),
+                preview_requests(sample_cfg, self.process.trigger_word),
+                self.paths.samples,
+                step,
+                set_multiplier=self.network.set_multiplier,
+            )
+        denoiser.train()
+        self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
+        self._set_status(state="training")
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        try:
+            return self._run()
+        except BaseException as exc:
+            if getattr(self, "status", None) is not None:
+                self._set_status(state="error", error=str(exc) or type(exc).__name__, force=True)
+            raise
+        finally:
+            if getattr(self, "log", None) is not None:
+                self.log.close()
+
+    def _run(self) -> RunResult:
+        self._setup()
+        resumed = self._resume()
+        total = self.train_cfg.steps
+        if resumed and self.state.step >= total:
+            self._set_status(state="completed", step=self.state.step, force=True)
+            self.log(f"{self.job.config.name} already finished {self.state.step} steps; nothing to do")
+            return RunResult("completed", self.state.step, self.paths.lora_file(None), self.paths.root)
+        metrics = (
+            MetricsWriter(self.paths.metrics, self.state.step if resumed else None)
+            if self.session.is_main
+            else None
+        )
+        if self.data.needs_latent_cache:
+            self._set_status(state="caching")
+            self.data.cache_latents(self.adapter.encode_images, self.adapter.latent_space_id())
+        sample_cfg = self.process.sample
+        if not resumed and not self.train_cfg.skip_first_sample and self.state.step == 0:
+            self._sample(0)
+
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total, initial=self.state.step, disable=not self.session.is_main,
+            dynamic_ncols=True, unit="step",
+        )
+        self._set_status(state="training", step=self.state.step)
+        started_at = time.perf_counter()
+        first_step = self.state.step
+        stopped = False
+        while self.state.step < total:
+            step_started = time.perf_counter()
+            loss, grad_norm, samples, stop = self._optimizer_step()
+            step_index = self.state.step
+            self.state.step += 1
+            step_time = time.perf_counter() - step_started
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
+            if metrics is not None:
+                record: dict[str, Any] = {
+                    "step": step_index,
+                    "timestamp": iso_now(),
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "step_time_s": step_time,
+                    "samples_per_s": samples / step_time if step_time > 0 else None,
+                    "gradient_stability": None,
+                    "gradient_stability_avg": None,
+                    "expert": None,
+                    "learning_rate": lrs[0] if len(lrs) == 1 else sum(lrs) / len(lrs),
+                    **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
+                    "alpha_enabled": False,
+                }
+                metrics.write(record)
+            done = self.state.step - first_step
+            speed = done / (time.perf_counter() - started_at)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)
+            bar.update(1)
+            self._set_status(step=self.state.step, speed=speed, eta_s=(total - self.state.step) / speed)
+            if self.on_step_end is not None:
+                self.on_step_end(self, self.state.step)
+                stop = stop or (self.session.world_size == 1 and self.stop.requested is not None)
+            if stop:
+                stopped = True
+                break
+            if self.state.step < total and self.state.step % self.process.save.save_every == 0:
+                self._save_checkpoint()
+            if (
+                sample_cfg is not None
+                and self.state.step < total
+                and self.state.step % sample_cfg.sample_every == 0
+            ):
+                self._sample(self.state.step)
+        bar.close()
+
+        self._save_checkpoint(final=not stopped)
+        if metrics is not None:
+            metrics.close()
+        if stopped:
+            self._set_status(state="stopped", step=self.state.step, force=True)
+            self.log(
+                f"stopped at step {self.state.step} of {total}; checkpoint saved in {self.paths.checkpoints}. "
+                "Run the same job again to resume from there."
+            )
+            return RunResult("stopped", self.state.step, None, self.paths.root)
+        self._sample(self.state.step)
+        self._set_status(state="completed", step=self.state.step, eta_s=0, force=True)
+        final = self.paths.lora_file(None)
+        self.log(f"training complete: {final}")
+        return RunResult("completed", self.state.step, final, self.paths.root)

@@ -1,0 +1,110 @@
+"""The diffusion training loss: train.loss_type, train.huber_c, train.min_snr_gamma,
+train.noise_offset."""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("mse", "mae", "l1", "pseudo_huber", "huber")
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    loss_type: str = "mse",
+    huber_c: float = 0.1,
+    sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scalar loss, computed in float32.
+
+    Per element: mse (x^2), mae / l1 (|x|), pseudo_huber / huber (2c * (sqrt(x^2 + c^2) - c),
+    the kohya / diffusers form: ~x^2 near 0 so it is on the MSE scale, ~2c|x| far out),
+    with x = pred - target and c = huber_c.
+    mask (optional, broadcastable to pred): multiplies the per-element loss before averaging.
+    Each sample's loss is the mean over its non-batch dims; the batch loss is
+    sum_i(w_i * l_i) / B with sample_weights w of shape (B,) (min-SNR weights, loss_multiplier),
+    i.e. the plain batch mean when no weights are given.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    x = pred.float() - target.float()
+    kind = loss_type.lower()
+    if kind == "mse":
+        el = x * x
+    elif kind in ("mae", "l1"):
+        el = x.abs()
+    elif kind in ("pseudo_huber", "huber"):
+        c = float(huber_c)
+        if c <= 0:
+            raise ValueError(f"train.huber_c: {huber_c!r} must be > 0")
+        el = 2.0 * c * (torch.sqrt(x * x + c * c) - c)
+    else:
+        raise ValueError(f"train.loss_type: unknown {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if mask is not None:
+        el = el * mask.to(device=el.device, dtype=torch.float32)
+    per_sample = el.reshape(el.shape[0], -1).mean(dim=1) if el.ndim > 1 else el
+    if sample_weights is None:
+        return per_sample.mean()
+    w = sample_weights.to(device=per_sample.device, dtype=torch.float32).reshape(-1)
+    if w.shape[0] != per_sample.shape[0]:
+        raise ValueError(f"sample_weights has {w.shape[0]} entries for a batch of {per_sample.shape[0]}")
+    return (per_sample * w).mean()
+
+
+_PREDICTION_ALIASES = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "v_prediction": "v_prediction",
+    "v": "v_prediction",
+    "v_pred": "v_prediction",
+    "sample": "sample",
+    "x0": "sample",
+}
+
+
+def min_snr_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (B,), float32, on timesteps' device.
+
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t]) (what diffusers' compute_snr gives);
+    epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1);
+    sample (x0): min(snr, gamma). Only for DDPM-style (discrete-timestep) schedules.
+    """
+    if gamma is None or float(gamma) <= 0:
+        raise ValueError(f"train.min_snr_gamma: {gamma!r} must be > 0 (leave it unset to disable)")
+    kind = _PREDICTION_ALIASES.get(str(prediction_type).lower())
+    if kind is None:
+        raise ValueError(
+            f"min_snr_gamma needs an epsilon, v_prediction or sample model; got prediction type "
+            f"{prediction_type!r} (flow-matching models: leave train.min_snr_gamma unset)"
+        )
+    ac = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
+    t = timesteps.reshape(-1).round().long().clamp(0, ac.shape[0] - 1)
+    a = ac[t]
+    snr = a / (1.0 - a)  # inf where alphas_cumprod == 1
+    clipped = torch.clamp(snr, max=float(gamma))
+    if kind == "epsilon":
+        w = clipped / snr
+    elif kind == "v_prediction":
+        w = clipped / (snr + 1.0)
+    else:
+        w = clipped
+    return torch.nan_to_num(w, nan=1.0).float()
+
+
+def apply_noise_offset(
+    noise: torch.Tensor, offset: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """noise + offset * randn(B, C, 1, 1[, 1]): one random shift per sample and channel.
+    offset 0 returns `noise` itself (same object)."""
+    if not offset:
+        return noise
+    if noise.ndim < 2:
+        raise ValueError(f"noise must be (B, C, ...), got shape {tuple(noise.shape)}")
+    shape = tuple(noise.shape[:2]) + (1,) * (noise.ndim - 2)
+    device = generator.device if generator is not None else noise.device
+    shift = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return noise + float(offset) * shift.to(device=noise.device, dtype=noise.dtype)

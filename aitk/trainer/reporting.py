@@ -1,0 +1,121 @@
+"""What a run tells the outside world: log.txt, metrics_<name>.jsonl and status.json (spec/metrics.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from aitk.trainer.checkpoint import atomic_write_bytes
+
+STATES = ("starting", "caching", "training", "sampling", "saving", "completed", "stopped", "error")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: tensors to numbers, NaN/inf to null."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    """Writes each message to the terminal (stderr, so it does not fight the progress bar) and log.txt."""
+
+    def __init__(self, path: Path | None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._file: TextIO | None = None
+        if path is not None and enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+        if self._file is not None:
+            stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            for line in message.splitlines() or [""]:
+                self._file.write(f"{stamp} {line}\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class MetricsWriter:
+    """One JSON object per optimizer step, appended and flushed as the step ends."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        else:
+            self._truncate_after(resume_step)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def _truncate_after(self, completed_steps: int) -> None:
+        """Keep the lines of steps the checkpoint already contains (0-based step < completed)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", -1) < completed_steps:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {key: _plain(value) for key, value in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class StatusFile:
+    """status.json, rewritten atomically at most every `interval_s` (always on a state change)."""
+
+    def __init__(self, path: Path, total_steps: int, interval_s: float = 2.0) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._last_write = 0.0
+        self.data: dict[str, Any] = {
+            "state": "starting",
+            "step": 0,
+            "total_steps": total_steps,
+            "speed": None,
+            "eta_s": None,
+            "last_checkpoint": None,
+            "error": None,
+            "pid": os.getpid(),
+            "updated": None,
+        }
+
+    def update(self, *, force: bool = False, **fields: Any) -> None:
+        state = fields.get("state")
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown run state {state!r}")
+        changed_state = state is not None and state != self.data["state"]
+        self.data.update({key: _plain(value) for key, value in fields.items()})
+        now = time.monotonic()
+        if force or changed_state or now - self._last_write >= self.interval_s:
+            self._last_write = now
+            self.data["updated"] = datetime.now().astimezone().isoformat()
+            atomic_write_bytes(self.path, json.dumps(self.data, indent=1).encode())
+
+
+def iso_now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")

@@ -1,0 +1,126 @@
+"""Where a run lives and what it runs on: output paths, processes, device and precision."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aitk.config.schema import ProcessConfig
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def torch_dtype(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    return _DTYPES[name] if name else default
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    name: str
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / f"metrics_{self.name}.jsonl"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def control(self) -> Path:
+        """Folder where the UI drops small request files (save-now, sample-now)."""
+        return self.root / "control"
+
+    def lora_file(self, step: int | None) -> Path:
+        suffix = "" if step is None else f"_{step:09d}"
+        return self.root / f"{self.name}{suffix}.safetensors"
+
+
+@dataclass
+class Session:
+    """The process-level facts of a run, resolved once through accelerate."""
+
+    accelerator: object
+    device: torch.device
+    weight_dtype: torch.dtype
+    mixed_precision: str
+    rank: int
+    world_size: int
+    notes: list[str]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _want_cpu(device: str | None) -> bool:
+    if device is None:
+        return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return device == "cpu"
+
+
+def start_session(process: ProcessConfig) -> Session:
+    """Create the Accelerator (it joins the process group under torchrun / accelerate launch)."""
+    from accelerate import Accelerator
+
+    notes: list[str] = []
+    requested = process.device
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device: {requested!r} was requested but CUDA is not available on this machine; "
+            "set `device: cpu` (or remove the key to pick automatically)"
+        )
+    weight_dtype = torch_dtype(process.train.dtype)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight_dtype, "no")
+    cpu = _want_cpu(requested)
+    if cpu and mixed == "fp16":
+        notes.append("train.dtype fp16 is not supported on CPU; training in fp32 instead")
+        weight_dtype, mixed = torch.float32, "no"
+    if cpu and mixed == "bf16":
+        notes.append("train.dtype bf16 on CPU is several times slower than fp32 on most CPUs")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed,
+        gradient_accumulation_steps=process.train.accumulation_steps,
+    )
+    device = accelerator.device
+    if requested and requested.startswith("cuda:") and accelerator.num_processes == 1:
+        device = torch.device(requested)  # an explicit GPU index in a single-process run
+        torch.cuda.set_device(device)
+    elif requested == "mps":
+        device = torch.device("mps")
+    if os.environ.get("OMP_NUM_THREADS") is None and accelerator.num_processes > 1 and cpu:
+        torch.set_num_threads(1)  # two threads per process on a small CPU collapse throughput
+    return Session(
+        accelerator=accelerator,
+        device=device,
+        weight_dtype=weight_dtype,
+        mixed_precision=mixed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        notes=notes,
+    )

@@ -1,0 +1,73 @@
+"""What goes into a checkpoint folder, and reading it back.
+
+Files: network.safetensors (fp32 network weights), optimizer.pt, lr_scheduler.pt, ema.pt (when EMA
+is on), rng.pt (one entry per process), trainer_state.json (step, data position, counters).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TrainerState:
+    """The small, JSON-able part of the run state."""
+
+    step: int = 0  # optimizer steps completed
+    data: dict[str, Any] = field(default_factory=dict)
+    nonfinite_in_a_row: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerState":
+        raw = json.loads(text)
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__ if key in raw})
+
+
+@dataclass
+class CheckpointContent:
+    state: TrainerState
+    network: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    rng_per_rank: list[dict[str, Any]]
+    ema: dict[str, Any] | None = None
+
+
+def write_content(folder: Path, content: CheckpointContent) -> None:
+    from safetensors.torch import save_file
+
+    network = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in content.network.items()}
+    save_file(network, str(folder / "network.safetensors"))
+    torch.save(content.optimizer, folder / "optimizer.pt")
+    torch.save(content.lr_scheduler, folder / "lr_scheduler.pt")
+    torch.save(content.rng_per_rank, folder / "rng.pt")
+    if content.ema is not None:
+        torch.save(content.ema, folder / "ema.pt")
+    (folder / "trainer_state.json").write_text(content.state.to_json())
+
+
+def read_content(folder: Path) -> CheckpointContent:
+    from safetensors.torch import load_file
+
+    # Our own files: full unpickling is needed for optimizer states of third-party optimizers.
+    def load(name: str) -> Any:
+        return torch.load(folder / name, map_location="cpu", weights_only=False)
+
+    ema_path = folder / "ema.pt"
+    return CheckpointContent(
+        state=TrainerState.from_json((folder / "trainer_state.json").read_text()),
+        network=load_file(str(folder / "network.safetensors")),
+        optimizer=load("optimizer.pt"),
+        lr_scheduler=load("lr_scheduler.pt"),
+        rng_per_rank=load("rng.pt"),
+        ema=load("ema.pt") if ema_path.exists() else None,
+    )

@@ -1,0 +1,132 @@
+"""Trainer overhead, launch time and memory on the tiny SD 1.5 model (CPU, fp32).
+
+Prints, from one run:
+- the trainer's median step time over a bare PyTorch loop doing the same forward, backward and
+  optimizer step on the same tiny model and batch (cached latents); aim: 1.10 or less;
+- launch-to-first-step of `python -m aitk run job.yaml` and the peak RSS of that run
+  (peers on the same work: diffusers' script 5.0 s / 544 MB, ostris/ai-toolkit 11.6 s / 1,209 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+STEPS = 150
+WARMUP = 10
+
+
+def make_job(workdir: Path, name: str, steps: int) -> Path:
+    from aitk.demo import draw_dataset
+    from aitk.models.tiny import build_tiny_sd15
+    from conftest import base_process, write_job
+
+    model = build_tiny_sd15(workdir / "tiny-sd15")
+    data = workdir / "data"
+    if not data.exists():
+        draw_dataset(data)
+    process = base_process(model, data, workdir / "out")
+    process["train"] |= {"steps": steps, "skip_first_sample": True}
+    process["save"]["save_every"] = 100000
+    return write_job(workdir / f"{name}.yaml", name, process)
+
+
+def trainer_step_times(job: Path) -> list[float]:
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.loop import Trainer
+
+    loaded = load_job_file(job)
+    stamps: list[float] = []
+    trainer = Trainer(loaded.job, loaded.job.config.process[0],
+                      on_step_end=lambda _t, _s: stamps.append(time.perf_counter()))
+    trainer.run()
+    return [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
+
+
+def bare_step_times(job: Path) -> list[float]:
+    """The same work with nothing around it: UNet + peft LoRA, fixed latents and text, AdamW."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from aitk.networks.targets import unet_lora_candidates
+
+    model_dir = job.parent / "tiny-sd15"
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    targets = unet_lora_candidates(unet, include_conv=False)
+    unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    ids = tokenizer(["a red circle, shp style"] * 2, padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+    latents = torch.randn(2, 4, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    unet.train()
+    times = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (2,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=text).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[WARMUP:]
+
+
+def launch_to_first_step(job: Path) -> tuple[float, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "aitk", "run", str(job)], cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    raw = yaml.safe_load(job.read_text())
+    process = raw["config"]["process"][0]
+    metrics = Path(process["training_folder"]) / raw["config"]["name"] / f"metrics_{raw['config']['name']}.jsonl"
+    first = json.loads(metrics.read_text().splitlines()[0])
+    first_end = datetime.fromisoformat(first["timestamp"]).timestamp()
+    return first_end - started, peak_mb
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        job = make_job(workdir, "overhead", STEPS)
+        bare = statistics.median(bare_step_times(job))
+        ours = statistics.median(trainer_step_times(job))
+        launch, rss = launch_to_first_step(make_job(workdir, "launch", 20))
+    print(f"bare PyTorch loop, median step:   {bare * 1000:.1f} ms")
+    print(f"aitk trainer, median step:        {ours * 1000:.1f} ms")
+    print(f"overhead ratio (trainer / bare):  {ours / bare:.3f}   (aim: <= 1.10)")
+    print(f"launch to first step:             {launch:.2f} s    (aim: < 4 s)")
+    print(f"peak RSS of a tiny run:           {rss:.0f} MB   (aim: < 550 MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: the tiny SD 1.5 model, a small captioned dataset, and job-file builders."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from aitk.models.tiny import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from aitk.demo import draw_dataset
+
+    folder = tmp_path_factory.mktemp("data") / "shapes"
+    draw_dataset(folder)
+    return folder
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    result = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = deep_update(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def base_process(model: Path, data: Path, training_folder: Path) -> dict[str, Any]:
+    return {
+        "type": "sd_trainer",
+        "training_folder": str(training_folder),
+        "device": "cpu",
+        "trigger_word": "shp",
+        "training_seed": 7,
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+        "save": {"dtype": "float32", "save_every": 1000, "max_step_saves_to_keep": 5},
+        "datasets": [{"folder_path": str(data), "resolution": [64], "cache_latents": True}],
+        "train": {"steps": 10, "batch_size": 2, "lr": 1e-3, "optimizer": "adamw"},
+        "model": {"name_or_path": str(model)},
+    }
+
+
+def write_job(path: Path, name: str, process: dict[str, Any], meta: dict | None = None) -> Path:
+    job = {"job": "extension", "config": {"name": name, "process": [process]}, "meta": meta or {}}
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_job(tiny_sd15: Path, shapes_dataset: Path, tmp_path: Path):
+    """make_job(name, dataset={...}, **section_overrides) -> a job file training the tiny model.
+
+    `dataset` updates the first dataset entry; other keyword arguments deep-update the process.
+    """
+
+    def build(name: str = "run", dataset: dict[str, Any] | None = None, **changes: Any) -> Path:
+        process = deep_update(base_process(tiny_sd15, shapes_dataset, tmp_path / "out"), changes)
+        process["datasets"][0].update(dataset or {})
+        return write_job(tmp_path / f"{name}.yaml", name, process)
+
+    return build
