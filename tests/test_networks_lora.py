@@ -296,3 +296,25 @@ def test_same_adapter_twice_refused(unet):
     inject_network(unet, linear_rank=2, linear_alpha=2, candidates=unet_lora_candidates(unet, False))
     with pytest.raises(ValueError, match="already"):
         inject_network(unet, linear_rank=2, linear_alpha=2, candidates=unet_lora_candidates(unet, False))
+
+
+def test_second_adapter_stacks_on_wrapped_layers(unet):
+    """An adapter already in the model (an assistant LoRA) stays active and frozen; ours trains."""
+    inputs = _unet_inputs()
+    base = _run(unet, inputs)
+    cands = unet_lora_candidates(unet, include_conv=False)
+    assistant = inject_network(unet, linear_rank=2, linear_alpha=2, candidates=cands, adapter_name="assistant")
+    _randomize(assistant, seed=3)
+    with_assistant = _run(unet, inputs)
+    ours = inject_network(unet, linear_rank=4, linear_alpha=8, candidates=cands, seed=0)
+    assert ours.wrapped_module_names() == assistant.wrapped_module_names()
+    assert torch.equal(_run(unet, inputs), with_assistant)  # ours starts at zero, assistant still on
+    trainable = {id(p) for p in unet.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in ours.trainable_parameters()}
+    _randomize(ours, seed=4)
+    both = _run(unet, inputs)
+    assert (both - with_assistant).abs().max() > 1e-3
+    ours.set_multiplier(0.0)
+    torch.testing.assert_close(_run(unet, inputs), with_assistant)
+    assistant.set_multiplier(0.0)
+    torch.testing.assert_close(_run(unet, inputs), base)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Iterable
 
 import torch
@@ -22,17 +23,38 @@ from torch import nn
 __all__ = ["NetworkHandle", "inject_network", "eligible_modules", "select_targets"]
 
 
+def _tuner_base(module: nn.Module) -> nn.Module | None:
+    """The base layer of a peft adapter layer (already wrapped by another adapter), else None."""
+    get = getattr(module, "get_base_layer", None)
+    if callable(get) and hasattr(module, "active_adapters"):
+        return get()
+    return None
+
+
 def _is_kxk_conv(module: nn.Module) -> bool:
+    module = _tuner_base(module) or module
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
 def eligible_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear / nn.Conv2d inside `module` (peft-wrapped ones excluded), in model order."""
+    """Every nn.Linear / nn.Conv2d inside `module`, in model order.
+
+    A layer that another peft adapter already wraps (e.g. an assistant LoRA loaded by diffusers)
+    counts under its own name (the wrapper's), never as `<name>.base_layer` or its LoRA parts.
+    """
     out: dict[str, nn.Module] = {}
-    for name, sub in module.named_modules():
-        if not name or name.endswith(".base_layer") or ".base_layer." in name:
+    skip: str | None = None
+    for name, sub in module.named_modules():  # pre-order: a wrapper's internals follow it
+        if not name:
             continue
-        if ".lora_" in name or name.startswith("lora_"):
+        if skip is not None and name.startswith(skip):
+            continue
+        skip = None
+        base = _tuner_base(sub)
+        if base is not None:
+            skip = name + "."
+            if isinstance(base, (nn.Linear, nn.Conv2d)):
+                out[name] = sub
             continue
         if isinstance(sub, (nn.Linear, nn.Conv2d)):
             out[name] = sub
@@ -276,7 +298,8 @@ def inject_network(
     `seed` makes the initial weights identical across processes (lora_A kaiming-uniform like
     peft's default, lora_B zeros, drawn in model order from a CPU generator).
     `dtype`: dtype of the LoRA weights (None = the base layer's dtype, peft's default).
-    peft marks every non-LoRA parameter of `module` as requires_grad=False.
+    Afterwards only this network's parameters require grad (base weights and any other adapter
+    already in `module` are frozen); other adapters stay active alongside this one.
     """
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
@@ -320,7 +343,20 @@ def inject_network(
         bias="none",
         init_lora_weights=True,
     )
-    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # adapters already in the model (e.g. an assistant LoRA) stay active after ours is added
+    prev_active = {n: list(m.active_adapters) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    if prev_active:
+        for n, m in module.named_modules():
+            if isinstance(m, BaseTunerLayer):
+                want = [a for a in prev_active.get(n, []) if a != adapter_name]
+                if adapter_name in getattr(m, "lora_A", {}):
+                    want.append(adapter_name)
+                m.set_adapter(want)
 
     layers: dict[str, nn.Module] = {}
     for name, sub in module.named_modules():
@@ -361,7 +397,9 @@ def inject_network(
         conv_rank=int(conv_rank) if conv_rank is not None else None,
         conv_alpha=float(conv_alpha) if conv_alpha is not None else None,
     )
-    for p in handle.trainable_parameters():
-        p.requires_grad_(True)
+    # only this network trains: base weights (peft froze them) and any other adapter stay frozen
+    ours = {id(p) for p in handle.trainable_parameters()}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in ours)
     return handle
 
