@@ -45,6 +45,7 @@ def draw_dataset(folder: Path, size: int = 64) -> int:
 
 def demo_job_yaml(model_dir: Path, data_dir: Path, training_folder: Path, steps: int) -> str:
     every = max(1, steps // 3)
+    warmup = min(20, steps // 10)
     return f"""# Written by `aitk demo`: a complete job file; run it again with `aitk run` to resume.
 job: extension
 config:
@@ -77,7 +78,7 @@ config:
         lr: 1e-3
         optimizer: adamw
         lr_scheduler: cosine_with_warmup
-        lr_warmup_steps: 20
+        lr_warmup_steps: {warmup}
         max_grad_norm: 1.0
       model:
         name_or_path: {model_dir}

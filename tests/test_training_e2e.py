@@ -155,3 +155,31 @@ def test_samples_are_written_with_inline_flags(make_job):
     from PIL import Image
 
     assert Image.open(result.output_dir / "samples" / "000000004_0.jpg").size == (64, 128)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"network": {"type": "lokr"}}, "config.process[0].network.type"),
+        ({"model": {"arch": "flux"}}, "config.process[0].model.arch"),
+        ({"train": {"optimizer": "automagic"}}, "config.process[0].train.optimizer"),
+    ],
+)
+def test_unsupported_settings_stop_the_run_before_loading(make_job, changes, key):
+    from aitk.trainer.loop import TrainingAborted
+
+    job = make_job("unsupported", **changes)
+    with pytest.raises(TrainingAborted, match=key.replace("[", r"\[").replace("]", r"\]")):
+        train(job)
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    from aitk.demo import DEMO_NAME, run_demo
+
+    monkeypatch.setenv("AITK_CACHE", str(tmp_path / "cache"))
+    assert run_demo(tmp_path / "demo_out", steps=6) == 0
+    run_dir = tmp_path / "demo_out" / DEMO_NAME
+    assert (run_dir / f"{DEMO_NAME}.safetensors").is_file()
+    assert len(list((run_dir / "samples").glob("*.jpg"))) == 2 * 4  # steps 0, 2, 4, 6
+    assert len((run_dir / f"metrics_{DEMO_NAME}.jsonl").read_text().splitlines()) == 6
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"

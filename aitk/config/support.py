@@ -31,7 +31,7 @@ from aitk.config.schema import (
 )
 
 # Architectures this version trains (ModelConfig.resolved_arch values).
-SUPPORTED_ARCHS: frozenset[str] = frozenset({"sd1"})
+SUPPORTED_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2"})
 
 IGNORED = "it is ignored"
 FAILS = "the run fails at start"
@@ -52,6 +52,11 @@ class Unsupported:
     active: Callable[[Any, Any], bool]
     what: str
     outcome: str = IGNORED
+
+    @property
+    def fails(self) -> bool:
+        """The run refuses to start with this setting (rather than ignoring it)."""
+        return FAILS in self.outcome
 
 
 def _is_true(value: Any, _section: Any = None) -> bool:
@@ -87,7 +92,6 @@ UNSUPPORTED: list[Unsupported] = [
                 "architecture {value}", SD15_ONLY),
     Unsupported(ModelConfig, "is_flux", _is_true, "FLUX (is_flux: true)", SD15_ONLY),
     Unsupported(ModelConfig, "is_xl", _is_true, "SDXL (is_xl: true)", SD15_ONLY),
-    Unsupported(ModelConfig, "is_v2", _is_true, "SD 2 (is_v2: true)", SD15_ONLY),
     Unsupported(ModelConfig, "quantize", _is_true, "quantizing the model",
                 "it is ignored and the model is loaded unquantized"),
     Unsupported(ModelConfig, "quantize_te", _is_true, "quantizing the text encoder",
@@ -211,15 +215,24 @@ def _message(path: tuple[str | int, ...], row: Unsupported, value: Any) -> str:
     return f"{render_path(path + tuple(row.key.split('.')))}: {what} is not supported yet; {row.outcome}"
 
 
-def unsupported_warnings(job: JobFile) -> list[str]:
-    """One warning per known-but-unsupported setting in the job, in file order."""
-    warnings: list[str] = []
+def unsupported_failures(job: JobFile) -> list[str]:
+    """The unsupported settings that stop a run at start (a subset of unsupported_warnings)."""
+    return [_message(path, row, value) for path, row, value in _active_rows(job) if row.fails]
+
+
+def _active_rows(job: JobFile) -> Iterator[tuple[tuple[str | int, ...], Unsupported, Any]]:
     for path, section in walk_sections(job):
         for row in UNSUPPORTED:
             if isinstance(section, row.section):
                 found, value = _lookup(section, row.key)
                 if found and row.active(value, section):
-                    warnings.append(_message(path, row, value))
+                    yield path, row, value
+
+
+def unsupported_warnings(job: JobFile) -> list[str]:
+    """One warning per known-but-unsupported setting in the job, in file order."""
+    warnings = [_message(path, row, value) for path, row, value in _active_rows(job)]
+    for path, section in walk_sections(job):
         for key, value in (section.model_extra or {}).items():
             row = next(
                 (AI_TOOLKIT_KEYS[(cls, key)] for cls in type(section).__mro__ if (cls, key) in AI_TOOLKIT_KEYS),

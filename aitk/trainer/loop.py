@@ -61,8 +61,13 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         from aitk.config.loader import dump_job
+        from aitk.config.support import unsupported_failures
         from aitk.data import TrainingData
         from aitk.models.registry import create_adapter
+
+        failures = unsupported_failures(self.job)
+        if failures:
+            raise TrainingAborted("this job asks for what this version cannot do yet:\n  " + "\n  ".join(failures))
 
         self.session: Session = start_session(self.process)
         main = self.session.is_main
