@@ -1,1 +1,1 @@
-"""The job file: schema (schema.py), reading and substitution (loader.py)."""
+"""The job file: schema (schema.py), loading (loader.py: text.py, errors.py, keys.py), support table (support.py)."""

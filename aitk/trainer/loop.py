@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from aitk.trainer.state import CheckpointContent, TrainerState, read_content, wr
 from aitk.trainer.stop import StopController
 
 MAX_NONFINITE_IN_A_ROW = 10
+# Prompt embeddings kept between steps (LRU): small datasets never re-encode a caption, while a
+# large one with unique captions cannot grow memory without bound.
+PROMPT_CACHE_SIZE = 512
 
 
 class TrainingAborted(RuntimeError):
@@ -56,7 +60,7 @@ class Trainer:
         self.checkpoint_pause_hook = checkpoint_pause_hook or ckpt.pause_hook_from_env()
         self.paths = RunPaths(Path(process.training_folder) / job.config.name, job.config.name)
         self.state = TrainerState()
-        self._prompt_cache: dict[str, PromptEmbeds] = {}
+        self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -201,12 +205,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ conditioning
     def _prompt_embeds(self, captions: list[str]) -> PromptEmbeds:
-        missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
+        cache = self._prompt_cache
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
         if missing:
             encoded = self.adapter.encode_prompts(missing)
             for index, caption in enumerate(missing):
-                self._prompt_cache[caption] = encoded.select([index])
-        return PromptEmbeds.cat([self._prompt_cache[c] for c in captions])
+                cache[caption] = encoded.select([index])
+        embeds = PromptEmbeds.cat([cache[c] for c in captions])
+        for caption in captions:
+            cache.move_to_end(caption)
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return embeds
 
     # ------------------------------------------------------------------ one step
     def _micro_step(self, scale: float) -> tuple[float, int]:
@@ -418,6 +428,8 @@ class Trainer:
                 self._set_status(state="error", error=str(exc) or type(exc).__name__, force=True)
             raise
         finally:
+            if getattr(self, "data", None) is not None:
+                self.data.close()
             if getattr(self, "log", None) is not None:
                 self.log.close()
 
