@@ -6,6 +6,7 @@ import io
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,12 +50,16 @@ def test_optimizer_builds_and_steps(name):
     assert opt.param_groups[0]["lr"] == lr  # prodigy too: lr is used as given
 
 
-def test_adamw8bit_steps_with_8bit_state_or_explains():
+# bitsandbytes is optional at run time (diffusers imports it at start-up whenever it is installed,
+# which costs about a second of launch time), so `make install` puts it in .venv/extras for this test.
+EXTRAS = Path(__file__).resolve().parents[1] / ".venv" / "extras"
+
+
+def test_adamw8bit_steps_with_8bit_state(monkeypatch):
+    if EXTRAS.is_dir():
+        monkeypatch.syspath_prepend(str(EXTRAS))
+    assert _bnb_importable(), "bitsandbytes is missing: `make install` puts it in .venv/extras"
     lin = torch.nn.Linear(64, 64)  # 4096 weights: bitsandbytes keeps 8-bit state from 4096 elements
-    if not _bnb_importable():
-        with pytest.raises(OptimizerConfigError, match="pip install bitsandbytes"):
-            build_optimizer("adamw8bit", [{"params": list(lin.parameters())}], lr=1e-3, optimizer_params={})
-        pytest.skip("bitsandbytes cannot be imported here")
     before = lin.weight.detach().clone()
     opt = build_optimizer("adamw8bit", [{"params": list(lin.parameters())}], lr=1e-2, optimizer_params={})
     _one_step(opt, lin)

@@ -28,6 +28,13 @@ def timestep_bias(content_or_style: str, u: torch.Tensor) -> torch.Tensor:
     return u
 
 
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to device, casting only when needed (diffusers warns on every dtype cast)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
+
+
 class SD15Adapter(ModelAdapter):
     arch_names = ("sd1", "sd15", "sd2")
     bucket_divisibility = 64
@@ -175,10 +182,10 @@ class SD15Adapter(ModelAdapter):
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
-        self.unet.to(self.device, dtype=self.dtype)
-        self.text_encoder.to(self.device, dtype=self.dtype)
+        _place(self.unet, self.device, self.dtype)
+        _place(self.text_encoder, self.device, self.dtype)
         # The VAE stays fp32: fp16 SD VAEs overflow, and it only runs for caching and previews.
-        self.vae.to(self.device, dtype=torch.float32)
+        _place(self.vae, self.device, torch.float32)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
     def denoiser(self) -> torch.nn.Module:
