@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +41,19 @@ def test_two_ranks_see_disjoint_samples_and_end_with_identical_weights(make_job,
     assert any(v.abs().sum() > 0 for k, v in rank0["network"].items() if "lora_B" in k)
 
 
-def test_torchrun_cli_run_writes_outputs_once(make_job):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "aitk", "run"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "aitk", "run"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launched_cli_run_uses_two_processes_and_writes_outputs_once(make_job, launcher):
     job = make_job("ddp_cli", train={"steps": 4}, save={"save_every": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "aitk", "run", str(job)],
+        [sys.executable, *LAUNCHERS[launcher], str(job)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,6 +64,8 @@ def test_torchrun_cli_run_writes_outputs_once(make_job):
     metrics = [json.loads(line) for line in (run_dir / "metrics_ddp_cli.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert all(m["samples_per_s"] > 0 for m in metrics)
+    log = (run_dir / "log.txt").read_text()
+    assert "2 processes" in log  # the run really was data parallel (accelerate --cpu would give 1)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     assert (run_dir / "ddp_cli.safetensors").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["000000002", "000000004"]

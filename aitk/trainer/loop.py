@@ -74,10 +74,16 @@ class Trainer:
             raise TrainingAborted("this job asks for what this version cannot do yet:\n  " + "\n  ".join(failures))
 
         self.session: Session = start_session(self.process)
+        self.grad_scaler = self.session.grad_scaler()
         main = self.session.is_main
         if main:
             self.paths.root.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.paths.log, enabled=main)
+        self.log(
+            f"{self.job.config.name}: device {self.session.device}, "
+            f"{self.session.world_size} process{'es' if self.session.world_size > 1 else ''}, "
+            f"precision {self.session.mixed_precision if self.session.mixed_precision != 'no' else 'fp32'}"
+        )
         for note in self.session.notes:
             self.log(f"note: {note}")
         self.status = StatusFile(self.paths.status, self.train_cfg.steps) if main else None
@@ -188,6 +194,8 @@ class Trainer:
         self.lr_scheduler.load_state_dict(content.lr_scheduler)
         if self.ema is not None and content.ema is not None:
             self.ema.load_state_dict(content.ema)
+        if self.grad_scaler is not None and content.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(content.grad_scaler)
         self.state = content.state
         self.data.load_state_dict(content.state.data)
         rank = self.session.rank
@@ -232,7 +240,7 @@ class Trainer:
         weights = batch.loss_multiplier.to(self.session.device)
         if noisy.loss_weights is not None:
             weights = weights * noisy.loss_weights
-        with self.session.accelerator.autocast():
+        with self.session.autocast():
             prediction = self.adapter.predict(noisy, cond)
         loss = diffusion_loss(
             prediction.float(),
@@ -241,7 +249,8 @@ class Trainer:
             huber_c=self.train_cfg.huber_c,
             sample_weights=weights,
         )
-        (loss * scale).backward()
+        scaled = loss * scale
+        (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
         return loss.item(), latents.shape[0]
 
     def _sync(self, loss: float) -> tuple[float, bool]:
@@ -271,13 +280,20 @@ class Trainer:
             losses.append(loss)
             samples += count
         mean_loss, stop = self._sync(sum(losses) / len(losses))
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, max_norm if max_norm and max_norm > 0 else float("inf")
         ).item()
-        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+        # With fp16 loss scaling an overflowing gradient is routine: the scaler skips that update
+        # and lowers its scale. Anything else non-finite is a bad step.
+        if not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm)):
             # Skip the update so one bad batch cannot poison the weights; the checkpoint stays good.
             self.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
             self.state.nonfinite_in_a_row += 1
             self.log(
                 f"warning: step {self.state.step}: loss or gradient is not finite "
@@ -290,7 +306,11 @@ class Trainer:
                 )
         else:
             self.state.nonfinite_in_a_row = 0
-            self.optimizer.step()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
@@ -373,6 +393,7 @@ class Trainer:
             lr_scheduler=self.lr_scheduler.state_dict(),
             rng_per_rank=rng,
             ema=self.ema.state_dict() if self.ema is not None else None,
+            grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
         )
         folder = ckpt.write_checkpoint(
             self.paths.checkpoints,

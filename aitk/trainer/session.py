@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +65,9 @@ class RunPaths:
 class Session:
     """The process-level facts of a run, resolved once through accelerate."""
 
-    accelerator: object
     device: torch.device
     weight_dtype: torch.dtype
-    mixed_precision: str
+    mixed_precision: str  # "no" | "bf16" | "fp16"
     rank: int
     world_size: int
     notes: list[str]
@@ -75,6 +75,15 @@ class Session:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def autocast(self) -> AbstractContextManager:
+        if self.mixed_precision == "no":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.weight_dtype)
+
+    def grad_scaler(self) -> "torch.amp.GradScaler | None":
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        return torch.amp.GradScaler(self.device.type) if self.mixed_precision == "fp16" else None
 
 
 def _want_cpu(device: str | None) -> bool:
@@ -84,8 +93,10 @@ def _want_cpu(device: str | None) -> bool:
 
 
 def start_session(process: ProcessConfig) -> Session:
-    """Create the Accelerator (it joins the process group under torchrun / accelerate launch)."""
-    from accelerate import Accelerator
+    """Resolve device and processes through accelerate (it joins the process group under
+    torchrun / accelerate launch). Precision is per job, so it is not accelerate's global state:
+    several jobs with different dtypes can run one after another in one process."""
+    from accelerate import PartialState
 
     notes: list[str] = []
     requested = process.device
@@ -102,25 +113,20 @@ def start_session(process: ProcessConfig) -> Session:
         weight_dtype, mixed = torch.float32, "no"
     if cpu and mixed == "bf16":
         notes.append("train.dtype bf16 on CPU is several times slower than fp32 on most CPUs")
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed,
-        gradient_accumulation_steps=process.train.accumulation_steps,
-    )
-    device = accelerator.device
-    if requested and requested.startswith("cuda:") and accelerator.num_processes == 1:
+    state = PartialState(cpu=cpu)
+    device = state.device
+    if requested and requested.startswith("cuda:") and state.num_processes == 1:
         device = torch.device(requested)  # an explicit GPU index in a single-process run
         torch.cuda.set_device(device)
     elif requested == "mps":
         device = torch.device("mps")
-    if os.environ.get("OMP_NUM_THREADS") is None and accelerator.num_processes > 1 and cpu:
+    if os.environ.get("OMP_NUM_THREADS") is None and state.num_processes > 1 and cpu:
         torch.set_num_threads(1)  # two threads per process on a small CPU collapse throughput
     return Session(
-        accelerator=accelerator,
         device=device,
         weight_dtype=weight_dtype,
         mixed_precision=mixed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        rank=state.process_index,
+        world_size=state.num_processes,
         notes=notes,
     )

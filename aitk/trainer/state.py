@@ -1,7 +1,7 @@
 """What goes into a checkpoint folder, and reading it back.
 
 Files: network.safetensors (fp32 network weights), optimizer.pt, lr_scheduler.pt, ema.pt (when EMA
-is on), rng.pt (one entry per process), trainer_state.json (step, data position, counters).
+is on), grad_scaler.pt (fp16), rng.pt (one entry per process), trainer_state.json (step, data position, counters).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class CheckpointContent:
     lr_scheduler: dict[str, Any]
     rng_per_rank: list[dict[str, Any]]
     ema: dict[str, Any] | None = None
+    grad_scaler: dict[str, Any] | None = None
 
 
 def write_content(folder: Path, content: CheckpointContent) -> None:
@@ -52,6 +53,8 @@ def write_content(folder: Path, content: CheckpointContent) -> None:
     torch.save(content.rng_per_rank, folder / "rng.pt")
     if content.ema is not None:
         torch.save(content.ema, folder / "ema.pt")
+    if content.grad_scaler is not None:
+        torch.save(content.grad_scaler, folder / "grad_scaler.pt")
     (folder / "trainer_state.json").write_text(content.state.to_json())
 
 
@@ -62,12 +65,15 @@ def read_content(folder: Path) -> CheckpointContent:
     def load(name: str) -> Any:
         return torch.load(folder / name, map_location="cpu", weights_only=False)
 
-    ema_path = folder / "ema.pt"
+    def load_optional(name: str) -> Any:
+        return load(name) if (folder / name).exists() else None
+
     return CheckpointContent(
         state=TrainerState.from_json((folder / "trainer_state.json").read_text()),
         network=load_file(str(folder / "network.safetensors")),
         optimizer=load("optimizer.pt"),
         lr_scheduler=load("lr_scheduler.pt"),
         rng_per_rank=load("rng.pt"),
-        ema=load("ema.pt") if ema_path.exists() else None,
+        ema=load_optional("ema.pt"),
+        grad_scaler=load_optional("grad_scaler.pt"),
     )
