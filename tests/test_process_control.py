@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,15 +79,16 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning(make_job):
     assert "step 4 of 8" in out
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(make_job):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(make_job, sig, code):
     job = make_job("interrupted", train={"steps": 400})
     run_dir = run_dir_of(job)
     proc = aitk("run", str(job))
     metrics = run_dir / "metrics_interrupted.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
+    assert proc.returncode == code, output
     assert "Traceback" not in output
     assert "Run the same job again to resume" in output
     status = json.loads((run_dir / "status.json").read_text())
