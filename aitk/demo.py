@@ -122,7 +122,9 @@ def run_demo(output: Path, steps: int = 300) -> int:
     print(
         "\nDemo finished. Everything is in " + str(run_dir) + ":\n"
         f"  LoRA files:  {', '.join(loras)}\n"
-        f"  samples:     {len(samples)} images in {run_dir / 'samples'} (step_index.jpg)\n"
+        f"  samples:     {len(samples)} images in {run_dir / 'samples'} (step_index.jpg; the tiny\n"
+        "               model's VAE is random, so they look like coloured noise: they show the\n"
+        "               sampling path works, not image quality)\n"
         f"  metrics:     {run_dir / f'metrics_{DEMO_NAME}.jsonl'} (one JSON line per step)\n"
         f"  status:      {run_dir / 'status.json'}\n"
         f"  log:         {run_dir / 'log.txt'}\n"

@@ -11,9 +11,11 @@ import difflib
 import inspect
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
+
+from aitk.config.schema import LrScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -278,15 +280,8 @@ def build_optimizer(
 # learning-rate schedulers
 # ----------------------------------------------------------------------------------------------
 
-SCHEDULER_NAMES: tuple[str, ...] = (
-    "constant",
-    "constant_with_warmup",
-    "cosine",
-    "cosine_with_warmup",
-    "cosine_with_restarts",
-    "linear",
-    "polynomial",
-)
+# The job schema is the one list of scheduler names (validation, CLI and UI read it too).
+SCHEDULER_NAMES: tuple[str, ...] = get_args(LrScheduler)
 _DECAYING = {"cosine", "cosine_with_warmup", "cosine_with_restarts", "linear", "polynomial"}
 _WARMUP_KEYS = ("warmup_steps", "num_warmup_steps")
 # ostris/ai-toolkit passed torch-scheduler style lengths; any of these overrides total_steps.
