@@ -19,7 +19,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from aitk.models.sd15 import ModelLoadError
     from aitk.optim.factory import OptimizerConfigError
     from aitk.trainer.loop import TrainingAborted
-    from aitk.trainer.sampling import SamplePromptError
+    from aitk.config.prompts import SamplePromptError
 
     return (
         JobFileError, DatasetError, UnknownArchitectureError, ModelLoadError,

@@ -76,6 +76,7 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning(make_job):
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
     assert "000000006 is skipped" in out and "does not match its checksum" in out
+    assert list((run_dir / "checkpoints").glob("000000006.damaged-*"))
     assert "step 4 of 8" in out
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from aitk.config.schema import SampleConfig
-from aitk.trainer.sampling import PreviewRequest, SamplePromptError, parse_prompt, preview_requests
+from aitk.config.prompts import PreviewRequest, SamplePromptError, parse_prompt
+from aitk.trainer.sampling import preview_requests
 
 DEFAULTS = PreviewRequest(prompt="", width=512, height=512, seed=42, guidance_scale=7.0, steps=20,
                           negative="", multiplier=1.0)

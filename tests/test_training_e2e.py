@@ -239,3 +239,60 @@ def test_gradient_accumulation_counts_optimizer_steps(make_job):
     # 3 optimizer steps x 2 micro-batches x batch 2 = 12 samples = one epoch of the 12 images.
     assert trainer.data.state_dict()["epoch"] == 1 and trainer.data.state_dict()["position"] == 0
     assert len(read_metrics(result.output_dir, "accum")) == 3
+
+
+def test_bf16_training_samples_and_saves(make_job):
+    job = make_job("bf16", train={"steps": 2, "dtype": "bf16"},
+                   sample={"sample_every": 1, "width": 64, "height": 64, "sample_steps": 2, "prompts": ["a circle"]})
+    _, result = train(job)
+    assert result.state == "completed"
+    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == [
+        "000000000_0.jpg", "000000001_0.jpg", "000000002_0.jpg"]
+    assert "failed" not in (result.output_dir / "log.txt").read_text()
+
+
+def test_a_stop_during_the_last_step_completes_the_run(make_job):
+    job = make_job("last", train={"steps": 3})
+
+    def stop_at_end(trainer: Trainer, step: int) -> None:
+        if step == 3:
+            trainer.stop.request("test")
+
+    _, result = train(job, on_step_end=stop_at_end)
+    assert result.state == "completed" and result.final_lora.is_file()
+
+
+def test_metrics_log_the_learning_rate_each_step_used(make_job):
+    job = make_job("lr", train={"steps": 4, "lr": 1e-3, "lr_scheduler": "constant_with_warmup",
+                                "lr_warmup_steps": 2})
+    _, result = train(job)
+    rates = [m["learning_rate"] for m in read_metrics(result.output_dir, "lr")]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+def test_resuming_with_another_rank_or_optimizer_is_refused_clearly(make_job):
+    from aitk.trainer.loop import TrainingAborted
+
+    make_job("changed", train={"steps": 2})
+    _, first = train(make_job("changed", train={"steps": 2}))
+    job = make_job("changed", train={"steps": 4, "optimizer": "lion"}, network={"linear": 8, "linear_alpha": 8})
+    with pytest.raises(TrainingAborted) as info:
+        train(job)
+    message = str(info.value)
+    assert "checkpoints/000000002" in message and "linear_rank: 4 in the checkpoint, 8 now" in message
+    assert "optimizer: 'adamw' in the checkpoint, 'lion' now" in message and "config.name" in message
+
+
+def test_a_failing_preview_is_a_warning_not_a_lost_run(make_job, monkeypatch):
+    from aitk.models.sd15 import SD15Adapter
+
+    def broken(self, latents):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(SD15Adapter, "decode_latents", broken)
+    job = make_job("preview_fails", train={"steps": 2},
+                   sample={"sample_every": 1, "width": 64, "height": 64, "sample_steps": 1, "prompts": ["x"]})
+    _, result = train(job)
+    assert result.state == "completed" and result.final_lora.is_file()
+    assert "samples for step 1 failed (RuntimeError: out of memory (simulated))" in (
+        result.output_dir / "log.txt").read_text()

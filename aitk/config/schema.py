@@ -10,11 +10,14 @@ path. Keep that convention for new checks so no raw pydantic text reaches users.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from aitk.config.prompts import PREVIEW_SAMPLERS, PreviewRequest, SamplePromptError, parse_prompt
 
 
 def user_error(message: str, key: str | None = None) -> PydanticCustomError:
@@ -409,6 +412,27 @@ class SampleConfig(Section):
         _check_pixel_size(value)
         return value
 
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        if value.lower() not in PREVIEW_SAMPLERS:
+            raise user_error(f"{value!r} is not a known sampler; use one of {', '.join(PREVIEW_SAMPLERS)}")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _prompts_parse(self) -> "SampleConfig":
+        defaults = PreviewRequest("", self.width, self.height, self.seed, self.guidance_scale,
+                                  self.sample_steps, self.neg, self.network_multiplier)
+        for key, prompt in [("prompts", p) for p in self.prompts] + [("samples", s.prompt) for s in self.samples]:
+            try:
+                request = parse_prompt(prompt, defaults)
+                _check_pixel_size(request.width)
+                _check_pixel_size(request.height)
+            except (SamplePromptError, PydanticCustomError) as exc:
+                message = exc.message() if isinstance(exc, PydanticCustomError) else str(exc)
+                raise user_error(f"in {prompt!r}: {message}", key=key) from None
+        return self
+
 
 class LoggingConfig(Section):
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
@@ -447,6 +471,21 @@ class JobConfig(Section):
                 f"{name!r} is not valid; use a plain folder name without '/' or '..', e.g. my_lora_v1"
             )
         return name
+
+    @model_validator(mode="after")
+    def _one_output_folder_per_process(self) -> "JobConfig":
+        seen: dict[str, int] = {}
+        for index, process in enumerate(self.process):
+            folder = str(Path(process.training_folder).expanduser().resolve())
+            if folder in seen:
+                raise user_error(
+                    f"process[{index}] writes to the same folder as process[{seen[folder]}] "
+                    f"({process.training_folder}/{self.name}), so each would resume from the other's "
+                    "checkpoints; give it its own training_folder or put it in its own job file",
+                    key="process",
+                )
+            seen[folder] = index
+        return self
 
 
 class JobFile(Section):

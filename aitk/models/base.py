@@ -106,9 +106,6 @@ class ModelAdapter(ABC):
         """Identifies the latent space, so latent caches from another VAE are never reused."""
         return self.modelspec_architecture
 
-    def free_text_encoders(self) -> None:
-        """Release the text encoders once every prompt embedding is cached."""
-
     # --- training objective --------------------------------------------------------------
     @abstractmethod
     def make_noisy_batch(
@@ -125,8 +122,10 @@ class ModelAdapter(ABC):
 
     # --- previews ------------------------------------------------------------------------
     @abstractmethod
-    def sample_pipeline(self) -> Any:
-        """A diffusers pipeline over the live (possibly network-wrapped) modules."""
+    def sample_pipeline(self, sampler: str | None = None) -> Any:
+        """A diffusers pipeline over the live (possibly network-wrapped) modules; `sampler` is
+        sample.sampler (None = the model's default)."""
 
-    def sample_defaults(self) -> dict[str, Any]:
-        return {}
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        """PIL images from the pipeline's output latents (output_type="latent")."""

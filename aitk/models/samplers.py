@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aitk.config.prompts import PREVIEW_SAMPLERS
+
 _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
@@ -22,6 +24,10 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def sampler_names() -> list[str]:
     return sorted(_SCHEDULERS)
+
+
+# The job schema validates sample.sampler against PREVIEW_SAMPLERS; this table serves each name.
+assert set(_SCHEDULERS) == set(PREVIEW_SAMPLERS), "models/samplers.py and config/prompts.py disagree"
 
 
 def preview_scheduler(name: str | None, base_config: Any) -> Any:

@@ -223,9 +223,6 @@ class SD15Adapter(ModelAdapter):
         cfg = self.vae.config
         return f"sd-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{self.model_cfg.vae_path or self.model_cfg.name_or_path}"
 
-    def free_text_encoders(self) -> None:
-        self.text_encoder.to("cpu")
-
     # --- training objective --------------------------------------------------------------
     def make_noisy_batch(
         self, latents: torch.Tensor, train_cfg: TrainConfig, generator: torch.Generator | None
@@ -276,3 +273,12 @@ class SD15Adapter(ModelAdapter):
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        from diffusers.image_processor import VaeImageProcessor
+
+        # The VAE decodes in fp32 whatever dtype the denoiser ran in (bf16 latents would not mix).
+        pixels = self.vae.decode(latents.to(self.device, torch.float32) / self.vae.config.scaling_factor).sample
+        processor = VaeImageProcessor(vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1))
+        return processor.postprocess(pixels, output_type="pil")

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from aitk.fsutil import atomic_write_bytes
 from aitk.networks.lora import NetworkHandle
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "save_lora",
     "load_lora_file",
     "kohya_module_key",
-    "atomic_write_bytes",
     "diffusers_kohya_alpha_conflicts",
     "network_lora_config",
 ]
@@ -208,33 +206,6 @@ def diffusers_to_network_state(
         )
     return state
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
 
 
 def save_lora(

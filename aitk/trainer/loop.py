@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import JobFile, ProcessConfig
+from aitk.fsutil import atomic_copy
 from aitk.models.base import ModelAdapter, PromptEmbeds
 from aitk.trainer import checkpoint as ckpt
 from aitk.trainer.reporting import MetricsWriter, RunLog, StatusFile, iso_now
@@ -117,8 +118,17 @@ class Trainer:
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
+        self.preview_requests = self._preview_requests()
         self._setup_network()
         self._setup_optimizer()
+
+    def _preview_requests(self) -> list[Any]:
+        from aitk.trainer.sampling import preview_requests
+
+        sample_cfg = self.process.sample
+        if sample_cfg is None or self.train_cfg.disable_sampling:
+            return []
+        return preview_requests(sample_cfg, self.process.trigger_word)
 
     def _adapter_class(self) -> type[ModelAdapter]:
         from aitk.models.registry import adapter_class
@@ -173,24 +183,33 @@ class Trainer:
             warmup_steps=cfg.lr_warmup_steps,
             params=cfg.lr_scheduler_params,
         )
-        self.ema = None
-        if cfg.ema_config.use_ema:
-            from aitk.optim import NetworkEMA
+        from aitk.optim import NetworkEMA
 
-            self.ema = NetworkEMA(self.network.named_trainable_parameters(), cfg.ema_config.ema_decay)
+        self.ema = NetworkEMA.from_config(self.network.named_trainable_parameters(), cfg.ema_config)
 
     # ------------------------------------------------------------------ resume
+    def _signature(self) -> dict[str, Any]:
+        from aitk.trainer.resume import run_signature
+
+        return run_signature(self.process, self.network.wrapped_module_names())
+
     def _resume(self) -> bool:
+        from aitk.trainer.resume import IncompatibleCheckpoint, check_signature, choose_checkpoint
         from aitk.trainer.rng import restore_rng
 
-        if self.session.is_main:
-            ckpt.remove_stale_temp_dirs(self.paths.checkpoints)
-        found = ckpt.latest_complete_checkpoint(self.paths.checkpoints, warn=self.log)
+        found = choose_checkpoint(
+            self.paths.checkpoints, is_main=self.session.is_main,
+            world_size=self.session.world_size, warn=self.log,
+        )
         if found is None:
             return False
         content = read_content(found.path)
-        self.network.load_network_state_dict(content.network)
-        self.optimizer.load_state_dict(content.optimizer)
+        try:
+            check_signature(content.state.signature, self._signature(), found.path)
+            self.network.load_network_state_dict(content.network)
+            self.optimizer.load_state_dict(content.optimizer)
+        except (IncompatibleCheckpoint, KeyError, ValueError, RuntimeError) as exc:
+            raise TrainingAborted(f"cannot resume from {found.path}: {exc}") from exc
         self.lr_scheduler.load_state_dict(content.lr_scheduler)
         if self.ema is not None and content.ema is not None:
             self.ema.load_state_dict(content.ema)
@@ -204,6 +223,7 @@ class Trainer:
         else:
             self.log(f"warning: the checkpoint has no random state for process {rank}; reseeding it")
         self.log(f"resuming from {found.path} (step {self.state.step} of {self.train_cfg.steps})")
+        self._set_status(last_checkpoint=str(found.path), step=self.state.step)
         return True
 
     # ------------------------------------------------------------------ status
@@ -272,7 +292,7 @@ class Trainer:
             offset += n
         return flat[-2].item(), flat[-1].item() > 0
 
-    def _optimizer_step(self) -> tuple[float, float, int, bool]:
+    def _optimizer_step(self) -> tuple[float, float, list[float], int, bool]:
         accumulation = self.train_cfg.accumulation_steps
         losses, samples = [], 0
         for _ in range(accumulation):
@@ -314,8 +334,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
+        lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
         self.lr_scheduler.step()
-        return mean_loss, grad_norm, samples * self.session.world_size, stop
+        return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop
 
     # ------------------------------------------------------------------ save & sample
     def _lora_metadata(self, step: int) -> dict[str, str]:
@@ -382,10 +403,11 @@ class Trainer:
             return
         self._set_status(state="saving")
         self.state.data = self.data.state_dict()
+        self.state.signature = self._signature()
         lora = self._save_lora(None if final else step)
         if final:
             # The final file is also kept under its step name, so pruning never leaves a gap.
-            self._save_lora(step)
+            atomic_copy(lora, self.paths.lora_file(step))
         content = CheckpointContent(
             state=self.state,
             network=self.network.network_state_dict(),
@@ -416,28 +438,30 @@ class Trainer:
             self.paths.lora_file(info.step).unlink(missing_ok=True)
 
     def _sample(self, step: int) -> None:
-        sample_cfg = self.process.sample
-        if sample_cfg is None or self.train_cfg.disable_sampling or not self.session.is_main:
+        """Previews are a view of the run, never a reason to lose it: a failure is a warning."""
+        if not self.preview_requests or not self.session.is_main:
             return
-        if not sample_cfg.prompts and not sample_cfg.samples:
-            return
-        from aitk.trainer.sampling import preview_requests, render_previews
+        from aitk.trainer.sampling import render_previews
 
         self._set_status(state="sampling")
         denoiser = self.adapter.denoiser()
         denoiser.eval()
         started = time.perf_counter()
-        context = self.ema.applied() if self.ema is not None else nullcontext()
-        with context:
-            paths = render_previews(
-                self.adapter.sample_pipeline(sample_cfg.sampler),
-                preview_requests(sample_cfg, self.process.trigger_word),
-                self.paths.samples,
-                step,
-                set_multiplier=self.network.set_multiplier,
-            )
-        denoiser.train()
-        self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
+        try:
+            with self.ema.applied() if self.ema is not None else nullcontext():
+                paths = render_previews(
+                    self.adapter.sample_pipeline(self.process.sample.sampler),
+                    self.preview_requests,
+                    self.paths.samples,
+                    step,
+                    decode=self.adapter.decode_latents,
+                    set_multiplier=self.network.set_multiplier,
+                )
+            self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a preview size
+            self.log(f"warning: samples for step {step} failed ({type(exc).__name__}: {exc}); training goes on")
+        finally:
+            denoiser.train()
         self._set_status(state="training")
 
     # ------------------------------------------------------------------ the run
@@ -454,14 +478,40 @@ class Trainer:
             if getattr(self, "log", None) is not None:
                 self.log.close()
 
+    def _stop_requested_here(self) -> bool:
+        """A stop seen by this process alone; with several processes the step's all-reduce
+        decides, so that every process stops at the same step."""
+        return self.session.world_size == 1 and self.stop.requested is not None
+
+    def _metrics_record(
+        self, step_index: int, loss: float, grad_norm: float, lrs: list[float], samples: int, step_time: float
+    ) -> dict[str, Any]:
+        return {
+            "step": step_index,
+            "timestamp": iso_now(),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "step_time_s": step_time,
+            "samples_per_s": samples / step_time if step_time > 0 else None,
+            "gradient_stability": None,  # arrives with alpha scheduling (#5)
+            "gradient_stability_avg": None,
+            "expert": None,
+            "learning_rate": lrs[0] if len(lrs) == 1 else sum(lrs) / len(lrs),
+            **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
+            "alpha_enabled": False,
+        }
+
     def _run(self) -> RunResult:
         self._setup()
         resumed = self._resume()
         total = self.train_cfg.steps
         if resumed and self.state.step >= total:
+            final = self.paths.lora_file(None)
+            if self.session.is_main and not final.exists():
+                self._save_lora(None)  # e.g. the final file was deleted: the checkpoint has it
             self._set_status(state="completed", step=self.state.step, force=True)
             self.log(f"{self.job.config.name} already finished {self.state.step} steps; nothing to do")
-            return RunResult("completed", self.state.step, self.paths.lora_file(None), self.paths.root)
+            return RunResult("completed", self.state.step, final, self.paths.root)
         metrics = (
             MetricsWriter(self.paths.metrics, self.state.step if resumed else None)
             if self.session.is_main
@@ -485,52 +535,36 @@ class Trainer:
         first_step = self.state.step
         stopped = False
         while self.state.step < total:
+            if self._stop_requested_here():  # e.g. Ctrl+C during a save, a sample or set-up
+                stopped = True
+                break
             step_started = time.perf_counter()
-            loss, grad_norm, samples, stop = self._optimizer_step()
-            step_index = self.state.step
+            loss, grad_norm, lrs, samples, stop = self._optimizer_step()
             self.state.step += 1
             step_time = time.perf_counter() - step_started
-            lrs = [group["lr"] for group in self.optimizer.param_groups]
             if metrics is not None:
-                record: dict[str, Any] = {
-                    "step": step_index,
-                    "timestamp": iso_now(),
-                    "loss": loss,
-                    "grad_norm": grad_norm,
-                    "step_time_s": step_time,
-                    "samples_per_s": samples / step_time if step_time > 0 else None,
-                    "gradient_stability": None,
-                    "gradient_stability_avg": None,
-                    "expert": None,
-                    "learning_rate": lrs[0] if len(lrs) == 1 else sum(lrs) / len(lrs),
-                    **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
-                    "alpha_enabled": False,
-                }
-                metrics.write(record)
-            done = self.state.step - first_step
-            speed = done / (time.perf_counter() - started_at)
+                metrics.write(self._metrics_record(self.state.step - 1, loss, grad_norm, lrs, samples, step_time))
+            speed = (self.state.step - first_step) / (time.perf_counter() - started_at)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)
             bar.update(1)
             self._set_status(step=self.state.step, speed=speed, eta_s=(total - self.state.step) / speed)
             if self.on_step_end is not None:
                 self.on_step_end(self, self.state.step)
-                stop = stop or (self.session.world_size == 1 and self.stop.requested is not None)
-            if stop:
+            if self.state.step >= total:
+                break  # a stop asked for during the last step changes nothing: the run completes
+            if stop or self._stop_requested_here():
                 stopped = True
                 break
-            if self.state.step < total and self.state.step % self.process.save.save_every == 0:
+            if self.state.step % self.process.save.save_every == 0:
                 self._save_checkpoint()
-            if (
-                sample_cfg is not None
-                and self.state.step < total
-                and self.state.step % sample_cfg.sample_every == 0
-            ):
+            if sample_cfg is not None and self.state.step % sample_cfg.sample_every == 0:
                 self._sample(self.state.step)
         bar.close()
 
-        self._save_checkpoint(final=not stopped)
         if metrics is not None:
             metrics.close()
+        if self.state.step > first_step:  # nothing new to save when stopped before any step
+            self._save_checkpoint(final=not stopped)
         if stopped:
             self._set_status(state="stopped", step=self.state.step, force=True)
             self.log(

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from aitk.trainer.checkpoint import atomic_write_bytes
+from aitk.fsutil import atomic_write_bytes
 
 STATES = ("starting", "caching", "training", "sampling", "saving", "completed", "stopped", "error")
 

@@ -51,11 +51,6 @@ class RunPaths:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
-    @property
-    def control(self) -> Path:
-        """Folder where the UI drops small request files (save-now, sample-now)."""
-        return self.root / "control"
-
     def lora_file(self, step: int | None) -> Path:
         suffix = "" if step is None else f"_{step:09d}"
         return self.root / f"{self.name}{suffix}.safetensors"

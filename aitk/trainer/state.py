@@ -21,7 +21,8 @@ class TrainerState:
     step: int = 0  # optimizer steps completed
     data: dict[str, Any] = field(default_factory=dict)
     nonfinite_in_a_row: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # What must match when resuming (optimizer, ranks, wrapped modules); see trainer/resume.py.
+    signature: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)

@@ -1,0 +1,70 @@
+"""Choosing the checkpoint a run resumes from, and refusing one that does not fit the job."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aitk.config.schema import ProcessConfig
+from aitk.trainer import checkpoint as ckpt
+
+
+class IncompatibleCheckpoint(RuntimeError):
+    pass
+
+
+def run_signature(process: ProcessConfig, wrapped_modules: list[str]) -> dict[str, Any]:
+    """What must not change between a checkpoint and the job that resumes from it."""
+    network = process.network
+    return {
+        "optimizer": process.train.optimizer,
+        "linear_rank": network.linear_rank if network else None,
+        "conv_rank": network.conv_rank if network else None,
+        "wrapped_modules": len(wrapped_modules),
+        "arch": process.model.resolved_arch,
+    }
+
+
+def check_signature(saved: dict[str, Any] | None, current: dict[str, Any], folder: Path) -> None:
+    if not saved:
+        return
+    changed = [
+        f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now"
+        for key in current
+        if key in saved and saved[key] != current[key]
+    ]
+    if changed:
+        raise IncompatibleCheckpoint(
+            f"the checkpoint {folder} was written by a different set-up ({'; '.join(changed)}). "
+            "Resuming would mix them. Fix: change the settings back, give the job a new config.name, "
+            f"or move {folder.parent} away to start over."
+        )
+
+
+def set_aside_newer(root: Path, step: int, warn: Callable[[str], None]) -> None:
+    """Rename checkpoint folders newer than the one resumed from (they failed verification), so
+    pruning never counts them and the user can still inspect them."""
+    for info in ckpt.list_checkpoints(root):
+        if info.step > step:
+            target = info.path.with_name(f"{info.path.name}.damaged-{int(time.time())}")
+            info.path.rename(target)
+            warn(f"moved the unusable checkpoint {info.path.name} to {target.name}")
+
+
+def choose_checkpoint(root: Path, *, is_main: bool, world_size: int, warn: Callable[[str], None]) -> ckpt.CheckpointInfo | None:
+    """The newest complete checkpoint, chosen by the main process and shared with the others so
+    every process resumes from the same step."""
+    choice: list[Any] = [None]
+    if is_main:
+        ckpt.remove_stale_temp_dirs(root)
+        found = ckpt.latest_complete_checkpoint(root, warn=warn)
+        if found is not None:
+            set_aside_newer(root, found.step, warn)
+        choice[0] = found
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
