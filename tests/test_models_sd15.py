@@ -64,21 +64,14 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from aitk.models.tiny import build_tiny_sd15
-
-    return build_tiny_sd15(tmp_path_factory.mktemp("sd15") / "tiny-sd15")
-
-
-@pytest.fixture(scope="session")
-def adapter(tiny_folder: Path) -> SD15Adapter:
+def adapter(tiny_sd15: Path) -> SD15Adapter:
     """The tiny model loaded from its diffusers folder (shared: tests must not modify it)."""
-    return make_adapter(tiny_folder)
+    return make_adapter(tiny_sd15)
 
 
 @pytest.fixture(scope="session")
-def ldm_file(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_ldm_checkpoint(tiny_folder, tmp_path_factory.mktemp("ldm") / "tiny-sd15.safetensors")
+def ldm_file(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ldm_checkpoint(tiny_sd15, tmp_path_factory.mktemp("ldm") / "tiny-sd15.safetensors")
 
 
 @pytest.fixture(scope="session")
@@ -160,10 +153,10 @@ def test_timesteps_stay_within_the_configured_range(adapter: SD15Adapter, latent
             assert int(t.min()) >= low and int(t.max()) <= high, (low, high, style, t)
 
 
-def test_v_prediction_target_is_the_velocity(tiny_folder: Path, latents: torch.Tensor) -> None:
+def test_v_prediction_target_is_the_velocity(tiny_sd15: Path, latents: torch.Tensor) -> None:
     from diffusers import DDPMScheduler
 
-    v_adapter = make_adapter(tiny_folder, is_v_pred=True)
+    v_adapter = make_adapter(tiny_sd15, is_v_pred=True)
     assert v_adapter.prediction_type == "v_prediction"
     batch = v_adapter.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(7))
 
@@ -235,14 +228,14 @@ def test_ldm_converter_is_the_inverse_of_diffusers_conversion(adapter: SD15Adapt
 
 
 def test_single_file_loads_the_same_weights(
-    offline: None, tiny_folder: Path, ldm_file: Path, adapter: SD15Adapter
+    offline: None, tiny_sd15: Path, ldm_file: Path, adapter: SD15Adapter
 ) -> None:
     from safetensors.torch import load_file
 
     keys = load_file(str(ldm_file)).keys()
     assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) for k in keys)  # really LDM
 
-    single = make_adapter(ldm_file, model_kwargs={"config": str(tiny_folder)})
+    single = make_adapter(ldm_file, model_kwargs={"config": str(tiny_sd15)})
     for name, module in parts(single).items():
         assert_same_weights(module, parts(adapter)[name], name)
         assert not any(p.requires_grad for p in module.parameters()), name
@@ -254,17 +247,17 @@ def test_single_file_loads_the_same_weights(
 
 
 def test_vae_path_overrides_the_vae(
-    offline: None, tiny_folder: Path, ldm_file: Path, adapter: SD15Adapter, tmp_path: Path
+    offline: None, tiny_sd15: Path, ldm_file: Path, adapter: SD15Adapter, tmp_path: Path
 ) -> None:
     # a released-style VAE file (LDM keys, no prefix) next to a diffusers-folder model: its
     # component config comes from the model, so this works offline
-    vae_file = write_ldm_vae(tiny_folder, tmp_path / "vae.safetensors")
-    with_file = make_adapter(tiny_folder, vae_path=str(vae_file))
+    vae_file = write_ldm_vae(tiny_sd15, tmp_path / "vae.safetensors")
+    with_file = make_adapter(tiny_sd15, vae_path=str(vae_file))
     assert_same_weights(with_file.vae, adapter.vae, "vae from file")
     assert not any(p.requires_grad for p in with_file.vae.parameters())
 
     # a pipeline folder as vae_path, with a single-file model
-    with_folder = make_adapter(ldm_file, model_kwargs={"config": str(tiny_folder)}, vae_path=str(tiny_folder))
+    with_folder = make_adapter(ldm_file, model_kwargs={"config": str(tiny_sd15)}, vae_path=str(tiny_sd15))
     assert_same_weights(with_folder.vae, adapter.vae, "vae from pipeline folder")
 
 
@@ -295,10 +288,10 @@ def test_missing_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "does not exist" in message and "give" in message and ".safetensors" in message
 
 
-def test_corrupt_safetensors_file_is_a_clear_error(offline: None, tiny_folder: Path, tmp_path: Path) -> None:
+def test_corrupt_safetensors_file_is_a_clear_error(offline: None, tiny_sd15: Path, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(os.urandom(4096))
-    message = _load_error(corrupt, model_kwargs={"config": str(tiny_folder)})
+    message = _load_error(corrupt, model_kwargs={"config": str(tiny_sd15)})
     assert "model.name_or_path" in message and str(corrupt) in message
     assert "could not be read" in message
 
@@ -311,9 +304,9 @@ def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "model.name_or_path" in message and "give" in message
 
 
-def test_missing_vae_path_is_a_clear_error(tiny_folder: Path, tmp_path: Path) -> None:
+def test_missing_vae_path_is_a_clear_error(tiny_sd15: Path, tmp_path: Path) -> None:
     missing = tmp_path / "vae.safetensors"
-    message = _load_error(tiny_folder, vae_path=str(missing))
+    message = _load_error(tiny_sd15, vae_path=str(missing))
     assert "model.vae_path" in message and str(missing) in message and "give" in message
 
 

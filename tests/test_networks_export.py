@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from aitk.models.tiny import build_tiny_sd15
 from aitk.networks.export import (
     diffusers_kohya_alpha_conflicts,
     diffusers_to_network_state,
@@ -28,21 +27,6 @@ NETWORKS = {
     "lora": dict(linear_rank=4, linear_alpha=8),
     "locon": dict(linear_rank=4, linear_alpha=8, conv_rank=4, conv_alpha=2),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast as two, and threads fight on the shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd15(tmp_path_factory) -> str:
-    # shared by name with the other test_networks_* files; build_tiny_sd15 reuses a built folder
-    return str(build_tiny_sd15(tmp_path_factory.getbasetemp() / "tiny_sd15"))
 
 
 def _pipe(folder: str):

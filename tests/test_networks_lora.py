@@ -5,28 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aitk.models.tiny import build_tiny_sd15
 from aitk.networks.lora import inject_network, select_targets
 from aitk.networks.targets import unet_lora_candidates
 
 LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV = "down_blocks.0.resnets.0.conv1"
 CONV_1X1 = "down_blocks.0.attentions.0.proj_in"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast as two, and threads fight on the shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd15(tmp_path_factory) -> str:
-    # shared by name with the other test_networks_* files; build_tiny_sd15 reuses a built folder
-    return str(build_tiny_sd15(tmp_path_factory.getbasetemp() / "tiny_sd15"))
 
 
 @pytest.fixture
