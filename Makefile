@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/overhead.py
+	HF_HUB_OFFLINE=1 $(PY) bench/data.py
 
 clean:
 	rm -rf $(VENV) output .cache

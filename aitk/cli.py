@@ -76,6 +76,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return validate_command(list(args.jobs), strict=args.strict)
 
 
+def cmd_dataset_inspect(args: argparse.Namespace) -> int:
+    from aitk.data.inspect import inspect_command
+
+    return inspect_command(list(args.jobs))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aitk.demo import run_demo
 
@@ -97,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--strict", action="store_true")
     validate.set_defaults(func=cmd_validate)
 
+    dataset = sub.add_parser("dataset", help="dataset tools")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
+    inspect = dataset_sub.add_parser(
+        "inspect", help="show what training would see (items, skipped files, buckets, captions); loads no model"
+    )
+    inspect.add_argument("jobs", nargs="+")
+    inspect.set_defaults(func=cmd_dataset_inspect)
+
     demo = sub.add_parser("demo", help="train a tiny SD 1.5 LoRA on a synthetic dataset (CPU, minutes)")
     demo.add_argument("--output", default="output", help="folder for the demo's data and run")
     demo.add_argument("--steps", type=int, default=300)
@@ -107,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
-    if argv and argv[0] not in {"run", "validate", "demo", "-h", "--help"}:
+    if argv and argv[0] not in {"run", "validate", "dataset", "demo", "-h", "--help"}:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     return args.func(args)
