@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ import torch
 
 from aitk.config.schema import JobFile, ProcessConfig
 from aitk.fsutil import atomic_copy
-from aitk.models.base import ModelAdapter, PromptEmbeds
+from aitk.models.base import ModelAdapter
+from aitk.trainer.conditioning import PromptConditioner
 from aitk.trainer import checkpoint as ckpt
 from aitk.trainer.reporting import MetricsWriter, RunLog, StatusFile, iso_now
 from aitk.trainer.session import RunPaths, Session, start_session, torch_dtype
@@ -26,9 +26,6 @@ from aitk.trainer.state import CheckpointContent, TrainerState, read_content, wr
 from aitk.trainer.stop import StopController
 
 MAX_NONFINITE_IN_A_ROW = 10
-# Prompt embeddings kept between steps (LRU): small datasets never re-encode a caption, while a
-# large one with unique captions cannot grow memory without bound.
-PROMPT_CACHE_SIZE = 512
 
 
 class TrainingAborted(RuntimeError):
@@ -61,7 +58,6 @@ class Trainer:
         self.checkpoint_pause_hook = checkpoint_pause_hook or ckpt.pause_hook_from_env()
         self.paths = RunPaths(Path(process.training_folder) / job.config.name, job.config.name)
         self.state = TrainerState()
-        self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -118,6 +114,7 @@ class Trainer:
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
+        self.conditioner = PromptConditioner(self.adapter)
         self.preview_requests = self._preview_requests()
         self._setup_network()
         self._setup_optimizer()
@@ -231,21 +228,6 @@ class Trainer:
         if self.status is not None:
             self.status.update(**fields)
 
-    # ------------------------------------------------------------------ conditioning
-    def _prompt_embeds(self, captions: list[str]) -> PromptEmbeds:
-        cache = self._prompt_cache
-        missing = [c for c in dict.fromkeys(captions) if c not in cache]
-        if missing:
-            encoded = self.adapter.encode_prompts(missing)
-            for index, caption in enumerate(missing):
-                cache[caption] = encoded.select([index])
-        embeds = PromptEmbeds.cat([cache[c] for c in captions])
-        for caption in captions:
-            cache.move_to_end(caption)
-        while len(cache) > PROMPT_CACHE_SIZE:
-            cache.popitem(last=False)
-        return embeds
-
     # ------------------------------------------------------------------ one step
     def _micro_step(self, scale: float) -> tuple[float, int]:
         from aitk.trainer.loss import diffusion_loss
@@ -255,7 +237,7 @@ class Trainer:
             latents = batch.latents.to(self.session.device)
         else:
             latents = self.adapter.encode_images(batch.pixels)
-        cond = self._prompt_embeds(batch.captions)
+        cond = self.conditioner(batch.captions)
         noisy = self.adapter.make_noisy_batch(latents, self.train_cfg, self.noise_generator)
         weights = batch.loss_multiplier.to(self.session.device)
         if noisy.loss_weights is not None:

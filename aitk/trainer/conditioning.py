@@ -1,0 +1,71 @@
+"""Text conditioning for training batches: encoded once per caption, kept in an LRU in memory,
+and (with cache_text_embeddings) precomputed for every caption and kept on disk."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from aitk.models.base import ModelAdapter, PromptEmbeds
+
+# Small datasets never re-encode a caption, while a large one with unique captions cannot grow
+# memory without bound.
+LRU_SIZE = 512
+ENCODE_CHUNK = 16
+
+
+def _to_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
+    return {"hidden_states": embeds.hidden_states, **{f"extra.{k}": v for k, v in embeds.extra.items()}}
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor]) -> PromptEmbeds:
+    extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    return PromptEmbeds(tensors["hidden_states"], extra)
+
+
+class PromptConditioner:
+    def __init__(self, adapter: ModelAdapter, text_cache: Any | None = None) -> None:
+        self.adapter = adapter
+        self.text_cache = text_cache  # aitk.data.text_cache.TextEmbeddingCache or None
+        self._lru: OrderedDict[str, PromptEmbeds] = OrderedDict()
+
+    def precompute(self, captions: list[str], progress: Callable[[int], None] | None = None) -> int:
+        """Encode every caption the text cache lacks; returns how many were encoded."""
+        assert self.text_cache is not None
+        missing = self.text_cache.missing(captions)
+        for start in range(0, len(missing), ENCODE_CHUNK):
+            chunk = missing[start : start + ENCODE_CHUNK]
+            encoded = self.adapter.encode_prompts(chunk)
+            for index, caption in enumerate(chunk):
+                single = encoded.select([index])
+                self.text_cache.put(caption, {k: v.cpu() for k, v in _to_tensors(single).items()})
+            if progress is not None:
+                progress(len(chunk))
+        return len(missing)
+
+    def _lookup(self, caption: str) -> PromptEmbeds | None:
+        if caption in self._lru:
+            self._lru.move_to_end(caption)
+            return self._lru[caption]
+        if self.text_cache is not None:
+            tensors = self.text_cache.get(caption)
+            if tensors is not None:
+                return _from_tensors(tensors).to(self.adapter.device)
+        return None
+
+    def __call__(self, captions: list[str]) -> PromptEmbeds:
+        found = {caption: self._lookup(caption) for caption in dict.fromkeys(captions)}
+        missing = [caption for caption, embeds in found.items() if embeds is None]
+        if missing:
+            encoded = self.adapter.encode_prompts(missing)
+            for index, caption in enumerate(missing):
+                found[caption] = encoded.select([index])
+        for caption, embeds in found.items():
+            self._lru[caption] = embeds
+            self._lru.move_to_end(caption)
+        while len(self._lru) > LRU_SIZE:
+            self._lru.popitem(last=False)
+        return PromptEmbeds.cat([found[caption] for caption in captions])
