@@ -166,3 +166,28 @@ def test_uncached_fallback_when_cache_not_built(folder):
     b = td.next_batch()
     assert b.pixels is not None and b.latents is None
     assert sum("cache_latents() was not called" in m for m in logs) == 1
+
+
+def test_disk_cache_invalidation_counts(tmp_path):
+    """Changed file -> that one re-encoded; flip_x on -> only the new variants; resolution -> all."""
+    d = tmp_path / "big"
+    d.mkdir()
+    for i, (w, h) in enumerate([(160, 160), (200, 150), (150, 210), (180, 180)]):
+        save_image(d / f"q{i}.png", w, h, seed=i)
+
+    def run(**ds):
+        ds.setdefault("resolution", 64)
+        td, logs = make(d, cache_latents_to_disk=True, **ds)
+        enc = FakeEncoder()
+        td.cache_latents(enc, "fake-vae")
+        return enc.images, logs
+
+    assert run()[0] == 4
+    assert run()[0] == 0
+    save_image(d / "q2.png", 150, 210, seed=77)  # same size, new content
+    n, logs = run()
+    assert n == 1 and any("1 latents encoded, 3 reused" in m for m in logs)
+    assert run(flip_x=True)[0] == 4  # the mirrored variant of each image; the plain ones are reused
+    assert run(flip_x=True)[0] == 0
+    assert run(resolution=96)[0] == 4  # every bucket / resize changes
+    assert run(resolution=96, flip_x=True)[0] == 4

@@ -165,13 +165,25 @@ def test_two_datasets_keys_and_triggers(folder, tmp_path):
 def test_file_broken_after_scan_is_replaced(tmp_path):
     for i in range(6):
         save_image(tmp_path / f"img{i:02d}.png", 64 + 8 * i, 70, seed=i)
-    td, logs = make(tmp_path, batch_size=4, buckets=False)  # everything in one 64x64 bucket
+    save_image(tmp_path / "other.png", 64, 128, seed=9)  # another bucket (64x128)
+    td, logs = make(tmp_path, batch_size=4, buckets=True, num_repeats=2)
+    reference, _ = make(tmp_path, batch_size=4, buckets=True, num_repeats=2)
+    refs = [reference.next_batch() for _ in range(td.batches_per_epoch() * 2)]  # before the file breaks
     (tmp_path / "img03.png").write_bytes(b"gone bad")
-    for _ in range(td.batches_per_epoch() * 2):
+    filled = 0
+    for ref in refs:
         b = td.next_batch()
-        assert b.pixels.shape[0] == len(b.keys)
+        assert len(b.keys) == len(ref.keys)  # the batch keeps its size ...
+        assert b.pixels.shape == ref.pixels.shape  # ... and its bucket
         assert "0:img03.png" not in b.keys
+        if "0:img03.png" in ref.keys:  # filled with another sample of the same batch
+            assert set(b.keys) == set(ref.keys) - {"0:img03.png"}
+            filled += ref.keys.count("0:img03.png")
+        else:
+            assert b.keys == ref.keys
+    assert filled == 4  # 2 repeats x 2 epochs
     assert sum("img03.png" in m for m in logs) == 1
+    assert any("img03.png" in m and "using another sample" in m for m in logs)
 
 
 def test_threaded_loading_and_jpeg_same_result(tmp_path):

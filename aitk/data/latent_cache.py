@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 CACHE_DIR_NAME = "_latent_cache"
 # Bump when resizing / cropping / colour conversion changes: old entries then stop matching.
-PREPROCESS_VERSION = "aitk-image-v1"
+PREPROCESS_VERSION = "aitk-image-v2"
 
 
 def latent_key(

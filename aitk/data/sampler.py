@@ -6,11 +6,15 @@ kept), and the batch order is shuffled. With N processes the epoch's batch list 
 multiple of N and rank r takes batches r, r+N, r+2N, ... so ranks see disjoint samples and the same
 number of batches. The whole epoch is a pure function of (seed, epoch), so resuming needs only
 {epoch, position}.
+
+`extra_keys(epoch)` adds samples that change from epoch to epoch (regularisation images): their
+indices follow the fixed ones (len(bucket_keys), len(bucket_keys) + 1, ...) and they share buckets
+with the fixed samples. The number of batches can then differ between epochs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +22,13 @@ import numpy as np
 def seed_words(seed: int) -> int:
     """Map any Python int seed onto the non-negative range numpy's SeedSequence accepts."""
     return int(seed) % (1 << 64)
+
+
+def _group(keys: Sequence[Hashable]) -> list[np.ndarray]:
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):  # insertion order: deterministic for a given input
+        groups.setdefault(key, []).append(index)
+    return [np.asarray(v, dtype=np.int64) for v in groups.values()]
 
 
 class BucketBatchSampler:
@@ -28,6 +39,7 @@ class BucketBatchSampler:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        extra_keys: Callable[[int], Sequence[Hashable]] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -37,52 +49,74 @@ class BucketBatchSampler:
         self.seed = seed_words(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
-        groups: dict[Hashable, list[int]] = {}
-        for index, key in enumerate(bucket_keys):  # insertion order: deterministic for a given input
-            groups.setdefault(key, []).append(index)
-        self._groups = [np.asarray(v, dtype=np.int64) for v in groups.values()]
-        self.bucket_keys = list(groups.keys())
-        total = sum(-(-len(g) // self.batch_size) for g in self._groups)
-        self.total_batches = total  # all ranks together, before truncation
-        self._per_rank = total // self.world_size
+        self._keys = list(bucket_keys)
+        self._extra = extra_keys
+        self._groups = _group(self._keys)
+        self.bucket_keys = list(dict.fromkeys(self._keys))
+        self.total_batches = self.total_batches_in(0)  # all ranks together, before truncation
+        self._per_rank = self.total_batches // self.world_size
         self.epoch = 0
         self.position = 0
         self._cached_epoch: int | None = None
+        self._cached_all: list[list[int]] = []
         self._cached_batches: list[list[int]] = []
 
+    def _epoch_groups(self, epoch: int) -> list[np.ndarray]:
+        if self._extra is None:
+            return self._groups
+        return _group(self._keys + list(self._extra(int(epoch))))
+
+    def total_batches_in(self, epoch: int) -> int:
+        """Batches of an epoch, all ranks together, before truncation to a multiple of N."""
+        return sum(-(-len(g) // self.batch_size) for g in self._epoch_groups(epoch))
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """This rank's number of batches in an epoch."""
+        if self._extra is None:
+            return self._per_rank
+        return len(self.epoch_batches(epoch))
+
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._per_rank
+        """Batches per epoch for this rank (of the current epoch when it varies)."""
+        return self.batches_in_epoch(self.epoch)
 
     def all_batches(self, epoch: int) -> list[list[int]]:
         """Every batch of an epoch in order, all ranks together (after truncation to a multiple of N)."""
+        if self._cached_epoch == epoch:
+            return self._cached_all
         rng = np.random.default_rng([self.seed, int(epoch)])
         batches: list[list[int]] = []
-        for group in self._groups:
+        for group in self._epoch_groups(epoch):
             shuffled = rng.permutation(group)
             for start in range(0, len(shuffled), self.batch_size):
                 batches.append([int(i) for i in shuffled[start : start + self.batch_size]])
         order = rng.permutation(len(batches))
         batches = [batches[i] for i in order]
-        return batches[: self._per_rank * self.world_size]
+        return batches[: len(batches) // self.world_size * self.world_size]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of an epoch."""
         if self._cached_epoch != epoch:
-            self._cached_batches = self.all_batches(epoch)[self.rank :: self.world_size]
+            everything = self.all_batches(epoch)
+            self._cached_all = everything
+            self._cached_batches = everything[self.rank :: self.world_size]
             self._cached_epoch = epoch
         return self._cached_batches
 
     def next(self) -> tuple[int, list[int]]:
         """(epoch, indices) of the next batch; epochs advance by themselves."""
-        if self._per_rank == 0:
+        if self._extra is None and self._per_rank == 0:
             raise RuntimeError("the sampler has no batches (fewer batches than processes)")
-        if self.position >= self._per_rank:
+        for _ in range(1000):  # an epoch can only be empty for this rank when it varies
+            if self.position < self.batches_in_epoch(self.epoch):
+                break
             self.epoch, self.position = self.epoch + 1, 0
+        else:
+            raise RuntimeError("the sampler has no batches (fewer batches than processes)")
         epoch = self.epoch
         batch = self.epoch_batches(epoch)[self.position]
         self.position += 1
-        if self.position >= self._per_rank:  # advance eagerly so `epoch` reads as the next one
+        if self.position >= self.batches_in_epoch(epoch):  # advance eagerly so `epoch` reads as the next one
             self.epoch, self.position = self.epoch + 1, 0
         return epoch, list(batch)
 
@@ -98,6 +132,7 @@ class BucketBatchSampler:
         epoch, position = int(state.get("epoch", 0)), int(state.get("position", 0))
         if epoch < 0 or position < 0:
             raise ValueError(f"invalid sampler state {state!r}")
-        if self._per_rank and position >= self._per_rank:
+        per_epoch = self.batches_in_epoch(epoch)
+        if per_epoch and position >= per_epoch:
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position

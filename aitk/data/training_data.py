@@ -1,14 +1,14 @@
 """TrainingData: what the trainer draws batches from.
 
-Every random choice of a draw (crop offset, flips, caption dropout) comes from a generator seeded
-with (seed, epoch, sample index), and the batch order from (seed, epoch); resuming therefore needs
-only the sampler's {epoch, position}.
+Every random choice of a draw (crop offset, flips, caption dropout, tag shuffling / dropout) comes
+from a generator seeded with (seed, epoch, sample index), the batch order from (seed, epoch), and
+the regularisation samples of an epoch from (seed, cycle); resuming therefore needs only the
+sampler's {epoch, position}.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,28 +19,38 @@ import torch
 from tqdm import tqdm
 
 from aitk.config.schema import DatasetConfig
-from aitk.data.buckets import choose_bucket, crop_geometry
+from aitk.data.buckets import crop_geometry
+from aitk.data.captions import process_tags
+from aitk.data.dataset import DatasetScan, scan_dataset
 from aitk.data.images import (
     DatasetError,
     ImageRecord,
     crop_to_bucket,
     load_image,
-    scan_folder,
+    load_mask_image,
     to_tensor,
 )
 from aitk.data.latent_cache import CACHE_DIR_NAME, LatentCache, latent_key
 from aitk.data.sampler import BucketBatchSampler, seed_words
 
 Variant = tuple[bool, bool]  # (flip_x, flip_y)
+_REG_STREAM = 0x726567  # separates the regularisation-selection generator from the others
 
 
 @dataclass
 class Batch:
     keys: list[str]  # stable id per sample: f"{dataset_idx}:{relative path}"
-    captions: list[str]  # final captions of this draw (trigger applied, dropout applied)
+    captions: list[str]  # final captions of this draw (trigger applied, dropout applied; "" = dropped)
     pixels: torch.Tensor | None  # (B, 3, H, W) float32 in [-1, 1]; None when latents are cached
     latents: torch.Tensor | None  # (B, C, h, w) when cached, else None
     loss_multiplier: torch.Tensor  # (B,) float32
+    is_reg: torch.Tensor | None = None  # (B,) bool: sample comes from an is_reg dataset
+    masks: torch.Tensor | None = None  # (B, 1, H, W) float32 in [0, 1] at pixel size; None: no mask_path
+    controls: torch.Tensor | None = None  # (B, 3, H, W) float32 in [-1, 1]; None: no control_path
+
+    def __post_init__(self) -> None:
+        if self.is_reg is None:
+            self.is_reg = torch.zeros(len(self.keys), dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -72,6 +82,20 @@ class _Item:
         return f"{self.dataset}:{self.record.rel}"
 
 
+@dataclass
+class _Sample:
+    key: str
+    caption: str
+    tensor: torch.Tensor  # pixels (3, H, W) or latent (C, h, w)
+    is_latent: bool
+    loss_multiplier: float
+    is_reg: bool
+    wants_mask: bool  # its dataset has mask_path
+    mask: torch.Tensor | None  # (1, H, W)
+    control: torch.Tensor | None  # (3, H, W)
+    size: tuple[int, int]  # bucket (width, height)
+
+
 class _SampleFailed(Exception):
     pass
 
@@ -96,20 +120,26 @@ class TrainingData:
         self.batch_size = int(batch_size)
         self.divisibility = int(divisibility)
         self.summary_lines: list[str] = []
+        self.reports: list[DatasetScan] = []  # per dataset: used / skipped files / buckets / captions
         self._datasets: list[_Dataset] = []
         self._items: list[_Item] = []
-        self._entry_item: list[int] = []  # sample index -> item index (num_repeats expanded)
+        self._entry_item: list[int] = []  # sample index -> item index (non-reg, num_repeats expanded)
+        self._reg_pool: list[int] = []  # item indices of is_reg datasets (num_repeats expanded)
+        self._reg_perms: dict[int, np.ndarray] = {}
+        self._reg_epoch: tuple[int, list[int]] | None = None
         self._latents_ready = False
         self._warned_once: set[str] = set()
         for index, cfg in enumerate(datasets):
             self._add_dataset(index, cfg, trigger_word)
 
-        bucket_keys = []
-        for item_index in self._entry_item:
-            item = self._items[item_index]
-            cached = self._datasets[item.dataset].cached
-            bucket_keys.append((item.resolution, item.bucket[0], item.bucket[1], cached))
-        self._sampler = BucketBatchSampler(bucket_keys, batch_size, seed, rank, world_size)
+        if not self._entry_item:
+            raise DatasetError(
+                "every dataset is a regularisation dataset (is_reg: true) - add a dataset of the images "
+                "to train on (is_reg: false); regularisation images are mixed in with those"
+            )
+        bucket_keys = [self._bucket_key(self._items[i]) for i in self._entry_item]
+        extra = self._reg_bucket_keys if self._reg_pool else None
+        self._sampler = BucketBatchSampler(bucket_keys, batch_size, seed, rank, world_size, extra_keys=extra)
         if len(self._sampler) == 0:
             raise DatasetError(
                 f"the datasets give only {self._sampler.total_batches} batch(es) per epoch, fewer than "
@@ -122,24 +152,14 @@ class TrainingData:
 
     # ------------------------------------------------------------------ construction
     def _add_dataset(self, index: int, cfg: DatasetConfig, process_trigger: str | None) -> None:
-        folder = Path(cfg.folder_path).expanduser()
-        label = f"datasets[{index}]"
-        trigger = cfg.trigger_word if cfg.trigger_word else process_trigger
-        scan = scan_folder(
-            folder,
-            caption_ext=cfg.caption_ext,
-            default_caption=cfg.default_caption,
-            trigger_word=trigger,
-            log=self._log,
-            label=label,
+        scan = scan_dataset(
+            index, cfg, process_trigger=process_trigger, divisibility=self.divisibility, log=self._log
         )
-        resolutions = list(dict.fromkeys(int(r) for r in cfg.resolutions))
-        for r in resolutions:
-            if r < self.divisibility:
-                raise DatasetError(
-                    f"{label} ({folder}): resolution {r} is smaller than the model's bucket size "
-                    f"multiple {self.divisibility} - use a resolution of at least {self.divisibility}"
-                )
+        self.reports.append(scan)
+        folder, label = scan.folder, scan.label
+        self.summary_lines.extend(scan.summary_lines())
+        if scan.used == 0:
+            raise DatasetError(scan.unusable_message())
         cache = None
         if cfg.cache_latents or cfg.cache_latents_to_disk:
             disk = folder / CACHE_DIR_NAME if cfg.cache_latents_to_disk else None
@@ -154,43 +174,54 @@ class TrainingData:
         ys = [False, True] if cfg.flip_y else [False]
         ds.variants = [(fx, fy) for fy in ys for fx in xs]
         self._datasets.append(ds)
-
-        skipped = Counter(scan.skipped)
-        used = 0
-        bucket_counts: Counter = Counter()
-        for record in scan.records:
-            buckets = [
-                (r, choose_bucket(record.width, record.height, r, self.divisibility, cfg.buckets))
-                for r in resolutions
-            ]
-            if any(b is None for _, b in buckets):
-                self._log(
-                    f"warning: skipping {record.path}: too small ({record.width}x{record.height}, "
-                    f"each side must be at least {self.divisibility})"
-                )
-                skipped["too small"] += 1
-                continue
-            used += 1
-            for r, bucket in buckets:
-                assert bucket is not None
-                item_index = len(self._items)
-                self._items.append(_Item(dataset=index, record=record, resolution=r, bucket=bucket))
-                self._entry_item.extend([item_index] * cfg.num_repeats)
-                bucket_counts[(r, bucket)] += 1
-
-        n_skipped = sum(skipped.values())
-        line = f"dataset {folder}: {used} images used, {n_skipped} skipped"
-        if n_skipped:
-            line += " (" + ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) + ")"
-        self.summary_lines.append(line)
-        if used == 0:
-            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
-            raise DatasetError(
-                f"{label}: none of the {scan.num_files} image files in {folder} can be used ({reasons}) - "
-                "see the warnings above; replace or remove those files"
+        target = self._reg_pool if cfg.is_reg else self._entry_item
+        for placement in scan.placements:
+            item_index = len(self._items)
+            self._items.append(
+                _Item(dataset=index, record=placement.record, resolution=placement.resolution,
+                      bucket=placement.bucket)
             )
-        parts = [f"{w}x{h}@{r}: {n}" for (r, (w, h)), n in sorted(bucket_counts.items())]
-        self.summary_lines.append(f"  buckets: {', '.join(parts)}")
+            target.extend([item_index] * cfg.num_repeats)
+
+    def _bucket_key(self, item: _Item) -> tuple:
+        ds = self._datasets[item.dataset]
+        return (item.resolution, item.bucket[0], item.bucket[1], ds.cached, bool(ds.cfg.control_path))
+
+    # ------------------------------------------------------------------ regularisation samples
+    def _reg_perm(self, cycle: int) -> np.ndarray:
+        perm = self._reg_perms.get(cycle)
+        if perm is None:
+            if len(self._reg_perms) > 8:
+                self._reg_perms.clear()
+            perm = np.random.default_rng([self._seed, _REG_STREAM, int(cycle)]).permutation(len(self._reg_pool))
+            self._reg_perms[cycle] = perm
+        return perm
+
+    def _reg_items(self, epoch: int) -> list[int]:
+        """The item indices of an epoch's regularisation samples (as many as non-reg samples).
+
+        The reg pool is walked as an endless stream of seeded permutations (one per cycle): each
+        epoch takes the next len(non-reg samples) of it, so a large reg set is subsampled and used
+        evenly over the epochs, a small one is cycled.
+        """
+        if self._reg_epoch is not None and self._reg_epoch[0] == epoch:
+            return self._reg_epoch[1]
+        n, m = len(self._entry_item), len(self._reg_pool)
+        out = []
+        for p in range(epoch * n, (epoch + 1) * n):
+            cycle, offset = divmod(p, m)
+            out.append(self._reg_pool[int(self._reg_perm(cycle)[offset])])
+        self._reg_epoch = (epoch, out)
+        return out
+
+    def _reg_bucket_keys(self, epoch: int) -> list[tuple]:
+        return [self._bucket_key(self._items[i]) for i in self._reg_items(epoch)]
+
+    def _item_of(self, epoch: int, entry: int) -> _Item:
+        n = len(self._entry_item)
+        if entry < n:
+            return self._items[self._entry_item[entry]]
+        return self._items[self._reg_items(epoch)[entry - n]]
 
     # ------------------------------------------------------------------ public API
     @property
@@ -203,26 +234,45 @@ class TrainingData:
 
     @property
     def num_samples(self) -> int:
-        """Samples per epoch over all processes (repeats and resolutions counted)."""
-        return len(self._entry_item)
+        """Samples per epoch over all processes (repeats, resolutions and reg samples counted)."""
+        return len(self._entry_item) * (2 if self._reg_pool else 1)
 
-    def batches_per_epoch(self) -> int:
-        return len(self._sampler)
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        """This process's batches in an epoch (the current one by default). With is_reg datasets
+        the number can differ slightly between epochs (partial batches)."""
+        return self._sampler.batches_in_epoch(self._sampler.epoch if epoch is None else int(epoch))
 
     @property
     def needs_latent_cache(self) -> bool:
         return any(ds.cached for ds in self._datasets)
 
+    def all_captions(self) -> list[str] | None:
+        """Every caption string a draw can produce, sorted, for pre-encoding text embeddings.
+
+        Includes "" when any dataset has caption_dropout_rate > 0. None when a dataset shuffles or
+        drops tags (shuffle_tokens / token_dropout_rate): those captions are not a fixed set.
+        """
+        captions: set[str] = set()
+        for ds in self._datasets:
+            cfg = ds.cfg
+            if cfg.shuffle_tokens or cfg.token_dropout_rate > 0:
+                return None
+            if cfg.caption_dropout_rate > 0:
+                captions.add("")
+        captions.update(item.record.caption for item in self._items)
+        return sorted(captions)
+
     def state_dict(self) -> dict:
         state = self._sampler.state_dict()
-        state["batches_per_epoch"] = len(self._sampler)
+        state["batches_per_epoch"] = self._sampler.batches_in_epoch(self._sampler.epoch)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("batches_per_epoch")
-        if saved is not None and int(saved) != len(self._sampler):
+        now = self._sampler.batches_in_epoch(int(state.get("epoch", 0)))
+        if saved is not None and int(saved) != now:
             self._log(
-                f"warning: the datasets changed since the checkpoint ({saved} -> {len(self._sampler)} "
+                f"warning: the datasets changed since the checkpoint ({saved} -> {now} "
                 "batches per epoch); resuming at the saved epoch, the batch order differs"
             )
         self._sampler.load_state_dict(state)
@@ -235,20 +285,28 @@ class TrainingData:
             results = [self._sample_or_none(epoch, e) for e in entries]
         good = [r for r in results if r is not None]
         if not good:
-            names = ", ".join(str(self._items[self._entry_item[e]].record.path) for e in entries)
+            names = ", ".join(str(self._item_of(epoch, e).record.path) for e in entries)
             raise DatasetError(f"no sample of a batch could be loaded ({names}) - see the warnings above")
+        # a failed sample is replaced by a good one of the same batch (same bucket)
         filled = [r if r is not None else good[i % len(good)] for i, r in enumerate(results)]
-        keys = [s[0] for s in filled]
-        captions = [s[1] for s in filled]
-        tensors = torch.stack([s[2] for s in filled])
-        is_latent = filled[0][3]
-        mult = torch.tensor([s[4] for s in filled], dtype=torch.float32)
+        tensors = torch.stack([s.tensor for s in filled])
+        is_latent = filled[0].is_latent
+        masks = None
+        if any(s.wants_mask for s in filled):
+            w, h = filled[0].size
+            masks = torch.stack([s.mask if s.mask is not None else torch.ones(1, h, w) for s in filled])
+        controls = None
+        if all(s.control is not None for s in filled):
+            controls = torch.stack([s.control for s in filled])
         return Batch(
-            keys=keys,
-            captions=captions,
+            keys=[s.key for s in filled],
+            captions=[s.caption for s in filled],
             pixels=None if is_latent else tensors,
             latents=tensors if is_latent else None,
-            loss_multiplier=mult,
+            loss_multiplier=torch.tensor([s.loss_multiplier for s in filled], dtype=torch.float32),
+            is_reg=torch.tensor([s.is_reg for s in filled], dtype=torch.bool),
+            masks=masks,
+            controls=controls,
         )
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], latent_space_id: str) -> None:
@@ -340,8 +398,8 @@ class TrainingData:
             raise ValueError(f"the file changed since the scan (was {rec.width}x{rec.height}, now {w}x{h})")
         return img
 
-    def _sample_or_none(self, epoch: int, entry: int):
-        item = self._items[self._entry_item[entry]]
+    def _sample_or_none(self, epoch: int, entry: int) -> _Sample | None:
+        item = self._item_of(epoch, entry)
         try:
             return self._sample(epoch, entry, item)
         except Exception as exc:
@@ -350,28 +408,60 @@ class TrainingData:
             )
             return None
 
-    def _sample(self, epoch: int, entry: int, item: _Item):
-        """(key, caption, tensor, is_latent, loss_multiplier) of one draw."""
+    def _caption(self, cfg: DatasetConfig, rec: ImageRecord, rng: np.random.Generator, u_drop: float) -> str:
+        if u_drop < cfg.caption_dropout_rate:
+            return ""
+        if not (cfg.shuffle_tokens or cfg.token_dropout_rate > 0):
+            return rec.caption
+        raw = rec.raw_caption if rec.raw_caption is not None else rec.caption
+        return process_tags(
+            raw, rec.trigger, shuffle=cfg.shuffle_tokens, keep_tokens=cfg.keep_tokens,
+            token_dropout_rate=cfg.token_dropout_rate, rng=rng,
+        )
+
+    def _sample(self, epoch: int, entry: int, item: _Item) -> _Sample:
+        """One draw of one sample."""
         ds = self._datasets[item.dataset]
         cfg = ds.cfg
-        u = np.random.default_rng([self._seed, int(epoch), int(entry)]).random(5)
+        rng = np.random.default_rng([self._seed, int(epoch), int(entry)])
+        u = rng.random(5)
         flip_x = bool(cfg.flip_x and u[0] < 0.5)
         flip_y = bool(cfg.flip_y and u[1] < 0.5)
-        caption = "" if u[2] < cfg.caption_dropout_rate else item.record.caption
-        if ds.cache is not None and self._latents_ready:
-            key = item.latent_keys.get((flip_x, flip_y)) if item.latent_keys else None
-            latent = ds.cache.get(key) if key else None
-            if latent is None:
-                raise _SampleFailed("no cached latent")
-            return item.key, caption, latent, True, float(cfg.loss_multiplier)
-        if ds.cache is not None:
+        caption = self._caption(cfg, item.record, rng, float(u[2]))
+        rec = item.record
+        use_latents = ds.cache is not None and self._latents_ready
+        if ds.cache is not None and not use_latents:
             self._warn_once(
                 "__cache_not_built__",
                 "warning: latent caching is on but cache_latents() was not called; encoding from pixels",
             )
-        rec = item.record
         random_crop = cfg.random_crop and ds.cache is None
         geom = crop_geometry(rec.width, rec.height, *item.bucket, u=(u[3], u[4]) if random_crop else None)
-        img = self._load_checked(rec, geom.scaled)
-        pixels = to_tensor(crop_to_bucket(img, geom.scaled, geom.box, flip_x, flip_y))
-        return item.key, caption, pixels, False, float(cfg.loss_multiplier)
+        if use_latents:
+            key = item.latent_keys.get((flip_x, flip_y)) if item.latent_keys else None
+            tensor = ds.cache.get(key) if key else None
+            if tensor is None:
+                raise _SampleFailed("no cached latent")
+        else:
+            img = self._load_checked(rec, geom.scaled)
+            tensor = to_tensor(crop_to_bucket(img, geom.scaled, geom.box, flip_x, flip_y))
+        mask = None
+        if rec.mask is not None:
+            mask_img = crop_to_bucket(load_mask_image(rec.mask, geom.scaled), geom.scaled, geom.box, flip_x, flip_y)
+            mask = torch.from_numpy(np.array(mask_img, dtype=np.uint8, copy=True)).float().div_(255.0)[None]
+        control = None
+        if rec.control is not None:
+            control_img = load_image(rec.control, min_size=geom.scaled)
+            control = to_tensor(crop_to_bucket(control_img, geom.scaled, geom.box, flip_x, flip_y))
+        return _Sample(
+            key=item.key,
+            caption=caption,
+            tensor=tensor,
+            is_latent=use_latents,
+            loss_multiplier=float(cfg.loss_multiplier),
+            is_reg=bool(cfg.is_reg),
+            wants_mask=bool(cfg.mask_path),
+            mask=mask,
+            control=control,
+            size=item.bucket,
+        )

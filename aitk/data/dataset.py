@@ -1,0 +1,205 @@
+"""One dataset entry of a job: scan its folder, captions, masks, control images and buckets.
+
+`scan_dataset` is shared by TrainingData (which raises when nothing is usable) and
+`aitk dataset inspect` (which reports it). It never loads a model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aitk.config.schema import DatasetConfig
+from aitk.data.buckets import choose_bucket
+from aitk.data.captions import read_metadata_captions
+from aitk.data.images import (
+    DatasetError,
+    ImageRecord,
+    SkippedFile,
+    index_by_stem,
+    probe_image,
+    reason_key,
+    scan_folder,
+)
+
+ASPECT_TOLERANCE = 0.02  # a mask / control image whose aspect differs more than this is warned about
+
+
+@dataclass
+class Placement:
+    """One image at one resolution: the unit the sampler draws (times num_repeats)."""
+
+    record: ImageRecord
+    resolution: int
+    bucket: tuple[int, int]  # (width, height)
+
+
+@dataclass
+class DatasetScan:
+    index: int
+    label: str  # "datasets[0]"
+    cfg: DatasetConfig
+    folder: Path
+    trigger: str | None
+    resolutions: list[int]
+    num_files: int = 0  # entries named like images (used + skipped)
+    records: list[ImageRecord] = field(default_factory=list)  # usable images
+    placements: list[Placement] = field(default_factory=list)
+    skipped_files: list[SkippedFile] = field(default_factory=list)
+    without_mask: list[Path] = field(default_factory=list)  # images trained without a mask (mask_path set)
+    frame_counts: Counter = field(default_factory=Counter)  # video datasets: frames -> number of clips
+
+    @property
+    def used(self) -> int:
+        return len(self.records)
+
+    @property
+    def skipped(self) -> Counter:
+        return Counter(s.reason for s in self.skipped_files)
+
+    def bucket_counts(self) -> Counter:
+        """(resolution, (w, h)) -> number of images."""
+        return Counter((p.resolution, p.bucket) for p in self.placements)
+
+    def summary_lines(self) -> list[str]:
+        skipped = self.skipped
+        n_skipped = sum(skipped.values())
+        line = f"dataset {self.folder}: {self.used} images used, {n_skipped} skipped"
+        if n_skipped:
+            line += " (" + ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) + ")"
+        lines = [line]
+        if self.used:
+            parts = [f"{w}x{h}@{r}: {n}" for (r, (w, h)), n in sorted(self.bucket_counts().items())]
+            lines.append(f"  buckets: {', '.join(parts)}")
+        if self.cfg.is_reg:
+            lines.append("  regularisation dataset (is_reg): mixed in, as many samples per epoch as the others")
+        if self.cfg.mask_path:
+            lines.append(
+                f"  masks: {self.used - len(self.without_mask)} of {self.used} images have a mask "
+                f"in {self.cfg.mask_path}"
+            )
+        if self.cfg.control_path:
+            lines.append(f"  control images: from {self.cfg.control_path}")
+        return lines
+
+    def unusable_message(self) -> str:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+        return (
+            f"{self.label}: none of the {self.num_files} image files in {self.folder} can be used ({reasons}) - "
+            "see the warnings above; replace or remove those files"
+        )
+
+
+def _aux_folder(value: str | None, key: str, label: str) -> Path | None:
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise DatasetError(f"{label}: {key} {folder} {what} - set {key} to a folder of images, or remove it")
+    return folder
+
+
+def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] * b[1] - a[1] * b[0]) > ASPECT_TOLERANCE * a[1] * b[0]
+
+
+def scan_dataset(
+    index: int,
+    cfg: DatasetConfig,
+    *,
+    process_trigger: str | None,
+    divisibility: int,
+    log: Callable[[str], None],
+) -> DatasetScan:
+    """Scan one dataset entry. Raises DatasetError for a missing/empty folder (or mask/control folder)
+    and for a resolution below `divisibility`; a folder whose files are all unusable is returned with
+    `used == 0` (the caller decides)."""
+    folder = Path(cfg.folder_path).expanduser()
+    label = f"datasets[{index}]"
+    trigger = cfg.trigger_word if cfg.trigger_word else process_trigger
+    resolutions = list(dict.fromkeys(int(r) for r in cfg.resolutions))
+    for r in resolutions:
+        if r < divisibility:
+            raise DatasetError(
+                f"{label} ({folder}): resolution {r} is smaller than the model's bucket size "
+                f"multiple {divisibility} - use a resolution of at least {divisibility}"
+            )
+    metadata = read_metadata_captions(folder, warn=log) if folder.is_dir() else {}
+    scan = scan_folder(
+        folder,
+        caption_ext=cfg.caption_ext,
+        default_caption=cfg.default_caption,
+        trigger_word=trigger,
+        log=log,
+        label=label,
+        metadata=metadata,
+    )
+    mask_dir = _aux_folder(cfg.mask_path, "mask_path", label)
+    control_dir = _aux_folder(cfg.control_path, "control_path", label)
+    masks = index_by_stem(mask_dir) if mask_dir else {}
+    controls = index_by_stem(control_dir) if control_dir else {}
+
+    out = DatasetScan(
+        index=index, label=label, cfg=cfg, folder=folder, trigger=trigger, resolutions=resolutions,
+        num_files=scan.num_files, skipped_files=list(scan.skipped_files),
+    )
+
+    def skip(record: ImageRecord, reason: str) -> None:
+        log(f"warning: skipping {record.path}: {reason}")
+        out.skipped_files.append(SkippedFile(record.path, reason_key(reason), reason))
+
+    for record in scan.records:
+        placements = []
+        for r in resolutions:
+            bucket = choose_bucket(record.width, record.height, r, divisibility, cfg.buckets)
+            if bucket is None:
+                break
+            placements.append(Placement(record, r, bucket))
+        if len(placements) != len(resolutions):
+            skip(
+                record,
+                f"too small ({record.width}x{record.height}, each side must be at least {divisibility})",
+            )
+            continue
+        if control_dir is not None:
+            control = controls.get(record.path.stem)
+            if control is None:
+                skip(record, f"no control image (no file named {record.path.stem}.<image extension> in {control_dir})")
+                continue
+            try:
+                size = probe_image(control)
+            except ValueError as exc:
+                skip(record, f"bad control image ({control.name}: {exc})")
+                continue
+            if _aspect_differs(size, (record.width, record.height)):
+                log(
+                    f"warning: control image {control} is {size[0]}x{size[1]} but {record.path.name} is "
+                    f"{record.width}x{record.height}; it is stretched to the image's shape"
+                )
+            record.control = control
+        if mask_dir is not None:
+            mask = masks.get(record.path.stem)
+            problem = None
+            if mask is None:
+                problem = f"no mask file named {record.path.stem}.<image extension> in {mask_dir}"
+            else:
+                try:
+                    size = probe_image(mask)
+                except ValueError as exc:
+                    problem = f"its mask {mask} cannot be used: {exc}"
+                else:
+                    if _aspect_differs(size, (record.width, record.height)):
+                        log(
+                            f"warning: mask {mask} is {size[0]}x{size[1]} but {record.path.name} is "
+                            f"{record.width}x{record.height}; it is stretched to the image's shape"
+                        )
+                    record.mask = mask
+            if problem is not None:
+                log(f"warning: {record.path}: {problem} - it trains without a mask (every pixel counts)")
+                out.without_mask.append(record.path)
+        out.records.append(record)
+        out.placements.extend(placements)
+    return out

@@ -1,0 +1,80 @@
+"""Resuming: state_dict after k batches -> new TrainingData -> load_state_dict gives the same batches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aitk.config.schema import DatasetConfig
+from aitk.data import Batch, TrainingData
+
+
+def save_image(path: Path, w: int, h: int, seed: int) -> None:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    main, reg = root / "main", root / "reg"
+    main.mkdir()
+    reg.mkdir()
+    sizes = [(96, 64), (64, 96), (80, 80), (100, 70), (64, 64), (72, 90), (90, 72), (128, 80)]
+    for i, (w, h) in enumerate(sizes):
+        save_image(main / f"m{i}.png", w, h, seed=i)
+        (main / f"m{i}.txt").write_text(f"person{i}, red, green, blue, tall, short")
+    for i in range(5):
+        save_image(reg / f"r{i}.png", 80 + 8 * i, 80, seed=100 + i)
+        (reg / f"r{i}.txt").write_text("a person, standing, photo")
+    return main, reg
+
+
+def make(folders, rank=0, world_size=1):
+    main, reg = folders
+    common = dict(resolution=64, flip_x=True, flip_y=True, random_crop=True, caption_dropout_rate=0.2,
+                  shuffle_tokens=True, keep_tokens=1, token_dropout_rate=0.2)
+    cfgs = [DatasetConfig(folder_path=str(main), num_repeats=2, **common),
+            DatasetConfig(folder_path=str(reg), is_reg=True, **common)]
+    return TrainingData(cfgs, trigger_word="sks", divisibility=16, batch_size=3, seed=21, rank=rank,
+                        world_size=world_size, log=lambda m: None)
+
+
+def record(b: Batch):
+    return (tuple(b.keys), tuple(b.captions), b.pixels.clone(), tuple(b.is_reg.tolist()))
+
+
+def same(a, b) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and a[3] == b[3]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_gives_the_uninterrupted_batches(folders, world_size):
+    for rank in range(world_size):
+        ref_td = make(folders, rank, world_size)
+        per_epoch = ref_td.batches_per_epoch(0)
+        n = per_epoch * 2 + 3
+        ref = [record(ref_td.next_batch()) for _ in range(n)]
+        assert any(any(r[3]) for r in ref) and any("" in r[1] for r in ref)
+        for k in (1, per_epoch - 1, per_epoch, per_epoch + 2):
+            first = make(folders, rank, world_size)
+            got = [record(first.next_batch()) for _ in range(k)]
+            state = first.state_dict()
+            resumed = make(folders, rank, world_size)
+            resumed.load_state_dict(dict(state))
+            assert resumed.epoch == first.epoch
+            got += [record(resumed.next_batch()) for _ in range(n - k)]
+            assert all(same(a, b) for a, b in zip(got, ref)), (rank, k)
+
+
+def test_ranks_agree_on_epoch_lengths_with_reg(folders):
+    r0, r1 = make(folders, 0, 2), make(folders, 1, 2)
+    for epoch in range(3):
+        assert r0.batches_per_epoch(epoch) == r1.batches_per_epoch(epoch)
+        k0 = [k for _ in range(r0.batches_per_epoch(epoch)) for k in r0.next_batch().keys if k.startswith("0:")]
+        k1 = [k for _ in range(r1.batches_per_epoch(epoch)) for k in r1.next_batch().keys if k.startswith("0:")]
+        # every training image is used num_repeats times overall (minus a truncated batch at most)
+        assert len(k0) + len(k1) >= 16 - 3
+        assert r0.epoch == r1.epoch == epoch + 1
