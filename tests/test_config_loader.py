@@ -276,7 +276,6 @@ config:
         "config.process[0].network.alpha_schedule.enabled:",
         "config.process[0].datasets[0].num_frames:",
         "config.process[0].datasets[0].control_path:",
-        "config.process[0].datasets[0].is_reg:",
         "config.process[0].train.optimizer: the automagic optimizer",
         "config.process[0].train.train_text_encoder:",
         "config.process[0].save.push_to_hub:",
@@ -285,6 +284,7 @@ config:
         "config.process[0].model.low_vram:",
     ]:
         assert key in joined, key
+    assert "is_reg" not in joined  # regularisation datasets are supported now
     assert all("not supported yet" in w for w in loaded.warnings)
     assert "SD 1.5 only in this version" in joined
     auto = next(w for w in loaded.warnings if "automagic" in w)
