@@ -18,12 +18,20 @@ MAX_ASPECT = 4.0
 
 @lru_cache(maxsize=64)
 def bucket_sizes(resolution: int, divisibility: int) -> tuple[tuple[int, int], ...]:
-    """The standard buckets of one resolution, sorted by width."""
-    d, area = int(divisibility), int(resolution) * int(resolution)
+    """The standard buckets of one resolution (about resolution**2 pixels), sorted by width."""
+    if int(divisibility) > 0 and resolution < divisibility:
+        raise ValueError(f"resolution {resolution} is smaller than the bucket divisibility {divisibility}")
+    return budget_buckets(int(resolution) * int(resolution), divisibility)
+
+
+def budget_buckets(max_pixels: int, divisibility: int) -> tuple[tuple[int, int], ...]:
+    """The aspect buckets of a pixel budget: sizes (w, h), multiples of `divisibility`, w*h <=
+    max_pixels, aspect up to MAX_ASPECT, that cannot grow on either side within the budget."""
+    d, area = int(divisibility), int(max_pixels)
     if d <= 0:
         raise ValueError(f"divisibility must be positive, got {divisibility}")
-    if resolution < d:
-        raise ValueError(f"resolution {resolution} is smaller than the bucket divisibility {d}")
+    if area < d * d:
+        raise ValueError(f"max_pixels {max_pixels} is smaller than one {d}x{d} block")
     candidates = []
     w = d
     while True:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aitk.data.buckets import MAX_ASPECT
+from aitk.data.buckets import MAX_ASPECT, budget_buckets
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".webm", ".mov", ".mkv", ".gif"})
 
@@ -467,31 +467,6 @@ def read_frames(path: Path, indices: list[int]) -> list[Image.Image]:
 
 
 @lru_cache(maxsize=64)
-def budget_buckets(max_pixels: int, divisibility: int) -> tuple[tuple[int, int], ...]:
-    """The aspect buckets of a pixel budget: sizes (w, h), multiples of `divisibility`, w*h <=
-    max_pixels, aspect up to MAX_ASPECT, that cannot grow on either side within the budget."""
-    d, area = int(divisibility), int(max_pixels)
-    if d <= 0:
-        raise ValueError(f"divisibility must be positive, got {divisibility}")
-    if area < d * d:
-        raise ValueError(f"max_pixels {max_pixels} is smaller than one {d}x{d} block")
-    candidates = []
-    w = d
-    while True:
-        h = (area // w) // d * d
-        if h < d:
-            break
-        if max(w, h) / min(w, h) <= MAX_ASPECT:
-            candidates.append((w, h))
-        w += d
-    frontier = [
-        (w, h)
-        for (w, h) in candidates
-        if not any(w2 >= w and h2 >= h and (w2, h2) != (w, h) for (w2, h2) in candidates)
-    ]
-    return tuple(sorted(set(frontier)))
-
-
 def video_bucket(width: int, height: int, *, max_pixels: int, divisibility: int) -> tuple[int, int] | None:
     """The (w, h) frames of a width x height clip are trained at; None if it is too small.
 
