@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aitk.data.buckets import MAX_ASPECT, budget_buckets
+from aitk.data.buckets import budget_buckets
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".webm", ".mov", ".mkv", ".gif"})
 
