@@ -279,14 +279,13 @@ config:
         "config.process[0].train.optimizer: the automagic optimizer",
         "config.process[0].train.train_text_encoder:",
         "config.process[0].save.push_to_hub:",
-        "config.process[0].model.is_flux:",
         "config.process[0].model.quantize:",
         "config.process[0].model.low_vram:",
     ]:
         assert key in joined, key
     assert "is_reg" not in joined  # regularisation datasets are supported now
     assert all("not supported yet" in w for w in loaded.warnings)
-    assert "SD 1.5 only in this version" in joined
+    assert "is_flux" not in joined  # FLUX is an adapter now
     auto = next(w for w in loaded.warnings if "automagic" in w)
     assert "fails at start" in auto
     assert unsupported_warnings(loaded.job) == loaded.warnings  # no unknown keys here
@@ -299,11 +298,12 @@ def test_no_network_means_full_fine_tune_warning():
     assert "full fine-tune" in warning and "not supported yet" in warning
 
 
-def test_other_arch_warns():
-    text = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sdxl")
-    (warning,) = load(text).warnings
-    assert "config.process[0].model.arch: architecture 'sdxl'" in warning
-    assert "SD 1.5 only" in warning
+def test_known_archs_are_quiet_and_an_unknown_arch_fails_at_start():
+    for arch in ("sdxl", "flux", "flux_kontext", "wan21", "wan21_i2v", "wan22_14b", "wan22_14b_i2v"):
+        assert load(MINIMAL.replace("runwayml/stable-diffusion-v1-5", f"x\n        arch: {arch}")).warnings == []
+    (warning,) = load(MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sd3")).warnings
+    assert "config.process[0].model.arch: architecture 'sd3'" in warning
+    assert "fails at start" in warning and "wan22_14b" in warning
 
 
 def test_ai_toolkit_only_keys_are_known_not_unknown():

@@ -12,7 +12,7 @@ from typing import Any
 # ai-toolkit / kohya sampler spellings accepted in sample.sampler ("ddpm" previews with DDIM).
 PREVIEW_SAMPLERS: tuple[str, ...] = (
     "ddim", "ddpm", "dpm", "dpm++", "dpm++_2m", "dpm++_2m_karras", "dpmsolver",
-    "euler", "euler_a", "lms", "pndm", "unipc",
+    "euler", "euler_a", "lms", "pndm", "unipc", "flowmatch",
 )
 
 _FLAG = re.compile(r"(?:^|\s)--(w|h|seed|cfg|steps|n|m|neg|width|height)\s+")
@@ -38,6 +38,9 @@ class PreviewRequest:
     steps: int
     negative: str
     multiplier: float
+    num_frames: int = 1  # video models: frames of the preview
+    fps: int = 16  # video models: frame rate of the written file
+    ctrl_img: str | None = None  # I2V / Kontext: path of the conditioning image
 
 
 def parse_prompt(text: str, defaults: PreviewRequest) -> PreviewRequest:

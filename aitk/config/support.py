@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from aitk.models.archs import supported_archs
+
 from aitk.config.schema import (
     DatasetConfig,
     JobFile,
@@ -30,12 +32,12 @@ from aitk.config.schema import (
     TrainConfig,
 )
 
-# Architectures this version trains (ModelConfig.resolved_arch values).
-SUPPORTED_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2"})
+# Architectures this version trains (ModelConfig.resolved_arch values): those with an adapter.
+SUPPORTED_ARCHS: frozenset[str] = frozenset(supported_archs())
 
 IGNORED = "it is ignored"
 FAILS = "the run fails at start"
-SD15_ONLY = "SD 1.5 only in this version (use arch: sd1 or leave arch out); the run fails at start"
+UNKNOWN_ARCH = f"{FAILS}; use one of {', '.join(sorted(SUPPORTED_ARCHS))}"
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,7 @@ UNSUPPORTED: list[Unsupported] = [
                 "it is ignored and training starts from a new LoRA"),
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
-                "architecture {value}", SD15_ONLY),
-    Unsupported(ModelConfig, "is_flux", _is_true, "FLUX (is_flux: true)", SD15_ONLY),
-    Unsupported(ModelConfig, "is_xl", _is_true, "SDXL (is_xl: true)", SD15_ONLY),
+                "architecture {value}", UNKNOWN_ARCH),
     Unsupported(ModelConfig, "quantize", _is_true, "quantizing the model",
                 "it is ignored and the model is loaded unquantized"),
     Unsupported(ModelConfig, "quantize_te", _is_true, "quantizing the text encoder",
@@ -115,10 +115,10 @@ UNSUPPORTED: list[Unsupported] = [
                 "it is ignored and only the UNet is trained"),
     Unsupported(TrainConfig, "switch_boundary_every", _is_set,
                 "switching experts (multi-expert models)", IGNORED),
-    Unsupported(TrainConfig, "noise_scheduler", lambda v, s: v.lower() not in ("ddpm", "ddim", "euler", "pndm"),
-                "noise_scheduler {value} (SD 1.5 trains with its own DDPM schedule)", FAILS),
-    Unsupported(TrainConfig, "timestep_type", _is_set, "timestep_type (flow-matching models)",
-                "it is ignored; SD 1.5 draws timesteps uniformly (see content_or_style)"),
+    Unsupported(TrainConfig, "noise_scheduler",
+                lambda v, s: v.lower() not in ("ddpm", "ddim", "euler", "pndm", "flowmatch", "flow_match"),
+                "noise_scheduler {value} (each model trains with its own schedule: DDPM for SD, "
+                "flow matching for FLUX and WAN)", FAILS),
     Unsupported(TrainConfig, "train_unet", lambda v, s: v is False,
                 "train_unet: false (text-encoder-only training)", FAILS),
     Unsupported(TrainConfig, "attention_backend", _is_set, "choosing the attention backend",

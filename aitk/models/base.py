@@ -25,6 +25,27 @@ class NoisyBatch:
     target: torch.Tensor
     # Per-sample loss weights from the model's objective (e.g. min-SNR); None = all ones.
     loss_weights: torch.Tensor | None = None
+    # Model-specific inputs `predict` needs (SDXL time ids, FLUX image ids, control latents...).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchContext:
+    """What the data knows about a batch beyond its latents, for the adapter's conditioning.
+
+    Sizes are (height, width) in pixels: `original_sizes` is each image as scaled before its crop,
+    `crops_top_left` the (top, left) of the crop inside it, `target_sizes` the bucket.
+    `controls`: paired control images (B, 3, H, W) in [-1, 1] (dataset control_path; edit models);
+    `first_frames`: the first frame of each video (B, 3, H, W) in [-1, 1] (do_i2v);
+    `expert`: the expert the trainer trains this step (multi-expert models), None = any.
+    """
+
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    crops_top_left: list[tuple[int, int]] = field(default_factory=list)
+    target_sizes: list[tuple[int, int]] = field(default_factory=list)
+    controls: torch.Tensor | None = None
+    first_frames: torch.Tensor | None = None
+    expert: str | None = None
 
 
 @dataclass
@@ -61,6 +82,12 @@ class ModelAdapter(ABC):
     bucket_divisibility: int = 64
     #: prefix of the denoiser's LoRA keys in kohya/ComfyUI files (e.g. "lora_unet")
     lora_prefix: str = "lora_unet"
+    #: prefix of the denoiser's keys in diffusers (PEFT) LoRA files ("unet" / "transformer")
+    diffusers_lora_prefix: str = "unet"
+    #: video models: the frame counts the model accepts ("4k+1"); None = an image model
+    frame_rule: str | None = None
+    #: the dataset's control images are inputs of the model (edit models such as FLUX Kontext)
+    uses_controls: bool = False
     #: ss_base_model_version / modelspec.architecture metadata values
     base_model_version: str = ""
     modelspec_architecture: str = ""
@@ -85,6 +112,16 @@ class ModelAdapter(ABC):
 
     def expert_for_timesteps(self, timesteps: torch.Tensor) -> str:
         return "main"
+
+    def lora_key_stem(self, module_name: str) -> str:
+        """Key stem of one wrapped denoiser module in comfyui / kohya files (ComfyUI's naming).
+
+        Default: kohya style, `lora_prefix` + module path with "." -> "_". Models whose ComfyUI
+        names differ from diffusers' module paths (WAN) override this.
+        """
+        from aitk.networks.export import kohya_module_key
+
+        return kohya_module_key(self.lora_prefix, module_name)
 
     def network_candidates(self, include_conv: bool) -> list[str] | None:
         """Module names of the denoiser a network may wrap by default (None = every Linear/Conv).
@@ -113,8 +150,13 @@ class ModelAdapter(ABC):
         latents: torch.Tensor,
         train_cfg: TrainConfig,
         generator: torch.Generator | None,
+        context: BatchContext | None = None,
     ) -> NoisyBatch:
-        """Draw noise and timesteps, return noisy inputs, timesteps and the training target."""
+        """Draw noise and timesteps, return noisy inputs, timesteps and the training target.
+
+        `context` carries sizes, control images, first frames and the active expert; whatever
+        `predict` needs from it goes into NoisyBatch.extra.
+        """
 
     @abstractmethod
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
@@ -126,6 +168,12 @@ class ModelAdapter(ABC):
         """A diffusers pipeline over the live (possibly network-wrapped) modules; `sampler` is
         sample.sampler (None = the model's default)."""
 
+    def preview_kwargs(self, request: Any) -> dict[str, Any]:
+        """Extra keyword arguments of this model's pipeline call for one preview request
+        (aitk.config.prompts.PreviewRequest): e.g. num_frames for video, the control image."""
+        return {}
+
     @abstractmethod
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        """PIL images from the pipeline's output latents (output_type="latent")."""
+        """From the pipeline's output latents (output_type="latent"): per sample, a PIL image,
+        or for video models a list of PIL frames."""

@@ -7,22 +7,13 @@ import importlib
 import torch
 
 from aitk.config.schema import ModelConfig
+from aitk.models.archs import ADAPTERS as _ADAPTERS, supported_archs
 from aitk.models.base import ModelAdapter
 
-# arch key -> "module:Class"; modules are imported lazily so a job loads only its own family.
-_ADAPTERS: dict[str, str] = {
-    "sd1": "aitk.models.sd15:SD15Adapter",
-    "sd15": "aitk.models.sd15:SD15Adapter",
-    "sd2": "aitk.models.sd15:SD15Adapter",
-}
 
 
 class UnknownArchitectureError(ValueError):
     pass
-
-
-def supported_archs() -> list[str]:
-    return sorted(_ADAPTERS)
 
 
 def adapter_class(arch: str) -> type[ModelAdapter]:

@@ -19,6 +19,9 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++_2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # flow-matching models (FLUX, WAN) preview with their own flow-match Euler scheduler whatever
+    # sample.sampler says; for SD "flowmatch" means Euler over the DDPM schedule.
+    "flowmatch": ("EulerDiscreteScheduler", {}),
 }
 
 

@@ -19,6 +19,7 @@ import collections
 import json
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,12 +51,18 @@ def kohya_module_key(prefix: str, module_name: str) -> str:
     return f"{prefix}_{module_name.replace('.', '_')}" if prefix else module_name.replace(".", "_")
 
 
-def _kohya_names(handle: NetworkHandle, prefix: str) -> dict[str, str]:
-    """module name -> kohya key stem; refuses two modules that flatten to the same key."""
+KeyFor = Callable[[str], str]  # wrapped module name -> key stem in the file
+
+
+def _kohya_names(handle: NetworkHandle, prefix: str, key_for: KeyFor | None = None) -> dict[str, str]:
+    """module name -> kohya key stem; refuses two modules that flatten to the same key.
+
+    `key_for` (the model adapter's `lora_key_stem`) overrides the default `prefix` naming.
+    """
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for name in handle.wrapped_module_names():
-        key = kohya_module_key(prefix, name)
+        key = key_for(name) if key_for is not None else kohya_module_key(prefix, name)
         if key in seen:
             raise ValueError(f"modules {seen[key]!r} and {name!r} both map to the key {key!r}")
         seen[key] = name
@@ -92,13 +99,16 @@ def diffusers_kohya_alpha_conflicts(handle: NetworkHandle) -> list[str]:
 
 
 def network_to_kohya(
-    handle: NetworkHandle, prefix: str = "lora_unet", dtype: torch.dtype = torch.float16
+    handle: NetworkHandle,
+    prefix: str = "lora_unet",
+    dtype: torch.dtype = torch.float16,
+    key_for: KeyFor | None = None,
 ) -> dict[str, torch.Tensor]:
     """kohya / ComfyUI tensors: lora_down / lora_up in `dtype`, `.alpha` (float32) = alpha now."""
     a = handle.adapter_name
     layers = handle.lora_layers()
     out: dict[str, torch.Tensor] = {}
-    for name, key in _kohya_names(handle, prefix).items():
+    for name, key in _kohya_names(handle, prefix, key_for).items():
         layer = layers[name]
         out[f"{key}.lora_down.weight"] = _to_file(layer.lora_A[a].weight, dtype)
         out[f"{key}.lora_up.weight"] = _to_file(layer.lora_B[a].weight, dtype)
@@ -152,20 +162,28 @@ def network_to_diffusers(
 
 
 def kohya_to_network_state(
-    handle: NetworkHandle, tensors: dict[str, torch.Tensor], prefix: str = "lora_unet"
+    handle: NetworkHandle,
+    tensors: dict[str, torch.Tensor],
+    prefix: str = "lora_unet",
+    key_for: KeyFor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Inverse of `network_to_kohya`: (state in the handle's peft names, {module name: alpha}).
 
     A module without `.alpha` gets alpha = its rank (what every loader assumes). Keys that name no
     wrapped module, and wrapped modules missing from the file, raise KeyError.
     """
-    names = _kohya_names(handle, prefix)
+    names = _kohya_names(handle, prefix, key_for)
     by_key = {v: k for k, v in names.items()}
     state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
-        stem, _, kind = key.partition(".")
+        # stems may contain dots ("diffusion_model.blocks.0..."): split off the known suffix
+        stem, kind = key, ""
+        for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+            if key.endswith("." + suffix):
+                stem, kind = key[: -len(suffix) - 1], suffix
+                break
         module = by_key.get(stem)
         if module is None:
             unexpected.append(key)
@@ -217,6 +235,7 @@ def save_lora(
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str] | None = None,
     diffusers_prefix: str = "unet",
+    key_for: KeyFor | None = None,
 ) -> Path:
     """Write the network to a .safetensors file (atomically) and return its path.
 
@@ -228,7 +247,7 @@ def save_lora(
 
     fmt = str(save_format).lower()
     if fmt in ("comfyui", "kohya"):
-        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype)
+        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for)
         header: dict[str, str] = {"format": "pt"}
         conflicts = diffusers_kohya_alpha_conflicts(handle) if prefix.startswith("lora_unet") else []
         if conflicts:

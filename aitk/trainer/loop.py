@@ -355,6 +355,8 @@ class Trainer:
                 self.network,
                 save_format=save_cfg.save_format,
                 prefix=self.adapter.lora_prefix,
+                key_for=self.adapter.lora_key_stem,
+                diffusers_prefix=self.adapter.diffusers_lora_prefix,
                 dtype=torch_dtype(save_cfg.dtype),
                 metadata=self._lora_metadata(shown_step),
             )

@@ -24,6 +24,9 @@ def preview_requests(cfg: SampleConfig, trigger_word: str | None) -> list[Previe
         steps=cfg.sample_steps,
         negative=cfg.neg,
         multiplier=cfg.network_multiplier,
+        num_frames=cfg.num_frames,
+        fps=cfg.fps,
+        ctrl_img=cfg.ctrl_img,
     )
     requests = [parse_prompt(p, defaults) for p in cfg.prompts]
     for item in cfg.samples:
@@ -31,7 +34,7 @@ def preview_requests(cfg: SampleConfig, trigger_word: str | None) -> list[Previe
         overrides = {
             "width": item.width, "height": item.height, "seed": item.seed,
             "guidance_scale": item.guidance_scale, "steps": item.sample_steps,
-            "negative": item.neg, "multiplier": item.network_multiplier,
+            "negative": item.neg, "multiplier": item.network_multiplier, "ctrl_img": item.ctrl_img,
         }
         requests.append(replace(request, **{k: v for k, v in overrides.items() if v is not None}))
     if trigger_word:
