@@ -161,7 +161,7 @@ def test_samples_are_written_with_inline_flags(make_job):
     "changes, key",
     [
         ({"network": {"type": "lokr"}}, "config.process[0].network.type"),
-        ({"model": {"arch": "flux"}}, "config.process[0].model.arch"),
+        ({"model": {"arch": "sd3"}}, "config.process[0].model.arch"),
         ({"train": {"optimizer": "automagic"}}, "config.process[0].train.optimizer"),
     ],
 )

@@ -47,6 +47,11 @@ class Batch:
     is_reg: torch.Tensor | None = None  # (B,) bool: sample comes from an is_reg dataset
     masks: torch.Tensor | None = None  # (B, 1, H, W) float32 in [0, 1] at pixel size; None: no mask_path
     controls: torch.Tensor | None = None  # (B, 3, H, W) float32 in [-1, 1]; None: no control_path
+    # per sample (height, width) of the image as scaled before its crop, and the crop's (top, left)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    crops_top_left: list[tuple[int, int]] = field(default_factory=list)
+    first_frames: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]: videos' first frames (do_i2v)
+    bucket_size: tuple[int, int] | None = None  # (height, width) in pixels of every sample
 
     def __post_init__(self) -> None:
         if self.is_reg is None:
@@ -94,6 +99,8 @@ class _Sample:
     mask: torch.Tensor | None  # (1, H, W)
     control: torch.Tensor | None  # (3, H, W)
     size: tuple[int, int]  # bucket (width, height)
+    scaled: tuple[int, int] = (0, 0)  # (width, height) the image was resized to before the crop
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the scaled image
 
 
 class _SampleFailed(Exception):
@@ -307,6 +314,9 @@ class TrainingData:
             is_reg=torch.tensor([s.is_reg for s in filled], dtype=torch.bool),
             masks=masks,
             controls=controls,
+            original_sizes=[(s.scaled[1], s.scaled[0]) for s in filled],
+            crops_top_left=[s.crop_top_left for s in filled],
+            bucket_size=(filled[0].size[1], filled[0].size[0]),
         )
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], latent_space_id: str) -> None:
@@ -464,4 +474,6 @@ class TrainingData:
             mask=mask,
             control=control,
             size=item.bucket,
+            scaled=geom.scaled,
+            crop_top_left=(geom.box[1], geom.box[0]),
         )

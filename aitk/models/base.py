@@ -8,6 +8,7 @@ the denoisers, `expert_for_timesteps()` says which one a timestep belongs to.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,10 @@ class ModelAdapter(ABC):
     def sample_pipeline(self, sampler: str | None = None) -> Any:
         """A diffusers pipeline over the live (possibly network-wrapped) modules; `sampler` is
         sample.sampler (None = the model's default)."""
+
+    def preview_context(self) -> AbstractContextManager[None]:
+        """Entered around previews: e.g. FLUX schnell takes its assistant LoRA out for them."""
+        return nullcontext()
 
     def preview_kwargs(self, request: Any) -> dict[str, Any]:
         """Extra keyword arguments of this model's pipeline call for one preview request

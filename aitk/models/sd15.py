@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import TrainConfig
-from aitk.models.base import ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
 
 # Used for the component configs of a single-file checkpoint when no local config folder is given.
 DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -225,7 +225,11 @@ class SD15Adapter(ModelAdapter):
 
     # --- training objective --------------------------------------------------------------
     def make_noisy_batch(
-        self, latents: torch.Tensor, train_cfg: TrainConfig, generator: torch.Generator | None
+        self,
+        latents: torch.Tensor,
+        train_cfg: TrainConfig,
+        generator: torch.Generator | None,
+        context: BatchContext | None = None,
     ) -> NoisyBatch:
         from aitk.trainer.loss import apply_noise_offset, min_snr_weights
 

@@ -17,7 +17,7 @@ import torch
 
 from aitk.config.schema import JobFile, ProcessConfig
 from aitk.fsutil import atomic_copy
-from aitk.models.base import ModelAdapter
+from aitk.models.base import BatchContext, ModelAdapter
 from aitk.trainer.conditioning import PromptConditioner
 from aitk.trainer import checkpoint as ckpt
 from aitk.trainer.reporting import MetricsWriter, RunLog, StatusFile, iso_now
@@ -238,7 +238,9 @@ class Trainer:
         else:
             latents = self.adapter.encode_images(batch.pixels)
         cond = self.conditioner(batch.captions)
-        noisy = self.adapter.make_noisy_batch(latents, self.train_cfg, self.noise_generator)
+        noisy = self.adapter.make_noisy_batch(
+            latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
+        )
         weights = batch.loss_multiplier.to(self.session.device)
         if noisy.loss_weights is not None:
             weights = weights * noisy.loss_weights
@@ -254,6 +256,17 @@ class Trainer:
         scaled = loss * scale
         (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
         return loss.item(), latents.shape[0]
+
+    def _batch_context(self, batch: Any) -> BatchContext:
+        device = self.session.device
+        bucket = batch.bucket_size
+        return BatchContext(
+            original_sizes=list(batch.original_sizes),
+            crops_top_left=list(batch.crops_top_left),
+            target_sizes=[bucket] * len(batch) if bucket is not None else [],
+            controls=batch.controls.to(device) if batch.controls is not None else None,
+            first_frames=batch.first_frames.to(device) if batch.first_frames is not None else None,
+        )
 
     def _sync(self, loss: float) -> tuple[float, bool]:
         """Average gradients and loss over processes; agree on stopping (one all-reduce)."""
@@ -432,7 +445,7 @@ class Trainer:
         denoiser.eval()
         started = time.perf_counter()
         try:
-            with self.ema.applied() if self.ema is not None else nullcontext():
+            with self.ema.applied() if self.ema is not None else nullcontext(), self.adapter.preview_context():
                 paths = render_previews(
                     self.adapter.sample_pipeline(self.process.sample.sampler),
                     self.preview_requests,
@@ -440,6 +453,7 @@ class Trainer:
                     step,
                     decode=self.adapter.decode_latents,
                     set_multiplier=self.network.set_multiplier,
+                    extra_kwargs=self.adapter.preview_kwargs,
                 )
             self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a preview size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 from pathlib import Path
 from collections.abc import Callable
@@ -56,12 +55,17 @@ def render_previews(
     *,
     decode: Callable[[torch.Tensor], list[Any]],
     set_multiplier: Callable[[float], None],
+    extra_kwargs: Callable[[PreviewRequest], dict[str, Any]] | None = None,
 ) -> list[Path]:
-    """Render each request and write samples/<step:09d>_<i>.jpg atomically.
+    """Render each request and write samples/<step:09d>_<i>.jpg (images) or .mp4 plus .webp
+    (videos) atomically.
 
-    The pipeline stops at latents and `decode` (the model adapter's) turns them into images, so
-    the VAE decodes in its own precision whatever the training dtype.
+    The pipeline stops at latents and `decode` (the model adapter's) turns them into images or
+    frame lists, so the VAE decodes in its own precision whatever the training dtype.
+    `extra_kwargs` (the adapter's preview_kwargs) adds model-specific pipeline arguments.
     """
+    from aitk.trainer.preview_files import jpeg_bytes, mp4_bytes, webp_bytes
+
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.set_progress_bar_config(disable=True)
     written = []
@@ -70,7 +74,7 @@ def render_previews(
             set_multiplier(request.multiplier)
             generator = torch.Generator(device="cpu").manual_seed(request.seed)
             with torch.no_grad():
-                latents = pipeline(
+                output = pipeline(
                     prompt=request.prompt,
                     negative_prompt=request.negative or None,
                     width=_snap(request.width),
@@ -79,13 +83,18 @@ def render_previews(
                     guidance_scale=request.guidance_scale,
                     generator=generator,
                     output_type="latent",
-                ).images
-                image = decode(latents)[0]
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=95)
-            path = out_dir / f"{step:09d}_{index}.jpg"
-            atomic_write_bytes(path, buffer.getvalue())
-            written.append(path)
+                    **(extra_kwargs(request) if extra_kwargs is not None else {}),
+                )
+                latents = getattr(output, "images", None)
+                if latents is None:
+                    latents = output.frames
+                result = decode(latents)[0]
+            stem = out_dir / f"{step:09d}_{index}"
+            if isinstance(result, list):  # a video: its frames
+                written.append(atomic_write_bytes(stem.with_suffix(".mp4"), mp4_bytes(result, request.fps)))
+                written.append(atomic_write_bytes(stem.with_suffix(".webp"), webp_bytes(result, request.fps)))
+            else:
+                written.append(atomic_write_bytes(stem.with_suffix(".jpg"), jpeg_bytes(result)))
     finally:
         set_multiplier(1.0)
     return written
