@@ -274,8 +274,6 @@ config:
         "config.process[0].network.type: network type 'lokr'",
         "config.process[0].network.pretrained_lora_path:",
         "config.process[0].network.alpha_schedule.enabled:",
-        "config.process[0].datasets[0].num_frames:",
-        "config.process[0].datasets[0].control_path:",
         "config.process[0].train.optimizer: the automagic optimizer",
         "config.process[0].train.train_text_encoder:",
         "config.process[0].save.push_to_hub:",

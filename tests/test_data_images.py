@@ -32,7 +32,7 @@ def test_scan_extensions_order_and_captions(tmp_path):
     save_image(tmp_path / "d.webp", 32, 32)
     save_image(tmp_path / "e.bmp", 32, 32)
     save_image(tmp_path / ".hidden.png", 32, 32)
-    save_image(tmp_path / "f.gif", 32, 32)  # not a supported extension
+    save_image(tmp_path / "f.gif", 32, 32)  # a clip format: skipped, with how to train on clips
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "a.txt").write_text("a cat on a mat", encoding="utf-8")
     (tmp_path / "b.txt").write_text("[trigger] in the snow", encoding="utf-8")
@@ -43,8 +43,9 @@ def test_scan_extensions_order_and_captions(tmp_path):
     assert caps["a.jpg"] == "sks, a cat on a mat"
     assert caps["b.PNG"] == "sks in the snow"
     assert caps["c.JpEg"] == "sks, photo"
-    assert logs == []
-    assert res.num_files == 5 and not res.skipped
+    (line,) = logs
+    assert "f.gif: a video clip" in line and "num_frames" in line
+    assert res.num_files == 6 and dict(res.skipped) == {"a video clip": 1}
 
 
 def test_exif_orientation_applied(tmp_path):

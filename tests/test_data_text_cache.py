@@ -66,3 +66,54 @@ def test_unwritable_folder_falls_back_to_memory(tmp_path):
     c.put("x", emb(1.0))
     assert torch.equal(c.get("x")["pooled"], torch.full((3,), -1.0))
     assert any("cannot write" in m for m in logs)
+
+
+# ---------------------------------------------------------------- the trainer uses it
+
+
+def _copy_dataset(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_latent_cache", "_text_cache"))
+    return dst
+
+
+def test_training_encodes_each_caption_once_and_reuses_the_disk_cache(make_job, shapes_dataset, tmp_path, monkeypatch):
+    from aitk.config.loader import load_job_file
+    from aitk.models.sd15 import SD15Adapter
+    from aitk.trainer.loop import Trainer
+
+    data = _copy_dataset(shapes_dataset, tmp_path / "data")
+    encoded: list[str] = []
+    original = SD15Adapter.encode_prompts
+
+    def counting(self, prompts):
+        encoded.extend(prompts)
+        return original(self, prompts)
+
+    monkeypatch.setattr(SD15Adapter, "encode_prompts", counting)
+
+    def run(name: str):
+        job = make_job(name, dataset={"folder_path": str(data), "caption_dropout_rate": 0.5},
+                       train={"steps": 3, "cache_text_embeddings": True})
+        loaded = load_job_file(job)
+        trainer = Trainer(loaded.job, loaded.job.config.process[0])
+        trainer.run()
+        return trainer
+
+    first = run("first")
+    captions = first.data.all_captions()
+    assert "" in captions  # caption dropout draws the empty prompt: it is cached too
+    assert sorted(encoded) == sorted(set(encoded)), "a caption was encoded twice"
+    assert set(captions) <= set(encoded)
+    assert len(list((data / "_text_cache").glob("*.safetensors"))) == len(set(encoded))
+
+    encoded.clear()
+    run("second")
+    assert encoded == []  # everything came from disk, training included
+
+    caption_files = sorted(data.glob("*.txt"))
+    caption_files[0].write_text("a brand new caption")
+    encoded.clear()
+    run("third")
+    assert len(encoded) == 1 and encoded[0].endswith("a brand new caption")  # trigger word added

@@ -14,6 +14,7 @@ from pathlib import Path
 from aitk.config.schema import DatasetConfig
 from aitk.data.buckets import choose_bucket
 from aitk.data.captions import read_metadata_captions
+from aitk.data.video import ClipPlan, plan_clip, short_clip_message, snap_frame_count, video_bucket
 from aitk.data.images import (
     DatasetError,
     ImageRecord,
@@ -34,6 +35,8 @@ class Placement:
     record: ImageRecord
     resolution: int
     bucket: tuple[int, int]  # (width, height)
+    frames: int = 0  # video datasets: frames per draw (a still image: 1); image datasets: 0
+    clip: ClipPlan | None = None  # how a video clip is sampled; None for a still image
 
 
 @dataclass
@@ -59,6 +62,10 @@ class DatasetScan:
     def skipped(self) -> Counter:
         return Counter(s.reason for s in self.skipped_files)
 
+    @property
+    def is_video(self) -> bool:
+        return self.cfg.num_frames > 1
+
     def bucket_counts(self) -> Counter:
         """(resolution, (w, h)) -> number of images."""
         return Counter((p.resolution, p.bucket) for p in self.placements)
@@ -66,13 +73,17 @@ class DatasetScan:
     def summary_lines(self) -> list[str]:
         skipped = self.skipped
         n_skipped = sum(skipped.values())
-        line = f"dataset {self.folder}: {self.used} images used, {n_skipped} skipped"
+        what = "files" if self.is_video else "images"
+        line = f"dataset {self.folder}: {self.used} {what} used, {n_skipped} skipped"
         if n_skipped:
             line += " (" + ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) + ")"
         lines = [line]
         if self.used:
             parts = [f"{w}x{h}@{r}: {n}" for (r, (w, h)), n in sorted(self.bucket_counts().items())]
             lines.append(f"  buckets: {', '.join(parts)}")
+        if self.frame_counts:
+            row = ", ".join(f"{frames} frames: {n}" for frames, n in sorted(self.frame_counts.items()))
+            lines.append(f"  frame counts: {row}")
         if self.cfg.is_reg:
             lines.append("  regularisation dataset (is_reg): mixed in, as many samples per epoch as the others")
         if self.cfg.mask_path:
@@ -106,6 +117,30 @@ def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return abs(a[0] * b[1] - a[1] * b[0]) > ASPECT_TOLERANCE * a[1] * b[0]
 
 
+def plan_frames(record: ImageRecord, cfg: DatasetConfig, frame_rule: str) -> tuple[int, ClipPlan | None] | str:
+    """(frames, clip plan) of one file of a video dataset, or the reason to skip it.
+
+    A still image is a one-frame clip. Clips: with `fps` set, frames are taken at that rate (a
+    clip that is too short is used shorter when shrink_video_to_frames, else skipped); without
+    `fps`, shrink_video_to_frames: true spreads num_frames over the whole clip (ai-toolkit's
+    meaning) and false takes consecutive frames at the clip's own rate, skipping short clips.
+    Counts are snapped down to what the model accepts (`frame_rule`, e.g. 4k+1).
+    """
+    if record.video is None:
+        return 1, None
+    info = record.video
+    spread = cfg.fps is None and cfg.shrink_video_to_frames
+    plan = plan_clip(
+        info, num_frames=cfg.num_frames, target_fps=cfg.fps, shrink=cfg.shrink_video_to_frames,
+        frame_rule=frame_rule, spread=spread,
+    )
+    if plan is None:
+        if info.frame_count >= 1 and snap_frame_count(info.frame_count, frame_rule) < 1:
+            return f"too short ({info.frame_count} frames; the model needs {frame_rule} frames)"
+        return short_clip_message(info, num_frames=cfg.num_frames, target_fps=cfg.fps)
+    return plan.frames, plan
+
+
 def scan_dataset(
     index: int,
     cfg: DatasetConfig,
@@ -113,12 +148,23 @@ def scan_dataset(
     process_trigger: str | None,
     divisibility: int,
     log: Callable[[str], None],
+    frame_rule: str | None = None,
 ) -> DatasetScan:
     """Scan one dataset entry. Raises DatasetError for a missing/empty folder (or mask/control folder)
     and for a resolution below `divisibility`; a folder whose files are all unusable is returned with
-    `used == 0` (the caller decides)."""
+    `used == 0` (the caller decides).
+
+    `frame_rule` is the model's accepted frame counts ("4k+1"; None for an image model). A dataset
+    with num_frames > 1 is a video dataset: its clips (and still images, as one-frame clips) are
+    planned with `plan_frames` and bucketed by a per-frame pixel budget.
+    """
     folder = Path(cfg.folder_path).expanduser()
     label = f"datasets[{index}]"
+    if cfg.num_frames > 1 and frame_rule is None:
+        raise DatasetError(
+            f"{label}: num_frames {cfg.num_frames} asks for video training, but this model trains on "
+            "images - use a video model (arch: wan21, wan22_14b, ...) or set num_frames: 1"
+        )
     trigger = cfg.trigger_word if cfg.trigger_word else process_trigger
     resolutions = list(dict.fromkeys(int(r) for r in cfg.resolutions))
     for r in resolutions:
@@ -136,7 +182,13 @@ def scan_dataset(
         log=log,
         label=label,
         metadata=metadata,
+        videos=cfg.num_frames > 1,
     )
+    if cfg.num_frames > 1 and (cfg.mask_path or cfg.control_path):
+        raise DatasetError(
+            f"{label}: mask_path and control_path are for image datasets; remove them from this "
+            f"video dataset (num_frames {cfg.num_frames})"
+        )
     mask_dir = _aux_folder(cfg.mask_path, "mask_path", label)
     control_dir = _aux_folder(cfg.control_path, "control_path", label)
     masks = index_by_stem(mask_dir) if mask_dir else {}
@@ -152,18 +204,32 @@ def scan_dataset(
         out.skipped_files.append(SkippedFile(record.path, reason_key(reason), reason))
 
     for record in scan.records:
+        frames, clip = 0, None
+        if cfg.num_frames > 1:
+            assert frame_rule is not None
+            planned = plan_frames(record, cfg, frame_rule)
+            if isinstance(planned, str):
+                skip(record, planned)
+                continue
+            frames, clip = planned
         placements = []
         for r in resolutions:
-            bucket = choose_bucket(record.width, record.height, r, divisibility, cfg.buckets)
+            if cfg.num_frames > 1:
+                budget = cfg.max_pixels_per_frame or r * r
+                bucket = video_bucket(record.width, record.height, max_pixels=budget, divisibility=divisibility)
+            else:
+                bucket = choose_bucket(record.width, record.height, r, divisibility, cfg.buckets)
             if bucket is None:
                 break
-            placements.append(Placement(record, r, bucket))
+            placements.append(Placement(record, r, bucket, frames, clip))
         if len(placements) != len(resolutions):
             skip(
                 record,
                 f"too small ({record.width}x{record.height}, each side must be at least {divisibility})",
             )
             continue
+        if cfg.num_frames > 1:
+            out.frame_counts[frames] += 1
         if control_dir is not None:
             control = controls.get(record.path.stem)
             if control is None:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ class ImageRecord:
     caption_source: str = SOURCE_DEFAULT  # "txt", "metadata" or "default"
     mask: Path | None = None  # loss mask file (mask_path)
     control: Path | None = None  # control image file (control_path)
+    video: Any | None = None  # aitk.data.video.VideoInfo for a clip; None for a still image
 
     def content_hash(self) -> str:
         """sha256 of the file's bytes (computed once, on demand)."""
@@ -97,6 +99,29 @@ def list_image_files(folder: Path) -> list[Path]:
 def list_image_candidates(folder: Path) -> list[Path]:
     """Every entry named like an image directly inside `folder` (files, folders, links), sorted by name."""
     return sorted((p for p in folder.iterdir() if _has_image_extension(p.name)), key=lambda p: p.name)
+
+
+def _has_video_extension(name: str) -> bool:
+    from aitk.data.video import VIDEO_EXTENSIONS
+
+    return Path(name).suffix.lower() in VIDEO_EXTENSIONS and not name.startswith(".")
+
+
+def list_video_candidates(folder: Path) -> list[Path]:
+    """Every entry named like a video clip directly inside `folder`, sorted by name."""
+    return sorted((p for p in folder.iterdir() if _has_video_extension(p.name)), key=lambda p: p.name)
+
+
+def _probe_video_file(path: Path) -> tuple[int, int, Any]:
+    """(width, height, VideoInfo) of a clip; ValueError("<category> (<detail>)") when unusable."""
+    from aitk.data.video import VideoError, probe_video
+
+    try:
+        info = probe_video(path)
+    except VideoError as exc:
+        category = exc.reason.split(" (", 1)[0].split(":", 1)[0].strip()
+        raise ValueError(f"video {category} ({exc.reason})") from exc
+    return info.width, info.height, info
 
 
 def index_by_stem(folder: Path) -> dict[str, Path]:
@@ -278,11 +303,14 @@ def scan_folder(
     log: Callable[[str], None],
     label: str = "dataset",
     metadata: dict[str, str] | None = None,
+    videos: bool = False,
 ) -> ScanResult:
     """Scan an image folder. Raises DatasetError when the folder is missing or holds no image file.
 
     Entries named like images that are not usable (folders, broken links, bad files) are skipped
     with one warning each and counted by reason. `metadata` is the folder's metadata.jsonl captions.
+    With `videos`, clips (mp4, webm, mov, mkv, gif) are scanned too and carry their VideoInfo;
+    without it, clips in the folder are skipped with a reason that says how to use them.
     """
     if not folder.exists():
         raise DatasetError(
@@ -292,7 +320,8 @@ def scan_folder(
     if not folder.is_dir():
         raise DatasetError(f"{label}: {folder} is not a folder - folder_path must name a folder of images")
     try:
-        files = list_image_candidates(folder)
+        clips = list_video_candidates(folder)
+        files = sorted(list_image_candidates(folder) + clips, key=lambda p: p.name)
     except OSError as exc:
         raise DatasetError(
             f"{label}: folder {folder} cannot be read ({exc}) - check its permissions"
@@ -302,12 +331,22 @@ def scan_folder(
             f"{label}: folder {folder} contains no images - add image files "
             f"({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) or fix folder_path"
         )
+    clip_set = set(clips)
     records: list[ImageRecord] = []
     skipped: Counter = Counter()
     skipped_files: list[SkippedFile] = []
     for path in files:
+        video = None
         try:
-            w, h = probe_image(path)
+            if path not in clip_set:
+                w, h = probe_image(path)
+            elif not videos:
+                raise ValueError(
+                    "a video clip (this dataset trains on images; set num_frames above 1 on a video "
+                    "model such as WAN to train on clips)"
+                )
+            else:
+                w, h, video = _probe_video_file(path)
         except ValueError as exc:
             log(f"warning: skipping {path}: {exc}")
             skipped[reason_key(str(exc))] += 1
@@ -325,6 +364,7 @@ def scan_folder(
                 raw_caption=raw,
                 trigger=trigger_word,
                 caption_source=source,
+                video=video,
             )
         )
     return ScanResult(records=records, skipped=skipped, num_files=len(files), skipped_files=skipped_files)

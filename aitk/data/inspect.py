@@ -94,9 +94,10 @@ def _dataset_lines(scan: DatasetScan) -> list[str]:
     return lines
 
 
-def inspect_job(path: str, divisibility: int = 64, out: Callable[[str], None] = print) -> int:
+def inspect_job(path: str, out: Callable[[str], None] = print) -> int:
     """Inspect the datasets of one job file. 0 when every dataset has usable images, else 1."""
     from aitk.config.loader import JobFileError, load_job_file
+    from aitk.models.archs import data_facts
 
     try:
         loaded = load_job_file(path)
@@ -110,12 +111,19 @@ def inspect_job(path: str, divisibility: int = 64, out: Callable[[str], None] = 
         out(f"warning: {warning}")
     status = 0
     for p_index, process in enumerate(loaded.job.config.process):
-        out(f"{path}: process[{p_index}] ({loaded.job.config.name}), bucket size multiple {divisibility}")
+        arch = process.model.resolved_arch
+        divisibility, frame_rule = data_facts(arch)
+        frames_note = f", frame counts {frame_rule}" if frame_rule else ""
+        out(
+            f"{path}: process[{p_index}] ({loaded.job.config.name}), model {arch}, "
+            f"bucket size multiple {divisibility}{frames_note}"
+        )
         for index, cfg in enumerate(process.datasets):
             notes: list[str] = []
             try:
                 scan = scan_dataset(
-                    index, cfg, process_trigger=process.trigger_word, divisibility=divisibility, log=notes.append
+                    index, cfg, process_trigger=process.trigger_word, divisibility=divisibility,
+                    log=notes.append, frame_rule=frame_rule,
                 )
             except DatasetError as exc:
                 out(f"datasets[{index}] {cfg.folder_path}")
@@ -143,7 +151,7 @@ def inspect_job(path: str, divisibility: int = 64, out: Callable[[str], None] = 
     return status
 
 
-def inspect_command(job_paths: list[str], divisibility: int = 64) -> int:
+def inspect_command(job_paths: list[str]) -> int:
     """`aitk dataset inspect job.yaml ...`: print each job's dataset report; 0 when all are usable."""
     if not job_paths:
         print("aitk dataset inspect: give one or more job files, e.g. aitk dataset inspect job.yaml", file=sys.stderr)
@@ -152,5 +160,5 @@ def inspect_command(job_paths: list[str], divisibility: int = 64) -> int:
     for i, path in enumerate(job_paths):
         if i:
             print()
-        status = max(status, inspect_job(path, divisibility))
+        status = max(status, inspect_job(path))
     return status

@@ -30,7 +30,11 @@ def latent_key(
     flip_x: bool,
     flip_y: bool,
     latent_space_id: str,
+    frames: list[int] | None = None,
+    kind: str = "latent",
 ) -> str:
+    """`frames`: the source frame indices of a video clip (None for a still image); `kind`
+    separates other tensors kept per sample (e.g. "first_frame" pixels for image-to-video)."""
     payload = {
         "file": content_hash,
         "bucket": list(bucket),
@@ -41,6 +45,10 @@ def latent_key(
         "latent_space": latent_space_id,
         "preprocess": PREPROCESS_VERSION,
     }
+    if frames is not None:
+        payload["frames"] = [int(i) for i in frames]
+    if kind != "latent":
+        payload["kind"] = kind
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

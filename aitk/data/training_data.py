@@ -32,6 +32,7 @@ from aitk.data.images import (
 )
 from aitk.data.latent_cache import CACHE_DIR_NAME, LatentCache, latent_key
 from aitk.data.sampler import BucketBatchSampler, seed_words
+from aitk.data.video import ClipPlan, frame_indices, read_frames
 
 Variant = tuple[bool, bool]  # (flip_x, flip_y)
 _REG_STREAM = 0x726567  # separates the regularisation-selection generator from the others
@@ -80,7 +81,10 @@ class _Item:
     record: ImageRecord
     resolution: int
     bucket: tuple[int, int]  # (width, height)
+    frames: int = 0  # video datasets: frames per draw (stills: 1); image datasets: 0
+    clip: ClipPlan | None = None  # video clip sampling plan; None for a still image
     latent_keys: dict[Variant, str] | None = None
+    first_frame_keys: dict[Variant, str] | None = None  # do_i2v with cached latents
 
     @property
     def key(self) -> str:
@@ -98,6 +102,7 @@ class _Sample:
     wants_mask: bool  # its dataset has mask_path
     mask: torch.Tensor | None  # (1, H, W)
     control: torch.Tensor | None  # (3, H, W)
+    first_frame: torch.Tensor | None  # (3, H, W): do_i2v
     size: tuple[int, int]  # bucket (width, height)
     scaled: tuple[int, int] = (0, 0)  # (width, height) the image was resized to before the crop
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the scaled image
@@ -119,6 +124,7 @@ class TrainingData:
         rank: int = 0,
         world_size: int = 1,
         log: Callable[[str], None] = print,
+        frame_rule: str | None = None,
     ) -> None:
         if not datasets:
             raise DatasetError("no datasets configured - add at least one entry under datasets:")
@@ -136,6 +142,7 @@ class TrainingData:
         self._reg_epoch: tuple[int, list[int]] | None = None
         self._latents_ready = False
         self._warned_once: set[str] = set()
+        self.frame_rule = frame_rule
         for index, cfg in enumerate(datasets):
             self._add_dataset(index, cfg, trigger_word)
 
@@ -160,7 +167,8 @@ class TrainingData:
     # ------------------------------------------------------------------ construction
     def _add_dataset(self, index: int, cfg: DatasetConfig, process_trigger: str | None) -> None:
         scan = scan_dataset(
-            index, cfg, process_trigger=process_trigger, divisibility=self.divisibility, log=self._log
+            index, cfg, process_trigger=process_trigger, divisibility=self.divisibility, log=self._log,
+            frame_rule=self.frame_rule,
         )
         self.reports.append(scan)
         folder, label = scan.folder, scan.label
@@ -176,6 +184,11 @@ class TrainingData:
                     f"warning: {label} ({folder}): random_crop is ignored while latents are cached - "
                     "crops are fixed (centre crop)"
                 )
+            if cfg.num_frames > 1 and cfg.temporal_jitter > 0:
+                self._log(
+                    f"warning: {label} ({folder}): temporal_jitter is ignored while latents are cached - "
+                    "each clip's frames are fixed (evenly spaced from its first frame)"
+                )
         ds = _Dataset(index=index, cfg=cfg, folder=folder, cache=cache)
         xs = [False, True] if cfg.flip_x else [False]
         ys = [False, True] if cfg.flip_y else [False]
@@ -186,13 +199,16 @@ class TrainingData:
             item_index = len(self._items)
             self._items.append(
                 _Item(dataset=index, record=placement.record, resolution=placement.resolution,
-                      bucket=placement.bucket)
+                      bucket=placement.bucket, frames=placement.frames, clip=placement.clip)
             )
             target.extend([item_index] * cfg.num_repeats)
 
     def _bucket_key(self, item: _Item) -> tuple:
         ds = self._datasets[item.dataset]
-        return (item.resolution, item.bucket[0], item.bucket[1], ds.cached, bool(ds.cfg.control_path))
+        return (
+            item.resolution, item.bucket[0], item.bucket[1], item.frames, ds.cached,
+            bool(ds.cfg.control_path), bool(ds.cfg.do_i2v),
+        )
 
     # ------------------------------------------------------------------ regularisation samples
     def _reg_perm(self, cycle: int) -> np.ndarray:
@@ -305,6 +321,9 @@ class TrainingData:
         controls = None
         if all(s.control is not None for s in filled):
             controls = torch.stack([s.control for s in filled])
+        first_frames = None
+        if all(s.first_frame is not None for s in filled):
+            first_frames = torch.stack([s.first_frame for s in filled])
         return Batch(
             keys=[s.key for s in filled],
             captions=[s.caption for s in filled],
@@ -314,14 +333,16 @@ class TrainingData:
             is_reg=torch.tensor([s.is_reg for s in filled], dtype=torch.bool),
             masks=masks,
             controls=controls,
+            first_frames=first_frames,
             original_sizes=[(s.scaled[1], s.scaled[0]) for s in filled],
             crops_top_left=[s.crop_top_left for s in filled],
             bucket_size=(filled[0].size[1], filled[0].size[0]),
         )
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], latent_space_id: str) -> None:
-        """Encode (or find on disk) the latents of every cached dataset: one per enabled flip variant."""
-        todo: dict[tuple[int, int, int], list[tuple[int, Variant, str]]] = {}
+        """Encode (or find on disk) the latents of every cached dataset: one per enabled flip variant
+        (and, for do_i2v, the first frame's pixels next to each latent)."""
+        todo: dict[tuple[int, ...], list[tuple[int, Variant, str]]] = {}
         reused = 0
         for item_index, item in enumerate(self._items):
             ds = self._datasets[item.dataset]
@@ -337,15 +358,26 @@ class TrainingData:
                 item.latent_keys = None
                 continue
             geom = crop_geometry(rec.width, rec.height, *item.bucket)
-            item.latent_keys = {
-                v: latent_key(content, item.bucket, geom.scaled, geom.box, v[0], v[1], latent_space_id)
-                for v in ds.variants
-            }
+            indices = self._clip_indices(item, None)
+
+            def key_of(v: Variant, kind: str = "latent") -> str:
+                return latent_key(
+                    content, item.bucket, geom.scaled, geom.box, v[0], v[1], latent_space_id,
+                    frames=indices, kind=kind,
+                )
+
+            item.latent_keys = {v: key_of(v) for v in ds.variants}
+            item.first_frame_keys = (
+                {v: key_of(v, "first_frame") for v in ds.variants} if ds.cfg.do_i2v else None
+            )
             for variant, key in item.latent_keys.items():
-                if ds.cache.ensure(key):
+                first_ok = item.first_frame_keys is None or ds.cache.ensure(item.first_frame_keys[variant])
+                if ds.cache.ensure(key) and first_ok:
                     reused += 1
                 else:
-                    todo.setdefault((item.resolution, *item.bucket), []).append((item_index, variant, key))
+                    todo.setdefault((item.resolution, *item.bucket, item.frames), []).append(
+                        (item_index, variant, key)
+                    )
         total = sum(len(v) for v in todo.values())
         encoded = 0
         with tqdm(total=total, desc="caching latents", unit="latent", disable=total == 0) as bar:
@@ -358,14 +390,16 @@ class TrainingData:
                     rec = item.record
                     geom = crop_geometry(rec.width, rec.height, *item.bucket)
                     try:
-                        img = self._load_checked(rec, geom.scaled)
+                        media = self._load_media(item, geom.scaled, self._clip_indices(item, None))
                     except Exception as exc:
                         self._warn_once(item.key, f"warning: cannot load {rec.path} ({exc}); skipping it")
                         bar.update(len(group))
                         continue
-                    for _, (fx, fy), key in group:
-                        pixels = to_tensor(crop_to_bucket(img, geom.scaled, geom.box, fx, fy))
+                    for _, variant, key in group:
+                        pixels = self._pixels(item, media, geom, *variant)
                         assert ds.cache is not None
+                        if item.first_frame_keys is not None:
+                            ds.cache.put(item.first_frame_keys[variant], self._first_frame(pixels))
                         pending.append((pixels, ds.cache, key))
                         if len(pending) >= self.batch_size:
                             encoded += self._flush(encode, pending)
@@ -398,6 +432,33 @@ class TrainingData:
         for i, (_, cache, key) in enumerate(pending):
             cache.put(key, latents[i])
         return len(pending)
+
+    def _clip_indices(self, item: _Item, rng: np.random.Generator | None) -> list[int] | None:
+        """Source frames of one draw of a clip (None for a still image). Without `rng` (cached
+        latents) the clip starts at its first frame and has no jitter."""
+        if item.clip is None:
+            return None
+        cfg = self._datasets[item.dataset].cfg
+        return frame_indices(
+            item.record.video, item.clip, rng=rng, temporal_jitter=cfg.temporal_jitter if rng is not None else 0
+        )
+
+    def _load_media(self, item: _Item, scaled: tuple[int, int], indices: list[int] | None) -> list:
+        """The decoded frames of one draw: [image] for a still, the clip's frames for a video."""
+        if indices is None:
+            return [self._load_checked(item.record, scaled)]
+        return read_frames(item.record.path, indices)
+
+    def _pixels(self, item: _Item, media: list, geom, flip_x: bool, flip_y: bool) -> torch.Tensor:
+        """(3, H, W) for image datasets; (3, F, H, W) for video datasets (stills as one frame)."""
+        frames = [to_tensor(crop_to_bucket(m, geom.scaled, geom.box, flip_x, flip_y)) for m in media]
+        if item.frames == 0:
+            return frames[0]
+        return torch.stack(frames, dim=1)
+
+    @staticmethod
+    def _first_frame(pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels[:, 0] if pixels.ndim == 4 else pixels).clone()
 
     @staticmethod
     def _load_checked(rec: ImageRecord, scaled: tuple[int, int]):
@@ -447,14 +508,24 @@ class TrainingData:
             )
         random_crop = cfg.random_crop and ds.cache is None
         geom = crop_geometry(rec.width, rec.height, *item.bucket, u=(u[3], u[4]) if random_crop else None)
+        first_frame = None
         if use_latents:
             key = item.latent_keys.get((flip_x, flip_y)) if item.latent_keys else None
             tensor = ds.cache.get(key) if key else None
             if tensor is None:
                 raise _SampleFailed("no cached latent")
+            if cfg.do_i2v:
+                first_key = item.first_frame_keys.get((flip_x, flip_y)) if item.first_frame_keys else None
+                first_frame = ds.cache.get(first_key) if first_key else None
+                if first_frame is None:
+                    raise _SampleFailed("no cached first frame")
         else:
-            img = self._load_checked(rec, geom.scaled)
-            tensor = to_tensor(crop_to_bucket(img, geom.scaled, geom.box, flip_x, flip_y))
+            # a clip's start and jitter come from their own stream, so images draw as before
+            frame_rng = np.random.default_rng([self._seed, int(epoch), int(entry), 1])
+            media = self._load_media(item, geom.scaled, self._clip_indices(item, frame_rng))
+            tensor = self._pixels(item, media, geom, flip_x, flip_y)
+            if cfg.do_i2v:
+                first_frame = self._first_frame(tensor)
         mask = None
         if rec.mask is not None:
             mask_img = crop_to_bucket(load_mask_image(rec.mask, geom.scaled), geom.scaled, geom.box, flip_x, flip_y)
@@ -473,6 +544,7 @@ class TrainingData:
             wants_mask=bool(cfg.mask_path),
             mask=mask,
             control=control,
+            first_frame=first_frame,
             size=item.bucket,
             scaled=geom.scaled,
             crop_top_left=(geom.box[1], geom.box[0]),

@@ -20,5 +20,27 @@ ADAPTERS: dict[str, str] = {
 }
 
 
+# What the data pipeline must know of each architecture without importing it (aitk dataset
+# inspect loads no model): (bucket size multiple in pixels, accepted frame counts or None for
+# image models). Each adapter class states the same values; a test keeps them in step.
+DATA_FACTS: dict[str, tuple[int, str | None]] = {
+    "sd1": (64, None),
+    "sd15": (64, None),
+    "sd2": (64, None),
+    "sdxl": (64, None),
+    "flux": (16, None),
+    "flux_kontext": (16, None),
+    "wan21": (16, "4k+1"),
+    "wan21_i2v": (16, "4k+1"),
+    "wan22_14b": (16, "4k+1"),
+    "wan22_14b_i2v": (16, "4k+1"),
+}
+
+
 def supported_archs() -> list[str]:
     return sorted(ADAPTERS)
+
+
+def data_facts(arch: str) -> tuple[int, str | None]:
+    """(bucket divisibility, frame rule) of `arch`; SD 1.5's for an unknown name."""
+    return DATA_FACTS.get(arch, DATA_FACTS["sd1"])

@@ -140,6 +140,10 @@ class ModelAdapter(ABC):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents for pixel batches in [-1, 1], shape (B, 3, H, W); scaled for the denoiser."""
 
+    def text_encoder_id(self) -> str:
+        """Identifies the text conditioning, so cached text embeddings of another model are never reused."""
+        return f"{self.modelspec_architecture}|{self.model_cfg.name_or_path}"
+
     def latent_space_id(self) -> str:
         """Identifies the latent space, so latent caches from another VAE are never reused."""
         return self.modelspec_architecture

@@ -41,6 +41,12 @@ class SD15Adapter(ModelAdapter):
     lora_prefix = "lora_unet"
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+    #: the model family in load errors
+    model_label = "Stable Diffusion"
+    #: component configs of a single-file checkpoint when model.model_kwargs.config is unset
+    default_config_repo = DEFAULT_CONFIG_REPO
+    #: subfolders of a diffusers folder of this model (named in load errors)
+    folder_parts: tuple[str, ...] = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
     unet: Any
     vae: Any
@@ -53,7 +59,6 @@ class SD15Adapter(ModelAdapter):
         import os
 
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         source = self.model_cfg.name_or_path
         offline_note = (
@@ -84,8 +89,7 @@ class SD15Adapter(ModelAdapter):
                 )
             location = str(path) if path.exists() else source
             try:
-                self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-                self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+                self._load_text_parts(location)
                 self.unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet")
                 self.vae = self._load_vae(location)
                 self.noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
@@ -94,9 +98,10 @@ class SD15Adapter(ModelAdapter):
             # OSError for missing files / hub look-ups; corrupt weights and configs raise others
             except Exception as exc:
                 if path.exists():
+                    subfolders = [f"{part}/" for part in self.folder_parts]
                     what = (
-                        "give a diffusers folder (model_index.json with tokenizer/, text_encoder/, "
-                        "unet/, vae/ and scheduler/)"
+                        f"give a diffusers folder (model_index.json with {', '.join(subfolders[:-1])} "
+                        f"and {subfolders[-1]})"
                     )
                 else:
                     what = (
@@ -106,12 +111,32 @@ class SD15Adapter(ModelAdapter):
                         "or can be downloaded"
                     )
                 raise ModelLoadError(
-                    f"model.name_or_path: could not load a Stable Diffusion model from {source!r}: "
+                    f"model.name_or_path: could not load a {self.model_label} model from {source!r}: "
                     f"{exc} ({what})"
                 ) from exc
         if self.model_cfg.is_v_pred:
             self.noise_scheduler.register_to_config(prediction_type="v_prediction")
         self._freeze_and_place()
+
+    # Hooks the SDXL adapter overrides: which text encoders there are and how they load.
+    def _load_text_parts(self, location: str) -> None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    def _single_file_pipeline(self, path: Path, config: str) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=config, safety_checker=None, requires_safety_checker=False
+        )
+
+    def _take_text_parts(self, pipe: Any) -> None:
+        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
 
     def _load_vae(self, config_source: str) -> Any:
         """The VAE: model.vae_path when set, else the vae/ of `config_source` (folder or hub id).
@@ -155,22 +180,20 @@ class SD15Adapter(ModelAdapter):
             ) from exc
 
     def _load_single_file(self, path: Path) -> None:
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
+        from diffusers import DDPMScheduler
 
-        config = str(self.model_cfg.model_kwargs.get("config") or DEFAULT_CONFIG_REPO)
+        config = str(self.model_cfg.model_kwargs.get("config") or self.default_config_repo)
         if Path(config).expanduser().exists():
             config = str(Path(config).expanduser())
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=config, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = self._single_file_pipeline(path, config)
         except Exception as exc:  # diffusers raises several types for unreadable / foreign files
             raise ModelLoadError(
-                f"model.name_or_path: {path} could not be read as a Stable Diffusion checkpoint "
+                f"model.name_or_path: {path} could not be read as a {self.model_label} checkpoint "
                 f"(component configs from {config!r}; set model.model_kwargs.config to a local "
                 f"diffusers folder when offline): {exc}"
             ) from exc
-        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        self._take_text_parts(pipe)
         self.unet = pipe.unet
         self.vae = self._load_vae_override(pipe.vae, config)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -179,11 +202,12 @@ class SD15Adapter(ModelAdapter):
         return self._load_vae(config_source) if self.model_cfg.vae_path else vae
 
     def _freeze_and_place(self) -> None:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self._text_encoders()):
             module.requires_grad_(False)
             module.eval()
         _place(self.unet, self.device, self.dtype)
-        _place(self.text_encoder, self.device, self.dtype)
+        for encoder in self._text_encoders():
+            _place(encoder, self.device, self.dtype)
         # The VAE stays fp32: fp16 SD VAEs overflow, and it only runs for caching and previews.
         _place(self.vae, self.device, torch.float32)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)

@@ -5,6 +5,10 @@ kohya / ComfyUI (save_format "comfyui" or "kohya"), per wrapped module:
     <prefix>_<module path, "." -> "_">.lora_up.weight     (= peft lora_B)
     <prefix>_<module path, "." -> "_">.alpha              (0-dim float32: the alpha in effect now)
 A prefix ending in "." keeps the dotted module path instead ("diffusion_model." + path).
+Models whose files need the PEFT weight names with `.alpha` (FLUX: diffusers reads `.alpha` only
+next to lora_A / lora_B, ComfyUI reads both) write `<stem>.lora_A.weight` / `<stem>.lora_B.weight`
+instead of lora_down / lora_up (`weight_names=PEFT_WEIGHT_NAMES`, or an adapter attribute
+`lora_weight_names`, see `save_lora`).
 
 diffusers (save_format "diffusers"):
     <prefix>.<module path>.lora_A.weight / .lora_B.weight, and metadata["lora_adapter_metadata"]
@@ -29,6 +33,8 @@ from aitk.networks.lora import NetworkHandle
 
 __all__ = [
     "SAVE_FORMATS",
+    "KOHYA_WEIGHT_NAMES",
+    "PEFT_WEIGHT_NAMES",
     "network_to_kohya",
     "network_to_diffusers",
     "kohya_to_network_state",
@@ -41,6 +47,9 @@ __all__ = [
 ]
 
 SAVE_FORMATS = ("comfyui", "kohya", "diffusers")
+#: (down, up) weight names of kohya-layout files: kohya's own, and PEFT's (lora_A = down)
+KOHYA_WEIGHT_NAMES: tuple[str, str] = ("lora_down", "lora_up")
+PEFT_WEIGHT_NAMES: tuple[str, str] = ("lora_A", "lora_B")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads (loaders/lora_base.py)
 
 
@@ -103,15 +112,20 @@ def network_to_kohya(
     prefix: str = "lora_unet",
     dtype: torch.dtype = torch.float16,
     key_for: KeyFor | None = None,
+    weight_names: tuple[str, str] = KOHYA_WEIGHT_NAMES,
 ) -> dict[str, torch.Tensor]:
-    """kohya / ComfyUI tensors: lora_down / lora_up in `dtype`, `.alpha` (float32) = alpha now."""
+    """kohya / ComfyUI tensors: lora_down / lora_up in `dtype`, `.alpha` (float32) = alpha now.
+
+    `weight_names` = (down, up) suffix names; PEFT_WEIGHT_NAMES writes lora_A / lora_B.
+    """
+    down, up = weight_names
     a = handle.adapter_name
     layers = handle.lora_layers()
     out: dict[str, torch.Tensor] = {}
     for name, key in _kohya_names(handle, prefix, key_for).items():
         layer = layers[name]
-        out[f"{key}.lora_down.weight"] = _to_file(layer.lora_A[a].weight, dtype)
-        out[f"{key}.lora_up.weight"] = _to_file(layer.lora_B[a].weight, dtype)
+        out[f"{key}.{down}.weight"] = _to_file(layer.lora_A[a].weight, dtype)
+        out[f"{key}.{up}.weight"] = _to_file(layer.lora_B[a].weight, dtype)
         out[f"{key}.alpha"] = torch.tensor(handle.module_alpha(name), dtype=torch.float32)
     return out
 
@@ -169,6 +183,8 @@ def kohya_to_network_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Inverse of `network_to_kohya`: (state in the handle's peft names, {module name: alpha}).
 
+    Reads either weight naming (lora_down / lora_up or lora_A / lora_B).
+
     A module without `.alpha` gets alpha = its rank (what every loader assumes). Keys that name no
     wrapped module, and wrapped modules missing from the file, raise KeyError.
     """
@@ -180,16 +196,16 @@ def kohya_to_network_state(
     for key, t in tensors.items():
         # stems may contain dots ("diffusion_model.blocks.0..."): split off the known suffix
         stem, kind = key, ""
-        for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+        for suffix in ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha"):
             if key.endswith("." + suffix):
                 stem, kind = key[: -len(suffix) - 1], suffix
                 break
         module = by_key.get(stem)
         if module is None:
             unexpected.append(key)
-        elif kind == "lora_down.weight":
+        elif kind in ("lora_down.weight", "lora_A.weight"):
             state[f"{module}.lora_A.weight"] = t
-        elif kind == "lora_up.weight":
+        elif kind in ("lora_up.weight", "lora_B.weight"):
             state[f"{module}.lora_B.weight"] = t
         elif kind == "alpha":
             alphas[module] = float(t.item())
@@ -226,6 +242,19 @@ def diffusers_to_network_state(
 
 
 
+def _adapter_weight_names(key_for: KeyFor | None) -> tuple[str, str]:
+    """The (down, up) names a model adapter asks for: the trainer passes the adapter's bound
+    `lora_key_stem` as `key_for`, so its owner says which naming its files need."""
+    owner = getattr(key_for, "__self__", None)
+    names = getattr(owner, "lora_weight_names", None)
+    if names is None:
+        return KOHYA_WEIGHT_NAMES
+    names = tuple(names)
+    if names not in (KOHYA_WEIGHT_NAMES, PEFT_WEIGHT_NAMES):
+        raise ValueError(f"lora_weight_names {names!r} must be {KOHYA_WEIGHT_NAMES} or {PEFT_WEIGHT_NAMES}")
+    return names  # type: ignore[return-value]
+
+
 def save_lora(
     path: str | Path,
     handle: NetworkHandle,
@@ -236,10 +265,13 @@ def save_lora(
     metadata: dict[str, str] | None = None,
     diffusers_prefix: str = "unet",
     key_for: KeyFor | None = None,
+    weight_names: tuple[str, str] | None = None,
 ) -> Path:
     """Write the network to a .safetensors file (atomically) and return its path.
 
-    save_format "comfyui" / "kohya": kohya layout with `prefix` (same file for both);
+    save_format "comfyui" / "kohya": kohya layout with `prefix` (same file for both), key stems
+    from `key_for` when given, weight names `weight_names` (None: the `lora_weight_names` of
+    the object `key_for` is bound to, i.e. the model adapter, else lora_down / lora_up);
     "diffusers": PEFT keys under `diffusers_prefix` plus the LoRA config in the metadata.
     `metadata` (all values str) is added to the file's header.
     """
@@ -247,7 +279,9 @@ def save_lora(
 
     fmt = str(save_format).lower()
     if fmt in ("comfyui", "kohya"):
-        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for)
+        if weight_names is None:
+            weight_names = _adapter_weight_names(key_for)
+        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for, weight_names=weight_names)
         header: dict[str, str] = {"format": "pt"}
         conflicts = diffusers_kohya_alpha_conflicts(handle) if prefix.startswith("lora_unet") else []
         if conflicts:

@@ -26,6 +26,7 @@ from aitk.trainer.state import CheckpointContent, TrainerState, read_content, wr
 from aitk.trainer.stop import StopController
 
 MAX_NONFINITE_IN_A_ROW = 10
+TEXT_CACHE_DIR_NAME = "_text_cache"  # in the first dataset's folder, next to _latent_cache
 
 
 class TrainingAborted(RuntimeError):
@@ -105,6 +106,7 @@ class Trainer:
             rank=self.session.rank,
             world_size=self.session.world_size,
             log=self.log,
+            frame_rule=adapter_cls.frame_rule,
         )
         for line in self.data.summary_lines:
             self.log(line)
@@ -114,10 +116,48 @@ class Trainer:
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
-        self.conditioner = PromptConditioner(self.adapter)
+        if not self.adapter.uses_controls:
+            for index, dataset in enumerate(self.process.datasets):
+                if dataset.control_path:
+                    self.log(
+                        f"warning: datasets[{index}].control_path: {self.process.model.resolved_arch} does not "
+                        "take control images (edit models such as flux_kontext do); they are not used"
+                    )
+        self.conditioner = PromptConditioner(self.adapter, self._text_cache())
         self.preview_requests = self._preview_requests()
         self._setup_network()
         self._setup_optimizer()
+
+    def _text_cache(self) -> Any:
+        """The text-embedding cache when cache_text_embeddings is on (train: or any dataset)."""
+        datasets = self.process.datasets
+        if not (self.train_cfg.cache_text_embeddings or any(d.cache_text_embeddings for d in datasets)):
+            return None
+        from aitk.data.text_cache import TextEmbeddingCache
+
+        folder = Path(datasets[0].folder_path).expanduser() / TEXT_CACHE_DIR_NAME
+        return TextEmbeddingCache(folder, self.adapter.text_encoder_id(), log=self.log)
+
+    def _cache_text_embeddings(self) -> None:
+        """Encode every caption a draw can produce, and the preview prompts, before training."""
+        if self.conditioner.text_cache is None:
+            return
+        captions = self.data.all_captions()
+        if captions is None:
+            self.log(
+                "warning: cache_text_embeddings: shuffle_tokens / token_dropout_rate make a new caption "
+                "for every draw, so captions are encoded as they come (kept in memory)"
+            )
+            return
+        prompts = {r.prompt for r in self.preview_requests} | {r.negative for r in self.preview_requests}
+        wanted = list(dict.fromkeys(captions + sorted(prompts)))
+        from tqdm import tqdm
+
+        self._set_status(state="caching")
+        with tqdm(total=len(wanted), desc="caching text embeddings", unit="caption",
+                  disable=not self.session.is_main) as bar:
+            encoded = self.conditioner.precompute(wanted, progress=bar.update)
+        self.log(f"text-embedding cache: {encoded} captions encoded, {len(wanted) - encoded} reused")
 
     def _preview_requests(self) -> list[Any]:
         from aitk.trainer.sampling import preview_requests
@@ -230,7 +270,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _micro_step(self, scale: float) -> tuple[float, int]:
-        from aitk.trainer.loss import diffusion_loss
+        from aitk.trainer.loss import diffusion_loss, latent_mask
 
         batch = self.data.next_batch()
         if batch.latents is not None:
@@ -246,12 +286,16 @@ class Trainer:
             weights = weights * noisy.loss_weights
         with self.session.autocast():
             prediction = self.adapter.predict(noisy, cond)
+        mask = None
+        if batch.masks is not None:
+            mask = latent_mask(batch.masks.to(self.session.device), noisy.target)
         loss = diffusion_loss(
             prediction.float(),
             noisy.target.float(),
             loss_type=self.train_cfg.loss_type,
             huber_c=self.train_cfg.huber_c,
             sample_weights=weights,
+            mask=mask,
         )
         scaled = loss * scale
         (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
@@ -518,6 +562,7 @@ class Trainer:
         if self.data.needs_latent_cache:
             self._set_status(state="caching")
             self.data.cache_latents(self.adapter.encode_images, self.adapter.latent_space_id())
+        self._cache_text_embeddings()
         sample_cfg = self.process.sample
         if not resumed and not self.train_cfg.skip_first_sample and self.state.step == 0:
             self._sample(0)

@@ -53,6 +53,24 @@ def diffusion_loss(
     return (per_sample * w).mean()
 
 
+def latent_mask(masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel loss masks (B, 1, H, W) in [0, 1] at the training target's resolution.
+
+    Each latent cell gets the mean of the pixels it covers (area pooling), so a mask edge gives a
+    partial weight. Works for image targets (B, C, h, w) and video targets (B, C, F, h, w) (the
+    mask applies to every frame). Returns a tensor that broadcasts against `target`.
+    """
+    if masks.ndim != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be (B, 1, H, W), got {tuple(masks.shape)}")
+    if target.ndim not in (4, 5):
+        raise ValueError(
+            f"a loss mask needs an image- or video-shaped target, got {tuple(target.shape)}"
+        )
+    size = tuple(target.shape[-2:])
+    pooled = torch.nn.functional.adaptive_avg_pool2d(masks.float(), size)
+    return pooled.unsqueeze(2) if target.ndim == 5 else pooled
+
+
 _PREDICTION_ALIASES = {
     "epsilon": "epsilon",
     "eps": "epsilon",

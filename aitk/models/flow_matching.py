@@ -1,0 +1,119 @@
+"""Rectified-flow (flow-matching) training objective, shared by flow-matching adapters.
+
+With clean latents x0, noise e ~ N(0, I) and a noise level sigma in [0, 1]:
+    x_sigma = (1 - sigma) * x0 + sigma * e        (the noisy input)
+    target  = e - x0                              (the velocity d x_sigma / d sigma)
+The denoiser sees the timestep t = 1000 * sigma (diffusers' scheduler convention).
+
+`train.timestep_type` chooses how sigma is drawn (z ~ N(0, 1), u ~ U(0, 1), per sample):
+    sigmoid (default)  sigma = sigmoid(z)                     logit-normal(0, 1): mass around 0.5
+    linear / uniform   sigma = u                              every noise level alike
+    shift              sigma = e^mu / (e^mu + 1/u - 1)        u pushed up by the time shift mu
+                       (mu > 0 moves mass to high noise; `mu` is resolution dependent for FLUX,
+                       `shift` = s > 0 gives the fixed form s*u / (1 + (s - 1)*u), s = e^mu)
+    lognorm            sigma = clamp(1 - exp(z / 3) / e, 0, 1)  log-normal(0, 1/3) folded under 1:
+                       mode near 0.68, mean about 0.61; leans to mid-high noise, few at the ends
+Then sigma is mapped into [min_denoising_steps, max_denoising_steps + 1] / 1000 and kept above
+SIGMA_MIN (sigma = 0 has no noise to learn from). `train.content_or_style` biases u (linear and
+shift only): content 1 - u^3 (high noise), style u^3 (low noise).
+
+`min_snr_gamma` is a DDPM-schedule weighting with no meaning here: asking for it is an error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aitk.config.schema import TrainConfig
+
+TIMESTEP_TYPES = ("sigmoid", "linear", "uniform", "shift", "lognorm")
+DEFAULT_TIMESTEP_TYPE = "sigmoid"
+NUM_TRAIN_TIMESTEPS = 1000
+SIGMA_MIN = 1e-3
+_LOGNORM_STD = 1.0 / 3.0
+
+
+class FlowMatchingConfigError(ValueError):
+    """A train.* setting that flow-matching models cannot honour."""
+
+
+def check_train_config(train_cfg: TrainConfig, model_label: str) -> None:
+    """Raise for settings of DDPM-style training that a flow-matching model cannot use."""
+    if train_cfg.min_snr_gamma:
+        raise FlowMatchingConfigError(
+            f"train.min_snr_gamma: {train_cfg.min_snr_gamma} is a weighting for DDPM-style (epsilon / "
+            f"v-prediction) models; {model_label} is trained with flow matching, so leave "
+            "train.min_snr_gamma unset"
+        )
+    kind = (train_cfg.timestep_type or DEFAULT_TIMESTEP_TYPE).lower()
+    if kind not in TIMESTEP_TYPES:
+        raise FlowMatchingConfigError(
+            f"train.timestep_type: {train_cfg.timestep_type!r} is not supported for flow matching "
+            f"({model_label}); use one of {', '.join(TIMESTEP_TYPES)}"
+        )
+
+
+def time_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
+    """The exponential time shift of flow-matching schedulers: e^mu / (e^mu + 1/sigma - 1).
+
+    Equal to s*sigma / (1 + (s - 1)*sigma) with s = e^mu; fixes 0 and 1, mu > 0 raises the rest.
+    """
+    s = math.exp(mu)
+    return s * sigma / (1.0 + (s - 1.0) * sigma)
+
+
+def _bias(u: torch.Tensor, content_or_style: str) -> torch.Tensor:
+    if content_or_style == "content":
+        return 1.0 - u**3
+    if content_or_style == "style":
+        return u**3
+    return u
+
+
+def sample_sigmas(
+    batch: int,
+    train_cfg: TrainConfig,
+    generator: torch.Generator | None,
+    *,
+    mu: float | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """Per-sample noise levels sigma (B,), float32 on the CPU, drawn as the module docstring says.
+
+    `mu` (a resolution-dependent time shift) or `shift` (a fixed one, mu = log(shift)) is used by
+    timestep_type "shift"; with neither, "shift" is plain uniform.
+    """
+    kind = (train_cfg.timestep_type or DEFAULT_TIMESTEP_TYPE).lower()
+    if kind == "sigmoid":
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator))
+    elif kind in ("linear", "uniform"):
+        sigma = _bias(torch.rand(batch, generator=generator), train_cfg.content_or_style)
+    elif kind == "shift":
+        u = _bias(torch.rand(batch, generator=generator), train_cfg.content_or_style)
+        if mu is None and shift is not None:
+            mu = math.log(shift)
+        sigma = time_shift(u, mu) if mu is not None else u
+    elif kind == "lognorm":
+        z = torch.randn(batch, generator=generator)
+        sigma = (1.0 - torch.exp(z * _LOGNORM_STD) / math.e).clamp(0.0, 1.0)
+    else:
+        raise FlowMatchingConfigError(
+            f"train.timestep_type: {train_cfg.timestep_type!r} is not supported for flow matching; "
+            f"use one of {', '.join(TIMESTEP_TYPES)}"
+        )
+    low = min(train_cfg.min_denoising_steps, NUM_TRAIN_TIMESTEPS - 1) / NUM_TRAIN_TIMESTEPS
+    high = min(train_cfg.max_denoising_steps + 1, NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
+    sigma = low + sigma.float() * (high - low)
+    return sigma.clamp(min=SIGMA_MIN, max=1.0)
+
+
+def noisy_and_target(
+    latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_sigma, target) for latents (B, ...) and per-sample sigma (B,), in float32."""
+    s = sigma.to(device=latents.device, dtype=torch.float32).view(-1, *([1] * (latents.ndim - 1)))
+    x0 = latents.float()
+    noise = noise.float()
+    return (1.0 - s) * x0 + s * noise, noise - x0

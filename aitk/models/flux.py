@@ -1,0 +1,475 @@
+"""FLUX.1 (dev, schnell, Kontext): FluxTransformer2DModel + 16-channel VAE + CLIP-L (pooled) + T5.
+
+Training is rectified flow (aitk.models.flow_matching): x = (1 - sigma) * x0 + sigma * noise,
+target = noise - x0, the transformer gets timestep sigma (diffusers' Flux transformer multiplies
+by 1000 itself; NoisyBatch.timesteps holds 1000 * sigma, the scheduler convention).
+timestep_type "shift" uses FLUX's resolution-dependent time shift, mu = FluxPipeline's
+calculate_shift(image token count) with the scheduler's base/max shift and sequence lengths.
+
+Latents stay (B, 16, h, w) in NoisyBatch and in predictions, so loss masks apply as for other
+models; `predict` packs them into 2x2-patch tokens with the ids FluxPipeline builds.
+
+- dev (guidance-distilled, transformer.config.guidance_embeds): trained with guidance
+  model.model_kwargs.guidance (default 1.0). schnell has no guidance embedding.
+- model.assistant_lora_path: a LoRA (any format FluxPipeline.lora_state_dict reads) loaded by
+  diffusers as the peft adapter "assistant": active while training, switched off inside
+  `preview_context()`, never part of the trained network or the saved file.
+- Kontext (FluxKontextAdapter): each sample's control image is VAE-encoded, packed and appended
+  to the image tokens with ids whose first axis is 1 (as FluxKontextPipeline does); only the
+  target tokens are predicted and compared.
+
+LoRA files (save_format comfyui / kohya): `transformer.<module path>.lora_A.weight`,
+`.lora_B.weight` and `.alpha`: diffusers' FluxPipeline.load_lora_weights reads the per-module
+alpha only next to lora_A / lora_B (with lora_down / lora_up it drops it), and ComfyUI maps the
+same names (shared/notes/lora-interop.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitk.config.schema import TrainConfig
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.sd15 import ModelLoadError
+
+ASSISTANT_ADAPTER = "assistant"
+SINGLE_FILE_SUFFIXES = {".safetensors", ".sft", ".ckpt"}
+FOLDER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+#: Linear layers a LoRA wraps by default, relative to each double / single transformer block:
+#: attention projections and feed-forward layers; the AdaLN modulation linears stay frozen.
+DOUBLE_BLOCK_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+SINGLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+class FluxInputError(ValueError):
+    """A batch or setting this FLUX model cannot train on (e.g. Kontext without controls)."""
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to device, casting only when needed (diffusers warns on every dtype cast)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
+
+
+def _offline_note() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used"
+    return ""
+
+
+def flux_lora_candidates(transformer: torch.nn.Module) -> list[str]:
+    """Default LoRA targets of a FluxTransformer2DModel, in model order."""
+    from aitk.networks.lora import eligible_modules
+
+    wanted: set[str] = set()
+    for i in range(len(transformer.transformer_blocks)):
+        wanted.update(f"transformer_blocks.{i}.{t}" for t in DOUBLE_BLOCK_TARGETS)
+    for i in range(len(transformer.single_transformer_blocks)):
+        wanted.update(f"single_transformer_blocks.{i}.{t}" for t in SINGLE_BLOCK_TARGETS)
+    return [name for name in eligible_modules(transformer) if name in wanted]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens of 2x2 patches (FluxPipeline's layout)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise FluxInputError(f"FLUX latents need an even height and width, got {h}x{w}")
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
+    """Inverse of `pack_latents` for an image of height x width pixels."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(tokens, height, width, vae_scale_factor)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype, first: float = 0.0) -> torch.Tensor:
+    """Position ids (h/2 * w/2, 3) of packed latents of h x w; `first` fills axis 0 (1 = Kontext's
+    reference image)."""
+    from diffusers import FluxPipeline
+
+    ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+    if first:
+        ids[..., 0] = first
+    return ids
+
+
+def image_seq_shift(num_tokens: int, scheduler_config: Any) -> float:
+    """FluxPipeline's mu for an image of `num_tokens` packed tokens (resolution-dependent shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return float(
+        calculate_shift(
+            num_tokens,
+            scheduler_config.get("base_image_seq_len", 256),
+            scheduler_config.get("max_image_seq_len", 4096),
+            scheduler_config.get("base_shift", 0.5),
+            scheduler_config.get("max_shift", 1.15),
+        )
+    )
+
+
+class FluxAdapter(ModelAdapter):
+    arch_names = ("flux",)
+    bucket_divisibility = 16  # 8x VAE downscale x 2x2 token patches
+    lora_prefix = "transformer."  # dotted module paths: transformer.<path>
+    #: lora_A / lora_B names next to `.alpha` (read by aitk.networks.export.save_lora)
+    lora_weight_names = ("lora_A", "lora_B")
+    diffusers_lora_prefix = "transformer"
+    base_model_version = "flux1"
+    modelspec_architecture = "flux-1-dev/lora"
+    #: modelspec architecture when the loaded transformer has no guidance embedding
+    schnell_architecture = "flux-1-schnell/lora"
+    model_label = "FLUX.1"
+    pipeline_name = "FluxPipeline"
+
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    text_encoder_2: Any
+    tokenizer_2: Any
+    scheduler_config: Any
+
+    # --- loading -------------------------------------------------------------------------
+    def load(self) -> None:
+        source = self.model_cfg.name_or_path
+        path = Path(source).expanduser()
+        folder_hint = (
+            "give a diffusers folder (model_index.json with "
+            + ", ".join(f"{p}/" for p in FOLDER_PARTS)
+            + ") or a hub id (owner/name)"
+        )
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(
+                f"model.name_or_path: {source!r} is a single file; {self.model_label} loads from a "
+                f"diffusers folder or hub id only in this version; {folder_hint}"
+            )
+        could_be_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+        if not could_be_hub_id and not path.exists():
+            raise ModelLoadError(
+                f"model.name_or_path: {source!r} is neither an existing folder nor a hub id; {folder_hint}"
+            )
+        if path.exists() and not path.is_dir():
+            raise ModelLoadError(f"model.name_or_path: {source!r} is a file, not a folder; {folder_hint}")
+        location = str(path) if path.exists() else source
+        try:
+            self._load_parts(location)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
+            where = folder_hint if path.exists() else (
+                "no local folder of that name exists, so it was looked up as a hub id"
+                f"{_offline_note()}; {folder_hint}"
+            )
+            raise ModelLoadError(
+                f"model.name_or_path: could not load a {self.model_label} model from {source!r}: {exc} ({where})"
+            ) from exc
+        self.has_guidance = bool(self.transformer.config.guidance_embeds)
+        if not self.has_guidance:
+            self.modelspec_architecture = self.schnell_architecture
+        kwargs = self.model_cfg.model_kwargs
+        self.train_guidance = float(kwargs.get("guidance", 1.0))
+        # T5 tokens per prompt: FLUX dev uses 512, schnell 256; never more than the tokenizer allows
+        default_len = 512 if self.has_guidance else 256
+        self.max_sequence_length = min(
+            int(kwargs.get("max_sequence_length", default_len)), int(self.tokenizer_2.model_max_length)
+        )
+        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+            module.requires_grad_(False)
+            module.eval()
+        _place(self.transformer, self.device, self.dtype)
+        _place(self.text_encoder, self.device, self.dtype)
+        _place(self.text_encoder_2, self.device, self.dtype)
+        _place(self.vae, self.device, torch.float32)  # encodes / decodes in fp32 whatever trains
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._preview_size: tuple[int, int] | None = None
+        self._text_pipe: Any = None
+        self.has_assistant = False
+        if self.model_cfg.assistant_lora_path:
+            self._load_assistant(self.model_cfg.assistant_lora_path)
+
+    def _load_parts(self, location: str) -> None:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+        self.tokenizer_2 = AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2")
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(location, subfolder="text_encoder_2")
+        self.transformer = FluxTransformer2DModel.from_pretrained(location, subfolder="transformer")
+        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler")
+        self.vae = self._load_vae(location)
+
+    def _load_vae(self, location: str) -> Any:
+        """The model's vae/, or model.vae_path (a VAE folder, a pipeline folder with vae/, a hub id)."""
+        from diffusers import AutoencoderKL
+
+        vae_source = self.model_cfg.vae_path
+        if not vae_source:
+            return AutoencoderKL.from_pretrained(location, subfolder="vae")
+        vae_path = Path(vae_source).expanduser()
+        try:
+            if vae_path.is_dir() and not (vae_path / "config.json").is_file():
+                return AutoencoderKL.from_pretrained(str(vae_path), subfolder="vae")
+            return AutoencoderKL.from_pretrained(str(vae_path) if vae_path.exists() else vae_source)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model.vae_path: could not load a VAE from {vae_source!r}: {exc} (give a VAE folder with "
+                f"config.json, a pipeline folder with vae/ or a hub id{_offline_note()})"
+            ) from exc
+
+    def _load_assistant(self, source: str) -> None:
+        """Load the assistant LoRA into the transformer as its own (frozen, active) peft adapter."""
+        from diffusers import FluxPipeline
+
+        path = Path(source).expanduser()
+        key = "model.assistant_lora_path"
+        if not path.is_file():
+            raise ModelLoadError(f"{key}: {source!r} is not a file; give the path of a .safetensors LoRA file")
+        try:
+            state, alphas, metadata = FluxPipeline.lora_state_dict(
+                str(path), return_alphas=True, return_lora_metadata=True
+            )
+        except Exception as exc:  # foreign key layouts make the converters raise anything
+            raise ModelLoadError(f"{key}: {path} could not be read as a FLUX LoRA: {exc}") from exc
+        state = {k: v for k, v in state.items() if k.startswith("transformer.")}
+        modules = {k[len("transformer."):].split(".lora_")[0] for k in state if ".lora_" in k}
+        known = {name for name, _ in self.transformer.named_modules()}
+        unknown = sorted(modules - known)
+        if not modules or unknown:
+            detail = f"e.g. {unknown[:3]}" if unknown else "no transformer LoRA weights in it"
+            raise ModelLoadError(
+                f"{key}: {path} does not match this {self.model_label} transformer ({detail}); give a "
+                "LoRA trained for this model"
+            )
+        alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("transformer.")}
+        try:
+            FluxPipeline.load_lora_into_transformer(
+                state, network_alphas=alphas or None, transformer=self.transformer,
+                adapter_name=ASSISTANT_ADAPTER, metadata=metadata,
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"{key}: {path} could not be applied to the transformer: {exc}") from exc
+        self.transformer.requires_grad_(False)
+        self.has_assistant = True
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def network_candidates(self, include_conv: bool) -> list[str]:
+        return flux_lora_candidates(self.transformer)  # FLUX has no conv layers to add for LoCon
+
+    # --- encoding ------------------------------------------------------------------------
+    def _pipeline(self, scheduler: Any | None = None) -> Any:
+        import diffusers
+
+        if scheduler is None:
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        return getattr(diffusers, self.pipeline_name)(
+            scheduler=scheduler,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
+            transformer=self.transformer,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        # The pipeline's own encoder, so training sees exactly what previews and other tools see.
+        if self._text_pipe is None:
+            self._text_pipe = self._pipeline()
+        hidden, pooled, _ = self._text_pipe.encode_prompt(
+            prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return PromptEmbeds(hidden, {"pooled": pooled})
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, dtype=torch.float32)
+        # The distribution's mean: deterministic, so cached latents and resumed runs agree.
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def latent_space_id(self) -> str:
+        cfg = self.vae.config
+        return (
+            f"flux-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{cfg.shift_factor}:"
+            f"{self.model_cfg.vae_path or self.model_cfg.name_or_path}"
+        )
+
+    # --- training objective --------------------------------------------------------------
+    def make_noisy_batch(
+        self,
+        latents: torch.Tensor,
+        train_cfg: TrainConfig,
+        generator: torch.Generator | None,
+        context: BatchContext | None = None,
+    ) -> NoisyBatch:
+        from aitk.models.flow_matching import check_train_config, noisy_and_target, sample_sigmas
+        from aitk.trainer.loss import apply_noise_offset
+
+        check_train_config(train_cfg, self.model_label)
+        b, _, h, w = latents.shape
+        if h % 2 or w % 2:
+            raise FluxInputError(f"FLUX latents need an even height and width, got {h}x{w}")
+        # noise levels first: the same seed then draws the same levels at every image size
+        mu = image_seq_shift((h // 2) * (w // 2), self.scheduler_config)
+        sigma = sample_sigmas(b, train_cfg, generator, mu=mu).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator).to(latents.device)
+        noisy, target = noisy_and_target(latents, noise, sigma)
+        extra = self._batch_extra(latents, context)
+        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, None, extra)
+
+    def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
+        """Model inputs beyond the noisy latents (Kontext: the control latents)."""
+        return {}
+
+    def _reference_tokens(self, batch: NoisyBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens (B, M, 4C), ids (M, 3)) appended after the image tokens (Kontext), or None."""
+        return None
+
+    def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
+        x = batch.noisy_latents.to(self.dtype)
+        b, c, h, w = x.shape
+        tokens = pack_latents(x)
+        ids = image_ids(h, w, x.device, self.dtype)
+        reference = self._reference_tokens(batch)
+        if reference is not None:
+            tokens = torch.cat([tokens, reference[0].to(self.dtype)], dim=1)
+            ids = torch.cat([ids, reference[1]], dim=0)
+        hidden = cond.hidden_states.to(self.device, self.dtype)
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=self.dtype)
+        guidance = None
+        if self.has_guidance:
+            guidance = torch.full((b,), self.train_guidance, device=x.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=tokens,
+            timestep=(batch.timesteps / 1000.0).to(x.device, self.dtype),
+            guidance=guidance,
+            pooled_projections=cond.extra["pooled"].to(self.device, self.dtype),
+            encoder_hidden_states=hidden,
+            txt_ids=txt_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        n = (h // 2) * (w // 2)  # the target's tokens come first; reference tokens are not predicted
+        return unpack_latents(out[:, :n], h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
+
+    # --- previews ------------------------------------------------------------------------
+    def sample_pipeline(self, sampler: str | None = None) -> Any:
+        # FLUX previews with its own flow-match Euler scheduler whatever sample.sampler says.
+        return self._pipeline()
+
+    def preview_context(self) -> AbstractContextManager[None]:
+        return self._assistant_off() if self.has_assistant else nullcontext()
+
+    @contextmanager
+    def _assistant_off(self) -> Iterator[None]:
+        """Previews show the trained LoRA on the plain base model: the assistant is switched off
+        (peft's set_adapter also changes requires_grad, so that is restored afterwards)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [
+            m for m in self.transformer.modules()
+            if isinstance(m, BaseTunerLayer) and ASSISTANT_ADAPTER in getattr(m, "lora_A", {})
+        ]
+        active = {id(m): list(m.active_adapters) for m in layers}
+        grads = [(p, p.requires_grad) for p in self.transformer.parameters()]
+        try:
+            for m in layers:
+                m.set_adapter([a for a in active[id(m)] if a != ASSISTANT_ADAPTER])
+            yield
+        finally:
+            for m in layers:
+                m.set_adapter(active[id(m)])
+            for p, flag in grads:
+                p.requires_grad_(flag)
+
+    def preview_kwargs(self, request: Any) -> dict[str, Any]:
+        # The sampler snaps sizes to 8 px and the pipeline floors them to 16: remember the
+        # result, because the packed latents it returns do not carry their image size.
+        self._preview_size = (request.height // 16 * 16, request.width // 16 * 16)
+        return {"max_sequence_length": self.max_sequence_length}
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        from diffusers.image_processor import VaeImageProcessor
+
+        latents = latents.to(self.device, torch.float32)
+        if latents.ndim == 3:  # packed tokens from the pipeline
+            if self._preview_size is not None:
+                height, width = self._preview_size
+            else:  # no request seen: a square image
+                side = int(round(latents.shape[1] ** 0.5)) * 2 * self.vae_scale_factor
+                height = width = side
+            latents = unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        pixels = self.vae.decode(latents).sample
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2).postprocess(pixels, output_type="pil")
+
+
+class FluxKontextAdapter(FluxAdapter):
+    """FLUX.1 Kontext: image editing; trained on (control image, target image, caption) triples."""
+
+    arch_names = ("flux_kontext",)
+    uses_controls = True
+    modelspec_architecture = "flux-1-kontext-dev/lora"
+    model_label = "FLUX.1 Kontext"
+    pipeline_name = "FluxKontextPipeline"
+
+    def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
+        if context is None or context.controls is None:
+            raise FluxInputError(
+                "flux_kontext trains on image pairs but this batch has no control images: set the "
+                "dataset's control_path to the folder of control (input) images, one per training "
+                "image with the same file name"
+            )
+        if context.controls.shape[0] != latents.shape[0]:
+            raise FluxInputError(
+                f"{context.controls.shape[0]} control images for a batch of {latents.shape[0]} latents"
+            )
+        return {"control_latents": self.encode_images(context.controls).to(self.dtype)}
+
+    def _reference_tokens(self, batch: NoisyBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        control = batch.extra.get("control_latents")
+        if control is None:
+            raise FluxInputError(
+                "flux_kontext: NoisyBatch.extra has no control_latents (make the batch with make_noisy_batch)"
+            )
+        h, w = control.shape[-2:]
+        return pack_latents(control), image_ids(h, w, control.device, self.dtype, first=1.0)
+
+    def preview_kwargs(self, request: Any) -> dict[str, Any]:
+        kwargs = super().preview_kwargs(request)
+        height, width = self._preview_size or (request.height, request.width)
+        # The pipeline otherwise resizes to ~1 MP (max_area) and snaps the control image to its
+        # preferred resolutions; previews keep the requested size, as training keeps the bucket.
+        kwargs.update(max_area=height * width, _auto_resize=False)
+        if request.ctrl_img:
+            from PIL import Image
+
+            path = Path(request.ctrl_img).expanduser()
+            if not path.is_file():
+                raise FluxInputError(f"sample ctrl_img: {request.ctrl_img!r} is not a file")
+            with Image.open(path) as image:
+                # like the training pairs, the control image has the target's size
+                kwargs["image"] = image.convert("RGB").resize((width, height), Image.BICUBIC)
+        return kwargs

@@ -1,0 +1,207 @@
+"""Stable Diffusion XL: UNet2DConditionModel with text_time added conditioning, two CLIP text
+encoders, an AutoencoderKL that runs in fp32; epsilon or v-prediction.
+
+Loading, the noise objective (min-SNR, noise offset, timestep bias) and LoRA targets are SD 1.5's;
+SDXL adds the second text encoder (its pooled output conditions the UNet) and the six time ids
+(original size, crop top-left, target size) per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitk.config.schema import TrainConfig
+from aitk.models.base import BatchContext, NoisyBatch, PromptEmbeds
+from aitk.models.sd15 import SD15Adapter
+
+# Component configs of a single-file checkpoint when no local config folder is given.
+SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+#: PromptEmbeds.extra key of text_encoder_2's pooled (projected) output
+POOLED = "pooled"
+#: NoisyBatch.extra key of the (B, 6) time ids
+TIME_IDS = "time_ids"
+
+Size = tuple[int, int]
+
+
+def sdxl_time_ids(
+    batch: int,
+    latent_hw: Size,
+    vae_scale_factor: int,
+    context: BatchContext | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """SDXL's add_time_ids per sample, (B, 6) float32: original (h, w), crop (top, left), target (h, w).
+
+    Taken from `context`; what it lacks falls back to what the pipeline assumes at inference:
+    target = the latent size in pixels, original = target, no crop.
+    """
+    ctx = context or BatchContext()
+    pixels = (latent_hw[0] * vae_scale_factor, latent_hw[1] * vae_scale_factor)
+
+    def per_sample(values: Sequence[Sequence[int]], default: list[Size], what: str) -> list[Size]:
+        if not values:
+            return default
+        if len(values) != batch:
+            raise ValueError(f"BatchContext.{what} has {len(values)} entries for a batch of {batch}")
+        return [(int(v[0]), int(v[1])) for v in values]
+
+    targets = per_sample(ctx.target_sizes, [pixels] * batch, "target_sizes")
+    originals = per_sample(ctx.original_sizes, targets, "original_sizes")
+    crops = per_sample(ctx.crops_top_left, [(0, 0)] * batch, "crops_top_left")
+    rows = [[*o, *c, *t] for o, c, t in zip(originals, crops, targets)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+class SDXLAdapter(SD15Adapter):
+    arch_names = ("sdxl",)
+    bucket_divisibility = 64
+    lora_prefix = "lora_unet"
+    diffusers_lora_prefix = "unet"
+    base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    model_label = "Stable Diffusion XL"
+    default_config_repo = SDXL_CONFIG_REPO
+    folder_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
+
+    tokenizer_2: Any
+    text_encoder_2: Any
+
+    # --- loading (SD 1.5's, with the second text encoder) ---------------------------------
+    def _load_text_parts(self, location: str) -> None:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        super()._load_text_parts(location)
+        self.tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2")
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2")
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def _single_file_pipeline(self, path: Path, config: str) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline.from_single_file(str(path), config=config, add_watermarker=False)
+
+    def _take_text_parts(self, pipe: Any) -> None:
+        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        self.tokenizer_2, self.text_encoder_2 = pipe.tokenizer_2, pipe.text_encoder_2
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _pipeline(self, scheduler: Any) -> Any:
+        """StableDiffusionXLPipeline over the live modules (the UNet as the network wraps it)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,  # what SDXL's own model_index.json says
+            add_watermarker=False,  # previews stop at latents; the watermark is a pixel operation
+        )
+
+    # --- encoding ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        # The pipeline's own encoding (penultimate hidden states of both encoders, concatenated;
+        # text_encoder_2's projected pooled output), so training sees exactly what previews and
+        # users' pipelines feed the UNet.
+        # One prompt per call: the pooled projection is a (B, width) matmul whose result for one
+        # row changes with B (measured on CPU), and the trainer encodes whichever captions its
+        # cache lacks, so batched encoding would make a resumed run drift from a straight one.
+        pipe = self._pipeline(self.noise_scheduler)
+        hidden, pooled = [], []
+        for prompt in prompts:
+            one, _, one_pooled, _ = pipe.encode_prompt(
+                [prompt], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            hidden.append(one)
+            pooled.append(one_pooled)
+        return PromptEmbeds(torch.cat(hidden), {POOLED: torch.cat(pooled)})
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) of the latent channels when the VAE config has them (some SDXL-architecture
+        models normalise latents this way; the SDXL pipeline undoes it before decoding)."""
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        shape = (1, len(mean), 1, 1)
+        return (
+            torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
+            torch.tensor(std, dtype=like.dtype, device=like.device).view(shape),
+        )
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, dtype=torch.float32)  # SDXL's VAE overflows in fp16
+        # The distribution's mean: deterministic, so cached latents and resumed runs agree.
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        stats = self._latent_stats(latents)
+        if stats is not None:
+            latents = latents - stats[0]
+            return latents * self.vae.config.scaling_factor / stats[1]
+        return latents * self.vae.config.scaling_factor
+
+    def latent_space_id(self) -> str:
+        return "sdxl-" + super().latent_space_id()
+
+    # --- training objective --------------------------------------------------------------
+    def make_noisy_batch(
+        self,
+        latents: torch.Tensor,
+        train_cfg: TrainConfig,
+        generator: torch.Generator | None,
+        context: BatchContext | None = None,
+    ) -> NoisyBatch:
+        batch = super().make_noisy_batch(latents, train_cfg, generator, context)
+        batch.extra[TIME_IDS] = sdxl_time_ids(
+            latents.shape[0], (latents.shape[-2], latents.shape[-1]), self.vae_scale_factor, context,
+            device=latents.device,
+        )
+        return batch
+
+    def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
+        time_ids = batch.extra.get(TIME_IDS)
+        if time_ids is None:  # a batch built elsewhere: the pipeline's defaults
+            time_ids = sdxl_time_ids(
+                batch.noisy_latents.shape[0], tuple(batch.noisy_latents.shape[-2:]), self.vae_scale_factor,
+                None, device=batch.noisy_latents.device,
+            )
+        return self.unet(
+            batch.noisy_latents,
+            batch.timesteps,
+            encoder_hidden_states=cond.hidden_states.to(self.dtype),
+            added_cond_kwargs={"text_embeds": cond.extra[POOLED].to(self.dtype), "time_ids": time_ids.to(self.dtype)},
+        ).sample
+
+    # --- previews ------------------------------------------------------------------------
+    def sample_pipeline(self, sampler: str | None = None) -> Any:
+        from aitk.models.samplers import preview_scheduler
+
+        return self._pipeline(preview_scheduler(sampler, self.noise_scheduler.config))
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        from diffusers.image_processor import VaeImageProcessor
+
+        # The VAE decodes in fp32 whatever dtype the denoiser ran in: SDXL's VAE overflows in fp16.
+        latents = latents.to(self.device, torch.float32)
+        stats = self._latent_stats(latents)
+        if stats is not None:
+            latents = latents * stats[1] / self.vae.config.scaling_factor + stats[0]
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        pixels = self.vae.decode(latents).sample
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")

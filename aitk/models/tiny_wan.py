@@ -1,0 +1,163 @@
+"""Tiny random-init WAN pipelines (2.1 / 2.2, T2V / I2V) of the real diffusers classes.
+
+Used by the tests: the adapter's real loading code runs on them and diffusers' own WanPipeline /
+WanImageToVideoPipeline load them, so nothing is downloaded. Shapes follow the real models
+(16-channel VAE with 8x spatial and 4x temporal compression, 36 input channels for I2V, a CLIP
+vision tower whose penultimate hidden states feed 2.1 I2V's image attention), only much smaller.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+TINY_WAN_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
+VARIANTS = ("t2v", "i2v", "22_t2v", "22_i2v")
+#: boundary_ratio of the 2.2 pipelines (diffusers' Wan2.2 A14B configs)
+BOUNDARY_RATIOS = {"22_t2v": 0.875, "22_i2v": 0.9}
+
+TEXT_DIM = 32  # umT5 d_model = the transformer's text_dim
+CLIP_DIM = 32  # CLIP vision hidden size = the transformer's image_dim (2.1 I2V)
+CLIP_IMAGE_SIZE = 32
+TEXT_LENGTH = 512  # WAN's text length; the tokenizer pads to it
+
+
+def _corpus() -> list[str]:
+    """A few caption-like lines: enough for the trainer to learn frequent pieces."""
+    words = (
+        "a the of on in with and red green blue yellow white black grey circle square triangle "
+        "shape style photo video frame camera moving slowly background shp person cat dog"
+    ).split()
+    return [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+
+
+def build_tokenizer() -> object:
+    """umT5's tokenizer class (T5Tokenizer, a SentencePiece-style Unigram) over a vocabulary
+    trained here in milliseconds with the `tokenizers` library: no download, no sentencepiece."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=160,
+        special_tokens=specials,
+        unk_token="<unk>",
+        # every printable character is kept, so unusual prompts still tokenize without <unk>
+        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        shrinking_factor=0.75,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    vocab = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LENGTH)
+
+
+def _transformer(in_channels: int, image_dim: int | None, seed: int) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    heads, head_dim = 2, 12  # head_dim splits into the t / h / w rotary parts (4 each)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=image_dim,
+        # the image key/value projections read the image embedding after its projection to
+        # the model width, as in the real 2.1 I2V model (added_kv_proj_dim = inner dim)
+        added_kv_proj_dim=heads * head_dim if image_dim is not None else None,
+        rope_max_seq_len=32,
+    )
+
+
+def build_tiny_wan(folder: str | Path, variant: str = "t2v", seed: int = 0) -> Path:
+    """Write a tiny WAN pipeline folder; returns `folder`. Idempotent (version marker).
+
+    variant: "t2v" / "i2v" (WAN 2.1: one transformer; I2V adds a CLIP vision encoder and
+    processor), "22_t2v" / "22_i2v" (WAN 2.2 14B: `transformer` = high-noise expert,
+    `transformer_2` = low-noise expert, `boundary_ratio` in model_index.json; no image encoder).
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    folder = Path(folder)
+    marker = folder / "aitk_tiny.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info.get("version") == TINY_WAN_VERSION and info.get("variant") == variant and info.get("seed") == seed:
+            return folder
+
+    i2v = variant in ("i2v", "22_i2v")
+    two_experts = variant.startswith("22_")
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    tokenizer = build_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            dropout_rate=0.0,
+        )
+    )
+    # WAN's own scheduler: UniPC over flow-matching sigmas with the 480p shift
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    in_channels = 36 if i2v else 16  # I2V: 16 noisy + 4 mask + 16 condition latent channels
+    image_dim = CLIP_DIM if variant == "i2v" else None
+    transformer = _transformer(in_channels, image_dim, seed + 1)
+    parts: dict[str, object] = dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    if two_experts:
+        parts["transformer_2"] = _transformer(in_channels, image_dim, seed + 2)
+        parts["boundary_ratio"] = BOUNDARY_RATIOS[variant]
+    if variant == "i2v":
+        torch.manual_seed(seed + 3)
+        parts["image_encoder"] = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=CLIP_DIM,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=CLIP_IMAGE_SIZE,
+                patch_size=8,
+                projection_dim=CLIP_DIM,
+            )
+        )
+        parts["image_processor"] = CLIPImageProcessor(
+            size={"shortest_edge": CLIP_IMAGE_SIZE},
+            crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+        )
+    pipe_cls = WanImageToVideoPipeline if i2v else WanPipeline
+    pipe = pipe_cls(**parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    marker.write_text(json.dumps({"version": TINY_WAN_VERSION, "variant": variant, "seed": seed}))
+    return folder

@@ -1,0 +1,72 @@
+"""WAN LoRA key names: diffusers module paths <-> the original WAN names ComfyUI loads.
+
+ComfyUI loads WAN LoRAs only under the original checkpoint names
+(`diffusion_model.blocks.N.self_attn.q.lora_down.weight` ...), never under diffusers' names
+(`blocks.N.attn1.to_q`); diffusers converts the original names itself on load
+(`_convert_non_diffusers_wan_lora_to_diffusers`). So files are written in the original naming.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "diffusion_model."
+
+# Inside a transformer block: diffusers path -> original path.
+_BLOCK_NAMES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",  # 2.1 I2V: keys / values of the CLIP image tokens
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+
+# Outside the blocks (never default targets; reachable with custom filters). ComfyUI knows these
+# names; diffusers 0.42's converter takes their weights but not an `.alpha` for them.
+_OTHER_NAMES = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "proj_out": "head.head",
+}
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def original_name(module_name: str) -> str | None:
+    """The original WAN path of a diffusers WanTransformer3DModel module, None if it has none."""
+    m = _BLOCK.match(module_name)
+    if m:
+        inner = _BLOCK_NAMES.get(m.group(2))
+        return f"blocks.{m.group(1)}.{inner}" if inner else None
+    return _OTHER_NAMES.get(module_name)
+
+
+def lora_key_stem(module_name: str) -> str:
+    """`diffusion_model.<original path>` for one wrapped module; ValueError when WAN's original
+    checkpoint has no such layer (ComfyUI could not apply it)."""
+    name = original_name(module_name)
+    if name is None:
+        raise ValueError(
+            f"module {module_name!r} has no name in WAN's original checkpoint layout, so ComfyUI "
+            "could not load its LoRA weights; wrap only attention / FFN layers of the transformer "
+            "blocks (network.network_kwargs.only_if_contains / ignore_if_contains)"
+        )
+    return PREFIX + name
+
+
+def is_block_target(module_name: str) -> bool:
+    """An attention or FFN linear layer of a transformer block (the default LoRA targets)."""
+    m = _BLOCK.match(module_name)
+    return bool(m) and m.group(2) in _BLOCK_NAMES
