@@ -225,7 +225,7 @@ def test_ema_weights_are_what_is_saved(make_job):
     from aitk.networks.export import kohya_to_network_state, load_lora_file
 
     tensors, _ = load_lora_file(result.final_lora)
-    saved, _ = kohya_to_network_state(trainer.network, tensors, prefix="lora_unet")
+    saved, _ = kohya_to_network_state(trainer.network.first, tensors, prefix="lora_unet")
     live = trainer.network.network_state_dict()
     with trainer.ema.applied():
         ema = trainer.network.network_state_dict()

@@ -104,8 +104,6 @@ UNSUPPORTED: list[Unsupported] = [
                 f"{FAILS}; use adamw, adamw8bit, adafactor, prodigy, lion or sgd"),
     Unsupported(TrainConfig, "train_text_encoder", _is_true, "training the text encoder",
                 "it is ignored and only the UNet is trained"),
-    Unsupported(TrainConfig, "switch_boundary_every", _is_set,
-                "switching experts (multi-expert models)", IGNORED),
     Unsupported(TrainConfig, "noise_scheduler",
                 lambda v, s: v.lower() not in ("ddpm", "ddim", "euler", "pndm", "flowmatch", "flow_match"),
                 "noise_scheduler {value} (each model trains with its own schedule: DDPM for SD, "

@@ -114,6 +114,11 @@ class ModelAdapter(ABC):
     def expert_for_timesteps(self, timesteps: torch.Tensor) -> str:
         return "main"
 
+    def trained_experts(self) -> list[str]:
+        """The experts this job trains, in alternation order (WAN 2.2: model_kwargs.train_high_noise /
+        train_low_noise choose). Each gets its own network and LoRA file."""
+        return list(self.experts())
+
     def lora_key_stem(self, module_name: str) -> str:
         """Key stem of one wrapped denoiser module in comfyui / kohya files (ComfyUI's naming).
 

@@ -9,7 +9,7 @@ import math
 import time
 from contextlib import nullcontext
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class RunResult:
     step: int
     final_lora: Path | None
     output_dir: Path
+    final_loras: list[Path] = field(default_factory=list)  # one per network (per expert for WAN 2.2)
 
 
 class Trainer:
@@ -181,38 +182,59 @@ class Trainer:
                 "network: is missing; full fine-tuning is not supported yet. Add e.g. "
                 "`network: {type: lora, linear: 16, linear_alpha: 16}`"
             )
-        denoiser = self.adapter.denoiser()
+        from aitk.networks.group import SINGLE, NetworkGroup
+
         include_conv = net_cfg.conv_rank is not None
-        self.network = inject_network(
-            denoiser,
-            linear_rank=net_cfg.linear_rank,
-            linear_alpha=net_cfg.linear_alpha_value,
-            conv_rank=net_cfg.conv_rank,
-            conv_alpha=net_cfg.conv_alpha_value,
-            dropout=net_cfg.dropout,
-            only_if_contains=net_cfg.network_kwargs.only_if_contains,
-            ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
-            candidates=self.adapter.network_candidates(include_conv),
-            seed=self.seed,
-        )
+        experts = self.adapter.experts()
+        trained = self.adapter.trained_experts()
+        networks = {}
+        for expert in trained:
+            networks[expert if len(experts) > 1 else SINGLE] = inject_network(
+                experts[expert],
+                linear_rank=net_cfg.linear_rank,
+                linear_alpha=net_cfg.linear_alpha_value,
+                conv_rank=net_cfg.conv_rank,
+                conv_alpha=net_cfg.conv_alpha_value,
+                dropout=net_cfg.dropout,
+                only_if_contains=net_cfg.network_kwargs.only_if_contains,
+                ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
+                candidates=self.adapter.network_candidates(include_conv),
+                seed=self.seed,
+            )
+        self.network = NetworkGroup(networks)
         self.params = self.network.trainable_parameters()
-        count = sum(p.numel() for p in self.params)
-        self.log(
-            f"network: {len(self.network.wrapped_module_names())} modules wrapped, "
-            f"{count:,} trainable parameters"
+        for name, handle in self.network.items():
+            count = sum(p.numel() for p in handle.trainable_parameters())
+            which = "" if self.network.is_single else f" ({name} expert)"
+            self.log(
+                f"network{which}: {len(handle.wrapped_module_names())} modules wrapped, "
+                f"{count:,} trainable parameters"
+            )
+        from aitk.trainer.experts import ExpertRotation
+
+        self.rotation = ExpertRotation(
+            [] if self.network.is_single else list(self.network), self.train_cfg.switch_boundary_every
         )
-        if self.train_cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-            denoiser.enable_gradient_checkpointing()
-        denoiser.train()  # network dropout; the frozen base has no dropout in these models
+        if not self.network.is_single:
+            self.log(f"experts: {self.rotation.describe()}")
+        denoiser = self.adapter.denoiser()
+        for module in experts.values():
+            if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            module.train()  # network dropout; the frozen base has no dropout in these models
 
     def _setup_optimizer(self) -> None:
         from aitk.optim import build_lr_scheduler, build_optimizer
 
         cfg = self.train_cfg
         lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.lr
-        self.optimizer = build_optimizer(
-            cfg.optimizer, [{"params": self.params, "lr": lr}], lr=lr, optimizer_params=cfg.optimizer_params
-        )
+        from aitk.trainer.experts import expert_learning_rate
+
+        groups = [
+            {"params": self.network.trainable_parameters(name), "lr": expert_learning_rate(name, lr, cfg.optimizer_params)}
+            for name in self.network
+        ]
+        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=lr, optimizer_params=cfg.optimizer_params)
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer,
             cfg.lr_scheduler,
@@ -228,7 +250,7 @@ class Trainer:
     def _signature(self) -> dict[str, Any]:
         from aitk.trainer.resume import run_signature
 
-        return run_signature(self.process, self.network.wrapped_module_names())
+        return run_signature(self.process, self.network.wrapped_module_names(), list(self.network))
 
     def _resume(self) -> bool:
         from aitk.trainer.resume import IncompatibleCheckpoint, check_signature, choose_checkpoint
@@ -310,6 +332,7 @@ class Trainer:
             target_sizes=[bucket] * len(batch) if bucket is not None else [],
             controls=batch.controls.to(device) if batch.controls is not None else None,
             first_frames=batch.first_frames.to(device) if batch.first_frames is not None else None,
+            expert=self.active_expert,
         )
 
     def _sync(self, loss: float) -> tuple[float, bool]:
@@ -319,17 +342,28 @@ class Trainer:
             return loss, bool(stop_flag)
         import torch.distributed as dist
 
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        params = self._step_params()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss, stop_flag])])
         flat = flat.to(self.session.device)
         dist.all_reduce(flat)
         flat /= self.session.world_size
         offset = 0
-        for param, grad in zip(self.params, grads):
+        for param, grad in zip(params, grads):
             n = grad.numel()
             param.grad = flat[offset : offset + n].view_as(param).to(param.dtype)
             offset += n
         return flat[-2].item(), flat[-1].item() > 0
+
+    @property
+    def active_expert(self) -> str | None:
+        """The expert trained at the current step (None for single-model runs)."""
+        return self.rotation.active(self.state.step)
+
+    def _step_params(self) -> list[torch.nn.Parameter]:
+        """Parameters this step trains: the active expert's only, so the other's stay untouched."""
+        expert = self.active_expert
+        return self.params if expert is None else self.network.trainable_parameters(expert)
 
     def _optimizer_step(self) -> tuple[float, float, list[float], int, bool]:
         accumulation = self.train_cfg.accumulation_steps
@@ -344,7 +378,7 @@ class Trainer:
             scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, max_norm if max_norm and max_norm > 0 else float("inf")
+            self._step_params(), max_norm if max_norm and max_norm > 0 else float("inf")
         ).item()
         # With fp16 loss scaling an overflowing gradient is routine: the scaler skips that update
         # and lowers its scale. Anything else non-finite is a bad step.
@@ -378,52 +412,14 @@ class Trainer:
         return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop
 
     # ------------------------------------------------------------------ save & sample
-    def _lora_metadata(self, step: int) -> dict[str, str]:
-        from aitk.networks.metadata import lora_metadata
+    def _save_lora(self, step: int | None) -> list[Path]:
+        from aitk.trainer.lora_files import write_lora_files
 
-        net_cfg = self.process.network
-        resolution = self.process.datasets[0].resolutions[0]
-        return lora_metadata(
-            name=self.job.config.name,
-            steps=step,
-            network_dim=self.network.linear_rank,
-            network_alpha=self.network.linear_alpha,
-            conv_dim=self.network.conv_rank,
-            conv_alpha=self.network.conv_alpha,
-            base_model_version=self.adapter.base_model_version,
-            architecture=self.adapter.modelspec_architecture,
-            resolution=(resolution, resolution),
-            training_settings=self.process.train.model_dump(mode="json")
-            | {"network": net_cfg.model_dump(mode="json") if net_cfg else None},
-            meta=self.job.meta,
-            trigger_word=self.process.trigger_word,
-        )
-
-    def _save_lora(self, step: int | None) -> Path:
-        from aitk.networks.export import save_lora
-
-        path = self.paths.lora_file(step)
-        save_cfg = self.process.save
         shown_step = self.state.step if step is None else step
-
-        def write() -> None:
-            save_lora(
-                path,
-                self.network,
-                save_format=save_cfg.save_format,
-                prefix=self.adapter.lora_prefix,
-                key_for=self.adapter.lora_key_stem,
-                diffusers_prefix=self.adapter.diffusers_lora_prefix,
-                dtype=torch_dtype(save_cfg.dtype),
-                metadata=self._lora_metadata(shown_step),
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            return write_lora_files(
+                self.paths, step, shown_step, self.network, self.job, self.process, self.adapter
             )
-
-        if self.ema is not None:
-            with self.ema.applied():
-                write()
-        else:
-            write()
-        return path
 
     def _gather_rng(self) -> list[dict[str, Any]]:
         from aitk.trainer.rng import capture_rng
@@ -445,10 +441,13 @@ class Trainer:
         self._set_status(state="saving")
         self.state.data = self.data.state_dict()
         self.state.signature = self._signature()
-        lora = self._save_lora(None if final else step)
+        loras = self._save_lora(None if final else step)
         if final:
             # The final file is also kept under its step name, so pruning never leaves a gap.
-            atomic_copy(lora, self.paths.lora_file(step))
+            from aitk.trainer.lora_files import lora_paths
+
+            for lora, stepped in zip(loras, lora_paths(self.paths, step, self.network)):
+                atomic_copy(lora, stepped)
         content = CheckpointContent(
             state=self.state,
             network=self.network.network_state_dict(),
@@ -466,7 +465,7 @@ class Trainer:
         )
         self._prune()
         self._set_status(state="training", last_checkpoint=str(folder), force=True)
-        self.log(f"saved {lora.name} and checkpoint {folder.name} at step {step}")
+        self.log(f"saved {', '.join(p.name for p in loras)} and checkpoint {folder.name} at step {step}")
 
     def _prune(self) -> None:
         keep = self.process.save.max_step_saves_to_keep
@@ -474,9 +473,12 @@ class Trainer:
             return
         import shutil
 
+        from aitk.trainer.lora_files import lora_paths
+
         for info in ckpt.list_checkpoints(self.paths.checkpoints)[keep:]:
             shutil.rmtree(info.path, ignore_errors=True)
-            self.paths.lora_file(info.step).unlink(missing_ok=True)
+            for path in lora_paths(self.paths, info.step, self.network):
+                path.unlink(missing_ok=True)
 
     def _sample(self, step: int) -> None:
         """Previews are a view of the run, never a reason to lose it: a failure is a warning."""
@@ -485,8 +487,9 @@ class Trainer:
         from aitk.trainer.sampling import render_previews
 
         self._set_status(state="sampling")
-        denoiser = self.adapter.denoiser()
-        denoiser.eval()
+        experts = list(self.adapter.experts().values())
+        for module in experts:
+            module.eval()
         started = time.perf_counter()
         try:
             with self.ema.applied() if self.ema is not None else nullcontext(), self.adapter.preview_context():
@@ -503,7 +506,8 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a preview size
             self.log(f"warning: samples for step {step} failed ({type(exc).__name__}: {exc}); training goes on")
         finally:
-            denoiser.train()
+            for module in experts:
+                module.train()
         self._set_status(state="training")
 
     # ------------------------------------------------------------------ the run
@@ -526,7 +530,8 @@ class Trainer:
         return self.session.world_size == 1 and self.stop.requested is not None
 
     def _metrics_record(
-        self, step_index: int, loss: float, grad_norm: float, lrs: list[float], samples: int, step_time: float
+        self, step_index: int, loss: float, grad_norm: float, lrs: list[float], samples: int, step_time: float,
+        expert: str | None = None,
     ) -> dict[str, Any]:
         return {
             "step": step_index,
@@ -537,7 +542,7 @@ class Trainer:
             "samples_per_s": samples / step_time if step_time > 0 else None,
             "gradient_stability": None,  # arrives with alpha scheduling (#5)
             "gradient_stability_avg": None,
-            "expert": None,
+            "expert": expert,
             "learning_rate": lrs[0] if len(lrs) == 1 else sum(lrs) / len(lrs),
             **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
             "alpha_enabled": False,
@@ -549,7 +554,9 @@ class Trainer:
         total = self.train_cfg.steps
         if resumed and self.state.step >= total:
             final = self.paths.lora_file(None)
-            if self.session.is_main and not final.exists():
+            from aitk.trainer.lora_files import lora_paths
+
+            if self.session.is_main and not all(p.exists() for p in lora_paths(self.paths, None, self.network)):
                 self._save_lora(None)  # e.g. the final file was deleted: the checkpoint has it
             self._set_status(state="completed", step=self.state.step, force=True)
             self.log(f"{self.job.config.name} already finished {self.state.step} steps; nothing to do")
@@ -582,11 +589,14 @@ class Trainer:
                 stopped = True
                 break
             step_started = time.perf_counter()
+            expert = self.active_expert
             loss, grad_norm, lrs, samples, stop = self._optimizer_step()
             self.state.step += 1
             step_time = time.perf_counter() - step_started
             if metrics is not None:
-                metrics.write(self._metrics_record(self.state.step - 1, loss, grad_norm, lrs, samples, step_time))
+                metrics.write(
+                    self._metrics_record(self.state.step - 1, loss, grad_norm, lrs, samples, step_time, expert)
+                )
             speed = (self.state.step - first_step) / (time.perf_counter() - started_at)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)
             bar.update(1)
@@ -617,6 +627,8 @@ class Trainer:
             return RunResult("stopped", self.state.step, None, self.paths.root)
         self._sample(self.state.step)
         self._set_status(state="completed", step=self.state.step, eta_s=0, force=True)
-        final = self.paths.lora_file(None)
-        self.log(f"training complete: {final}")
-        return RunResult("completed", self.state.step, final, self.paths.root)
+        from aitk.trainer.lora_files import lora_paths
+
+        finals = lora_paths(self.paths, None, self.network)
+        self.log(f"training complete: {', '.join(str(p) for p in finals)}")
+        return RunResult("completed", self.state.step, finals[0], self.paths.root, finals)

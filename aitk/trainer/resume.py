@@ -15,10 +15,13 @@ class IncompatibleCheckpoint(RuntimeError):
     pass
 
 
-def run_signature(process: ProcessConfig, wrapped_modules: list[str]) -> dict[str, Any]:
+def run_signature(
+    process: ProcessConfig, wrapped_modules: list[str], networks: list[str] | None = None
+) -> dict[str, Any]:
     """What must not change between a checkpoint and the job that resumes from it."""
     network = process.network
     return {
+        "networks": list(networks or ["main"]),
         "optimizer": process.train.optimizer,
         "linear_rank": network.linear_rank if network else None,
         "conv_rank": network.conv_rank if network else None,
