@@ -15,7 +15,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	# bitsandbytes (adamw8bit) stays out of site-packages: diffusers imports it at start-up when
 	# installed (about 1 s). The tests take it from here; users who want adamw8bit pip install it.
-	$(PY) -m pip install -q --no-deps --target $(VENV)/extras bitsandbytes==0.50.2
+	# torchao (model.quantize) likewise: diffusers imports it at start-up when installed (~0.45 s).
+	$(PY) -m pip install -q --no-deps --target $(VENV)/extras bitsandbytes==0.50.2 torchao==0.18.0
 	touch $(STAMP)
 
 demo: $(STAMP)

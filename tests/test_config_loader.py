@@ -277,7 +277,6 @@ config:
         "config.process[0].train.optimizer: the automagic optimizer",
         "config.process[0].train.train_text_encoder:",
         "config.process[0].save.push_to_hub:",
-        "config.process[0].model.quantize:",
         "config.process[0].model.low_vram:",
     ]:
         assert key in joined, key

@@ -196,6 +196,16 @@ def test_single_file_loads_the_same_weights(
     torch.testing.assert_close(a.hidden_states, b.hidden_states)
     torch.testing.assert_close(a.extra[POOLED], b.extra[POOLED])
 
+    # model.vae_path (a VAE folder) replaces the checkpoint's VAE
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_config(adapter.vae.config)  # freshly initialised: other weights
+    other.save_pretrained(tmp_path / "other-vae")
+    with_vae = make_adapter(sgm, model_kwargs={"config": str(tiny_sdxl)}, vae_path=str(tmp_path / "other-vae"))
+    assert torch.equal(with_vae.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
+    assert not torch.equal(with_vae.vae.decoder.conv_out.weight, adapter.vae.decoder.conv_out.weight)
+    assert with_vae.vae.dtype == torch.float32
+
     # without a local config folder the configs would come from the hub: a clear error offline
     with pytest.raises(ModelLoadError, match=r"Stable Diffusion XL checkpoint.*model\.model_kwargs\.config"):
         make_adapter(sgm)
@@ -416,7 +426,7 @@ def test_loss_falls_samples_are_written_and_time_ids_follow_the_crop(
 
     tensors = load_file(str(result.final_lora))
     assert tensors and all(KOHYA_UNET_KEY.match(k) for k in tensors), [k for k in tensors if not KOHYA_UNET_KEY.match(k)]
-    assert len(tensors) == 3 * len(trainer.network.wrapped_module_names())
+    assert len(tensors) == 3 * len(trainer.adapter.network_candidates(False))  # down, up, alpha each
     assert (result.output_dir / "falls_000000020.safetensors").is_file()
     from safetensors import safe_open
 

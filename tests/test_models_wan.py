@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import base_process, deep_update, write_job  # noqa: E402
 
 from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
-from aitk.models.base import BatchContext, NoisyBatch  # noqa: E402
+from aitk.models.base import BatchContext  # noqa: E402
 
 CPU = torch.device("cpu")
 ARCH_VARIANT = {"wan21": "t2v", "wan21_i2v": "i2v", "wan22_14b": "22_t2v", "wan22_14b_i2v": "22_i2v"}
@@ -105,9 +105,18 @@ def test_timestep_distributions_and_denoising_range(adapters, timestep_type):
     latents = torch.zeros(4000, 16, 1, 2, 2)
     cfg = TrainConfig(timestep_type=timestep_type)
     t = adapter.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(0)).timesteps
-    assert ((t >= 0) & (t <= 1000)).all() and t.std() > 100
-    expected_mean = {"shift": 705, "linear": 500, "sigmoid": 500, "weighted": 500, "lognorm": 680}
-    assert abs(t.mean().item() - expected_mean[timestep_type]) < 40, t.mean()
+    assert ((t >= 1) & (t <= 1000)).all() and t.std() > 90  # sigma >= SIGMA_MIN, as for FLUX
+    expected_mean = {"shift": 676, "linear": 500, "sigmoid": 500, "weighted": 500, "lognorm": 611}
+    assert abs(t.mean().item() - expected_mean[timestep_type]) < 20, t.mean()
+    # the same shapes as FLUX's sampler (aitk.models.flow_matching), so a job means the same there
+    from aitk.models.flow_matching import sample_sigmas
+
+    if timestep_type != "weighted":
+        flux = sample_sigmas(4000, cfg, torch.Generator().manual_seed(0), shift=adapter.flow_shift) * 1000
+        qs = torch.tensor([0.1, 0.5, 0.9])
+        assert (torch.quantile(t, qs) - torch.quantile(flux, qs)).abs().max() < 25
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        adapter.make_noisy_batch(latents[:1], TrainConfig(min_snr_gamma=5.0), None)
     content = adapter.make_noisy_batch(latents, TrainConfig(timestep_type=timestep_type, content_or_style="content"),
                                        torch.Generator().manual_seed(0)).timesteps
     style = adapter.make_noisy_batch(latents, TrainConfig(timestep_type=timestep_type, content_or_style="style"),
@@ -172,7 +181,7 @@ def test_expert_ranges_and_draws(adapters, wan_folders, arch, boundary):
     assert adapter.boundary_timestep == boundary
     assert adapter.expert_timestep_range("high_noise") == (boundary, 1000.0)
     assert adapter.expert_timestep_range("low_noise") == (0.0, boundary)
-    assert adapter.trained_experts == ["high_noise", "low_noise"]
+    assert adapter.trained_experts() == ["high_noise", "low_noise"]
     latents = torch.zeros(1000, 16, 1, 2, 2)  # one-frame clips: I2V conditions on the latents
     for timestep_type in ("shift", "sigmoid", "linear"):
         cfg = TrainConfig(timestep_type=timestep_type)
@@ -201,13 +210,15 @@ def test_expert_ranges_and_draws(adapters, wan_folders, arch, boundary):
 
 def test_expert_settings_from_model_kwargs(wan_folders):
     adapter = make_adapter(wan_folders["wan22_14b"], "wan22_14b", boundary_ratio=0.5, train_low_noise=False)
-    assert adapter.boundary_timestep == 500.0 and adapter.trained_experts == ["high_noise"]
+    assert adapter.boundary_timestep == 500.0 and adapter.trained_experts() == ["high_noise"]
     assert adapter.denoiser() is adapter.transformer
     latents = torch.zeros(500, 16, 1, 2, 2)
     batch = adapter.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(0))
     assert batch.extra["expert"] == "high_noise" and (batch.timesteps >= 500).all()
+    with pytest.raises(ValueError, match="outside train.min_denoising_steps"):
+        adapter.make_noisy_batch(latents, TrainConfig(max_denoising_steps=400), None, BatchContext(expert="high_noise"))
     only_low = make_adapter(wan_folders["wan22_14b"], "wan22_14b", train_high_noise=False)
-    assert only_low.trained_experts == ["low_noise"] and only_low.denoiser() is only_low.transformer_2
+    assert only_low.trained_experts() == ["low_noise"] and only_low.denoiser() is only_low.transformer_2
     from aitk.models.wan import Wan22Adapter
 
     with pytest.raises(ValueError, match="train at least one"):
@@ -216,7 +227,7 @@ def test_expert_settings_from_model_kwargs(wan_folders):
     with pytest.raises(ValueError, match="boundary_ratio"):
         Wan22Adapter(ModelConfig(name_or_path="x", model_kwargs={"boundary_ratio": 1.5}), CPU, torch.float32)
     single = make_adapter(wan_folders["wan21"], "wan21")
-    assert list(single.experts()) == ["main"] and single.trained_experts == ["main"]
+    assert list(single.experts()) == ["main"] and single.trained_experts() == ["main"]
     assert single.expert_timestep_range("main") == (0.0, 1000.0)
 
 
@@ -300,6 +311,33 @@ def test_preview_kwargs(adapters, tmp_path):
             PreviewRequest("p", 64, 64, 1, 1.0, 2, "", 1.0, num_frames=9, ctrl_img=str(tmp_path / "first.png"))
         )
         assert kwargs["num_frames"] == 9 and kwargs["image"].size == (40, 40)
+
+
+def test_load_errors_name_the_problem(wan_folders, tmp_path):
+    from aitk.models.sd15 import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="text-to-video"):
+        make_adapter(wan_folders["wan21_i2v"], "wan21")
+    with pytest.raises(ModelLoadError, match="needs image_encoder, image_processor .*'wan21'"):
+        make_adapter(wan_folders["wan21"], "wan21_i2v")
+    with pytest.raises(ModelLoadError, match="needs transformer_2 .*'wan21_i2v'"):
+        make_adapter(wan_folders["wan21_i2v"], "wan22_14b_i2v")
+    with pytest.raises(ModelLoadError, match="image-to-video"):  # same parts, other transformer
+        make_adapter(wan_folders["wan22_14b"], "wan22_14b_i2v")
+    with pytest.raises(ModelLoadError, match="single file"):
+        make_adapter(tmp_path / "wan.safetensors", "wan21")
+    with pytest.raises(ModelLoadError, match="neither an existing folder"):
+        make_adapter(tmp_path / "missing" / "model", "wan21")
+
+
+def test_preview_schedulers(adapters):
+    adapter = adapters["wan22_14b"]
+    pipe = adapter.sample_pipeline()
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and pipe.scheduler is not adapter.scheduler
+    assert pipe.transformer is adapter.transformer and pipe.transformer_2 is adapter.transformer_2
+    assert pipe.config.boundary_ratio == 0.875
+    euler = adapter.sample_pipeline("flowmatch").scheduler
+    assert type(euler).__name__ == "FlowMatchEulerDiscreteScheduler" and euler.config.shift == adapter.flow_shift == 3.0
 
 
 def test_tiny_builder_is_idempotent(wan_folders):

@@ -92,8 +92,6 @@ UNSUPPORTED: list[Unsupported] = [
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),
-    Unsupported(ModelConfig, "quantize", _is_true, "quantizing the model",
-                "it is ignored and the model is loaded unquantized"),
     Unsupported(ModelConfig, "quantize_te", _is_true, "quantizing the text encoder",
                 "it is ignored and the text encoder is loaded unquantized"),
     Unsupported(ModelConfig, "low_vram", _is_true, "low_vram mode", IGNORED),

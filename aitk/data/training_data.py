@@ -48,7 +48,7 @@ class Batch:
     is_reg: torch.Tensor | None = None  # (B,) bool: sample comes from an is_reg dataset
     masks: torch.Tensor | None = None  # (B, 1, H, W) float32 in [0, 1] at pixel size; None: no mask_path
     controls: torch.Tensor | None = None  # (B, 3, H, W) float32 in [-1, 1]; None: no control_path
-    # per sample (height, width) of the image as scaled before its crop, and the crop's (top, left)
+    # per sample (height, width) of the image file, and the crop's (top, left) in the resized image
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     crops_top_left: list[tuple[int, int]] = field(default_factory=list)
     first_frames: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]: videos' first frames (do_i2v)
@@ -105,6 +105,7 @@ class _Sample:
     first_frame: torch.Tensor | None  # (3, H, W): do_i2v
     size: tuple[int, int]  # bucket (width, height)
     scaled: tuple[int, int] = (0, 0)  # (width, height) the image was resized to before the crop
+    original: tuple[int, int] = (0, 0)  # (width, height) of the file itself
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the scaled image
 
 
@@ -334,7 +335,7 @@ class TrainingData:
             masks=masks,
             controls=controls,
             first_frames=first_frames,
-            original_sizes=[(s.scaled[1], s.scaled[0]) for s in filled],
+            original_sizes=[(s.original[1], s.original[0]) for s in filled],
             crops_top_left=[s.crop_top_left for s in filled],
             bucket_size=(filled[0].size[1], filled[0].size[0]),
         )
@@ -547,5 +548,6 @@ class TrainingData:
             first_frame=first_frame,
             size=item.bucket,
             scaled=geom.scaled,
+            original=(rec.width, rec.height),
             crop_top_left=(geom.box[1], geom.box[0]),
         )

@@ -34,8 +34,9 @@ class NoisyBatch:
 class BatchContext:
     """What the data knows about a batch beyond its latents, for the adapter's conditioning.
 
-    Sizes are (height, width) in pixels: `original_sizes` is each image as scaled before its crop,
-    `crops_top_left` the (top, left) of the crop inside it, `target_sizes` the bucket.
+    Sizes are (height, width) in pixels: `original_sizes` is each image file's own size (before
+    any resize, as SDXL's size conditioning expects), `crops_top_left` the (top, left) of the crop
+    in the resized image, `target_sizes` the bucket.
     `controls`: paired control images (B, 3, H, W) in [-1, 1] (dataset control_path; edit models);
     `first_frames`: the first frame of each video (B, 3, H, W) in [-1, 1] (do_i2v);
     `expert`: the expert the trainer trains this step (multi-expert models), None = any.

@@ -5,8 +5,10 @@ Parts (diffusers layout): umT5 text encoder + tokenizer, AutoencoderKLWan (16 la
 WanTransformer3DModel (2.1) or two (2.2: `transformer` = high-noise expert, `transformer_2` =
 low-noise expert, switched at `boundary_ratio` * 1000), and for 2.1 I2V a CLIP vision encoder.
 
-Objective (rectified flow, as WAN was trained): noisy = (1 - sigma) * latents + sigma * noise,
-target = noise - latents, timestep = sigma * 1000 (see aitk.models.wan_flow for the draws).
+Objective (rectified flow, as WAN was trained; aitk.models.flow_matching's, shared with FLUX):
+noisy = (1 - sigma) * latents + sigma * noise, target = noise - latents, timestep = sigma * 1000.
+The draws (aitk.models.wan_flow) have FLUX's shapes but can be confined exactly to one expert's
+range; WAN's default timestep_type is "shift" with the model's flow shift.
 
 model.model_kwargs:
     boundary_ratio (2.2: 0.875 T2V / 0.9 I2V, else the pipeline's model_index.json),
@@ -17,6 +19,7 @@ model.model_kwargs:
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import torch
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
 from aitk.models.sd15 import ModelLoadError
 from aitk.models.wan_flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
 from aitk.models.wan_keys import is_block_target, lora_key_stem
@@ -48,6 +52,7 @@ def _to_pil(frames: torch.Tensor) -> list[Any]:
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
 
 
+@functools.cache
 def _i2v_preview_pipeline_class() -> type:
     """WanImageToVideoPipeline whose prompt cleaning uses ftfy only when it is installed.
 
@@ -130,24 +135,26 @@ class Wan21Adapter(ModelAdapter):
 
     def load(self) -> None:
         import diffusers
-        from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
+        from diffusers import DiffusionPipeline, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         location = self._location()
         try:
             index = DiffusionPipeline.load_config(location)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model.name_or_path: {self.model_cfg.name_or_path!r} has no readable model_index.json: "
+                f"{exc} (give a diffusers WAN folder or hub id{_offline_note()})"
+            ) from exc
+        self._check_components(index)
+        try:
             self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
             # torch_dtype at load: a 14B transformer never exists in fp32; the modules diffusers
             # keeps in fp32 (norms, time embedding) stay so
             self.text_encoder = UMT5EncoderModel.from_pretrained(
                 location, subfolder="text_encoder", torch_dtype=self.dtype
             )
-            vae_source = self.model_cfg.vae_path
-            self.vae = (
-                AutoencoderKLWan.from_pretrained(vae_source)
-                if vae_source
-                else AutoencoderKLWan.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32)
-            )
+            self.vae = self._load_vae(location)
             self.transformer = WanTransformer3DModel.from_pretrained(
                 location, subfolder="transformer", torch_dtype=self.dtype
             )
@@ -184,6 +191,41 @@ class Wan21Adapter(ModelAdapter):
             module.eval()
             module.to(self.device)  # dtypes were set at load (the VAE stays fp32)
 
+    def _check_components(self, index: dict[str, Any]) -> None:
+        """Refuse a folder of another WAN variant before loading gigabytes of it."""
+        present = {k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[1]}
+        required = ["tokenizer", "text_encoder", "vae", "transformer", "scheduler"]
+        if self.two_experts:
+            required.append("transformer_2")
+        if self.uses_image_encoder:
+            required += ["image_encoder", "image_processor"]
+        missing = [c for c in required if c not in present]
+        if not missing:
+            return
+        if "transformer_2" in present:
+            hint = "wan22_14b_i2v" if index.get("_class_name") == "WanImageToVideoPipeline" else "wan22_14b"
+        elif "image_encoder" in present:
+            hint = "wan21_i2v"
+        else:
+            hint = "wan21_i2v" if index.get("_class_name") == "WanImageToVideoPipeline" else "wan21"
+        raise ModelLoadError(
+            f"model.arch {self.arch_names[0]!r} needs {', '.join(missing)} in the model folder, but "
+            f"{self.model_cfg.name_or_path!r} has none (it looks like model.arch {hint!r})"
+        )
+
+    def _load_vae(self, location: str) -> Any:
+        """model.vae_path (a VAE folder, a pipeline folder with vae/, or a hub id) or the model's
+        vae/. Always fp32: it only encodes for caching / conditioning and decodes previews."""
+        from diffusers import AutoencoderKLWan
+
+        source = self.model_cfg.vae_path
+        if not source:
+            return AutoencoderKLWan.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32)
+        path = Path(source).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            return AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32)
+        return AutoencoderKLWan.from_pretrained(str(path) if path.exists() else source, torch_dtype=torch.float32)
+
     def _modules(self) -> list[torch.nn.Module]:
         parts = [self.text_encoder, self.vae, self.transformer, self.transformer_2, self.image_encoder]
         return [m for m in parts if m is not None]
@@ -200,7 +242,6 @@ class Wan21Adapter(ModelAdapter):
             return {HIGH_NOISE: self.transformer, LOW_NOISE: self.transformer_2}
         return {MAIN: self.transformer}
 
-    @property
     def trained_experts(self) -> list[str]:
         """The experts this job trains (model_kwargs.train_high_noise / train_low_noise for 2.2)."""
         if not self.two_experts:
@@ -208,7 +249,7 @@ class Wan21Adapter(ModelAdapter):
         return [name for name in (HIGH_NOISE, LOW_NOISE) if self._train_flags[name]]
 
     def denoiser(self) -> torch.nn.Module:
-        return self.experts()[self.trained_experts[0]]
+        return self.experts()[self.trained_experts()[0]]
 
     @property
     def boundary_timestep(self) -> float | None:
@@ -356,8 +397,9 @@ class Wan21Adapter(ModelAdapter):
         self, count: int, train_cfg: TrainConfig, generator: torch.Generator | None, expert: str | None
     ) -> tuple[torch.Tensor, str]:
         dist = self.timestep_distribution(train_cfg)
-        # min/max_denoising_steps bound every draw (max inclusive, as for SD)
-        lo_cfg = float(train_cfg.min_denoising_steps)
+        # min/max_denoising_steps bound every draw (max inclusive, as for SD); like FLUX, never
+        # below SIGMA_MIN (sigma = 0 has no noise to learn from)
+        lo_cfg = max(float(train_cfg.min_denoising_steps), SIGMA_MIN * NUM_TRAIN_TIMESTEPS)
         hi_cfg = float(min(train_cfg.max_denoising_steps + 1, NUM_TRAIN_TIMESTEPS))
 
         def bounds(name: str) -> tuple[float, float, bool]:
@@ -368,7 +410,7 @@ class Wan21Adapter(ModelAdapter):
             return max(low, lo_cfg), high, include_high
 
         if expert is None:
-            candidates = self.trained_experts
+            candidates = self.trained_experts()
             if len(candidates) > 1:
                 # one draw picks the batch's expert with its share of the distribution
                 masses = [dist.mass(*bounds(n)[:2]) for n in candidates]
@@ -404,6 +446,11 @@ class Wan21Adapter(ModelAdapter):
         ones). NoisyBatch.extra: "expert", and for I2V "condition" / "image_embeds"."""
         from aitk.trainer.loss import apply_noise_offset
 
+        if train_cfg.min_snr_gamma:
+            raise FlowMatchingConfigError(
+                f"train.min_snr_gamma: {train_cfg.min_snr_gamma} is a weighting for DDPM-style models; "
+                f"{self.arch_names[0]} trains with flow matching, so leave train.min_snr_gamma unset"
+            )
         if latents.ndim == 4:  # image latents cached without a frame axis
             latents = latents.unsqueeze(2)
         latents = latents.to(self.device, torch.float32)
@@ -413,8 +460,7 @@ class Wan21Adapter(ModelAdapter):
         expert = context.expert if context is not None else None
         timesteps, expert = self._draw_timesteps(batch, train_cfg, generator, expert)
         timesteps = timesteps.to(latents.device)
-        sigma = (timesteps / NUM_TRAIN_TIMESTEPS).view(batch, 1, 1, 1, 1)
-        noisy = (1.0 - sigma) * latents + sigma * noise
+        noisy, target = noisy_and_target(latents, noise, timesteps / NUM_TRAIN_TIMESTEPS)
         extra: dict[str, Any] = {"expert": expert}
         if self.i2v:
             first = context.first_frames if context is not None else None
@@ -425,7 +471,7 @@ class Wan21Adapter(ModelAdapter):
                     # latents (a close VAE round trip) so cached latents work too
                     first = self._decode_pixels(latents)[:, :, 0]
                 extra["image_embeds"] = self.image_embeds(_to_pil(first)).to(self.dtype)
-        return NoisyBatch(noisy.to(self.dtype), timesteps, noise - latents, None, extra)
+        return NoisyBatch(noisy.to(self.dtype), timesteps, target, None, extra)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         expert = batch.extra.get("expert") or self.expert_for_timesteps(batch.timesteps)

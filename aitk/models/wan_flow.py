@@ -44,6 +44,18 @@ def _logit_normal_inv(s: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(torch.logit(s))
 
 
+def _folded_lognormal(u: torch.Tensor) -> torch.Tensor:
+    # aitk.models.flow_matching's lognorm (1 - exp(z / 3) / e, clamped at 0; mean about 0.61),
+    # with z = -ndtri(u) so that it rises with u
+    return (1.0 - torch.exp(-torch.special.ndtri(u) / 3.0) / math.e).clamp(0.0, 1.0)
+
+
+def _folded_lognormal_inv(s: torch.Tensor) -> torch.Tensor:
+    if float(s) <= 0.0:
+        return torch.zeros_like(s)  # the mass clamped to 0 lies below any positive sigma
+    return torch.special.ndtr(-3.0 * (1.0 + torch.log1p(-s)))
+
+
 def _bias(kind: str, u: torch.Tensor) -> torch.Tensor:
     # Same distributions as SD's timestep_bias (content: 1 - u^3, style: u^3), written increasing
     # in u (1 - (1 - u)^3 has the law of 1 - u^3) so ranges map to ranges.
@@ -65,9 +77,11 @@ def _bias_inv(kind: str, f: torch.Tensor) -> torch.Tensor:
 class FlowTimesteps:
     """The training-sigma distribution of one job.
 
-    timestep_type: sigmoid / weighted = sigmoid of a standard normal (mid noise levels most);
+    The shapes are those of aitk.models.flow_matching (FLUX), so a job means the same there:
+    sigmoid = sigmoid of a standard normal (mid noise levels most; "weighted" is read as it);
     linear / uniform = uniform sigmas; shift = uniform sigmas through the flow shift (WAN's
-    default); lognorm = the sigmoid-normal through the flow shift (SD3's shifted logit-normal).
+    default); lognorm = the folded log-normal (mean about 0.61). content_or_style biases every
+    shape here (FLUX: linear and shift only).
     """
 
     def __init__(self, timestep_type: str | None, flow_shift: float, content_or_style: str = "balanced") -> None:
@@ -88,7 +102,7 @@ class FlowTimesteps:
         if self.kind == "shift":
             return _shift(f, self.shift)
         if self.kind == "lognorm":
-            return _shift(_logit_normal(f), self.shift)
+            return _folded_lognormal(f)
         return f
 
     def quantile_of(self, sigma: float) -> float:
@@ -99,7 +113,7 @@ class FlowTimesteps:
         elif self.kind == "shift":
             f = _unshift(s, self.shift)
         elif self.kind == "lognorm":
-            f = _logit_normal_inv(_unshift(s, self.shift))
+            f = _folded_lognormal_inv(s)
         else:
             f = s
         return float(_bias_inv(self.bias, f).clamp(0.0, 1.0))

@@ -42,9 +42,11 @@ def _torch_sgd():
 
 
 def _bnb_adamw8bit():
+    from aitk.extras import import_extra
+
     try:
-        import bitsandbytes  # noqa: F401
-        from bitsandbytes.optim import AdamW8bit
+        optim = import_extra("bitsandbytes.optim", needed_for="adamw8bit", pip_spec="bitsandbytes")
+        AdamW8bit = optim.AdamW8bit
     except Exception as e:  # ImportError, or a broken native library
         raise OptimizerConfigError(
             f"train.optimizer: adamw8bit needs bitsandbytes, which cannot be imported ({e}). "

@@ -14,7 +14,6 @@ from aitk.models.base import ModelAdapter, PromptEmbeds
 # Small datasets never re-encode a caption, while a large one with unique captions cannot grow
 # memory without bound.
 LRU_SIZE = 512
-ENCODE_CHUNK = 16
 
 
 def _to_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
@@ -36,14 +35,11 @@ class PromptConditioner:
         """Encode every caption the text cache lacks; returns how many were encoded."""
         assert self.text_cache is not None
         missing = self.text_cache.missing(captions)
-        for start in range(0, len(missing), ENCODE_CHUNK):
-            chunk = missing[start : start + ENCODE_CHUNK]
-            encoded = self.adapter.encode_prompts(chunk)
-            for index, caption in enumerate(chunk):
-                single = encoded.select([index])
-                self.text_cache.put(caption, {k: v.cpu() for k, v in _to_tensors(single).items()})
+        for caption in missing:  # one per call, exactly as __call__ encodes (see there)
+            single = self.adapter.encode_prompts([caption])
+            self.text_cache.put(caption, {k: v.cpu() for k, v in _to_tensors(single).items()})
             if progress is not None:
-                progress(len(chunk))
+                progress(1)
         return len(missing)
 
     def _lookup(self, caption: str) -> PromptEmbeds | None:
@@ -59,10 +55,10 @@ class PromptConditioner:
     def __call__(self, captions: list[str]) -> PromptEmbeds:
         found = {caption: self._lookup(caption) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, embeds in found.items() if embeds is None]
-        if missing:
-            encoded = self.adapter.encode_prompts(missing)
-            for index, caption in enumerate(missing):
-                found[caption] = encoded.select([index])
+        # One caption per call: batched matmuls give slightly different rows for different batch
+        # sizes, and which captions are uncached differs after a resume, so a resumed run would drift.
+        for caption in missing:
+            found[caption] = self.adapter.encode_prompts([caption])
         for caption, embeds in found.items():
             self._lru[caption] = embeds
             self._lru.move_to_end(caption)

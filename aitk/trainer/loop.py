@@ -117,6 +117,8 @@ class Trainer:
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
+        if self.process.model.quantize:
+            self._quantize_base()
         if not self.adapter.uses_controls:
             for index, dataset in enumerate(self.process.datasets):
                 if dataset.control_path:
@@ -128,6 +130,18 @@ class Trainer:
         self.preview_requests = self._preview_requests()
         self._setup_network()
         self._setup_optimizer()
+
+    def _quantize_base(self) -> None:
+        from aitk.models.quantize import QuantizeError, quantize_frozen
+
+        qtype = self.process.model.qtype
+        try:
+            for name, module in self.adapter.experts().items():
+                count = quantize_frozen(module, qtype)
+                which = "" if name == "main" else f" ({name})"
+                self.log(f"quantized {count} linear layers of the base model{which} to {qtype or 'qfloat8'}")
+        except (QuantizeError, ImportError) as exc:
+            raise TrainingAborted(str(exc)) from exc
 
     def _text_cache(self) -> Any:
         """The text-embedding cache when cache_text_embeddings is on (train: or any dataset)."""
