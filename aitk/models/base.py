@@ -17,6 +17,24 @@ import torch
 from aitk.config.schema import ModelConfig, TrainConfig
 
 
+def release_modules(owner: Any, names: list[str]) -> int:
+    """Set each attribute of `owner` named in `names` to None; returns the bytes of weights freed."""
+    import gc
+
+    freed = 0
+    for name in names:
+        module = getattr(owner, name, None)
+        if module is None:
+            continue
+        freed += sum(p.numel() * p.element_size() for p in module.parameters())
+        setattr(owner, name, None)
+        del module
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return freed
+
+
 @dataclass
 class NoisyBatch:
     """What one training step feeds the denoiser and compares against."""
@@ -178,6 +196,16 @@ class ModelAdapter(ABC):
     def sample_pipeline(self, sampler: str | None = None) -> Any:
         """A diffusers pipeline over the live (possibly network-wrapped) modules; `sampler` is
         sample.sampler (None = the model's default)."""
+
+    def release_text_encoders(self) -> int:
+        """Free the text encoders once every prompt is cached (cache_text_embeddings); returns the
+        bytes of weights released, 0 when this model keeps them."""
+        return 0
+
+    def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
+        """Pipeline arguments giving a preview's prompt and negative prompt as embeddings (used
+        once the text encoders are released)."""
+        return {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
 
     def preview_context(self) -> AbstractContextManager[None]:
         """Entered around previews: e.g. FLUX schnell takes its assistant LoRA out for them."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import TrainConfig
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
 
 # Used for the component configs of a single-file checkpoint when no local config folder is given.
 DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -127,6 +127,11 @@ class SD15Adapter(ModelAdapter):
 
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
+
+    _text_encoder_names: tuple[str, ...] = ("text_encoder",)
+
+    def release_text_encoders(self) -> int:
+        return release_modules(self, list(self._text_encoder_names))
 
     def _single_file_pipeline(self, path: Path, config: str) -> Any:
         from diffusers import StableDiffusionPipeline

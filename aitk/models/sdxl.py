@@ -82,6 +82,16 @@ class SDXLAdapter(SD15Adapter):
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
+    _text_encoder_names = ("text_encoder", "text_encoder_2")
+
+    def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
+        return {
+            "prompt_embeds": positive.hidden_states,
+            "pooled_prompt_embeds": positive.extra[POOLED],
+            "negative_prompt_embeds": negative.hidden_states,
+            "negative_pooled_prompt_embeds": negative.extra[POOLED],
+        }
+
     def _single_file_pipeline(self, path: Path, config: str) -> Any:
         from diffusers import StableDiffusionXLPipeline
 

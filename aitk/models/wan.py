@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import ModelConfig, TrainConfig
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
 from aitk.models.sd15 import ModelLoadError
 from aitk.models.wan_flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
@@ -301,6 +301,9 @@ class Wan21Adapter(ModelAdapter):
         return WanPipeline(
             tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, scheduler=self.scheduler
         )
+
+    def release_text_encoders(self) -> int:
+        return release_modules(self, ["text_encoder"])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

@@ -60,6 +60,7 @@ class Trainer:
         self.checkpoint_pause_hook = checkpoint_pause_hook or ckpt.pause_hook_from_env()
         self.paths = RunPaths(Path(process.training_folder) / job.config.name, job.config.name)
         self.state = TrainerState()
+        self.text_encoders_released = False
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -173,6 +174,16 @@ class Trainer:
                   disable=not self.session.is_main) as bar:
             encoded = self.conditioner.precompute(wanted, progress=bar.update)
         self.log(f"text-embedding cache: {encoded} captions encoded, {len(wanted) - encoded} reused")
+        # Every prompt a step or a preview can ask for is cached: the text encoders can go.
+        freed = self.adapter.release_text_encoders()
+        if freed:
+            self.text_encoders_released = True
+            self.log(f"text encoders released after caching ({freed / 2**20:.0f} MiB of weights)")
+
+    def _cached_prompt_kwargs(self, request: Any) -> dict[str, Any]:
+        return self.adapter.preview_prompt_kwargs(
+            self.conditioner([request.prompt]), self.conditioner([request.negative])
+        )
 
     def _preview_requests(self) -> list[Any]:
         from aitk.trainer.sampling import preview_requests
@@ -515,6 +526,7 @@ class Trainer:
                     decode=self.adapter.decode_latents,
                     set_multiplier=self.network.set_multiplier,
                     extra_kwargs=self.adapter.preview_kwargs,
+                    prompt_kwargs=self._cached_prompt_kwargs if self.text_encoders_released else None,
                 )
             self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a preview size

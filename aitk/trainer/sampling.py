@@ -56,13 +56,15 @@ def render_previews(
     decode: Callable[[torch.Tensor], list[Any]],
     set_multiplier: Callable[[float], None],
     extra_kwargs: Callable[[PreviewRequest], dict[str, Any]] | None = None,
+    prompt_kwargs: Callable[[PreviewRequest], dict[str, Any]] | None = None,
 ) -> list[Path]:
     """Render each request and write samples/<step:09d>_<i>.jpg (images) or .mp4 plus .webp
     (videos) atomically.
 
     The pipeline stops at latents and `decode` (the model adapter's) turns them into images or
     frame lists, so the VAE decodes in its own precision whatever the training dtype.
-    `extra_kwargs` (the adapter's preview_kwargs) adds model-specific pipeline arguments.
+    `extra_kwargs` (the adapter's preview_kwargs) adds model-specific pipeline arguments;
+    `prompt_kwargs` gives the prompts as cached embeddings instead of text (text encoders freed).
     """
     from aitk.trainer.preview_files import jpeg_bytes, mp4_bytes, webp_bytes
 
@@ -74,9 +76,12 @@ def render_previews(
             set_multiplier(request.multiplier)
             generator = torch.Generator(device="cpu").manual_seed(request.seed)
             with torch.no_grad():
+                if prompt_kwargs is not None:
+                    prompts = prompt_kwargs(request)
+                else:
+                    prompts = {"prompt": request.prompt, "negative_prompt": request.negative or None}
                 output = pipeline(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative or None,
+                    **prompts,
                     width=_snap(request.width),
                     height=_snap(request.height),
                     num_inference_steps=request.steps,
