@@ -236,6 +236,15 @@ def test_timestep_types_have_their_shapes() -> None:
     ranged = sample_sigmas(n, TrainConfig(min_denoising_steps=200, max_denoising_steps=399), None)
     assert ranged.min() >= 0.2 and ranged.max() <= 0.4
 
+    # content_or_style bends every type the same way: content to high noise, style to low noise
+    for kind in ("sigmoid", "linear", "lognorm", "shift"):
+        def biased(bias: str) -> torch.Tensor:
+            cfg = TrainConfig(timestep_type=kind, content_or_style=bias)
+            return sample_sigmas(n, cfg, torch.Generator().manual_seed(0), mu=small)
+
+        balanced = biased("balanced")
+        assert biased("content").mean() > balanced.mean() + 0.05 > biased("style").mean() + 0.1, kind
+
 
 def test_shift_follows_the_image_size_through_the_adapter(dev: FluxAdapter) -> None:
     cfg = TrainConfig(timestep_type="shift")
@@ -369,15 +378,16 @@ def _draw_pairs(folder: Path, controls: Path) -> None:
         (folder / f"{name}.txt").write_text(f"fill the circle with {name}")
 
 
-def _job(tmp_path: Path, name: str, model: Path, data: Path, arch: str, **changes: Any) -> Path:
+def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, arch: str, **changes: Any) -> Path:
     from conftest import base_process, deep_update, write_job
 
     dataset = changes.pop("dataset", None)
-    process = base_process(model, data, tmp_path / "out")
+    process = base_process(model_dir, data, tmp_path / "out")
     process = deep_update(process, {
-        "model": {"name_or_path": str(model), "arch": arch},
-        "train": {"steps": 30, "batch_size": 2, "lr": 3e-3, "timestep_type": "linear"},
-        "network": {"type": "lora", "linear": 4, "linear_alpha": 8},
+        "model": {"name_or_path": str(model_dir), "arch": arch},
+        # overfit two images: 30 steps lower the loss by about 15% at this size
+        "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "timestep_type": "linear"},
+        "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
         "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 3.5,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
@@ -406,14 +416,14 @@ def _check_run(trainer: Any, result: Any, name: str, architecture: str) -> dict[
     assert result.state == "completed" and result.step == 30
     losses = _losses(result, name)
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
-    assert last < 0.85 * first, (first, last)
+    assert last < 0.9 * first, (first, last)
     samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
     assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
     tensors = load_file(str(result.final_lora))
     wrapped = trainer.network.wrapped_module_names()
     want = {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
     assert set(tensors) == want  # the trained network only, PEFT names with a per-module alpha
-    assert all(tensors[f"transformer.{m}.alpha"].item() == 8.0 for m in wrapped)
+    assert all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
     with safe_open(str(result.final_lora), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == "flux1"
@@ -443,16 +453,23 @@ def _check_diffusers_load(trainer: Any, result: Any, model: Path, pipeline_name:
     assert (ours - theirs).abs().max() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("flux-data")
+    _draw_pairs(root / "pairs", root / "controls")
+    return root / "pairs", root / "controls"
+
+
 def test_dev_trains_resumes_exactly_and_loads_in_diffusers(
-    flux_models: dict[str, Path], shapes_dataset: Path, tmp_path: Path
+    flux_models: dict[str, Path], pairs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     changes = {"train": {"timestep_type": "sigmoid"}, "save": {"save_every": 10}}
-    straight = _job(tmp_path, "straight", flux_models["dev"], shapes_dataset, "flux", **changes)
+    straight = _job(tmp_path, "straight", flux_models["dev"], pairs[0], "flux", **changes)
     trainer, result = _train(straight)
     _check_run(trainer, result, "straight", "flux-1-dev/lora")
     _check_diffusers_load(trainer, result, flux_models["dev"], "FluxPipeline")
 
-    resumed = _job(tmp_path, "resumed", flux_models["dev"], shapes_dataset, "flux", **changes)
+    resumed = _job(tmp_path, "resumed", flux_models["dev"], pairs[0], "flux", **changes)
 
     def stop_at_13(t: Any, step: int) -> None:
         if step == 13:
@@ -468,26 +485,27 @@ def test_dev_trains_resumes_exactly_and_loads_in_diffusers(
 
 
 def test_schnell_with_assistant_trains_and_saves_only_the_network(
-    flux_models: dict[str, Path], shapes_dataset: Path, tmp_path: Path
+    flux_models: dict[str, Path], pairs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     assistant = _write_assistant(flux_models["schnell"], tmp_path / "assistant.safetensors", "comfyui")
-    job = _job(tmp_path, "schnell", flux_models["schnell"], shapes_dataset, "flux",
+    job = _job(tmp_path, "schnell", flux_models["schnell"], pairs[0], "flux",
                model={"assistant_lora_path": str(assistant)}, sample={"guidance_scale": 0.0})
     trainer, result = _train(job)
     assert trainer.adapter.has_assistant
     tensors = _check_run(trainer, result, "schnell", "flux-1-schnell/lora")
     assert not any("norm1" in k for k in tensors)  # the assistant's own modules are not saved
     assistant_a = load_file(str(assistant))["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
-    assert tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 4 != assistant_a.shape[0]
+    assert tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 8 != assistant_a.shape[0]
     # previews run without the assistant: the plain schnell pipeline + the saved file reproduces them
     _check_diffusers_load(trainer, result, flux_models["schnell"], "FluxPipeline")
 
 
-def test_kontext_trains_on_pairs_and_loads_in_diffusers(flux_models: dict[str, Path], tmp_path: Path) -> None:
+def test_kontext_trains_on_pairs_and_loads_in_diffusers(
+    flux_models: dict[str, Path], pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
     from PIL import Image
 
-    data, controls = tmp_path / "pairs", tmp_path / "controls"
-    _draw_pairs(data, controls)
+    data, controls = pairs
     ctrl_img = controls / "red.png"
     job = _job(tmp_path, "kontext", flux_models["kontext"], data, "flux_kontext",
                dataset={"control_path": str(controls)}, sample={"ctrl_img": str(ctrl_img)})

@@ -21,6 +21,10 @@ def build(arch: str, root: Path) -> Path:
         from aitk.models.tiny_sdxl import build_tiny_sdxl
 
         return build_tiny_sdxl(root / "sdxl")
+    if arch == "flux":
+        from aitk.models.tiny_flux import build_tiny_flux
+
+        return build_tiny_flux(root / "flux", "dev")
     from aitk.models.tiny_wan import build_tiny_wan
 
     return build_tiny_wan(root / "wan", "t2v")
@@ -50,7 +54,7 @@ def first_sample(result) -> np.ndarray:
         return np.asarray(webp.convert("RGB"), dtype=np.float32)
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl", "wan21"])
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "flux", "wan21"])
 def test_text_encoders_are_released_and_previews_still_match(arch, shapes_dataset, tmp_path):
     data = tmp_path / "data"
     import shutil

@@ -95,11 +95,11 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(ModelConfig, "quantize_te", _is_true, "quantizing the text encoder",
                 "it is ignored and the text encoder is loaded unquantized"),
     Unsupported(ModelConfig, "low_vram", _is_true, "low_vram mode", IGNORED),
-    Unsupported(ModelConfig, "assistant_lora_path", _is_set, "an assistant LoRA", IGNORED),
+    Unsupported(ModelConfig, "assistant_lora_path",
+                lambda v, s: v is not None and s.resolved_arch not in ("flux", "flux_kontext"),
+                "an assistant LoRA on this model (FLUX only)", IGNORED),
     # datasets
     # train
-    Unsupported(TrainConfig, "optimizer", lambda v, s: v == "automagic", "the automagic optimizer",
-                f"{FAILS}; use adamw, adamw8bit, adafactor, prodigy, lion or sgd"),
     Unsupported(TrainConfig, "train_text_encoder", _is_true, "training the text encoder",
                 "it is ignored and only the UNet is trained"),
     Unsupported(TrainConfig, "noise_scheduler",

@@ -5,17 +5,19 @@ With clean latents x0, noise e ~ N(0, I) and a noise level sigma in [0, 1]:
     target  = e - x0                              (the velocity d x_sigma / d sigma)
 The denoiser sees the timestep t = 1000 * sigma (diffusers' scheduler convention).
 
-`train.timestep_type` chooses how sigma is drawn (z ~ N(0, 1), u ~ U(0, 1), per sample):
+`train.timestep_type` chooses how sigma is drawn. Each sample draws u ~ U(0, 1) and maps it
+through the type's quantile function (so z = Phi^-1(u) ~ N(0, 1)); every map rises with u:
     sigmoid (default)  sigma = sigmoid(z)                     logit-normal(0, 1): mass around 0.5
     linear / uniform   sigma = u                              every noise level alike
     shift              sigma = e^mu / (e^mu + 1/u - 1)        u pushed up by the time shift mu
                        (mu > 0 moves mass to high noise; `mu` is resolution dependent for FLUX,
                        `shift` = s > 0 gives the fixed form s*u / (1 + (s - 1)*u), s = e^mu)
-    lognorm            sigma = clamp(1 - exp(z / 3) / e, 0, 1)  log-normal(0, 1/3) folded under 1:
-                       mode near 0.68, mean about 0.61; leans to mid-high noise, few at the ends
+    lognorm            sigma = clamp(1 - exp(-z / 3) / e, 0, 1)  log-normal(0, 1/3) folded under 1:
+                       mode near 0.67, mean about 0.61; leans to mid-high noise, few at the ends
+`train.content_or_style` bends u first, for every type: content 1 - u^3 (mass at high noise),
+style u^3 (low noise), balanced u.
 Then sigma is mapped into [min_denoising_steps, max_denoising_steps + 1] / 1000 and kept above
-SIGMA_MIN (sigma = 0 has no noise to learn from). `train.content_or_style` biases u (linear and
-shift only): content 1 - u^3 (high noise), style u^3 (low noise).
+SIGMA_MIN (sigma = 0 has no noise to learn from).
 
 `min_snr_gamma` is a DDPM-schedule weighting with no meaning here: asking for it is an error.
 """
@@ -86,23 +88,24 @@ def sample_sigmas(
     timestep_type "shift"; with neither, "shift" is plain uniform.
     """
     kind = (train_cfg.timestep_type or DEFAULT_TIMESTEP_TYPE).lower()
-    if kind == "sigmoid":
-        sigma = torch.sigmoid(torch.randn(batch, generator=generator))
-    elif kind in ("linear", "uniform"):
-        sigma = _bias(torch.rand(batch, generator=generator), train_cfg.content_or_style)
-    elif kind == "shift":
-        u = _bias(torch.rand(batch, generator=generator), train_cfg.content_or_style)
-        if mu is None and shift is not None:
-            mu = math.log(shift)
-        sigma = time_shift(u, mu) if mu is not None else u
-    elif kind == "lognorm":
-        z = torch.randn(batch, generator=generator)
-        sigma = (1.0 - torch.exp(z * _LOGNORM_STD) / math.e).clamp(0.0, 1.0)
-    else:
+    if kind not in TIMESTEP_TYPES:
         raise FlowMatchingConfigError(
             f"train.timestep_type: {train_cfg.timestep_type!r} is not supported for flow matching; "
             f"use one of {', '.join(TIMESTEP_TYPES)}"
         )
+    # one uniform draw per sample, bent by content_or_style, then the type's quantile function:
+    # the bias means the same for every type, and the same seed gives the same ranks
+    u = _bias(torch.rand(batch, generator=generator, dtype=torch.float64), train_cfg.content_or_style)
+    if kind == "sigmoid":
+        sigma = torch.sigmoid(torch.special.ndtri(u))
+    elif kind in ("linear", "uniform"):
+        sigma = u
+    elif kind == "shift":
+        if mu is None and shift is not None:
+            mu = math.log(shift)
+        sigma = time_shift(u, mu) if mu is not None else u
+    else:  # lognorm; -z so that sigma rises with u
+        sigma = (1.0 - torch.exp(-torch.special.ndtri(u) * _LOGNORM_STD) / math.e).clamp(0.0, 1.0)
     low = min(train_cfg.min_denoising_steps, NUM_TRAIN_TIMESTEPS - 1) / NUM_TRAIN_TIMESTEPS
     high = min(train_cfg.max_denoising_steps + 1, NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
     sigma = low + sigma.float() * (high - low)

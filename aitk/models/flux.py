@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import TrainConfig
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
 from aitk.models.sd15 import ModelLoadError
 
 ASSISTANT_ADAPTER = "assistant"
@@ -204,7 +204,7 @@ class FluxAdapter(ModelAdapter):
             self._load_assistant(self.model_cfg.assistant_lora_path)
 
     def _load_parts(self, location: str) -> None:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
         self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
@@ -290,6 +290,14 @@ class FluxAdapter(ModelAdapter):
             transformer=self.transformer,
         )
 
+    def release_text_encoders(self) -> int:
+        self._text_pipe = None  # it holds the encoders too
+        return release_modules(self, ["text_encoder", "text_encoder_2"])
+
+    def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
+        # FLUX previews run without classifier-free guidance (true_cfg_scale 1): no negative needed
+        return {"prompt_embeds": positive.hidden_states, "pooled_prompt_embeds": positive.extra["pooled"]}
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         # The pipeline's own encoder, so training sees exactly what previews and other tools see.
@@ -306,6 +314,10 @@ class FluxAdapter(ModelAdapter):
         # The distribution's mean: deterministic, so cached latents and resumed runs agree.
         latents = self.vae.encode(pixels).latent_dist.mode()
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def text_encoder_id(self) -> str:
+        # the T5 length is part of the embedding's shape: a cache of another length must not be reused
+        return f"{self.modelspec_architecture}|{self.model_cfg.name_or_path}|t5:{self.max_sequence_length}"
 
     def latent_space_id(self) -> str:
         cfg = self.vae.config
