@@ -162,7 +162,7 @@ def test_samples_are_written_with_inline_flags(make_job):
     [
         ({"network": {"type": "lokr"}}, "config.process[0].network.type"),
         ({"model": {"arch": "sd3"}}, "config.process[0].model.arch"),
-        ({"train": {"optimizer": "automagic"}}, "config.process[0].train.optimizer"),
+        ({"network": {"type": "loha"}}, "config.process[0].network.type"),
     ],
 )
 def test_unsupported_settings_stop_the_run_before_loading(make_job, changes, key):

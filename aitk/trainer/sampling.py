@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from aitk.config.prompts import PreviewRequest, SamplePromptError, parse_prompt
+from aitk.config.prompts import PreviewRequest, parse_prompt
 from aitk.config.schema import SampleConfig
 from aitk.fsutil import atomic_write_bytes
 

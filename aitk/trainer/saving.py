@@ -1,0 +1,123 @@
+"""Trainer checkpoints: resume, LoRA files, checkpoint folders and pruning."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from aitk.fsutil import atomic_copy
+from aitk.trainer import checkpoint as ckpt
+from aitk.trainer.errors import TrainingAborted
+from aitk.trainer.state import CheckpointContent, read_content, write_content
+
+
+class TrainerSaving:
+    """Mixin of `aitk.trainer.loop.Trainer`: what is written to and read from the run folder."""
+
+    def _signature(self) -> dict[str, Any]:
+        from aitk.trainer.resume import run_signature
+
+        return run_signature(self.process, self.network.wrapped_module_names(), list(self.network))
+
+    def _resume(self) -> bool:
+        from aitk.trainer.resume import IncompatibleCheckpoint, check_signature, choose_checkpoint
+        from aitk.trainer.rng import restore_rng
+
+        found = choose_checkpoint(
+            self.paths.checkpoints, is_main=self.session.is_main,
+            world_size=self.session.world_size, warn=self.log,
+        )
+        if found is None:
+            return False
+        content = read_content(found.path)
+        try:
+            check_signature(content.state.signature, self._signature(), found.path)
+            self.network.load_network_state_dict(content.network)
+            self.optimizer.load_state_dict(content.optimizer)
+        except (IncompatibleCheckpoint, KeyError, ValueError, RuntimeError) as exc:
+            raise TrainingAborted(f"cannot resume from {found.path}: {exc}") from exc
+        self.lr_scheduler.load_state_dict(content.lr_scheduler)
+        if self.ema is not None and content.ema is not None:
+            self.ema.load_state_dict(content.ema)
+        if self.grad_scaler is not None and content.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(content.grad_scaler)
+        self.state = content.state
+        self.data.load_state_dict(content.state.data)
+        rank = self.session.rank
+        if rank < len(content.rng_per_rank):
+            restore_rng(content.rng_per_rank[rank], self.noise_generator)
+        else:
+            self.log(f"warning: the checkpoint has no random state for process {rank}; reseeding it")
+        self.log(f"resuming from {found.path} (step {self.state.step} of {self.train_cfg.steps})")
+        self._set_status(last_checkpoint=str(found.path), step=self.state.step)
+        return True
+
+    def _save_lora(self, step: int | None) -> list[Path]:
+        from aitk.trainer.lora_files import write_lora_files
+
+        shown_step = self.state.step if step is None else step
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            return write_lora_files(
+                self.paths, step, shown_step, self.network, self.job, self.process, self.adapter
+            )
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        from aitk.trainer.rng import capture_rng
+
+        mine = capture_rng(self.noise_generator)
+        if self.session.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * self.session.world_size
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    def _save_checkpoint(self, final: bool = False) -> None:
+        step = self.state.step
+        rng = self._gather_rng()  # every process takes part; only the main one writes
+        if not self.session.is_main:
+            return
+        self._set_status(state="saving")
+        self.state.data = self.data.state_dict()
+        self.state.signature = self._signature()
+        loras = self._save_lora(None if final else step)
+        if final:
+            # The final file is also kept under its step name, so pruning never leaves a gap.
+            from aitk.trainer.lora_files import lora_paths
+
+            for lora, stepped in zip(loras, lora_paths(self.paths, step, self.network)):
+                atomic_copy(lora, stepped)
+        content = CheckpointContent(
+            state=self.state,
+            network=self.network.network_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),
+            rng_per_rank=rng,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+        )
+        folder = ckpt.write_checkpoint(
+            self.paths.checkpoints,
+            step,
+            lambda tmp: write_content(tmp, content),
+            pause_hook=self.checkpoint_pause_hook,
+        )
+        self._prune()
+        self._set_status(state="training", last_checkpoint=str(folder), force=True)
+        self.log(f"saved {', '.join(p.name for p in loras)} and checkpoint {folder.name} at step {step}")
+
+    def _prune(self) -> None:
+        keep = self.process.save.max_step_saves_to_keep
+        if keep <= 0:
+            return
+        import shutil
+
+        from aitk.trainer.lora_files import lora_paths
+
+        for info in ckpt.list_checkpoints(self.paths.checkpoints)[keep:]:
+            shutil.rmtree(info.path, ignore_errors=True)
+            for path in lora_paths(self.paths, info.step, self.network):
+                path.unlink(missing_ok=True)
+

@@ -1,0 +1,228 @@
+"""Trainer set-up: data, model, quantization, text-embedding cache, networks, optimizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitk.models.base import ModelAdapter
+from aitk.trainer.conditioning import PromptConditioner
+from aitk.trainer.errors import TrainingAborted
+from aitk.trainer.reporting import RunLog, StatusFile
+from aitk.trainer.session import Session, start_session
+
+TEXT_CACHE_DIR_NAME = "_text_cache"  # in the first dataset's folder, next to _latent_cache
+
+
+class TrainerSetup:
+    """Mixin of `aitk.trainer.loop.Trainer`: everything done once before the first step."""
+
+    def _setup(self) -> None:
+        from aitk.config.loader import dump_job
+        from aitk.config.support import unsupported_failures
+        from aitk.data import TrainingData
+        from aitk.models.registry import create_adapter
+
+        failures = unsupported_failures(self.job)
+        if failures:
+            raise TrainingAborted("this job asks for what this version cannot do yet:\n  " + "\n  ".join(failures))
+
+        self.session: Session = start_session(self.process)
+        self.grad_scaler = self.session.grad_scaler()
+        main = self.session.is_main
+        if main:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.paths.log, enabled=main)
+        self.log(
+            f"{self.job.config.name}: device {self.session.device}, "
+            f"{self.session.world_size} process{'es' if self.session.world_size > 1 else ''}, "
+            f"precision {self.session.mixed_precision if self.session.mixed_precision != 'no' else 'fp32'}"
+        )
+        for note in self.session.notes:
+            self.log(f"note: {note}")
+        self.status = StatusFile(self.paths.status, self.train_cfg.steps) if main else None
+        self._set_status(state="starting")
+        if main:
+            self.paths.config.write_text(dump_job(self.job))
+
+        seed = self.process.training_seed if self.process.training_seed is not None else 42
+        self.seed = seed
+        from aitk.trainer.rng import seed_everything
+
+        seed_everything(seed + self.session.rank)
+        self.noise_generator = torch.Generator(device="cpu").manual_seed(seed + self.session.rank)
+
+        adapter_cls = self._adapter_class()
+        self.data = TrainingData(
+            self.process.datasets,
+            trigger_word=self.process.trigger_word,
+            divisibility=adapter_cls.bucket_divisibility,
+            batch_size=self.train_cfg.batch_size,
+            seed=seed,
+            rank=self.session.rank,
+            world_size=self.session.world_size,
+            log=self.log,
+            frame_rule=adapter_cls.frame_rule,
+        )
+        for line in self.data.summary_lines:
+            self.log(line)
+
+        self.log(f"loading model {self.process.model.name_or_path}")
+        self.adapter: ModelAdapter = create_adapter(
+            self.process.model, self.session.device, self.session.weight_dtype
+        )
+        self.adapter.load()
+        if self.process.model.quantize:
+            self._quantize_base()
+        if not self.adapter.uses_controls:
+            for index, dataset in enumerate(self.process.datasets):
+                if dataset.control_path:
+                    self.log(
+                        f"warning: datasets[{index}].control_path: {self.process.model.resolved_arch} does not "
+                        "take control images (edit models such as flux_kontext do); they are not used"
+                    )
+        self.conditioner = PromptConditioner(self.adapter, self._text_cache())
+        self.preview_requests = self._preview_requests()
+        self._setup_network()
+        self._setup_optimizer()
+
+    def _quantize_base(self) -> None:
+        from aitk.models.quantize import QuantizeError, quantize_frozen
+
+        qtype = self.process.model.qtype
+        try:
+            for name, module in self.adapter.experts().items():
+                count = quantize_frozen(module, qtype)
+                which = "" if name == "main" else f" ({name})"
+                self.log(f"quantized {count} linear layers of the base model{which} to {qtype or 'qfloat8'}")
+        except (QuantizeError, ImportError) as exc:
+            raise TrainingAborted(str(exc)) from exc
+
+    def _text_cache(self) -> Any:
+        """The text-embedding cache when cache_text_embeddings is on (train: or any dataset)."""
+        datasets = self.process.datasets
+        if not (self.train_cfg.cache_text_embeddings or any(d.cache_text_embeddings for d in datasets)):
+            return None
+        from aitk.data.text_cache import TextEmbeddingCache
+
+        folder = Path(datasets[0].folder_path).expanduser() / TEXT_CACHE_DIR_NAME
+        return TextEmbeddingCache(folder, self.adapter.text_encoder_id(), log=self.log)
+
+    def _cache_text_embeddings(self) -> None:
+        """Encode every caption a draw can produce, and the preview prompts, before training."""
+        if self.conditioner.text_cache is None:
+            return
+        captions = self.data.all_captions()
+        if captions is None:
+            self.log(
+                "warning: cache_text_embeddings: shuffle_tokens / token_dropout_rate make a new caption "
+                "for every draw, so captions are encoded as they come (kept in memory)"
+            )
+            return
+        prompts = {r.prompt for r in self.preview_requests} | {r.negative for r in self.preview_requests}
+        wanted = list(dict.fromkeys(captions + sorted(prompts)))
+        from tqdm import tqdm
+
+        self._set_status(state="caching")
+        with tqdm(total=len(wanted), desc="caching text embeddings", unit="caption",
+                  disable=not self.session.is_main) as bar:
+            encoded = self.conditioner.precompute(wanted, progress=bar.update)
+        self.log(f"text-embedding cache: {encoded} captions encoded, {len(wanted) - encoded} reused")
+        # Every prompt a step or a preview can ask for is cached: the text encoders can go.
+        freed = self.adapter.release_text_encoders()
+        if freed:
+            self.text_encoders_released = True
+            self.log(f"text encoders released after caching ({freed / 2**20:.0f} MiB of weights)")
+
+    def _cached_prompt_kwargs(self, request: Any) -> dict[str, Any]:
+        return self.adapter.preview_prompt_kwargs(
+            self.conditioner([request.prompt]), self.conditioner([request.negative])
+        )
+
+    def _preview_requests(self) -> list[Any]:
+        from aitk.trainer.sampling import preview_requests
+
+        sample_cfg = self.process.sample
+        if sample_cfg is None or self.train_cfg.disable_sampling:
+            return []
+        return preview_requests(sample_cfg, self.process.trigger_word)
+
+    def _adapter_class(self) -> type[ModelAdapter]:
+        from aitk.models.registry import adapter_class
+
+        return adapter_class(self.process.model.resolved_arch)
+
+    def _setup_network(self) -> None:
+        from aitk.networks import inject_network
+
+        net_cfg = self.process.network
+        if net_cfg is None:
+            raise TrainingAborted(
+                "network: is missing; full fine-tuning is not supported yet. Add e.g. "
+                "`network: {type: lora, linear: 16, linear_alpha: 16}`"
+            )
+        from aitk.networks.group import SINGLE, NetworkGroup
+
+        include_conv = net_cfg.conv_rank is not None
+        experts = self.adapter.experts()
+        trained = self.adapter.trained_experts()
+        networks = {}
+        for expert in trained:
+            networks[expert if len(experts) > 1 else SINGLE] = inject_network(
+                experts[expert],
+                linear_rank=net_cfg.linear_rank,
+                linear_alpha=net_cfg.linear_alpha_value,
+                conv_rank=net_cfg.conv_rank,
+                conv_alpha=net_cfg.conv_alpha_value,
+                dropout=net_cfg.dropout,
+                only_if_contains=net_cfg.network_kwargs.only_if_contains,
+                ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
+                candidates=self.adapter.network_candidates(include_conv),
+                seed=self.seed,
+            )
+        self.network = NetworkGroup(networks)
+        self.params = self.network.trainable_parameters()
+        for name, handle in self.network.items():
+            count = sum(p.numel() for p in handle.trainable_parameters())
+            which = "" if self.network.is_single else f" ({name} expert)"
+            self.log(
+                f"network{which}: {len(handle.wrapped_module_names())} modules wrapped, "
+                f"{count:,} trainable parameters"
+            )
+        from aitk.trainer.experts import ExpertRotation
+
+        self.rotation = ExpertRotation(
+            [] if self.network.is_single else list(self.network), self.train_cfg.switch_boundary_every
+        )
+        if not self.network.is_single:
+            self.log(f"experts: {self.rotation.describe()}")
+        for module in experts.values():
+            if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            module.train()  # network dropout; the frozen base has no dropout in these models
+
+    def _setup_optimizer(self) -> None:
+        from aitk.optim import build_lr_scheduler, build_optimizer
+
+        cfg = self.train_cfg
+        lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.lr
+        from aitk.trainer.experts import expert_learning_rate
+
+        groups = [
+            {"params": self.network.trainable_parameters(name), "lr": expert_learning_rate(name, lr, cfg.optimizer_params)}
+            for name in self.network
+        ]
+        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=lr, optimizer_params=cfg.optimizer_params)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer,
+            cfg.lr_scheduler,
+            total_steps=cfg.steps,
+            warmup_steps=cfg.lr_warmup_steps,
+            params=cfg.lr_scheduler_params,
+        )
+        from aitk.optim import NetworkEMA
+
+        self.ema = NetworkEMA.from_config(self.network.named_trainable_parameters(), cfg.ema_config)
+
