@@ -93,8 +93,10 @@ def test_lr_inside_optimizer_params_is_refused():
 
 def test_automagic_and_unknown_names():
     lin = torch.nn.Linear(2, 2)
-    with pytest.raises(OptimizerConfigError, match="not supported yet"):
-        build_optimizer("automagic", [{"params": list(lin.parameters())}], lr=1e-3, optimizer_params={})
+    from aitk.optim.automagic import Automagic
+
+    opt = build_optimizer("automagic", [{"params": list(lin.parameters())}], lr=1e-3, optimizer_params={})
+    assert isinstance(opt, Automagic)
     with pytest.raises(OptimizerConfigError, match="train.optimizer.*adamw"):
         build_optimizer("adamx", [{"params": list(lin.parameters())}], lr=1e-3, optimizer_params={})
 

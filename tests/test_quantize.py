@@ -52,3 +52,37 @@ def test_quantized_base_trains_a_full_precision_lora(make_job, qtype):
 def test_unknown_qtype_stops_before_training(make_job):
     with pytest.raises(TrainingAborted, match="model.qtype: 'int3' is not supported"):
         run(make_job, "q_bad", quantize=True, qtype="int3")
+
+
+def test_quantized_flux_trains_and_its_lora_loads_into_the_unquantized_base(tmp_path, shapes_dataset):
+    from diffusers import FluxPipeline
+
+    from aitk.models.tiny_flux import build_tiny_flux
+    from conftest import base_process, deep_update, write_job
+
+    model = build_tiny_flux(tmp_path / "flux", "dev")
+    process = deep_update(base_process(model, shapes_dataset, tmp_path / "out"), {
+        "model": {"arch": "flux", "quantize": True, "qtype": "qint8"},
+        "train": {"steps": 30, "lr": 5e-3, "lr_scheduler": "constant"},
+        "network": {"linear": 8, "linear_alpha": 8},
+    })
+    loaded = load_job_file(write_job(tmp_path / "qflux.yaml", "qflux", process))
+    trainer = Trainer(loaded.job, loaded.job.config.process[0])
+    result = trainer.run()
+    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in trainer.paths.metrics.read_text().splitlines()]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    linears = [l for l in trainer.network.lora_layers().values() if isinstance(l.base_layer, torch.nn.Linear)]
+    assert all("torchao" in type(l.base_layer.weight).__module__ for l in linears)
+
+    def render(pipe) -> torch.Tensor:
+        return pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    plain = FluxPipeline.from_pretrained(model)
+    plain.set_progress_bar_config(disable=True)
+    before = render(plain)
+    plain.load_lora_weights(str(result.final_lora))
+    loaded_modules = {n for n, m in plain.transformer.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert len(loaded_modules) == len(trainer.network.wrapped_module_names())
+    after = render(plain)
+    assert (after - before).abs().max() > 1e-3  # the LoRA trained on the int8 base acts on the fp32 one

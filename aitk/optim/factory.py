@@ -77,6 +77,12 @@ def _prodigy():
     return Prodigy
 
 
+def _automagic():
+    from aitk.optim.automagic import Automagic
+
+    return Automagic
+
+
 def _lion():
     try:
         from lion_pytorch import Lion
@@ -101,19 +107,23 @@ _OPTIMIZERS: dict[str, tuple[Callable[[], type], str, dict[str, Any]]] = {
     ),
     "prodigy": (_prodigy, "prodigyopt.Prodigy", {"eps": 1e-6}),
     "lion": (_lion, "lion_pytorch.Lion", {}),
+    "automagic": (_automagic, "aitk.optim.automagic.Automagic", {}),
     "sgd": (_torch_sgd, "torch.optim.SGD", {}),
 }
-_NOT_SUPPORTED_YET = {"automagic"}
+_NOT_SUPPORTED_YET: set[str] = set()
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 
 # Keys of the fork that live in train.optimizer_params but are not constructor arguments.
 # high_noise_lr / low_noise_lr: per-expert learning rates (the trainer puts them on the param
-# groups). The *_lr_bump / *_min_lr / *_max_lr keys only mean something to automagic.
+# groups). The *_lr_bump / *_min_lr / *_max_lr keys only mean something to automagic: they become
+# the bounds of the param group whose "expert" entry names that expert.
 EXPERT_OPTIMIZER_KEYS: frozenset[str] = frozenset(
     f"{expert}_noise_{key}"
     for expert in ("high", "low")
     for key in ("lr", "lr_bump", "min_lr", "max_lr")
 )
+# Automagic group options that a per-expert key `<expert>_<option>` sets for that expert alone
+_AUTOMAGIC_EXPERT_OPTIONS = ("lr_bump", "min_lr", "max_lr")
 
 
 def split_optimizer_params(optimizer_params: dict | None) -> tuple[dict, dict]:
@@ -217,12 +227,55 @@ def check_optimizer_params(name: str, optimizer_params: dict | None) -> dict[str
             )
         kwargs[k] = _coerce(v, accepted[k])
     for k in sorted(expert):
-        if not k.endswith("_noise_lr"):
+        if k.endswith("_noise_lr"):
+            continue
+        if key == "automagic":
+            _expert_number(k, expert[k])  # fail at start, not when the groups are built
+        else:
             logger.warning(
                 "train.optimizer_params.%s only applies to the automagic optimizer; "
                 "it has no effect with %s", k, key,
             )
     return kwargs
+
+
+def _expert_number(key: str, value: Any) -> float:
+    try:
+        out = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not math.isfinite(out) or out < 0:
+        raise OptimizerConfigError(
+            f"train.optimizer_params.{key}: {value!r} is not a number >= 0"
+        )
+    return out
+
+
+def _apply_expert_bounds(groups: list[dict], optimizer_params: dict | None) -> None:
+    """Automagic: put each `<expert>_lr_bump` / `_min_lr` / `_max_lr` key on the param group
+    whose "expert" entry is that expert. Each key applies on its own (the fork only read them when
+    the plain min_lr / max_lr / lr_bump was set too); a key also set on the group itself loses to
+    the per-expert key, which is the more specific setting."""
+    _, expert_keys = split_optimizer_params(optimizer_params)
+    bound_keys = {k: v for k, v in expert_keys.items() if not k.endswith("_noise_lr")}
+    if not bound_keys:
+        return
+    experts = {g.get("expert") for g in groups} - {None}
+    if not experts:
+        logger.warning(
+            "train.optimizer_params: %s only apply to multi-expert models (e.g. WAN 2.2) and no "
+            "param group names an expert; ignored (the plain min_lr / max_lr / lr_bump apply)",
+            ", ".join(sorted(bound_keys)),
+        )
+        return
+    for group in groups:
+        name = group.get("expert")
+        if name is None:
+            continue
+        for option in _AUTOMAGIC_EXPERT_OPTIONS:
+            k = f"{name}_{option}"
+            if k in bound_keys:
+                group[option] = _expert_number(k, bound_keys[k])
 
 
 def build_optimizer(
@@ -237,7 +290,9 @@ def build_optimizer(
     param_groups: list of {"params": [...], optional "lr": ..., any other group option}; groups
     without "lr" get `lr`. A plain iterable of tensors is also accepted (one group).
     The fork's per-expert keys (EXPERT_OPTIMIZER_KEYS) in optimizer_params are not passed to the
-    constructor: the trainer applies high_noise_lr / low_noise_lr itself.
+    constructor: the trainer applies high_noise_lr / low_noise_lr itself; for automagic the
+    *_lr_bump / *_min_lr / *_max_lr keys become options of the group whose "expert" entry is
+    "high_noise" / "low_noise".
     """
     kwargs = check_optimizer_params(name, optimizer_params)
     key, cls, dotted, _ = _resolve(name)
@@ -257,6 +312,8 @@ def build_optimizer(
         g["params"] = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
         g["lr"] = float(g["lr"]) if g.get("lr") is not None else lr
         groups.append(g)
+    if key == "automagic":
+        _apply_expert_bounds(groups, optimizer_params)
 
     if key == "prodigy" and lr < 0.1:
         logger.warning(

@@ -185,7 +185,10 @@ class Trainer(TrainerSetup, TrainerSaving):
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
-        lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
+        if hasattr(self.optimizer, "mean_learning_rates"):  # automagic: mean of its per-element rates
+            lrs = self.optimizer.mean_learning_rates()
+        else:
+            lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
         self.lr_scheduler.step()
         return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop
 

@@ -210,10 +210,17 @@ class TrainerSetup:
         lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.lr
         from aitk.trainer.experts import expert_learning_rate
 
-        groups = [
-            {"params": self.network.trainable_parameters(name), "lr": expert_learning_rate(name, lr, cfg.optimizer_params)}
-            for name in self.network
-        ]
+        from aitk.networks.group import SINGLE
+
+        groups = []
+        for name in self.network:
+            group = {
+                "params": self.network.trainable_parameters(name),
+                "lr": expert_learning_rate(name, lr, cfg.optimizer_params),
+            }
+            if name != SINGLE:
+                group["expert"] = name  # automagic takes <expert>_min_lr / _max_lr / _lr_bump from it
+            groups.append(group)
         self.optimizer = build_optimizer(cfg.optimizer, groups, lr=lr, optimizer_params=cfg.optimizer_params)
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer,
