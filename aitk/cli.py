@@ -1,4 +1,4 @@
-"""`aitk` command line: run, validate, demo."""
+"""`aitk` command line: run, validate, dataset inspect, schedule replay, demo."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     return inspect_command(list(args.jobs))
 
 
+def cmd_schedule_replay(args: argparse.Namespace) -> int:
+    from aitk.schedule.replay import replay_command
+
+    return replay_command(args.metrics, args.config, args.process)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aitk.demo import run_demo
 
@@ -111,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("jobs", nargs="+")
     inspect.set_defaults(func=cmd_dataset_inspect)
 
+    schedule = sub.add_parser("schedule", help="alpha-schedule tools")
+    schedule_sub = schedule.add_subparsers(dest="schedule_command", required=True)
+    replay = schedule_sub.add_parser(
+        "replay", help="replay a run's metrics through a job's alpha_schedule: when would each phase change, "
+        "and what held it back; loads no model"
+    )
+    replay.add_argument("metrics", help="the run's metrics_<name>.jsonl")
+    replay.add_argument("--config", required=True, help="job file whose network.alpha_schedule to replay")
+    replay.add_argument("--process", type=int, default=0, help="process entry of the job file (default 0)")
+    replay.set_defaults(func=cmd_schedule_replay)
+
     demo = sub.add_parser("demo", help="train a tiny SD 1.5 LoRA on a synthetic dataset (CPU, minutes)")
     demo.add_argument("--output", default="output", help="folder for the demo's data and run")
     demo.add_argument("--steps", type=int, default=300)
@@ -121,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
-    if argv and argv[0] not in {"run", "validate", "dataset", "demo", "-h", "--help"}:
+    if argv and argv[0] not in {"run", "validate", "dataset", "schedule", "demo", "-h", "--help"}:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -273,7 +273,6 @@ config:
     for key in [
         "config.process[0].network.type: network type 'lokr'",
         "config.process[0].network.pretrained_lora_path:",
-        "config.process[0].network.alpha_schedule.enabled:",
         "config.process[0].train.train_text_encoder:",
         "config.process[0].save.push_to_hub:",
         "config.process[0].model.low_vram:",

@@ -85,8 +85,6 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(NetworkConfig, "type", lambda v, s: v in ("lokr", "loha", "dora"),
                 "network type {value}", f"{FAILS} (lora and locon work)"),
     Unsupported(NetworkConfig, "dora", _is_true, "DoRA", FAILS),
-    Unsupported(NetworkConfig, "alpha_schedule.enabled", _is_true, "alpha scheduling",
-                "the schedule is ignored and the alphas stay at linear_alpha / conv_alpha"),
     Unsupported(NetworkConfig, "pretrained_lora_path", _is_set, "starting from an existing LoRA",
                 "it is ignored and training starts from a new LoRA"),
     # model

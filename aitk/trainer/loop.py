@@ -143,7 +143,13 @@ class Trainer(TrainerSetup, TrainerSaving):
         expert = self.active_expert
         return self.params if expert is None else self.network.trainable_parameters(expert)
 
-    def _optimizer_step(self) -> tuple[float, float, list[float], int, bool]:
+    def _step_named_params(self) -> dict[str, torch.nn.Parameter]:
+        expert = self.active_expert
+        if expert is None:
+            return self.network.named_trainable_parameters()
+        return self.network[expert].named_trainable_parameters()
+
+    def _optimizer_step(self) -> tuple[float, float, list[float], int, bool, float | None]:
         accumulation = self.train_cfg.accumulation_steps
         losses, samples = [], 0
         for _ in range(accumulation):
@@ -151,6 +157,7 @@ class Trainer(TrainerSetup, TrainerSaving):
             losses.append(loss)
             samples += count
         mean_loss, stop = self._sync(sum(losses) / len(losses))
+        stability: float | None = None
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -177,11 +184,16 @@ class Trainer(TrainerSetup, TrainerSaving):
                 )
         else:
             self.state.nonfinite_in_a_row = 0
+            reports_stability = hasattr(self.optimizer, "last_gradient_stability")
+            if not reports_stability:
+                stability = self.health.sign_stability(self.active_expert, self._step_named_params())
             if scaler is not None:
                 scaler.step(self.optimizer)
                 scaler.update()
             else:
                 self.optimizer.step()
+            if reports_stability:  # automagic: its update-sign agreement
+                stability = self.optimizer.last_gradient_stability
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
@@ -190,7 +202,7 @@ class Trainer(TrainerSetup, TrainerSaving):
         else:
             lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
         self.lr_scheduler.step()
-        return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop
+        return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop, stability
 
     def _sample(self, step: int) -> None:
         """Previews are a view of the run, never a reason to lose it: a failure is a warning."""
@@ -244,8 +256,9 @@ class Trainer(TrainerSetup, TrainerSaving):
 
     def _metrics_record(
         self, step_index: int, loss: float, grad_norm: float, lrs: list[float], samples: int, step_time: float,
-        expert: str | None = None,
+        expert: str | None, health: dict[str, Any],
     ) -> dict[str, Any]:
+        sizes = [sum(p.numel() for p in group["params"]) for group in self.optimizer.param_groups]
         return {
             "step": step_index,
             "timestamp": iso_now(),
@@ -253,12 +266,11 @@ class Trainer(TrainerSetup, TrainerSaving):
             "grad_norm": grad_norm,
             "step_time_s": step_time,
             "samples_per_s": samples / step_time if step_time > 0 else None,
-            "gradient_stability": None,  # arrives with alpha scheduling (#5)
-            "gradient_stability_avg": None,
             "expert": expert,
-            "learning_rate": lrs[0] if len(lrs) == 1 else sum(lrs) / len(lrs),
+            # spec/metrics.md: the mean over trainable elements (groups weighted by their size)
+            "learning_rate": sum(lr * n for lr, n in zip(lrs, sizes)) / max(1, sum(sizes)),
             **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
-            "alpha_enabled": False,
+            **health,  # gradient_stability(_avg), alpha_enabled and the phase fields
         }
 
     def _run(self) -> RunResult:
@@ -303,12 +315,13 @@ class Trainer(TrainerSetup, TrainerSaving):
                 break
             step_started = time.perf_counter()
             expert = self.active_expert
-            loss, grad_norm, lrs, samples, stop = self._optimizer_step()
+            loss, grad_norm, lrs, samples, stop, stability = self._optimizer_step()
+            health = self.health.after_step(expert, self.state.step, loss, stability)
             self.state.step += 1
             step_time = time.perf_counter() - step_started
             if metrics is not None:
                 metrics.write(
-                    self._metrics_record(self.state.step - 1, loss, grad_norm, lrs, samples, step_time, expert)
+                    self._metrics_record(self.state.step - 1, loss, grad_norm, lrs, samples, step_time, expert, health)
                 )
             speed = (self.state.step - first_step) / (time.perf_counter() - started_at)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)

@@ -78,7 +78,9 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         record = {key: _plain(value) for key, value in record.items()}
-        self._file.write(json.dumps(record) + "\n")
+        # spec/metrics.md: plain JSON numbers only; a non-finite value (a skipped NaN step) is null
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

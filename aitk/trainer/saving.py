@@ -12,6 +12,11 @@ from aitk.trainer.errors import TrainingAborted
 from aitk.trainer.state import CheckpointContent, read_content, write_content
 
 
+def alpha_state_path(checkpoint: Path) -> Path:
+    """checkpoints/000000050 -> checkpoints/000000050_alpha_scheduler.json"""
+    return checkpoint.with_name(checkpoint.name + "_alpha_scheduler.json")
+
+
 class TrainerSaving:
     """Mixin of `aitk.trainer.loop.Trainer`: what is written to and read from the run folder."""
 
@@ -44,6 +49,7 @@ class TrainerSaving:
             self.grad_scaler.load_state_dict(content.grad_scaler)
         self.state = content.state
         self.data.load_state_dict(content.state.data)
+        self.health.load_state_dict(content.state.health, content.health)
         rank = self.session.rank
         if rank < len(content.rng_per_rank):
             restore_rng(content.rng_per_rank[rank], self.noise_generator)
@@ -82,6 +88,8 @@ class TrainerSaving:
         self._set_status(state="saving")
         self.state.data = self.data.state_dict()
         self.state.signature = self._signature()
+        health_json, health_tensors = self.health.state_dict()
+        self.state.health = health_json
         loras = self._save_lora(None if final else step)
         if final:
             # The final file is also kept under its step name, so pruning never leaves a gap.
@@ -97,6 +105,7 @@ class TrainerSaving:
             rng_per_rank=rng,
             ema=self.ema.state_dict() if self.ema is not None else None,
             grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            health=health_tensors,
         )
         folder = ckpt.write_checkpoint(
             self.paths.checkpoints,
@@ -104,6 +113,15 @@ class TrainerSaving:
             lambda tmp: write_content(tmp, content),
             pause_hook=self.checkpoint_pause_hook,
         )
+        if health_json.get("alpha_scheduler") is not None:
+            # beside the checkpoint, for users who look (the checkpoint's own copy is what resumes)
+            import json
+
+            from aitk.fsutil import atomic_write_bytes
+
+            atomic_write_bytes(
+                alpha_state_path(folder), json.dumps(health_json["alpha_scheduler"], indent=1).encode()
+            )
         self._prune()
         self._set_status(state="training", last_checkpoint=str(folder), force=True)
         self.log(f"saved {', '.join(p.name for p in loras)} and checkpoint {folder.name} at step {step}")
@@ -118,6 +136,7 @@ class TrainerSaving:
 
         for info in ckpt.list_checkpoints(self.paths.checkpoints)[keep:]:
             shutil.rmtree(info.path, ignore_errors=True)
+            alpha_state_path(info.path).unlink(missing_ok=True)
             for path in lora_paths(self.paths, info.step, self.network):
                 path.unlink(missing_ok=True)
 

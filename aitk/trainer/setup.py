@@ -198,6 +198,9 @@ class TrainerSetup:
         )
         if not self.network.is_single:
             self.log(f"experts: {self.rotation.describe()}")
+        from aitk.trainer.health import TrainingHealth
+
+        self.health = TrainingHealth(self.network, net_cfg, self.log)
         for module in experts.values():
             if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()

@@ -1,7 +1,8 @@
 """What goes into a checkpoint folder, and reading it back.
 
 Files: network.safetensors (fp32 network weights), optimizer.pt, lr_scheduler.pt, ema.pt (when EMA
-is on), grad_scaler.pt (fp16), rng.pt (one entry per process), trainer_state.json (step, data position, counters).
+is on), grad_scaler.pt (fp16), health.pt (previous gradient signs), rng.pt (one entry per process),
+trainer_state.json (step, data position, counters, stability EMAs, alpha scheduler state).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     # What must match when resuming (optimizer, ranks, wrapped modules); see trainer/resume.py.
     signature: dict[str, Any] = field(default_factory=dict)
+    # Training health: stability EMAs and the alpha scheduler's state (trainer/health.py).
+    health: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)
@@ -42,6 +45,7 @@ class CheckpointContent:
     rng_per_rank: list[dict[str, Any]]
     ema: dict[str, Any] | None = None
     grad_scaler: dict[str, Any] | None = None
+    health: dict[str, Any] | None = None  # previous gradient signs per expert (health.pt)
 
 
 def write_content(folder: Path, content: CheckpointContent) -> None:
@@ -56,6 +60,8 @@ def write_content(folder: Path, content: CheckpointContent) -> None:
         torch.save(content.ema, folder / "ema.pt")
     if content.grad_scaler is not None:
         torch.save(content.grad_scaler, folder / "grad_scaler.pt")
+    if content.health is not None:
+        torch.save(content.health, folder / "health.pt")
     (folder / "trainer_state.json").write_text(content.state.to_json())
 
 
@@ -77,4 +83,5 @@ def read_content(folder: Path) -> CheckpointContent:
         rng_per_rank=load("rng.pt"),
         ema=load_optional("ema.pt"),
         grad_scaler=load_optional("grad_scaler.pt"),
+        health=load_optional("health.pt"),
     )
