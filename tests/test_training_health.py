@@ -149,3 +149,25 @@ def test_wan22_experts_follow_their_own_schedules(shapes_dataset, tmp_path):
         assert first_high == (24 if expert == "high_noise" else 20), (expert, [m["phase"] for m in mine])
     a = trainer.network["high_noise"]
     assert a.linear_alpha == 6.0 and trainer.network["low_noise"].linear_alpha == 6.0
+
+
+def test_a_lora_saved_mid_schedule_reproduces_the_trainer_in_diffusers(make_job, tiny_sd15):
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    # 30 steps end inside "balance" (linear 6, conv 4), so the file must carry those alphas
+    trainer, result = train(locon_schedule_job(make_job, "midphase", train={"steps": 30, "lr": 5e-3}))
+    handle = trainer.network.first
+    assert (handle.linear_alpha, handle.conv_alpha) == (6.0, 4.0)
+
+    def render(pipe) -> np.ndarray:
+        return pipe("a red circle, shp style", num_inference_steps=3, height=64, width=64,
+                    generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+
+    trainer.adapter.denoiser().eval()
+    ours = render(trainer.adapter.sample_pipeline("ddim"))
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    fresh.scheduler = trainer.adapter.sample_pipeline("ddim").scheduler
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(str(result.final_lora))
+    assert np.abs(ours - render(fresh)).max() < 1e-4
