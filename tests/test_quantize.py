@@ -30,7 +30,7 @@ def run(make_job, name: str, **model):
     return trainer, trainer.run()
 
 
-@pytest.mark.parametrize("qtype", ["qint8", "qfloat8"])
+@pytest.mark.parametrize("qtype", ["qint8", "qfloat8", "uint4"])
 def test_quantized_base_trains_a_full_precision_lora(make_job, qtype):
     trainer, result = run(make_job, f"q_{qtype}", quantize=True, qtype=qtype)
     assert result.state == "completed"

@@ -91,12 +91,22 @@ class TrainerSetup:
     def _quantize_base(self) -> None:
         from aitk.models.quantize import QuantizeError, quantize_frozen
 
+        from aitk.models.quantize import split_qtype
+
         qtype = self.process.model.qtype
+        _, adapter = split_qtype(qtype)
+        if adapter:
+            self.log(
+                f"warning: model.qtype: the accuracy recovery adapter {adapter!r} is not supported yet; "
+                "the model is quantized without it"
+            )
         try:
             for name, module in self.adapter.experts().items():
                 count = quantize_frozen(module, qtype)
                 which = "" if name == "main" else f" ({name})"
-                self.log(f"quantized {count} linear layers of the base model{which} to {qtype or 'qfloat8'}")
+                self.log(
+                    f"quantized {count} linear layers of the base model{which} to {split_qtype(qtype)[0]}"
+                )
         except (QuantizeError, ImportError) as exc:
             raise TrainingAborted(str(exc)) from exc
 
