@@ -58,13 +58,23 @@ def locon_schedule_job(make_job, name: str, **changes):
 def test_phases_change_alpha_live_and_the_saved_file_carries_it(make_job):
     scales: dict[int, tuple[float, float]] = {}
 
+    def forward_scale(layer, a: str, x: torch.Tensor) -> float:
+        """The scale the module applies, read off its forward output: (y - base(x)) / B(A(x))."""
+        with torch.no_grad():
+            delta = layer.lora_B[a](layer.lora_A[a](x))
+            extra = layer(x) - layer.base_layer(x)
+        return float((extra * delta).sum() / (delta * delta).sum())
+
     def watch(trainer, step):
         handle = trainer.network.first
         layers = handle.lora_layers()
         conv = next(n for n in layers if handle.is_conv_module(n))
-        linear = next(n for n in layers if not handle.is_conv_module(n))
+        linear = next(n for n in layers if isinstance(layers[n].base_layer, torch.nn.Linear))
         a = handle.adapter_name
-        scales[step] = (layers[linear].scaling[a], layers[conv].scaling[a])
+        lin_layer, conv_layer = layers[linear], layers[conv]
+        x_lin = torch.randn(2, lin_layer.base_layer.in_features)
+        x_conv = torch.randn(1, conv_layer.base_layer.in_channels, 8, 8)
+        scales[step] = (round(forward_scale(lin_layer, a, x_lin), 5), round(forward_scale(conv_layer, a, x_conv), 5))
 
     trainer, result = train(locon_schedule_job(make_job, "phases"), on_step_end=watch)
     lines = records(result, "phases")
@@ -141,6 +151,7 @@ def test_wan22_experts_follow_their_own_schedules(shapes_dataset, tmp_path):
     job = write_job(tmp_path / "experts.yaml", "experts", process)
     trainer, result = train(job)
     lines = records(result, "experts")
+    assert all(all(k in m for k in REQUIRED + PHASE_FIELDS) for m in lines)
     for expert in ("high_noise", "low_noise"):
         mine = [m for m in lines if m["expert"] == expert]
         assert len(mine) == 30 and all(m["lr_1"] is not None for m in mine)
