@@ -130,3 +130,27 @@ def test_validate_accepts_the_examples():
     proc = subprocess.run([sys.executable, "-m", "aitk", "validate", *examples], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_save_now_and_sample_now_requests_reach_a_running_job(make_job):
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.control import ControlRequests
+    from aitk.trainer.loop import Trainer
+
+    job = make_job("control", train={"steps": 8}, save={"save_every": 1000},
+                   sample={"sample_every": 1000, "prompts": ["a red square"], "sample_steps": 2})
+
+    def ask(trainer, step):
+        if step == 3:
+            requests = ControlRequests(trainer.paths.root / "control")
+            requests.request("save_now")
+            requests.request("sample_now")
+
+    loaded = load_job_file(job)
+    trainer = Trainer(loaded.job, loaded.job.config.process[0], on_step_end=ask)
+    result = trainer.run()
+    run = result.output_dir
+    assert (run / "checkpoints" / "000000004").is_dir()  # acted on after the next step
+    assert (run / "samples" / "000000004_0.jpg").is_file()
+    assert not list((run / "control").iterdir())  # the requests were consumed
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000000004", "000000008"]

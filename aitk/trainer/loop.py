@@ -25,6 +25,7 @@ from aitk.trainer.session import RunPaths
 from aitk.trainer.setup import TrainerSetup
 from aitk.trainer.state import TrainerState
 from aitk.trainer.stop import StopController
+from aitk.trainer.control import CONTROL_REQUESTS, ControlRequests
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -62,6 +63,8 @@ class Trainer(TrainerSetup, TrainerSaving):
         self.paths = RunPaths(Path(process.training_folder) / job.config.name, job.config.name)
         self.state = TrainerState()
         self.text_encoders_released = False
+        self.controls = ControlRequests(self.paths.root / "control")
+        self.requests: set[str] = set()
 
     # ------------------------------------------------------------------ status
     def _set_status(self, **fields: Any) -> None:
@@ -114,15 +117,20 @@ class Trainer(TrainerSetup, TrainerSaving):
         )
 
     def _sync(self, loss: float) -> tuple[float, bool]:
-        """Average gradients and loss over processes; agree on stopping (one all-reduce)."""
+        """Average gradients and loss over processes; agree on stopping and on save-now /
+        sample-now requests (one all-reduce). The requests are left in `self.requests`."""
         stop_flag = 1.0 if self.stop.requested else 0.0
+        asked = self.controls.pending() if self.session.is_main else set()
+        flags = [1.0 if name in asked else 0.0 for name in CONTROL_REQUESTS]
         if self.session.world_size == 1:
+            self.requests = {n for n, f in zip(CONTROL_REQUESTS, flags) if f}
             return loss, bool(stop_flag)
         import torch.distributed as dist
 
         params = self._step_params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss, stop_flag])])
+        tail = [loss, stop_flag, *flags]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(tail)])
         flat = flat.to(self.session.device)
         dist.all_reduce(flat)
         flat /= self.session.world_size
@@ -131,7 +139,9 @@ class Trainer(TrainerSetup, TrainerSaving):
             n = grad.numel()
             param.grad = flat[offset : offset + n].view_as(param).to(param.dtype)
             offset += n
-        return flat[-2].item(), flat[-1].item() > 0
+        agreed = flat[-len(tail):].tolist()
+        self.requests = {n for n, f in zip(CONTROL_REQUESTS, agreed[2:]) if f > 0}
+        return agreed[0], agreed[1] > 0
 
     @property
     def active_expert(self) -> str | None:
@@ -334,10 +344,12 @@ class Trainer(TrainerSetup, TrainerSaving):
             if stop or self._stop_requested_here():
                 stopped = True
                 break
-            if self.state.step % self.process.save.save_every == 0:
+            if self.state.step % self.process.save.save_every == 0 or "save_now" in self.requests:
                 self._save_checkpoint()
-            if sample_cfg is not None and self.state.step % sample_cfg.sample_every == 0:
+            if (sample_cfg is not None and self.state.step % sample_cfg.sample_every == 0) or "sample_now" in self.requests:
                 self._sample(self.state.step)
+            if self.requests and self.session.is_main:
+                self.controls.done(self.requests)
         bar.close()
 
         if metrics is not None:
