@@ -26,7 +26,6 @@ same names (shared/notes/lora-interop.md).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import TrainConfig
+from aitk.models import common
 from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
 from aitk.models.sd15 import ModelLoadError
 
@@ -53,19 +53,6 @@ SINGLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj
 
 class FluxInputError(ValueError):
     """A batch or setting this FLUX model cannot train on (e.g. Kontext without controls)."""
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to device, casting only when needed (diffusers warns on every dtype cast)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    module.to(device)
-
-
-def _offline_note() -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used"
-    return ""
 
 
 def flux_lora_candidates(transformer: torch.nn.Module) -> list[str]:
@@ -159,8 +146,7 @@ class FluxAdapter(ModelAdapter):
                 f"model.name_or_path: {source!r} is a single file; {self.model_label} loads from a "
                 f"diffusers folder or hub id only in this version; {folder_hint}"
             )
-        could_be_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
-        if not could_be_hub_id and not path.exists():
+        if not common.could_be_hub_id(source) and not path.exists():
             raise ModelLoadError(
                 f"model.name_or_path: {source!r} is neither an existing folder nor a hub id; {folder_hint}"
             )
@@ -174,7 +160,7 @@ class FluxAdapter(ModelAdapter):
         except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
             where = folder_hint if path.exists() else (
                 "no local folder of that name exists, so it was looked up as a hub id"
-                f"{_offline_note()}; {folder_hint}"
+                f"{common.offline_note()}; {folder_hint}"
             )
             raise ModelLoadError(
                 f"model.name_or_path: could not load a {self.model_label} model from {source!r}: {exc} ({where})"
@@ -189,14 +175,12 @@ class FluxAdapter(ModelAdapter):
         self.max_sequence_length = min(
             int(kwargs.get("max_sequence_length", default_len)), int(self.tokenizer_2.model_max_length)
         )
-        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
-            module.requires_grad_(False)
-            module.eval()
-        _place(self.transformer, self.device, self.dtype)
-        _place(self.text_encoder, self.device, self.dtype)
-        _place(self.text_encoder_2, self.device, self.dtype)
-        _place(self.vae, self.device, torch.float32)  # encodes / decodes in fp32 whatever trains
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        common.freeze((self.transformer, self.vae, self.text_encoder, self.text_encoder_2))
+        common.place(self.transformer, self.device, self.dtype)
+        common.place(self.text_encoder, self.device, self.dtype)
+        common.place(self.text_encoder_2, self.device, self.dtype)
+        common.place(self.vae, self.device, torch.float32)  # encodes / decodes in fp32 whatever trains
+        self.vae_scale_factor = common.vae_scale_factor(self.vae)
         self._preview_size: tuple[int, int] | None = None
         self._text_pipe: Any = None
         self.has_assistant = False
@@ -230,7 +214,7 @@ class FluxAdapter(ModelAdapter):
         except Exception as exc:
             raise ModelLoadError(
                 f"model.vae_path: could not load a VAE from {vae_source!r}: {exc} (give a VAE folder with "
-                f"config.json, a pipeline folder with vae/ or a hub id{_offline_note()})"
+                f"config.json, a pipeline folder with vae/ or a hub id{common.offline_note()})"
             ) from exc
 
     def _load_assistant(self, source: str) -> None:
@@ -310,9 +294,7 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, dtype=torch.float32)
-        # The distribution's mean: deterministic, so cached latents and resumed runs agree.
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        latents = common.encode_mode(self.vae, pixels, self.device)
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     def text_encoder_id(self) -> str:
@@ -423,8 +405,6 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        from diffusers.image_processor import VaeImageProcessor
-
         latents = latents.to(self.device, torch.float32)
         if latents.ndim == 3:  # packed tokens from the pipeline
             if self._preview_size is not None:
@@ -435,7 +415,7 @@ class FluxAdapter(ModelAdapter):
             latents = unpack_latents(latents, height, width, self.vae_scale_factor)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         pixels = self.vae.decode(latents).sample
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2).postprocess(pixels, output_type="pil")
+        return common.pixels_to_pil(pixels, self.vae_scale_factor * 2)
 
 
 class FluxKontextAdapter(FluxAdapter):

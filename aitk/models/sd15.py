@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from aitk.config.schema import TrainConfig
+from aitk.models import common
 from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
 
 # Used for the component configs of a single-file checkpoint when no local config folder is given.
@@ -26,13 +27,6 @@ def timestep_bias(content_or_style: str, u: torch.Tensor) -> torch.Tensor:
     if content_or_style == "style":
         return u**3
     return u
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to device, casting only when needed (diffusers warns on every dtype cast)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    module.to(device)
 
 
 class SD15Adapter(ModelAdapter):
@@ -56,16 +50,9 @@ class SD15Adapter(ModelAdapter):
 
     # --- loading -------------------------------------------------------------------------
     def load(self) -> None:
-        import os
-
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         source = self.model_cfg.name_or_path
-        offline_note = (
-            "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used"
-            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-            else ""
-        )
         path = Path(source).expanduser()
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             if not path.is_file():
@@ -76,8 +63,7 @@ class SD15Adapter(ModelAdapter):
             self._load_single_file(path)
         else:
             # a hub id is exactly owner/name; anything else that does not exist is a missing path
-            could_be_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
-            if not could_be_hub_id and not path.exists():
+            if not common.could_be_hub_id(source) and not path.exists():
                 raise ModelLoadError(
                     f"model.name_or_path: {source!r} is neither an existing folder nor a hub id "
                     "(owner/name); give a diffusers folder, a hub id or a .safetensors file"
@@ -106,7 +92,7 @@ class SD15Adapter(ModelAdapter):
                 else:
                     what = (
                         "no local folder of that name exists, so it was looked up as a hub id"
-                        f"{offline_note}; "
+                        f"{common.offline_note()}; "
                         "give a diffusers folder, a .safetensors file or a hub id that is cached "
                         "or can be downloaded"
                     )
@@ -149,8 +135,6 @@ class SD15Adapter(ModelAdapter):
         model.vae_path may be a single file (its component config comes from `config_source`'s
         vae/, so it loads offline), a VAE folder, a pipeline folder with vae/, or a hub id.
         """
-        import os
-
         from diffusers import AutoencoderKL
 
         vae_source = self.model_cfg.vae_path
@@ -158,8 +142,7 @@ class SD15Adapter(ModelAdapter):
             return AutoencoderKL.from_pretrained(config_source, subfolder="vae")
         vae_path = Path(vae_source).expanduser()
         is_file = vae_path.suffix.lower() in SINGLE_FILE_SUFFIXES
-        could_be_hub_id = vae_source.count("/") == 1 and not vae_source.startswith((".", "/", "~"))
-        if (is_file or not could_be_hub_id) and not vae_path.exists():
+        if (is_file or not common.could_be_hub_id(vae_source)) and not vae_path.exists():
             raise ModelLoadError(
                 f"model.vae_path: {vae_source!r} does not exist; give a VAE .safetensors file, "
                 "a VAE folder (with config.json) or a hub id, or leave it unset to use the model's VAE"
@@ -173,15 +156,10 @@ class SD15Adapter(ModelAdapter):
                 return AutoencoderKL.from_pretrained(str(vae_path))
             return AutoencoderKL.from_pretrained(vae_source)
         except Exception as exc:
-            offline_note = (
-                "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used"
-                if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-                else ""
-            )
             raise ModelLoadError(
                 f"model.vae_path: could not load a VAE from {vae_source!r}: {exc} (give a VAE "
                 ".safetensors file, a VAE folder with config.json, a pipeline folder with vae/ or "
-                f"a hub id{offline_note})"
+                f"a hub id{common.offline_note()})"
             ) from exc
 
     def _load_single_file(self, path: Path) -> None:
@@ -207,14 +185,12 @@ class SD15Adapter(ModelAdapter):
         return self._load_vae(config_source) if self.model_cfg.vae_path else vae
 
     def _freeze_and_place(self) -> None:
-        for module in (self.unet, self.vae, *self._text_encoders()):
-            module.requires_grad_(False)
-            module.eval()
-        _place(self.unet, self.device, self.dtype)
+        common.freeze((self.unet, self.vae, *self._text_encoders()))
+        common.place(self.unet, self.device, self.dtype)
         for encoder in self._text_encoders():
-            _place(encoder, self.device, self.dtype)
+            common.place(encoder, self.device, self.dtype)
         # The VAE stays fp32: fp16 SD VAEs overflow, and it only runs for caching and previews.
-        _place(self.vae, self.device, torch.float32)
+        common.place(self.vae, self.device, torch.float32)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
     def denoiser(self) -> torch.nn.Module:
@@ -229,6 +205,10 @@ class SD15Adapter(ModelAdapter):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return common.vae_scale_factor(self.vae)
+
     # --- encoding ------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -241,11 +221,18 @@ class SD15Adapter(ModelAdapter):
         ).input_ids.to(self.device)
         return PromptEmbeds(self.text_encoder(ids)[0])
 
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) the latents are normalised with beyond the scaling factor; None for SD 1.x /
+        2.x, whose pipelines only scale (SDXL overrides this)."""
+        return None
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, dtype=torch.float32)
-        # The distribution's mean: deterministic, so cached latents and resumed runs agree.
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        latents = common.encode_mode(self.vae, pixels, self.device)
+        stats = self._latent_stats(latents)
+        if stats is not None:
+            latents = latents - stats[0]
+            return latents * self.vae.config.scaling_factor / stats[1]
         return latents * self.vae.config.scaling_factor
 
     def latent_space_id(self) -> str:
@@ -291,27 +278,35 @@ class SD15Adapter(ModelAdapter):
         ).sample
 
     # --- previews ------------------------------------------------------------------------
-    def sample_pipeline(self, sampler: str | None = None) -> Any:
+    def _pipeline(self, scheduler: Any) -> Any:
+        """The model's diffusers pipeline over the live modules (the UNet as the network wraps it)."""
         from diffusers import StableDiffusionPipeline
-
-        from aitk.models.samplers import preview_scheduler
 
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=self.unet,
-            scheduler=preview_scheduler(sampler, self.noise_scheduler.config),
+            scheduler=scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
 
+    def sample_pipeline(self, sampler: str | None = None) -> Any:
+        from aitk.models.samplers import preview_scheduler
+
+        return self._pipeline(preview_scheduler(sampler, self.noise_scheduler.config))
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        from diffusers.image_processor import VaeImageProcessor
-
-        # The VAE decodes in fp32 whatever dtype the denoiser ran in (bf16 latents would not mix).
-        pixels = self.vae.decode(latents.to(self.device, torch.float32) / self.vae.config.scaling_factor).sample
-        processor = VaeImageProcessor(vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1))
-        return processor.postprocess(pixels, output_type="pil")
+        # The VAE decodes in fp32 whatever dtype the denoiser ran in (bf16 latents would not mix,
+        # and SDXL's VAE overflows in fp16).
+        latents = latents.to(self.device, torch.float32)
+        stats = self._latent_stats(latents)
+        if stats is not None:
+            latents = latents * stats[1] / self.vae.config.scaling_factor + stats[0]
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        pixels = self.vae.decode(latents).sample
+        return common.pixels_to_pil(pixels, self.vae_scale_factor)

@@ -98,15 +98,12 @@ class SDXLAdapter(SD15Adapter):
         return StableDiffusionXLPipeline.from_single_file(str(path), config=config, add_watermarker=False)
 
     def _take_text_parts(self, pipe: Any) -> None:
-        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        super()._take_text_parts(pipe)
         self.tokenizer_2, self.text_encoder_2 = pipe.tokenizer_2, pipe.text_encoder_2
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def _pipeline(self, scheduler: Any) -> Any:
-        """StableDiffusionXLPipeline over the live modules (the UNet as the network wraps it)."""
+        """StableDiffusionXLPipeline over the live modules (the UNet as the network wraps it);
+        SD 1.5's sample_pipeline builds previews with it."""
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(
@@ -140,6 +137,7 @@ class SDXLAdapter(SD15Adapter):
             pooled.append(one_pooled)
         return PromptEmbeds(torch.cat(hidden), {POOLED: torch.cat(pooled)})
 
+    # encode_images / decode_latents are SD 1.5's (fp32 VAE), which apply these statistics
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mean, std) of the latent channels when the VAE config has them (some SDXL-architecture
         models normalise latents this way; the SDXL pipeline undoes it before decoding)."""
@@ -152,17 +150,6 @@ class SDXLAdapter(SD15Adapter):
             torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
             torch.tensor(std, dtype=like.dtype, device=like.device).view(shape),
         )
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, dtype=torch.float32)  # SDXL's VAE overflows in fp16
-        # The distribution's mean: deterministic, so cached latents and resumed runs agree.
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        stats = self._latent_stats(latents)
-        if stats is not None:
-            latents = latents - stats[0]
-            return latents * self.vae.config.scaling_factor / stats[1]
-        return latents * self.vae.config.scaling_factor
 
     def latent_space_id(self) -> str:
         return "sdxl-" + super().latent_space_id()
@@ -195,23 +182,3 @@ class SDXLAdapter(SD15Adapter):
             encoder_hidden_states=cond.hidden_states.to(self.dtype),
             added_cond_kwargs={"text_embeds": cond.extra[POOLED].to(self.dtype), "time_ids": time_ids.to(self.dtype)},
         ).sample
-
-    # --- previews ------------------------------------------------------------------------
-    def sample_pipeline(self, sampler: str | None = None) -> Any:
-        from aitk.models.samplers import preview_scheduler
-
-        return self._pipeline(preview_scheduler(sampler, self.noise_scheduler.config))
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        from diffusers.image_processor import VaeImageProcessor
-
-        # The VAE decodes in fp32 whatever dtype the denoiser ran in: SDXL's VAE overflows in fp16.
-        latents = latents.to(self.device, torch.float32)
-        stats = self._latent_stats(latents)
-        if stats is not None:
-            latents = latents * stats[1] / self.vae.config.scaling_factor + stats[0]
-        else:
-            latents = latents / self.vae.config.scaling_factor
-        pixels = self.vae.decode(latents).sample
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")

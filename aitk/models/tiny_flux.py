@@ -8,11 +8,10 @@ FluxKontextPipeline load the folder as they load the real model; nothing is down
 
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
+from typing import Any
 
-import torch
+from aitk.models import tiny_common
 
 TINY_FLUX_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
 VARIANTS = ("dev", "schnell", "kontext")
@@ -26,10 +25,9 @@ def _t5_vocab() -> list[tuple[str, float]]:
     Each printable character alone and with the word-start marker "▁", so any ASCII prompt
     tokenizes without <unk>; scores prefer the word-start pieces, as a trained model would.
     """
-    chars = string.ascii_letters + string.digits + string.punctuation
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + c, -2.5) for c in chars]
-    vocab += [(c, -3.0) for c in chars]
+    vocab += [("\u2581" + c, -2.5) for c in tiny_common.PRINTABLE]
+    vocab += [(c, -3.0) for c in tiny_common.PRINTABLE]
     return vocab
 
 
@@ -39,27 +37,20 @@ def build_tiny_flux(folder: str | Path, variant: str = "dev", seed: int = 0) -> 
     dev and kontext have the guidance embedding (guidance-distilled), schnell has none. Rebuilt
     only when the folder's marker names another version or variant.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxKontextPipeline,
-        FluxPipeline,
-        FluxTransformer2DModel,
+    tiny_common.check_variant(variant, VARIANTS)
+    arch = "flux_kontext" if variant == "kontext" else "flux"
+    marker = {"version": TINY_FLUX_VERSION, "variant": variant, "arch": arch}
+    return tiny_common.build_once(
+        folder, seed, marker, lambda: _flux_pipeline(variant), match=("version", "variant")
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-    from aitk.models.tiny import _byte_level_vocab
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    folder = Path(folder)
-    marker = folder / "aitk_tiny.json"
-    if marker.exists():
-        info = json.loads(marker.read_text())
-        if info.get("version") == TINY_FLUX_VERSION and info.get("variant") == variant:
-            return folder
+def _flux_pipeline(variant: str) -> Any:
+    """The FluxPipeline (FluxKontextPipeline for kontext) `build_tiny_flux` saves (torch's
+    generator already seeded)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels x a 2x2 patch, as in FLUX.1
@@ -72,37 +63,15 @@ def build_tiny_flux(folder: str | Path, variant: str = "dev", seed: int = 0) -> 
         guidance_embeds=variant != "schnell",
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 16, 16, 16),  # 4 blocks: 8x downscale like FLUX's VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = tiny_common.tiny_autoencoder_kl(  # 4 blocks: 8x downscale like FLUX's VAE
         latent_channels=16,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=514,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            projection_dim=32,
-        )
-    )
-    vocab, merges = _byte_level_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(tiny_common.clip_text_config())
+    tokenizer = tiny_common.clip_tokenizer()
     t5_vocab = _t5_vocab()
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -120,7 +89,7 @@ def build_tiny_flux(folder: str | Path, variant: str = "dev", seed: int = 0) -> 
             eos_token_id=1,
         )
     )
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
+    tokenizer_2 = tiny_common.t5_tokenizer(t5_vocab, TINY_T5_MAX_LENGTH)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=1.0 if variant == "schnell" else 3.0,
@@ -131,7 +100,7 @@ def build_tiny_flux(folder: str | Path, variant: str = "dev", seed: int = 0) -> 
         max_image_seq_len=4096,
     )
     pipeline_cls = FluxKontextPipeline if variant == "kontext" else FluxPipeline
-    pipe = pipeline_cls(
+    return pipeline_cls(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -140,8 +109,3 @@ def build_tiny_flux(folder: str | Path, variant: str = "dev", seed: int = 0) -> 
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    arch = "flux_kontext" if variant == "kontext" else "flux"
-    marker.write_text(json.dumps({"version": TINY_FLUX_VERSION, "variant": variant, "arch": arch}))
-    return folder

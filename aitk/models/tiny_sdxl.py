@@ -7,10 +7,10 @@ tokenizers, an Euler scheduler with SDXL's noise schedule), only small. Nothing 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
-import torch
+from aitk.models import tiny_common
 
 TINY_SDXL_VERSION = "2"  # bump when the shapes below change, so cached folders are rebuilt
 
@@ -22,43 +22,18 @@ TE2_WIDTH = 64
 TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of the 6 time ids gets this many features
 
 
-def _clip_config(width: int, layers: int, act: str) -> "object":
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        vocab_size=514,
-        max_position_embeddings=77,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        projection_dim=width,
-        hidden_act=act,
-    )
-
-
 def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny SDXL-shaped pipeline to `folder` (kept when already built at this version)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    marker = {"version": TINY_SDXL_VERSION, "arch": "sdxl"}
+    return tiny_common.build_once(folder, seed, marker, _sdxl_pipeline)
 
-    from aitk.models.tiny import _byte_level_vocab
 
-    folder = Path(folder)
-    marker = folder / "aitk_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_SDXL_VERSION:
-        return folder
+def _sdxl_pipeline() -> Any:
+    """The StableDiffusionXLPipeline `build_tiny_sdxl` saves (torch's generator already seeded)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = tiny_common.tiny_unet(
         # SDXL's traits: several transformer layers deeper down, linear proj_in / proj_out,
         # per-block head counts. Unlike SDXL the highest resolution has attention too: with
         # only two levels an attention-only LoRA barely moves the loss otherwise (measured:
@@ -73,41 +48,25 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         addition_time_embed_dim=TIME_EMBED_DIM,
         # 6 time ids (original size, crop top-left, target size) + text_encoder_2's pooled output
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TE2_WIDTH,
-        norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = tiny_common.tiny_autoencoder_kl(
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=0.13025,  # SDXL's VAE scaling factor
         force_upcast=True,
     )
-    text_encoder = CLIPTextModel(_clip_config(TE1_WIDTH, 2, "quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(TE2_WIDTH, 2, "gelu"))
-    vocab, merges = _byte_level_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(tiny_common.clip_text_config(TE1_WIDTH, 2, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_common.clip_text_config(TE2_WIDTH, 2, "gelu"))
+    tokenizer = tiny_common.clip_tokenizer()
     # SDXL's second tokenizer pads with "!" (OpenCLIP's habit) instead of the end token
-    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
+    tokenizer_2 = tiny_common.clip_tokenizer(pad_token="!")
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
+        **tiny_common.SD_NOISE_SCHEDULE, timestep_spacing="leading", prediction_type="epsilon"
     )
     # SDXL's own scheduler config carries these; previews derive DDIM/PNDM from it.
     scheduler.register_to_config(
         clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0
     )
-    pipe = StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -118,7 +77,3 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    marker.write_text(json.dumps({"version": TINY_SDXL_VERSION, "arch": "sdxl"}))
-    return folder

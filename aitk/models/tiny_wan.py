@@ -9,10 +9,12 @@ vision tower whose penultimate hidden states feed 2.1 I2V's image attention), on
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from aitk.models import tiny_common
 
 TINY_WAN_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
 VARIANTS = ("t2v", "i2v", "22_t2v", "22_i2v")
@@ -38,7 +40,6 @@ def build_tokenizer() -> object:
     """umT5's tokenizer class (T5Tokenizer, a SentencePiece-style Unigram) over a vocabulary
     trained here in milliseconds with the `tokenizers` library: no download, no sentencepiece."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
 
     specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
     tok = Tokenizer(models.Unigram())
@@ -48,12 +49,12 @@ def build_tokenizer() -> object:
         special_tokens=specials,
         unk_token="<unk>",
         # every printable character is kept, so unusual prompts still tokenize without <unk>
-        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        initial_alphabet=list(tiny_common.PRINTABLE),
         shrinking_factor=0.75,
     )
     tok.train_from_iterator(_corpus(), trainer)
     vocab = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LENGTH)
+    return tiny_common.t5_tokenizer(vocab, TEXT_LENGTH)
 
 
 def _transformer(in_channels: int, image_dim: int | None, seed: int) -> torch.nn.Module:
@@ -89,21 +90,21 @@ def build_tiny_wan(folder: str | Path, variant: str = "t2v", seed: int = 0) -> P
     processor), "22_t2v" / "22_i2v" (WAN 2.2 14B: `transformer` = high-noise expert,
     `transformer_2` = low-noise expert, `boundary_ratio` in model_index.json; no image encoder).
     """
+    tiny_common.check_variant(variant, VARIANTS)
+    marker = {"version": TINY_WAN_VERSION, "variant": variant, "seed": seed}
+    return tiny_common.build_once(
+        folder, seed, marker, lambda: _wan_pipeline(variant, seed), match=("version", "variant", "seed")
+    )
+
+
+def _wan_pipeline(variant: str, seed: int) -> Any:
+    """The WanPipeline (WanImageToVideoPipeline for I2V) `build_tiny_wan` saves; torch's generator
+    is already seeded with `seed`, the transformers and the image encoder reseed from it."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    folder = Path(folder)
-    marker = folder / "aitk_tiny.json"
-    if marker.exists():
-        info = json.loads(marker.read_text())
-        if info.get("version") == TINY_WAN_VERSION and info.get("variant") == variant and info.get("seed") == seed:
-            return folder
-
     i2v = variant in ("i2v", "22_i2v")
     two_experts = variant.startswith("22_")
-    torch.manual_seed(seed)
     vae = AutoencoderKLWan(
         base_dim=8,
         z_dim=16,
@@ -156,8 +157,4 @@ def build_tiny_wan(folder: str | Path, variant: str = "t2v", seed: int = 0) -> P
             crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
         )
     pipe_cls = WanImageToVideoPipeline if i2v else WanPipeline
-    pipe = pipe_cls(**parts)
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    marker.write_text(json.dumps({"version": TINY_WAN_VERSION, "variant": variant, "seed": seed}))
-    return folder
+    return pipe_cls(**parts)

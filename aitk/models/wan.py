@@ -20,13 +20,13 @@ model.model_kwargs:
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from aitk.config.schema import ModelConfig, TrainConfig
+from aitk.models import common
 from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
 from aitk.models.sd15 import ModelLoadError
@@ -37,11 +37,6 @@ HIGH_NOISE = "high_noise"
 LOW_NOISE = "low_noise"
 MAIN = "main"
 DEFAULT_TEXT_LENGTH = 512  # WAN's umT5 context length (WanPipeline's max_sequence_length)
-
-
-def _offline_note() -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return "; HF_HUB_OFFLINE is set, so only hub models already in the cache can be used" if offline else ""
 
 
 def _to_pil(frames: torch.Tensor) -> list[Any]:
@@ -126,8 +121,7 @@ class Wan21Adapter(ModelAdapter):
                 "hub id (e.g. Wan-AI/Wan2.1-T2V-14B-Diffusers) with transformer/, vae/, text_encoder/, "
                 "tokenizer/ and scheduler/"
             )
-        could_be_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
-        if not path.exists() and not could_be_hub_id:
+        if not path.exists() and not common.could_be_hub_id(source):
             raise ModelLoadError(
                 f"model.name_or_path: {source!r} is neither an existing folder nor a hub id (owner/name)"
             )
@@ -144,7 +138,7 @@ class Wan21Adapter(ModelAdapter):
         except Exception as exc:
             raise ModelLoadError(
                 f"model.name_or_path: {self.model_cfg.name_or_path!r} has no readable model_index.json: "
-                f"{exc} (give a diffusers WAN folder or hub id{_offline_note()})"
+                f"{exc} (give a diffusers WAN folder or hub id{common.offline_note()})"
             ) from exc
         self._check_components(index)
         try:
@@ -176,7 +170,7 @@ class Wan21Adapter(ModelAdapter):
             raise ModelLoadError(
                 f"model.name_or_path: could not load a {self.modelspec_architecture.split('/')[0]} model "
                 f"from {self.model_cfg.name_or_path!r}: {exc} (give a diffusers WAN folder or hub id"
-                f"{_offline_note()})"
+                f"{common.offline_note()})"
             ) from exc
         if self.transformer.config.in_channels != (36 if self.i2v else 16):
             kind = "image-to-video (36 input channels)" if self.i2v else "text-to-video (16 input channels)"
@@ -186,9 +180,8 @@ class Wan21Adapter(ModelAdapter):
             )
         if self.two_experts and self.boundary_ratio is None:
             self.boundary_ratio = float(index.get("boundary_ratio") or self.default_boundary_ratio)
+        common.freeze(self._modules())
         for module in self._modules():
-            module.requires_grad_(False)
-            module.eval()
             module.to(self.device)  # dtypes were set at load (the VAE stays fp32)
 
     def _check_components(self, index: dict[str, Any]) -> None:
@@ -339,8 +332,7 @@ class Wan21Adapter(ModelAdapter):
         frames = pixels.shape[2]
         if (frames - 1) % self.vae.config.scale_factor_temporal:
             raise ValueError(f"WAN encodes 4k+1 frames (1, 5, 9, ...), got {frames}")
-        pixels = pixels.to(self.device, dtype=torch.float32)
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        latents = common.encode_mode(self.vae, pixels, self.device)
         mean, std = self._latent_stats(latents)
         return (latents - mean) / std
 
