@@ -49,6 +49,17 @@ def test_quantized_base_trains_a_full_precision_lora(make_job, qtype):
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
+def test_quantize_te_stores_the_text_encoder_in_8_bits(make_job):
+    trainer, result = run(make_job, "q_te", quantize_te=True, qtype_te="qint8")
+    assert result.state == "completed"
+    encoder = trainer.adapter.text_encoder
+    linears = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all("torchao" in type(m.weight).__module__ for m in linears)
+    unet_linears = [m for m in trainer.adapter.denoiser().modules() if type(m) is torch.nn.Linear]
+    assert unet_linears and all(type(m.weight) is torch.nn.Parameter for m in unet_linears)  # quantize: false
+    assert "of text_encoder to qint8" in (result.output_dir / "log.txt").read_text()
+
+
 def test_unknown_qtype_stops_before_training(make_job):
     with pytest.raises(TrainingAborted, match="model.qtype: 'int3' is not supported"):
         run(make_job, "q_bad", quantize=True, qtype="int3")

@@ -108,6 +108,8 @@ class ModelAdapter(ABC):
     frame_rule: str | None = None
     #: the dataset's control images are inputs of the model (edit models such as FLUX Kontext)
     uses_controls: bool = False
+    #: attributes holding the text encoders (released after caching, quantized by quantize_te)
+    text_encoder_names: tuple[str, ...] = ()
     #: ss_base_model_version / modelspec.architecture metadata values
     base_model_version: str = ""
     modelspec_architecture: str = ""
@@ -197,10 +199,15 @@ class ModelAdapter(ABC):
         """A diffusers pipeline over the live (possibly network-wrapped) modules; `sampler` is
         sample.sampler (None = the model's default)."""
 
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The loaded text encoders by attribute name (`text_encoder_names`)."""
+        found = {name: getattr(self, name, None) for name in self.text_encoder_names}
+        return {name: module for name, module in found.items() if module is not None}
+
     def release_text_encoders(self) -> int:
         """Free the text encoders once every prompt is cached (cache_text_embeddings); returns the
         bytes of weights released, 0 when this model keeps them."""
-        return 0
+        return release_modules(self, list(self.text_encoder_names))
 
     def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
         """Pipeline arguments giving a preview's prompt and negative prompt as embeddings (used

@@ -35,7 +35,7 @@ import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
 from aitk.models.sd15 import ModelLoadError
 
 ASSISTANT_ADAPTER = "assistant"
@@ -112,6 +112,7 @@ def image_seq_shift(num_tokens: int, scheduler_config: Any) -> float:
 
 class FluxAdapter(ModelAdapter):
     arch_names = ("flux",)
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     bucket_divisibility = 16  # 8x VAE downscale x 2x2 token patches
     lora_prefix = "transformer."  # dotted module paths: transformer.<path>
     #: lora_A / lora_B names next to `.alpha` (read by aitk.networks.export.save_lora)
@@ -276,7 +277,7 @@ class FluxAdapter(ModelAdapter):
 
     def release_text_encoders(self) -> int:
         self._text_pipe = None  # it holds the encoders too
-        return release_modules(self, ["text_encoder", "text_encoder_2"])
+        return super().release_text_encoders()
 
     def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
         # FLUX previews run without classifier-free guidance (true_cfg_scale 1): no negative needed

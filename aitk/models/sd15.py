@@ -9,7 +9,7 @@ import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
 
 # Used for the component configs of a single-file checkpoint when no local config folder is given.
 DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -31,6 +31,7 @@ def timestep_bias(content_or_style: str, u: torch.Tensor) -> torch.Tensor:
 
 class SD15Adapter(ModelAdapter):
     arch_names = ("sd1", "sd15", "sd2")
+    text_encoder_names = ("text_encoder",)
     bucket_divisibility = 64
     lora_prefix = "lora_unet"
     base_model_version = "sd_v1"
@@ -114,10 +115,6 @@ class SD15Adapter(ModelAdapter):
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
 
-    _text_encoder_names: tuple[str, ...] = ("text_encoder",)
-
-    def release_text_encoders(self) -> int:
-        return release_modules(self, list(self._text_encoder_names))
 
     def _single_file_pipeline(self, path: Path, config: str) -> Any:
         from diffusers import StableDiffusionPipeline

@@ -82,7 +82,7 @@ class SDXLAdapter(SD15Adapter):
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
-    _text_encoder_names = ("text_encoder", "text_encoder_2")
+    text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
         return {

@@ -27,7 +27,7 @@ import torch
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds, release_modules
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
 from aitk.models.sd15 import ModelLoadError
 from aitk.models.wan_flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
@@ -66,6 +66,7 @@ def _i2v_preview_pipeline_class() -> type:
 
 class Wan21Adapter(ModelAdapter):
     arch_names = ("wan21",)
+    text_encoder_names = ("text_encoder",)
     bucket_divisibility = 16  # 8x VAE x 2x2 patches
     lora_prefix = "diffusion_model."
     diffusers_lora_prefix = "transformer"
@@ -294,9 +295,6 @@ class Wan21Adapter(ModelAdapter):
         return WanPipeline(
             tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, scheduler=self.scheduler
         )
-
-    def release_text_encoders(self) -> int:
-        return release_modules(self, ["text_encoder"])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

@@ -74,7 +74,7 @@ class TrainerSetup:
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
-        if self.process.model.quantize:
+        if self.process.model.quantize or self.process.model.quantize_te:
             self._quantize_base()
         if not self.adapter.uses_controls:
             for index, dataset in enumerate(self.process.datasets):
@@ -100,13 +100,20 @@ class TrainerSetup:
                 f"warning: model.qtype: the accuracy recovery adapter {adapter!r} is not supported yet; "
                 "the model is quantized without it"
             )
+        model_cfg = self.process.model
         try:
-            for name, module in self.adapter.experts().items():
-                count = quantize_frozen(module, qtype)
-                which = "" if name == "main" else f" ({name})"
-                self.log(
-                    f"quantized {count} linear layers of the base model{which} to {split_qtype(qtype)[0]}"
-                )
+            if model_cfg.quantize:
+                for name, module in self.adapter.experts().items():
+                    count = quantize_frozen(module, qtype)
+                    which = "" if name == "main" else f" ({name})"
+                    self.log(
+                        f"quantized {count} linear layers of the base model{which} to {split_qtype(qtype)[0]}"
+                    )
+            if model_cfg.quantize_te:
+                te_qtype = (model_cfg.model_extra or {}).get("qtype_te") or qtype
+                for name, module in self.adapter.text_encoders().items():
+                    count = quantize_frozen(module, te_qtype)
+                    self.log(f"quantized {count} linear layers of {name} to {split_qtype(te_qtype)[0]}")
         except (QuantizeError, ImportError) as exc:
             raise TrainingAborted(str(exc)) from exc
 
@@ -165,7 +172,7 @@ class TrainerSetup:
         return adapter_class(self.process.model.resolved_arch)
 
     def _setup_network(self) -> None:
-        from aitk.networks import inject_network
+        from aitk.networks.build import build_network, network_algo
 
         net_cfg = self.process.network
         if net_cfg is None:
@@ -179,27 +186,40 @@ class TrainerSetup:
         experts = self.adapter.experts()
         trained = self.adapter.trained_experts()
         networks = {}
-        for expert in trained:
-            networks[expert if len(experts) > 1 else SINGLE] = inject_network(
-                experts[expert],
-                linear_rank=net_cfg.linear_rank,
-                linear_alpha=net_cfg.linear_alpha_value,
-                conv_rank=net_cfg.conv_rank,
-                conv_alpha=net_cfg.conv_alpha_value,
-                dropout=net_cfg.dropout,
-                only_if_contains=net_cfg.network_kwargs.only_if_contains,
-                ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
-                candidates=self.adapter.network_candidates(include_conv),
-                seed=self.seed,
-            )
+        try:
+            algo = network_algo(net_cfg.type, net_cfg.dora)
+            for expert in trained:
+                networks[expert if len(experts) > 1 else SINGLE] = build_network(
+                    experts[expert],
+                    network_type=net_cfg.type,
+                    dora=net_cfg.dora,
+                    linear_rank=net_cfg.linear_rank,
+                    linear_alpha=net_cfg.linear_alpha_value,
+                    conv_rank=net_cfg.conv_rank,
+                    conv_alpha=net_cfg.conv_alpha_value,
+                    dropout=net_cfg.dropout,
+                    only_if_contains=net_cfg.network_kwargs.only_if_contains,
+                    ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
+                    candidates=self.adapter.network_candidates(include_conv),
+                    seed=self.seed,
+                    lokr_factor=net_cfg.lokr_factor,
+                    lokr_full_rank=net_cfg.lokr_full_rank,
+                )
+        except ValueError as exc:  # settings that select nothing or do not combine: a job error
+            raise TrainingAborted(f"network: {exc}") from exc
         self.network = NetworkGroup(networks)
         self.params = self.network.trainable_parameters()
         for name, handle in self.network.items():
             count = sum(p.numel() for p in handle.trainable_parameters())
             which = "" if self.network.is_single else f" ({name} expert)"
             self.log(
-                f"network{which}: {len(handle.wrapped_module_names())} modules wrapped, "
+                f"network{which}: {algo}, {len(handle.wrapped_module_names())} modules wrapped, "
                 f"{count:,} trainable parameters"
+            )
+        if algo == "lokr" and net_cfg.lokr_full_rank and getattr(net_cfg.alpha_schedule, "enabled", False):
+            self.log(
+                "warning: network.alpha_schedule: with lokr_full_rank every LoKr factor is a full matrix, "
+                "whose scale is 1 whatever the alpha (the LyCORIS convention); the schedule changes nothing"
             )
         from aitk.trainer.experts import ExpertRotation
 
