@@ -257,6 +257,7 @@ config:
     - training_folder: out
       network:
         type: lokr
+        lokr_factor: 4
         pretrained_lora_path: /a.safetensors
         alpha_schedule: {enabled: true}
       datasets:
@@ -264,27 +265,38 @@ config:
           num_frames: 33
           control_path: /c
           is_reg: true
-      train: {optimizer: automagic, train_text_encoder: true}
+      train: {optimizer: automagic, train_text_encoder: true, train_unet: false}
       save: {push_to_hub: true}
       model: {name_or_path: black-forest-labs/FLUX.1-dev, is_flux: true, quantize: true, low_vram: true}
 """
     loaded = load(text)
     joined = "\n".join(loaded.warnings)
     for key in [
-        "config.process[0].network.type: network type 'lokr'",
+        "config.process[0].train.train_unet:",
         "config.process[0].network.pretrained_lora_path:",
         "config.process[0].train.train_text_encoder:",
-        "config.process[0].save.push_to_hub:",
         "config.process[0].model.low_vram:",
     ]:
         assert key in joined, key
     assert "is_reg" not in joined  # regularisation datasets are supported now
+    assert "push_to_hub" not in joined  # uploading to the Hub is supported now
     assert all("not supported yet" in w for w in loaded.warnings)
     assert "is_flux" not in joined  # FLUX is an adapter now
     assert "automagic" not in joined  # the automagic optimizer is supported now
-    lokr = next(w for w in loaded.warnings if "lokr" in w)
-    assert "fails at start" in lokr
+    assert "lokr" not in joined  # LoKr, LoHa and DoRA are supported now
+    te_only = next(w for w in loaded.warnings if "train_unet" in w)
+    assert "fails at start" in te_only
     assert unsupported_warnings(loaded.job) == loaded.warnings  # no unknown keys here
+
+
+@pytest.mark.parametrize(
+    "network",
+    ["{type: lokr, linear: 8, lokr_factor: 4}", "{type: lokr, lokr_full_rank: true}", "{type: loha, linear: 8}",
+     "{type: dora, linear: 8}", "{type: lora, dora: true}", "{type: locon, conv: 4, dora: true}"],
+)
+def test_lycoris_and_dora_networks_are_quiet(network):
+    text = MINIMAL.replace("{type: lora, linear: 8, linear_alpha: 4}", network)
+    assert load(text).warnings == []
 
 
 def test_no_network_means_full_fine_tune_warning():

@@ -160,9 +160,9 @@ def test_samples_are_written_with_inline_flags(make_job):
 @pytest.mark.parametrize(
     "changes, key",
     [
-        ({"network": {"type": "lokr"}}, "config.process[0].network.type"),
+        ({"train": {"train_unet": False}}, "config.process[0].train.train_unet"),
         ({"model": {"arch": "sd3"}}, "config.process[0].model.arch"),
-        ({"network": {"type": "loha"}}, "config.process[0].network.type"),
+        ({"train": {"noise_scheduler": "lms"}}, "config.process[0].train.noise_scheduler"),
     ],
 )
 def test_unsupported_settings_stop_the_run_before_loading(make_job, changes, key):

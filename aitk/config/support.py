@@ -27,7 +27,6 @@ from aitk.config.schema import (
     NetworkConfig,
     ProcessConfig,
     SampleConfig,
-    SaveConfig,
     Section,
     TrainConfig,
 )
@@ -111,9 +110,6 @@ UNSUPPORTED: list[Unsupported] = [
                 "it is ignored; every step's time is in the metrics file"),
     Unsupported(ModelConfig, "dtype", _is_set, "model.dtype",
                 "it is ignored; the frozen model runs in train.dtype"),
-    # save
-    Unsupported(SaveConfig, "push_to_hub", _is_true, "uploading to the Hugging Face Hub",
-                "it is ignored and the LoRA is saved locally only"),
 ]
 
 # Keys ostris/ai-toolkit accepts that the schema does not model: (section, key) -> rule.

@@ -1,6 +1,8 @@
-"""Networks trained on top of a frozen model: LoRA / LoCon (peft), targeting, export formats.
+"""Networks trained on top of a frozen model: LoRA / LoCon / DoRA and LoKr / LoHa (peft),
+targeting, export formats, loading files back and merging them into a model.
 
-Import the submodules directly (aitk.networks.lora, .export, .metadata, .targets); this package
+Import the submodules directly (aitk.networks.lora, .lycoris, .build, .export, .lycoris_files,
+.merge, .metadata, .targets); this package
 re-exports the main entry points lazily so `import aitk.networks` pulls in neither peft nor
 safetensors.
 """
@@ -12,6 +14,11 @@ from typing import Any
 _EXPORTS = {
     "NetworkHandle": "aitk.networks.lora",
     "inject_network": "aitk.networks.lora",
+    "LycorisHandle": "aitk.networks.lycoris",
+    "inject_lycoris": "aitk.networks.lycoris",
+    "build_network": "aitk.networks.build",
+    "load_network_file": "aitk.networks.export",
+    "merge_network_file": "aitk.networks.merge",
     "select_targets": "aitk.networks.lora",
     "unet_lora_candidates": "aitk.networks.targets",
     "network_to_kohya": "aitk.networks.export",

@@ -10,11 +10,20 @@ next to lora_A / lora_B, ComfyUI reads both) write `<stem>.lora_A.weight` / `<st
 instead of lora_down / lora_up (`weight_names=PEFT_WEIGHT_NAMES`, or an adapter attribute
 `lora_weight_names`, see `save_lora`).
 
+DoRA adds, in the kohya / ComfyUI layout, `<stem>.dora_scale` = the magnitude vector shaped
+(out, 1) for linear layers and (out, 1, 1, 1) for convs (LyCORIS's output-axis layout, the axis
+peft's DoRA normalises over).
+
 diffusers (save_format "diffusers"):
-    <prefix>.<module path>.lora_A.weight / .lora_B.weight, and metadata["lora_adapter_metadata"]
-    = JSON of the peft LoraConfig (r, lora_alpha, rank_pattern, alpha_pattern with the alphas in
-    effect now, target_modules), keys prefixed "<prefix>." as diffusers writes them; diffusers'
-    load_lora_weights builds its LoraConfig from it, so the scale is exact.
+    <prefix>.<module path>.lora_A.weight / .lora_B.weight (DoRA: + .lora_magnitude_vector, peft's
+    shape), and metadata["lora_adapter_metadata"] = JSON of the peft LoraConfig (r, lora_alpha,
+    rank_pattern, alpha_pattern with the alphas in effect now, target_modules, use_dora), keys
+    prefixed "<prefix>." as diffusers writes them; diffusers' load_lora_weights builds its
+    LoraConfig from it, so the scale is exact.
+
+LoKr / LoHa are written in the LyCORIS key layout (aitk.networks.lycoris_files) for every
+save_format: diffusers' load_lora_weights loads neither, so there is no diffusers layout for them.
+`load_network_file` reads any of these files back into a network of the same configuration.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ __all__ = [
     "kohya_module_key",
     "diffusers_kohya_alpha_conflicts",
     "network_lora_config",
+    "load_network_file",
+    "config_alphas",
 ]
 
 SAVE_FORMATS = ("comfyui", "kohya", "diffusers")
@@ -117,7 +128,13 @@ def network_to_kohya(
     """kohya / ComfyUI tensors: lora_down / lora_up in `dtype`, `.alpha` (float32) = alpha now.
 
     `weight_names` = (down, up) suffix names; PEFT_WEIGHT_NAMES writes lora_A / lora_B.
+    LoKr / LoHa networks give the LyCORIS layout (weight_names do not apply); DoRA adds
+    `.dora_scale`.
     """
+    if handle.algo in ("lokr", "loha"):
+        from aitk.networks.lycoris_files import network_to_lycoris
+
+        return network_to_lycoris(handle, _kohya_names(handle, prefix, key_for), dtype)  # type: ignore[arg-type]
     down, up = weight_names
     a = handle.adapter_name
     layers = handle.lora_layers()
@@ -127,6 +144,10 @@ def network_to_kohya(
         out[f"{key}.{down}.weight"] = _to_file(layer.lora_A[a].weight, dtype)
         out[f"{key}.{up}.weight"] = _to_file(layer.lora_B[a].weight, dtype)
         out[f"{key}.alpha"] = torch.tensor(handle.module_alpha(name), dtype=torch.float32)
+        if handle.uses_dora:
+            ndim = layer.get_base_layer().weight.dim()
+            magnitude = layer.lora_magnitude_vector[a].weight
+            out[f"{key}.dora_scale"] = _to_file(magnitude.reshape(-1, *([1] * (ndim - 1))), dtype)
     return out
 
 
@@ -155,7 +176,7 @@ def network_lora_config(handle: NetworkHandle) -> dict:
         "target_modules": "^(?:" + "|".join(re.escape(n) for n in names) + ")$",
         "lora_dropout": 0.0,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": handle.uses_dora,
         "use_rslora": False,
         "init_lora_weights": True,
     }
@@ -164,12 +185,11 @@ def network_lora_config(handle: NetworkHandle) -> dict:
 def network_to_diffusers(
     handle: NetworkHandle, prefix: str = "unet", dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT keys "<prefix>.<path>.lora_A.weight" / lora_B + metadata with the LoRA config."""
-    a = handle.adapter_name
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in handle.lora_layers().items():
-        tensors[f"{prefix}.{name}.lora_A.weight"] = _to_file(layer.lora_A[a].weight, dtype)
-        tensors[f"{prefix}.{name}.lora_B.weight"] = _to_file(layer.lora_B[a].weight, dtype)
+    """PEFT keys "<prefix>.<path>.lora_A.weight" / lora_B (DoRA: + lora_magnitude_vector) and
+    metadata with the LoRA config. LoKr / LoHa raise ValueError (no diffusers layout)."""
+    if handle.algo not in ("lora", "dora"):
+        raise ValueError(f"{handle.algo} networks have no diffusers (PEFT) layout; write the LyCORIS layout")
+    tensors = {f"{prefix}.{k}": _to_file(t, dtype) for k, t in handle.named_trainable_parameters().items()}
     cfg = {f"{prefix}.{k}": v for k, v in network_lora_config(handle).items()}
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
     return tensors, metadata
@@ -183,12 +203,19 @@ def kohya_to_network_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Inverse of `network_to_kohya`: (state in the handle's peft names, {module name: alpha}).
 
-    Reads either weight naming (lora_down / lora_up or lora_A / lora_B).
+    Reads either weight naming (lora_down / lora_up or lora_A / lora_B), DoRA's `.dora_scale`
+    (output-axis layout) and, for LoKr / LoHa networks, the LyCORIS layout.
 
     A module without `.alpha` gets alpha = its rank (what every loader assumes). Keys that name no
-    wrapped module, and wrapped modules missing from the file, raise KeyError.
+    wrapped module, and wrapped modules missing from the file, raise KeyError; an input-axis
+    `dora_scale` (older LyCORIS files) raises ValueError (peft's DoRA normalises per output channel).
     """
     names = _kohya_names(handle, prefix, key_for)
+    if handle.algo in ("lokr", "loha"):
+        from aitk.networks.lycoris_files import lycoris_to_network_state
+
+        return lycoris_to_network_state(handle, tensors, names)  # type: ignore[arg-type]
+    params = handle.named_trainable_parameters()
     by_key = {v: k for k, v in names.items()}
     state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
@@ -196,7 +223,7 @@ def kohya_to_network_state(
     for key, t in tensors.items():
         # stems may contain dots ("diffusion_model.blocks.0..."): split off the known suffix
         stem, kind = key, ""
-        for suffix in ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha"):
+        for suffix in ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha", "dora_scale"):
             if key.endswith("." + suffix):
                 stem, kind = key[: -len(suffix) - 1], suffix
                 break
@@ -209,9 +236,13 @@ def kohya_to_network_state(
             state[f"{module}.lora_B.weight"] = t
         elif kind == "alpha":
             alphas[module] = float(t.item())
+        elif kind == "dora_scale" and handle.uses_dora:
+            state[f"{module}.lora_magnitude_vector"] = _magnitude_from_file(
+                t, params[f"{module}.lora_magnitude_vector"].shape, key
+            )
         else:
             unexpected.append(key)
-    expected = set(handle.named_trainable_parameters())
+    expected = set(params)
     missing = sorted(expected - set(state))
     if unexpected or missing:
         raise KeyError(
@@ -222,6 +253,17 @@ def kohya_to_network_state(
         alphas.setdefault(name, float(handle.module_rank(name)))
     alphas = {n: alphas[n] for n in names}
     return state, alphas
+
+
+def _magnitude_from_file(t: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
+    """A `dora_scale` (out, 1[, 1, 1]) as peft's magnitude vector of `shape`."""
+    out = max(shape)  # peft: (out,) for linear layers, (1, out, 1, 1) for convs
+    if t.shape[0] != out or t.numel() != out:
+        raise ValueError(
+            f"{key}: dora_scale of shape {tuple(t.shape)} is not the output-axis layout (out={out}, 1, ...); "
+            "files that normalise per input channel cannot be loaded into peft's DoRA"
+        )
+    return t.reshape(shape)
 
 
 def diffusers_to_network_state(
@@ -278,12 +320,23 @@ def save_lora(
     import safetensors.torch
 
     fmt = str(save_format).lower()
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"save_format {save_format!r} is not supported; use one of {', '.join(SAVE_FORMATS)}")
+    if fmt == "diffusers" and handle.algo in ("lokr", "loha"):
+        warnings.warn(
+            f"{Path(path).name}: diffusers' load_lora_weights cannot load {handle.algo}; written in the "
+            "LyCORIS key layout (ComfyUI, Forge, LyCORIS, aitk) instead of the diffusers layout",
+            stacklevel=2,
+        )
+        fmt = "comfyui"
     if fmt in ("comfyui", "kohya"):
         if weight_names is None:
             weight_names = _adapter_weight_names(key_for)
         tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for, weight_names=weight_names)
         header: dict[str, str] = {"format": "pt"}
-        conflicts = diffusers_kohya_alpha_conflicts(handle) if prefix.startswith("lora_unet") else []
+        # only plain LoRA files load in diffusers' kohya converter (it drops dora_scale, skips LyCORIS)
+        kohya_lora = prefix.startswith("lora_unet") and handle.algo == "lora"
+        conflicts = diffusers_kohya_alpha_conflicts(handle) if kohya_lora else []
         if conflicts:
             warnings.warn(
                 f"{Path(path).name}: diffusers' kohya loader will apply the file's most common alpha to "
@@ -292,10 +345,8 @@ def save_lora(
                 "for an exact diffusers load.",
                 stacklevel=2,
             )
-    elif fmt == "diffusers":
-        tensors, header = network_to_diffusers(handle, prefix=diffusers_prefix, dtype=dtype)
     else:
-        raise ValueError(f"save_format {save_format!r} is not supported; use one of {', '.join(SAVE_FORMATS)}")
+        tensors, header = network_to_diffusers(handle, prefix=diffusers_prefix, dtype=dtype)
     for k, v in (metadata or {}).items():
         if not isinstance(v, str):
             raise TypeError(f"metadata value of {k!r} must be str, got {type(v).__name__}")
@@ -316,3 +367,79 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         for k in f.keys():
             tensors[k] = f.get_tensor(k)
     return tensors, metadata
+
+
+def config_alphas(config: dict, names: list[str]) -> dict[str, float]:
+    """Each module's alpha under a peft LoraConfig dict (lora_alpha + alpha_pattern, keys without
+    the "<prefix>." diffusers adds), matched the way peft matches pattern keys."""
+    default = float(config.get("lora_alpha", config.get("r", 1)))
+    pattern: dict[str, float] = config.get("alpha_pattern") or {}
+    out: dict[str, float] = {}
+    for name in names:
+        alpha = default
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                alpha = float(value)
+                break
+        out[name] = alpha
+    return out
+
+
+def _unprefixed_config(metadata: dict[str, str], prefix: str) -> dict | None:
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return None
+    cfg = json.loads(raw)
+    p = prefix + "."
+    return {k[len(p):] if k.startswith(p) else k: v for k, v in cfg.items()}
+
+
+def is_diffusers_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str], diffusers_prefix: str) -> bool:
+    """A PEFT-keyed file (our save_format diffusers): no `.alpha` tensors, keys under "<prefix>."
+    with lora_A / lora_B. FLUX's comfyui files also use lora_A / lora_B but always carry `.alpha`."""
+    if any(k.endswith(".alpha") for k in tensors):
+        return False
+    p = diffusers_prefix + "."
+    return all(k.startswith(p) for k in tensors) and any(".lora_A." in k for k in tensors)
+
+
+def load_network_file(
+    handle: NetworkHandle,
+    source: str | Path | tuple[dict[str, torch.Tensor], dict[str, str]],
+    *,
+    prefix: str = "lora_unet",
+    key_for: KeyFor | None = None,
+    diffusers_prefix: str = "unet",
+) -> dict[str, float]:
+    """Load a file we wrote (any save_format, any network type) into a network of the same
+    configuration: weights copied in, and the file's alphas put in effect. Returns {module: alpha}.
+
+    `source`: a path, or (tensors, metadata) already read. Naming arguments as for `save_lora`
+    (the trainer passes the model adapter's `lora_prefix`, `lora_key_stem`, `diffusers_lora_prefix`).
+    Alphas: one per kind (linear / conv) through `set_alphas` when the file's modules share it,
+    otherwise per module (`set_module_alphas`). LoKr modules without a rank-decomposed factor
+    have no alpha to load (their scale is 1).
+    """
+    tensors, metadata = load_lora_file(source) if isinstance(source, (str, Path)) else source
+    if handle.algo in ("lora", "dora") and is_diffusers_layout(tensors, metadata, diffusers_prefix):
+        state = diffusers_to_network_state(handle, tensors, prefix=diffusers_prefix)
+        cfg = _unprefixed_config(metadata, diffusers_prefix)
+        names = handle.wrapped_module_names()
+        # no config: diffusers' convention, alpha = rank (scale 1)
+        alphas = config_alphas(cfg, names) if cfg else {n: float(handle.module_rank(n)) for n in names}
+    else:
+        state, alphas = kohya_to_network_state(handle, tensors, prefix=prefix, key_for=key_for)
+    handle.load_network_state_dict(state)
+    if alphas:
+        conv = {n: a for n, a in alphas.items() if handle.is_conv_module(n)}
+        linear = {n: a for n, a in alphas.items() if n not in conv}
+
+        def common(values: dict[str, float]) -> float | None:
+            return collections.Counter(values.values()).most_common(1)[0][0] if values else None
+
+        lin, cv = common(linear), common(conv)
+        handle.set_alphas(lin if lin is not None else handle.linear_alpha, cv)
+        odd = {n: a for n, a in alphas.items() if a != (cv if n in conv else lin)}
+        if odd:
+            handle.set_module_alphas(odd)
+    return alphas

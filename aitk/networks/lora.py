@@ -1,4 +1,4 @@
-"""LoRA / LoCon injection with peft, live alpha and multiplier control.
+"""LoRA / LoCon / DoRA injection with peft, live alpha and multiplier control.
 
 The adapter layers are peft's (`peft.inject_adapter_in_model`): the model keeps its own class
 (a diffusers UNet stays a UNet2DConditionModel), only its Linear / Conv2d children are replaced
@@ -8,6 +8,13 @@ Scale of every wrapped module = multiplier * alpha / rank, set live on the peft 
 (`lora_alpha[adapter]` and `scaling[adapter]`); nothing is rebuilt when alpha changes. The peft
 config stored on the model keeps the alphas it was created with: exporters read the live values
 from the layers (`NetworkHandle.module_alphas()`), never from the config.
+
+DoRA (`use_dora=True`) is peft's: W' = m * (W + s*B@A) / ||W + s*B@A||, the norm taken per
+output channel, m = `lora_magnitude_vector` (trained, starts at ||W||), s = the scale above (so
+alpha and the multiplier act inside the normalisation, as in diffusers / peft).
+
+LoKr / LoHa handles (aitk.networks.lycoris) subclass NetworkHandle: the trainer, checkpoints,
+EMA and the alpha schedule only use the interface defined here.
 """
 
 from __future__ import annotations
@@ -127,7 +134,10 @@ def _alternation(names: Iterable[str]) -> str:
 
 
 class NetworkHandle:
-    """A LoRA / LoCon network injected (in place) into `module` under `adapter_name`."""
+    """A LoRA / LoCon / DoRA network injected (in place) into `module` under `adapter_name`."""
+
+    #: the network kind in files and logs: "lora" (LoCon too), "dora"; subclasses "lokr", "loha"
+    algo: str = "lora"
 
     def __init__(
         self,
@@ -139,9 +149,15 @@ class NetworkHandle:
         linear_alpha: float,
         conv_rank: int | None,
         conv_alpha: float | None,
+        algo: str | None = None,
     ) -> None:
         self.module = module
         self.adapter_name = adapter_name
+        if algo is not None:
+            self.algo = algo
+        # per-module alphas loaded from a file whose modules do not share one alpha; set_alphas
+        # (the alpha schedule) replaces them all
+        self._alpha_override: dict[str, float] = {}
         self.linear_rank = int(linear_rank)
         self.conv_rank = int(conv_rank) if conv_rank is not None else None
         self._layers = layers  # full module name -> peft LoraLayer, model order
@@ -160,8 +176,12 @@ class NetworkHandle:
         return [n for n in self._layers if n in self._conv_names]
 
     def lora_layers(self) -> dict[str, nn.Module]:
-        """Full module name -> peft LoRA layer."""
+        """Full module name -> peft adapter layer (LoRA, or LoKr / LoHa in the subclass)."""
         return dict(self._layers)
+
+    @property
+    def uses_dora(self) -> bool:
+        return self.algo == "dora"
 
     def module_rank(self, name: str) -> int:
         return int(self._layers[name].r[self.adapter_name])
@@ -180,14 +200,21 @@ class NetworkHandle:
         return name in self._conv_names
 
     # --- parameters --------------------------------------------------------------------------
-    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """`<module>.lora_A.weight` / `<module>.lora_B.weight` -> parameter (no adapter name)."""
-        out: dict[str, nn.Parameter] = {}
+    def layer_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """One module's trainable tensors by suffix: lora_A.weight, lora_B.weight and, for DoRA,
+        lora_magnitude_vector (peft's state-dict names without the adapter name)."""
         a = self.adapter_name
-        for name, layer in self._layers.items():
-            out[f"{name}.lora_A.weight"] = layer.lora_A[a].weight
-            out[f"{name}.lora_B.weight"] = layer.lora_B[a].weight
+        layer = self._layers[name]
+        out = {"lora_A.weight": layer.lora_A[a].weight, "lora_B.weight": layer.lora_B[a].weight}
+        if self.uses_dora:
+            out["lora_magnitude_vector"] = layer.lora_magnitude_vector[a].weight
         return out
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """`<module>.<suffix>` -> parameter (no adapter name), suffixes from `layer_parameters`."""
+        return {
+            f"{name}.{suffix}": p for name in self._layers for suffix, p in self.layer_parameters(name).items()
+        }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable_parameters().values())
@@ -250,7 +277,27 @@ class NetworkHandle:
         self._linear_alpha = linear_alpha
         if conv_alpha is not None:
             self._conv_alpha = conv_alpha
+        self._alpha_override = {}
         self._apply_scaling()
+
+    def set_module_alphas(self, alphas: dict[str, float]) -> None:
+        """Set the alpha of single modules (a loaded file may give each module its own); the
+        others keep theirs. The next `set_alphas` call replaces these."""
+        unknown = [n for n in alphas if n not in self._layers]
+        if unknown:
+            raise KeyError(f"not wrapped by this network: {unknown[:5]}")
+        for name, value in alphas.items():
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"alpha of {name} must be a finite number, got {value!r}")
+            self._alpha_override[name] = value
+        self._apply_scaling()
+
+    def _alpha_for(self, name: str) -> float:
+        if name in self._alpha_override:
+            return self._alpha_override[name]
+        alpha = self._conv_alpha if name in self._conv_names else self._linear_alpha
+        return float(alpha)
 
     def set_multiplier(self, m: float) -> None:
         """Scale the whole network's output (sample.network_multiplier); 1.0 = as trained."""
@@ -263,14 +310,14 @@ class NetworkHandle:
     def _apply_scaling(self) -> None:
         a = self.adapter_name
         for name, layer in self._layers.items():
-            alpha = self._conv_alpha if name in self._conv_names else self._linear_alpha
+            alpha = self._alpha_for(name)
             r = layer.r[a]
             layer.lora_alpha[a] = alpha
             layer.scaling[a] = self._multiplier * alpha / r
 
     def __repr__(self) -> str:
         return (
-            f"NetworkHandle(adapter={self.adapter_name!r}, modules={len(self._layers)}, "
+            f"{type(self).__name__}(algo={self.algo!r}, adapter={self.adapter_name!r}, modules={len(self._layers)}, "
             f"conv_modules={len(self._conv_names)}, linear={self.linear_rank}/{self._linear_alpha}, "
             f"conv={self.conv_rank}/{self._conv_alpha}, multiplier={self._multiplier})"
         )
@@ -290,6 +337,7 @@ def inject_network(
     adapter_name: str = "default",
     seed: int | None = None,
     dtype: torch.dtype | None = None,
+    use_dora: bool = False,
 ) -> NetworkHandle:
     """Wrap the selected Linear / Conv2d modules of `module` with peft LoRA layers, in place.
 
@@ -298,6 +346,7 @@ def inject_network(
     `seed` makes the initial weights identical across processes (lora_A kaiming-uniform like
     peft's default, lora_B zeros, drawn in model order from a CPU generator).
     `dtype`: dtype of the LoRA weights (None = the base layer's dtype, peft's default).
+    `use_dora`: weight-decomposed LoRA (peft's DoRA; the magnitude vector trains too).
     Afterwards only this network's parameters require grad (base weights and any other adapter
     already in `module` are frozen); other adapters stay active alongside this one.
     """
@@ -342,6 +391,7 @@ def inject_network(
         lora_dropout=float(dropout),
         bias="none",
         init_lora_weights=True,
+        use_dora=bool(use_dora),
     )
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -375,6 +425,8 @@ def inject_network(
         if dtype is not None:
             layer.lora_A[adapter_name].to(dtype=dtype)
             layer.lora_B[adapter_name].to(dtype=dtype)
+            if use_dora:
+                layer.lora_magnitude_vector[adapter_name].to(dtype=dtype)
 
     if seed is not None:
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -386,6 +438,8 @@ def inject_network(
                 nn.init.kaiming_uniform_(tmp, a=math.sqrt(5), generator=gen)
                 a.copy_(tmp.to(device=a.device, dtype=a.dtype))
                 b.zero_()
+    # DoRA's magnitude vector was set to ||W + s*B@A|| = ||W|| at injection: B is still zero, so
+    # redrawing A above leaves it right
 
     handle = NetworkHandle(
         module,
@@ -396,6 +450,7 @@ def inject_network(
         linear_alpha=float(linear_alpha),
         conv_rank=int(conv_rank) if conv_rank is not None else None,
         conv_alpha=float(conv_alpha) if conv_alpha is not None else None,
+        algo="dora" if use_dora else "lora",
     )
     # only this network trains: base weights (peft froze them) and any other adapter stay frozen
     ours = {id(p) for p in handle.trainable_parameters()}
