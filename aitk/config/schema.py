@@ -157,7 +157,7 @@ class AlphaSchedule(ExpertAlphaSchedule):
 
 class NetworkConfig(Section):
     type: Literal["lora", "locon", "lokr", "loha", "dora"] = Field(
-        "lora", description="Adapter kind: lora (linear layers), locon (lora + conv layers), lokr."
+        "lora", description="Adapter kind: lora (linear layers), locon (lora + conv layers), lokr, loha, dora."
     )
     linear: int | None = Field(None, ge=1, description="Rank of linear layers (default 4).")
     rank: int | None = Field(None, ge=1, description="Alias of `linear`.")

@@ -19,9 +19,12 @@ def run_signature(
     process: ProcessConfig, wrapped_modules: list[str], networks: list[str] | None = None
 ) -> dict[str, Any]:
     """What must not change between a checkpoint and the job that resumes from it."""
+    from aitk.networks.build import network_algo
+
     network = process.network
     return {
         "networks": list(networks or ["main"]),
+        "network_algo": network_algo(network.type, network.dora) if network else None,
         "optimizer": process.train.optimizer,
         "linear_rank": network.linear_rank if network else None,
         "conv_rank": network.conv_rank if network else None,
