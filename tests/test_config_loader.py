@@ -273,7 +273,6 @@ config:
     joined = "\n".join(loaded.warnings)
     for key in [
         "config.process[0].train.train_unet:",
-        "config.process[0].network.pretrained_lora_path:",
         "config.process[0].train.train_text_encoder:",
         "config.process[0].model.low_vram:",
     ]:

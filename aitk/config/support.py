@@ -81,8 +81,6 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(ProcessConfig, "network", lambda v, s: v is None,
                 "no `network:` section means a full fine-tune, which",
                 f"{FAILS}; to train a LoRA add network: {{type: lora, linear: 16, linear_alpha: 16}}"),
-    Unsupported(NetworkConfig, "pretrained_lora_path", _is_set, "starting from an existing LoRA",
-                "it is ignored and training starts from a new LoRA"),
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),

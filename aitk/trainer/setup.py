@@ -14,6 +14,8 @@ from aitk.trainer.reporting import RunLog, StatusFile
 from aitk.trainer.session import Session, start_session
 
 TEXT_CACHE_DIR_NAME = "_text_cache"  # in the first dataset's folder, next to _latent_cache
+# kohya / diffusers / our own text-encoder key prefixes, skipped when continuing from a LoRA
+TEXT_ENCODER_KEY_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "text_encoders.")
 
 
 class TrainerSetup:
@@ -216,6 +218,8 @@ class TrainerSetup:
                 f"network{which}: {algo}, {len(handle.wrapped_module_names())} modules wrapped, "
                 f"{count:,} trainable parameters"
             )
+        if net_cfg.pretrained_lora_path:
+            self._load_pretrained_network(net_cfg.pretrained_lora_path)
         if algo == "lokr" and net_cfg.lokr_full_rank and getattr(net_cfg.alpha_schedule, "enabled", False):
             self.log(
                 "warning: network.alpha_schedule: with lokr_full_rank every LoKr factor is a full matrix, "
@@ -235,6 +239,48 @@ class TrainerSetup:
             if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
             module.train()  # network dropout; the frozen base has no dropout in these models
+
+    def _load_pretrained_network(self, pretrained: str) -> None:
+        """network.pretrained_lora_path: start from an existing LoRA (ours, kohya or diffusers).
+
+        For a multi-expert model, `<stem>_<expert>.safetensors` next to the given path is used for
+        each expert when it exists (the files this trainer writes), else the given file itself.
+        A checkpoint of this run, when there is one, still wins (resume comes after)."""
+        from aitk.networks.export import load_lora_file, load_network_file
+
+        given = Path(pretrained).expanduser()
+        for expert, handle in self.network.items():
+            path = given
+            if not self.network.is_single:
+                own = given.with_name(f"{given.stem}_{expert}{given.suffix}")
+                path = own if own.is_file() else given
+            if not path.is_file():
+                raise TrainingAborted(
+                    f"network.pretrained_lora_path: {str(path)!r} does not exist - give the .safetensors "
+                    "file of the LoRA to continue from"
+                )
+            try:
+                tensors, metadata = load_lora_file(path)
+            except Exception as exc:  # noqa: BLE001 - a broken or foreign file is a job error
+                raise TrainingAborted(f"network.pretrained_lora_path: {path} cannot be read ({exc})") from exc
+            denoiser_only = {k: v for k, v in tensors.items() if not k.startswith(TEXT_ENCODER_KEY_PREFIXES)}
+            if len(denoiser_only) < len(tensors):
+                self.log(
+                    f"note: {path.name}: {len(tensors) - len(denoiser_only)} text-encoder tensors are not "
+                    "used (this version trains the denoiser only)"
+                )
+            try:
+                load_network_file(
+                    handle, (denoiser_only, metadata), prefix=self.adapter.lora_prefix,
+                    key_for=self.adapter.lora_key_stem, diffusers_prefix=self.adapter.diffusers_lora_prefix,
+                )
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise TrainingAborted(
+                    f"network.pretrained_lora_path: {path} does not fit this network ({exc}). Use the same "
+                    "network type, rank (network.linear / conv) and target modules as the run that made it"
+                ) from exc
+            which = "" if self.network.is_single else f" ({expert} expert)"
+            self.log(f"network{which}: starting from {path}")
 
     def _setup_optimizer(self) -> None:
         from aitk.optim import build_lr_scheduler, build_optimizer
