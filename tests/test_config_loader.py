@@ -298,11 +298,10 @@ def test_lycoris_and_dora_networks_are_quiet(network):
     assert load(text).warnings == []
 
 
-def test_no_network_means_full_fine_tune_warning():
+def test_no_network_means_a_full_fine_tune_without_warnings():
     text = MINIMAL.replace("      network: {type: lora, linear: 8, linear_alpha: 4}\n", "")
-    (warning,) = load(text).warnings
-    assert warning.startswith("config.process[0].network:")
-    assert "full fine-tune" in warning and "not supported yet" in warning
+    loaded = load(text)
+    assert loaded.warnings == [] and loaded.job.config.process[0].network is None
 
 
 def test_known_archs_are_quiet_and_an_unknown_arch_fails_at_start():

@@ -205,6 +205,9 @@ class SaveConfig(Section):
     save_format: Literal["comfyui", "kohya", "diffusers"] = Field(
         "comfyui", description="Key naming of the LoRA file: comfyui/kohya (lora_unet_...) or diffusers (PEFT)."
     )
+    single_file: bool = Field(
+        False, description="Full fine-tune: also write each saved model as one .safetensors file."
+    )
     push_to_hub: bool = Field(False, description="Upload the final LoRA to the Hugging Face Hub.")
     hf_repo_id: str | None = Field(None, description="Hub repository for push_to_hub (user/name).")
     hf_private: bool = Field(True, description="Make the Hub repository private.")

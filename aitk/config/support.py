@@ -78,9 +78,6 @@ def _never(_value: Any, _section: Any = None) -> bool:
 
 UNSUPPORTED: list[Unsupported] = [
     # network
-    Unsupported(ProcessConfig, "network", lambda v, s: v is None,
-                "no `network:` section means a full fine-tune, which",
-                f"{FAILS}; to train a LoRA add network: {{type: lora, linear: 16, linear_alpha: 16}}"),
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),

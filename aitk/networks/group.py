@@ -29,6 +29,11 @@ class NetworkGroup:
         return list(self.networks) == [SINGLE]
 
     @property
+    def is_full_model(self) -> bool:
+        """A full fine-tune (no network section): the handles stand for whole models."""
+        return getattr(self.first, "algo", None) == "full"
+
+    @property
     def first(self) -> NetworkHandle:
         return next(iter(self.networks.values()))
 

@@ -22,9 +22,12 @@ def lora_path(paths: RunPaths, step: int | None, expert: str | None) -> Path:
 
 
 def lora_paths(paths: RunPaths, step: int | None, network: NetworkGroup) -> list[Path]:
-    if network.is_single:
-        return [lora_path(paths, step, None)]
-    return [lora_path(paths, step, expert) for expert in network]
+    """The files (full fine-tune: model folders) a save at `step` writes, in network order."""
+    experts: list[str | None] = [None] if network.is_single else list(network)
+    found = [lora_path(paths, step, expert) for expert in experts]
+    if network.is_full_model:
+        return [p.with_suffix("") for p in found]  # <name>[_expert][_step]/ diffusers folders
+    return found
 
 
 def lora_metadata(
@@ -68,6 +71,10 @@ def write_lora_files(
     from aitk.networks.export import save_lora
 
     save_cfg = process.save
+    if network.is_full_model:
+        from aitk.trainer.model_files import write_model_folders
+
+        return write_model_folders(lora_paths(paths, step, network), network, save_cfg)
     written = []
     for (expert, handle), path in zip(network.items(), lora_paths(paths, step, network)):
         shown_expert = None if network.is_single else expert

@@ -96,7 +96,12 @@ class TrainerSaving:
             from aitk.trainer.lora_files import lora_paths
 
             for lora, stepped in zip(loras, lora_paths(self.paths, step, self.network)):
-                atomic_copy(lora, stepped)
+                if lora.is_dir():  # a full fine-tune's model folder
+                    from aitk.trainer.model_files import copy_model_folder
+
+                    copy_model_folder(lora, stepped)
+                else:
+                    atomic_copy(lora, stepped)
         content = CheckpointContent(
             state=self.state,
             network=self.network.network_state_dict(),
@@ -138,5 +143,9 @@ class TrainerSaving:
             shutil.rmtree(info.path, ignore_errors=True)
             alpha_state_path(info.path).unlink(missing_ok=True)
             for path in lora_paths(self.paths, info.step, self.network):
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                    path.with_suffix(".safetensors").unlink(missing_ok=True)
+                else:
+                    path.unlink(missing_ok=True)
 

@@ -177,12 +177,11 @@ class TrainerSetup:
         from aitk.networks.build import build_network, network_algo
 
         net_cfg = self.process.network
-        if net_cfg is None:
-            raise TrainingAborted(
-                "network: is missing; full fine-tuning is not supported yet. Add e.g. "
-                "`network: {type: lora, linear: 16, linear_alpha: 16}`"
-            )
         from aitk.networks.group import SINGLE, NetworkGroup
+
+        if net_cfg is None:
+            self._setup_full_model()
+            return
 
         include_conv = net_cfg.conv_rank is not None
         experts = self.adapter.experts()
@@ -239,6 +238,33 @@ class TrainerSetup:
             if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
             module.train()  # network dropout; the frozen base has no dropout in these models
+
+    def _setup_full_model(self) -> None:
+        """No network section: fine-tune the (trained experts') denoiser weights themselves."""
+        from aitk.networks.full import FullModelHandle
+        from aitk.networks.group import SINGLE, NetworkGroup
+        from aitk.trainer.experts import ExpertRotation
+        from aitk.trainer.health import TrainingHealth
+
+        experts = self.adapter.experts()
+        handles = {
+            (expert if len(experts) > 1 else SINGLE): FullModelHandle(experts[expert])
+            for expert in self.adapter.trained_experts()
+        }
+        self.network = NetworkGroup(handles)
+        self.params = self.network.trainable_parameters()
+        for name, handle in self.network.items():
+            count = sum(p.numel() for p in handle.trainable_parameters())
+            which = "" if self.network.is_single else f" ({name} expert)"
+            self.log(f"full fine-tune{which}: {count:,} trainable parameters (no network: section)")
+        self.rotation = ExpertRotation(
+            [] if self.network.is_single else list(self.network), self.train_cfg.switch_boundary_every
+        )
+        self.health = TrainingHealth(self.network, None, self.log)
+        for module in experts.values():
+            if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            module.train()
 
     def _load_pretrained_network(self, pretrained: str) -> None:
         """network.pretrained_lora_path: start from an existing LoRA (ours, kohya or diffusers).
