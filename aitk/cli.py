@@ -1,4 +1,4 @@
-"""`aitk` command line: run, validate, dataset inspect, schedule replay, demo."""
+"""`aitk` command line: run, validate, dataset inspect, schedule replay, demo, ui, worker."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         for index, process in enumerate(loaded.job.config.process):
-            trainer = Trainer(loaded.job, process, stop=stop)
+            trainer = Trainer(loaded.job, process, stop=stop, job_path=Path(job_path))
             stop.install(announce=lambda message: print(message, file=sys.stderr))
             try:
                 result = trainer.run()
@@ -94,6 +94,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output), steps=args.steps)
 
 
+def _ui_settings(args: argparse.Namespace):
+    from aitk.ui.settings import UISettings
+
+    return UISettings.from_env(
+        home=Path(args.home) if args.home else None,
+        training_folder=Path(args.training_folder) if args.training_folder else None,
+        datasets_folder=Path(args.datasets_folder) if args.datasets_folder else None,
+    )
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from aitk.ui.server import serve
+
+    return serve(_ui_settings(args), host=args.host, port=args.port, worker=not args.no_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from aitk.ui.worker import run_standalone
+
+    return run_standalone(_ui_settings(args))
+
+
+def _ui_folder_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", help="UI data folder: database, job files, thumbnails (default ./.aitk-ui, "
+                        "or AITK_UI_HOME)")
+    parser.add_argument("--training-folder", help="default folder for training output (default ./output)")
+    parser.add_argument("--datasets-folder", help="default folder for datasets (default ./datasets)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aitk", description="AI Toolkit: train diffusion-model LoRAs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,13 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="output", help="folder for the demo's data and run")
     demo.add_argument("--steps", type=int, default=300)
     demo.set_defaults(func=cmd_demo)
+
+    ui = sub.add_parser("ui", help="web UI: queue, run, watch and stop jobs from a browser (docs/ui.md)")
+    ui.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1 without "
+                    "AI_TOOLKIT_AUTH, all interfaces with it)")
+    ui.add_argument("--port", type=int, default=8675)
+    ui.add_argument("--no-worker", action="store_true", help="do not run jobs from this process "
+                    "(use a separate `aitk worker`)")
+    _ui_folder_args(ui)
+    ui.set_defaults(func=cmd_ui)
+
+    worker = sub.add_parser("worker", help="run the UI's queued jobs without the web server")
+    _ui_folder_args(worker)
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
-    if argv and argv[0] not in {"run", "validate", "dataset", "schedule", "demo", "-h", "--help"}:
+    if argv and argv[0] not in {"run", "validate", "dataset", "schedule", "demo", "ui", "worker", "-h", "--help"}:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -353,7 +353,9 @@ def save_lora(
         if k == LORA_ADAPTER_METADATA_KEY and LORA_ADAPTER_METADATA_KEY in header:
             continue  # the config describing these tensors wins
         header[k] = v
-    data = safetensors.torch.save(tensors, metadata=header)
+    from aitk.networks.metadata import safetensors_bytes_with_hashes
+
+    data = safetensors_bytes_with_hashes(tensors, header)  # + sshs_model_hash, sshs_legacy_hash, modelspec.hash_sha256
     return atomic_write_bytes(path, data)
 
 

@@ -53,7 +53,9 @@ class Trainer(TrainerSetup, TrainerSaving):
         stop: StopController | None = None,
         on_step_end: Callable[["Trainer", int], None] | None = None,
         checkpoint_pause_hook: Callable[[Path], None] | None = None,
+        job_path: Path | None = None,
     ) -> None:
+        self.job_path = Path(job_path) if job_path is not None else None  # its folder may hold a .env
         self.job = job
         self.process = process
         self.train_cfg = process.train
@@ -369,5 +371,11 @@ class Trainer(TrainerSetup, TrainerSaving):
 
         finals = lora_paths(self.paths, None, self.network)
         self.log(f"training complete: {', '.join(str(p) for p in finals)}")
+        if self.session.is_main:
+            from aitk.trainer.publish import publish_run
+
+            # never raises: a failed upload is one warning with the retry command; the run stays completed
+            publish_run(self.job, self.process, output_dir=self.paths.root, lora_files=finals,
+                        job_path=self.job_path, log=self.log)
         return RunResult("completed", self.state.step, finals[0], self.paths.root, finals)
 

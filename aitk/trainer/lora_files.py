@@ -55,6 +55,9 @@ def lora_metadata(
         | {"network": net_cfg.model_dump(mode="json") if net_cfg else None},
         meta=meta,
         trigger_word=process.trigger_word,
+        base_model_name=process.model.name_or_path,
+        seed=process.training_seed,
+        algo=getattr(handle, "algo", "lora"),
     )
 
 
