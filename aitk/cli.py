@@ -28,6 +28,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        return _run_jobs(args)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Leave the process group cleanly when launched with torchrun / accelerate (else PyTorch
+    warns, and a process exiting early can abort the others)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
     from aitk.config.loader import JobFileError, load_job_file
     from aitk.trainer.loop import Trainer
     from aitk.trainer.stop import StopController

@@ -250,7 +250,9 @@ class Trainer(TrainerSetup, TrainerSaving):
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
         try:
-            return self._run()
+            result = self._run()
+            self._wait_for_everyone()
+            return result
         except BaseException as exc:
             if getattr(self, "status", None) is not None:
                 self._set_status(state="error", error=str(exc) or type(exc).__name__, force=True)
@@ -260,6 +262,15 @@ class Trainer(TrainerSetup, TrainerSaving):
                 self.data.close()
             if getattr(self, "log", None) is not None:
                 self.log.close()
+
+    def _wait_for_everyone(self) -> None:
+        """Processes leave together: a process that exits while the main one is still saving or
+        sampling can take the process group down with it (seen as SIGABRT under load)."""
+        if getattr(self, "session", None) is not None and self.session.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
 
     def _stop_requested_here(self) -> bool:
         """A stop seen by this process alone; with several processes the step's all-reduce
