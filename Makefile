@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/overhead.py
 	HF_HUB_OFFLINE=1 $(PY) bench/data.py
+	HF_HUB_OFFLINE=1 $(PY) bench/ui_metrics.py
 
 # Not part of `bench`: about 8 minutes on 2 CPU cores (10 training runs of 900 steps).
 alpha-study: $(STAMP)

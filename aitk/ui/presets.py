@@ -1,0 +1,274 @@
+"""Model presets: a complete job (as plain data) that the new-job form starts from, and the job
+that quick train builds.
+
+A preset leaves three things for the form: the dataset folder (`datasets[0].folder_path`), the job
+name and the trigger word. `training_folder` is set by the server. The values follow the model
+notes in docs/models.md and, for the alpha schedules, the two presets of docs/alpha-scheduling.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# docs/alpha-scheduling.md, "Video preset (WAN 2.1 / 2.2, rank 32)"
+VIDEO_ALPHA_SCHEDULE: dict[str, Any] = {
+    "enabled": True,
+    "alpha_phases": {
+        "foundation": {
+            "alpha": 16,
+            "min_steps": 1000,
+            "exit_criteria": {
+                "loss_improvement_rate_below": 0.0008,
+                "min_gradient_stability": 0.48,
+                "min_loss_r2": 0.01,
+                "min_samples": 200,
+            },
+        },
+        "balance": {
+            "alpha": 24,
+            "min_steps": 1500,
+            "exit_criteria": {
+                "loss_improvement_rate_below": 0.0005,
+                "min_gradient_stability": 0.48,
+                "min_samples": 200,
+            },
+        },
+        "emphasis": {"alpha": 32},
+    },
+    "per_expert": {
+        "high_noise": {
+            "alpha_phases": {
+                "foundation": {"min_steps": 1400},
+                "balance": {"min_steps": 1800},
+                "emphasis": {},
+            }
+        }
+    },
+}
+
+# docs/alpha-scheduling.md, "Image preset (SD 1.5, SDXL, FLUX; rank 16)"
+IMAGE_ALPHA_SCHEDULE: dict[str, Any] = {
+    "enabled": True,
+    "alpha_phases": {
+        "foundation": {
+            "alpha": 8,
+            "min_steps": 400,
+            "exit_criteria": {
+                "loss_improvement_rate_below": 0.0005,
+                "min_gradient_stability": 0.50,
+                "max_loss_cv": 0.8,
+                "min_samples": 100,
+            },
+        },
+        "balance": {
+            "alpha": 12,
+            "min_steps": 600,
+            "exit_criteria": {
+                "loss_improvement_rate_below": 0.0003,
+                "min_gradient_stability": 0.50,
+                "max_loss_cv": 0.8,
+                "min_samples": 150,
+            },
+        },
+        "emphasis": {"alpha": 16},
+    },
+}
+
+
+def _job(
+    *,
+    arch: str,
+    model: str,
+    resolution: list[int],
+    rank: int,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    dtype: str,
+    sample: dict[str, Any],
+    model_extra: dict[str, Any] | None = None,
+    dataset_extra: dict[str, Any] | None = None,
+    train_extra: dict[str, Any] | None = None,
+    network_extra: dict[str, Any] | None = None,
+    save_every: int = 250,
+) -> dict[str, Any]:
+    process: dict[str, Any] = {
+        "type": "sd_trainer",
+        "training_folder": "output",
+        "trigger_word": "",
+        "network": {"type": "lora", "linear": rank, "linear_alpha": rank, **(network_extra or {})},
+        "save": {"dtype": "float16", "save_every": save_every, "max_step_saves_to_keep": 4},
+        "datasets": [{
+            "folder_path": "",
+            "caption_ext": "txt",
+            "caption_dropout_rate": 0.05,
+            "resolution": resolution,
+            "cache_latents_to_disk": True,
+            **(dataset_extra or {}),
+        }],
+        "train": {
+            "steps": steps,
+            "batch_size": 1,
+            "gradient_accumulation": 1,
+            "lr": lr,
+            "optimizer": optimizer,
+            "lr_scheduler": "constant",
+            "dtype": dtype,
+            "gradient_checkpointing": True,
+            "max_grad_norm": 1.0,
+            **(train_extra or {}),
+        },
+        "model": {"name_or_path": model, "arch": arch, **(model_extra or {})},
+        "sample": {"sample_every": save_every, "seed": 42, "walk_seed": True, **sample},
+    }
+    return {"job": "extension", "config": {"name": "my_lora", "process": [process]}, "meta": {"name": "[name]"}}
+
+
+def _image_sample(width: int, sampler: str, guidance: float, steps: int) -> dict[str, Any]:
+    return {
+        "sampler": sampler, "width": width, "height": width, "guidance_scale": guidance, "sample_steps": steps,
+        "prompts": ["[trigger] a photo, detailed", "[trigger] in a garden at golden hour"],
+    }
+
+
+def _video_sample(frames: int, ctrl: bool = False) -> dict[str, Any]:
+    sample: dict[str, Any] = {
+        "sampler": "flowmatch", "width": 480, "height": 320, "guidance_scale": 4.0, "sample_steps": 25,
+        "num_frames": frames, "fps": 16, "prompts": ["[trigger] walking through a city street at night"],
+    }
+    if ctrl:
+        sample["ctrl_img"] = ""  # I2V previews need a first frame: the form asks for it
+    return sample
+
+
+def _build() -> dict[str, dict[str, Any]]:
+    flux_train = {"noise_scheduler": "flowmatch", "timestep_type": "sigmoid"}
+    wan_dataset = {"num_frames": 33, "max_pixels_per_frame": 262144, "shrink_video_to_frames": True}
+    presets = {
+        "sd15": ("SD 1.5", "Stable Diffusion 1.5: fast, small, 512 px.", _job(
+            arch="sd1", model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=[512], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw", dtype="fp16",
+            sample={**_image_sample(512, "ddpm", 7.0, 25), "neg": "blurry, low quality"},
+            train_extra={"noise_scheduler": "ddpm"},
+        )),
+        "sdxl": ("SDXL", "Stable Diffusion XL base 1.0, 1024 px.", _job(
+            arch="sdxl", model="stabilityai/stable-diffusion-xl-base-1.0", resolution=[1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "ddpm", 6.0, 30), "neg": "blurry, low quality"},
+            train_extra={"noise_scheduler": "ddpm"},
+        )),
+        "flux_dev": ("FLUX.1 dev", "FLUX.1 dev (guidance-distilled), 512-1024 px buckets.", _job(
+            arch="flux", model="black-forest-labs/FLUX.1-dev", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample=_image_sample(1024, "flowmatch", 4.0, 20), train_extra=flux_train,
+            model_extra={"quantize": True},
+        )),
+        "flux_schnell": ("FLUX.1 schnell", "FLUX.1 schnell with the training adapter (on while training, "
+                         "off for previews).", _job(
+            arch="flux", model="black-forest-labs/FLUX.1-schnell", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample=_image_sample(1024, "flowmatch", 1.0, 4), train_extra=flux_train,
+            model_extra={"quantize": True, "assistant_lora_path": "ostris/FLUX.1-schnell-training-adapter"},
+        )),
+        "flux_kontext": ("FLUX.1 Kontext", "FLUX.1 Kontext dev (edit): captions are instructions; each image "
+                         "needs its control image (datasets[0].control_path).", _job(
+            arch="flux_kontext", model="black-forest-labs/FLUX.1-Kontext-dev", resolution=[512, 768], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(768, "flowmatch", 4.0, 20), "ctrl_img": ""}, train_extra=flux_train,
+            model_extra={"quantize": True}, dataset_extra={"control_path": ""},
+        )),
+        "wan21": ("WAN 2.1 T2V 1.3B", "WAN 2.1 text to video (1.3B), 33-frame clips.", _job(
+            arch="wan21", model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", resolution=[512], rank=32,
+            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16", sample=_video_sample(33),
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift"}, dataset_extra=wan_dataset,
+        )),
+        "wan22_t2v": ("WAN 2.2 T2V 14B", "WAN 2.2 text to video, both experts (switching every 100 steps).", _job(
+            arch="wan22_14b", model="Wan-AI/Wan2.2-T2V-A14B-Diffusers", resolution=[512], rank=32,
+            steps=5000, lr=1e-4, optimizer="adamw8bit", dtype="bf16", sample=_video_sample(33),
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "switch_boundary_every": 100},
+            dataset_extra=wan_dataset, model_extra={"quantize": True},
+        )),
+        "wan22_i2v": ("WAN 2.2 I2V 14B", "WAN 2.2 image to video: the first frame of each clip conditions "
+                      "it; previews need a first frame (sample.ctrl_img).", _job(
+            arch="wan22_14b_i2v", model="Wan-AI/Wan2.2-I2V-A14B-Diffusers", resolution=[512], rank=32,
+            steps=5000, lr=1e-4, optimizer="adamw8bit", dtype="bf16", sample=_video_sample(33, ctrl=True),
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "switch_boundary_every": 100},
+            dataset_extra={**wan_dataset, "do_i2v": True}, model_extra={"quantize": True},
+        )),
+        "video_training": ("Video training (alpha schedule)", "WAN 2.2 T2V, rank 32, with the video alpha "
+                           "schedule: foundation (alpha 16) -> balance (24) -> emphasis (32), longer early "
+                           "phases for the high-noise expert (docs/alpha-scheduling.md).", _job(
+            arch="wan22_14b", model="Wan-AI/Wan2.2-T2V-A14B-Diffusers", resolution=[512], rank=32,
+            steps=8000, lr=1e-4, optimizer="adamw8bit", dtype="bf16", sample=_video_sample(33),
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "switch_boundary_every": 100},
+            dataset_extra={**wan_dataset, "caption_dropout_rate": 0.1}, model_extra={"quantize": True},
+            network_extra={"linear_alpha": 32, "alpha_schedule": VIDEO_ALPHA_SCHEDULE}, save_every=500,
+        )),
+    }
+    return {
+        key: {"id": key, "label": label, "description": text, "arch": job["config"]["process"][0]["model"]["arch"],
+              "job": job}
+        for key, (label, text, job) in presets.items()
+    }
+
+
+PRESETS = _build()
+
+
+def list_presets() -> list[dict[str, Any]]:
+    return [{k: v for k, v in p.items() if k != "job"} for p in PRESETS.values()]
+
+
+def preset(key: str) -> dict[str, Any] | None:
+    found = PRESETS.get(key)
+    return copy.deepcopy(found) if found else None
+
+
+def quick_train_job(
+    key: str,
+    *,
+    name: str,
+    trigger_word: str,
+    dataset_folder: str,
+    model_path: str | None = None,
+    steps: int | None = None,
+    device: str | None = None,
+    sample_prompts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Quick train ("LoRA Ease"): the preset with the user's name, trigger word and fresh dataset.
+
+    Captions are the user's own; the trigger word is put in front by the trainer ([trigger] in the
+    default caption for images left without one)."""
+    found = preset(key)
+    if found is None or key in QUICK_TRAIN_REFUSED:
+        raise KeyError(QUICK_TRAIN_REFUSED.get(key, f"unknown preset {key!r}"))
+    job = found["job"]
+    job["config"]["name"] = name
+    process = job["config"]["process"][0]
+    process["trigger_word"] = trigger_word or None
+    dataset = process["datasets"][0]
+    dataset["folder_path"] = dataset_folder
+    dataset["default_caption"] = "[trigger]" if trigger_word else ""
+    if model_path:
+        process["model"]["name_or_path"] = model_path
+    if device:
+        process["device"] = device
+    if steps:
+        process["train"]["steps"] = steps
+        every = max(1, steps // 4)
+        process["save"]["save_every"] = every
+        process["sample"]["sample_every"] = every
+    if sample_prompts:
+        process["sample"]["prompts"] = sample_prompts
+    if process["sample"].get("ctrl_img") == "":
+        # I2V previews need a first frame, which quick train does not ask for: no previews
+        del process["sample"]["ctrl_img"]
+        process["train"]["disable_sampling"] = True
+    return job
+
+
+QUICK_TRAIN_REFUSED = {
+    "flux_kontext": "FLUX Kontext trains on pairs (each image with its control image); use the new-job form "
+    "with datasets[0].control_path",
+}
