@@ -1,4 +1,5 @@
-"""`aitk` command line: run, validate, dataset inspect, schedule replay, demo, ui, worker."""
+"""`aitk` command line: run, validate, dataset inspect, schedule replay, demo, ui, worker,
+convert, merge, lora info."""
 
 from __future__ import annotations
 
@@ -192,13 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the UI's queued jobs without the web server")
     _ui_folder_args(worker)
     worker.set_defaults(func=cmd_worker)
+
+    from aitk.tools.commands import add_tool_commands
+
+    add_tool_commands(sub)  # convert, merge, lora info
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
-    if argv and argv[0] not in {"run", "validate", "dataset", "schedule", "demo", "ui", "worker", "-h", "--help"}:
+    known = {"run", "validate", "dataset", "schedule", "demo", "ui", "worker", "convert", "merge", "lora",
+             "-h", "--help"}
+    if argv and argv[0] not in known:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -32,6 +32,7 @@ from aitk.models.sd15 import ModelLoadError  # noqa: E402
 from aitk.models.sdxl import POOLED, TIME_IDS, SDXLAdapter, sdxl_time_ids  # noqa: E402
 from aitk.models.tiny_sdxl import TE1_WIDTH, TE2_WIDTH  # noqa: E402
 from aitk.trainer.loop import Trainer  # noqa: E402
+from interop_results import record  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -498,6 +499,8 @@ def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(
     fresh.load_lora_weights(str(result.final_lora))
     theirs = render(fresh)
     assert np.abs(ours - base).max() > 1e-3  # the LoRA changes the image, so the check can fail
+    record("sdxl", "locon" if with_conv else "lora", "diffusers load_lora_weights",
+           (max_diff := float(np.abs(ours - theirs).max())) < 1e-4, max_diff, layout=save_format)
     assert np.abs(ours - theirs).max() < 1e-4
 
     keys = load_file(str(result.final_lora)).keys()

@@ -26,6 +26,7 @@ from conftest import base_process, deep_update, write_job  # noqa: E402
 
 from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from aitk.models.base import BatchContext  # noqa: E402
+from interop_results import record  # noqa: E402
 
 CPU = torch.device("cpu")
 ARCH_VARIANT = {"wan21": "t2v", "wan21_i2v": "i2v", "wan22_14b": "22_t2v", "wan22_14b_i2v": "22_i2v"}
@@ -439,6 +440,8 @@ def test_wan21_t2v_trains_and_diffusers_loads_the_lora(wan_folders, shapes_datas
     fresh.load_lora_weights(str(result.final_lora))
     theirs = render_latents(fresh, adapter)
     assert (ours - base).abs().max() > 1e-3  # the LoRA matters, so the comparison can fail
+    record("wan21", "lora", "diffusers load_lora_weights",
+           (max_diff := float((ours - theirs).abs().max())) < 1e-4, max_diff)
     assert (ours - theirs).abs().max() < 1e-4
     # diffusers converted every original name back to the module the trainer wrapped
     converted = WanPipeline.lora_state_dict(str(result.final_lora))
@@ -477,6 +480,8 @@ def test_wan21_i2v_trains_resumes_exactly_and_diffusers_loads_the_lora(wan_folde
     fresh.load_lora_weights(str(straight.final_lora))
     theirs = render_latents(fresh, adapter, image)
     assert (ours - base).abs().max() > 1e-3
+    record("wan21_i2v", "lora", "diffusers load_lora_weights",
+           (max_diff := float((ours - theirs).abs().max())) < 1e-4, max_diff)
     assert (ours - theirs).abs().max() < 1e-4
 
 
@@ -526,9 +531,13 @@ def test_wan22_expert_loras_load_into_their_own_transformers(wan_folders, tmp_pa
         with torch.no_grad():
             ours_out = adapter.experts()[name](x, t, text, return_dict=False)[0]
             theirs_out = theirs_module(x, t, text, return_dict=False)[0]
+        record(arch, "lora", "diffusers load_lora_weights",
+               (max_diff := float((ours_out - theirs_out).abs().max())) < 1e-4, max_diff, note=f"{name} expert alone")
         assert (ours_out - theirs_out).abs().max() < 1e-4, name
     ours = render_latents(adapter.sample_pipeline(), adapter, image)
     theirs = render_latents(fresh, adapter, image)
     base = render_latents(pipe_cls.from_pretrained(folder), adapter, image)
     assert (ours - base).abs().max() > 1e-3
+    record(arch, "lora", "diffusers load_lora_weights",
+           (max_diff := float((ours - theirs).abs().max())) < 1e-4, max_diff, note="both experts in the pipeline")
     assert (ours - theirs).abs().max() < 1e-4

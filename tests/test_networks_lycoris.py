@@ -21,6 +21,7 @@ from aitk.networks.lora import inject_network
 from aitk.networks.merge import merge_network_file
 from aitk.networks.targets import unet_lora_candidates
 from conftest import base_process, deep_update, write_job
+from interop_results import record
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32
 FF = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"  # Linear 32 -> 256
@@ -256,6 +257,9 @@ def test_round_trip_and_merge(base_unet, tmp_path, kind, save_format):
     other_alphas = {"linear_alpha": 1.0, **({"conv_alpha": 7.0} if "conv_rank" in NETS[kind] else {})}
     fresh = _inject(other, kind, seed=11, **other_alphas)
     load_network_file(fresh, path)
+    record("sd1", NETS[kind]["network_type"], "aitk loader (round trip)",
+           (max_diff := float((_run(other) - live).abs().max())) < 1e-6, max_diff,
+           layout="diffusers" if (save_format, kind) == ("diffusers", "dora") else "comfyui")
     assert (_run(other) - live).abs().max() < 1e-6
     assert fresh.module_alphas() == handle.module_alphas()
     saved = handle.network_state_dict()
@@ -265,6 +269,9 @@ def test_round_trip_and_merge(base_unet, tmp_path, kind, save_format):
     merged_model = copy.deepcopy(base_unet)
     merged = merge_network_file(merged_model, path)
     assert sorted(merged) == sorted(handle.wrapped_module_names())
+    record("sd1", NETS[kind]["network_type"], "aitk merge",
+           (max_diff := float((_run(merged_model) - live).abs().max())) < 1e-4, max_diff,
+           layout="diffusers" if (save_format, kind) == ("diffusers", "dora") else "comfyui")
     assert (_run(merged_model) - live).abs().max() < 1e-4
 
     # strength = the live multiplier
@@ -325,6 +332,8 @@ def test_dora_loads_in_diffusers_sd15(tiny_sd15, tmp_path):
         fresh.load_lora_weights(str(path))
     layers = [m for m in fresh.unet.modules() if hasattr(m, "lora_magnitude_vector") and m.lora_magnitude_vector]
     assert len(layers) == len(handle.wrapped_module_names())
+    record("sd1", "dora", "diffusers load_lora_weights",
+           (max_diff := float(np.abs(_generate(fresh) - image).max())) < 1e-4, max_diff, layout="diffusers")
     assert np.abs(_generate(fresh) - image).max() < 1e-4
 
     # the kohya / ComfyUI layout: diffusers 0.42 drops `dora_scale` and loads a plain LoRA
@@ -333,6 +342,8 @@ def test_dora_loads_in_diffusers_sd15(tiny_sd15, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         other.load_lora_weights(str(kohya))
+    record("sd1", "dora", "diffusers load_lora_weights",
+           False, float(np.abs(_generate(other) - image).max()), note="drops dora_scale: loads a plain LoRA")
     assert np.abs(_generate(other) - image).max() > 1e-3
 
 
@@ -360,6 +371,8 @@ def test_dora_loads_in_diffusers_flux(tiny_flux, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fresh.load_lora_weights(str(path))
+    record("flux", "dora", "diffusers load_lora_weights",
+           (max_diff := float((render(fresh) - ours).abs().max())) < 1e-4, max_diff, layout="diffusers")
     assert (render(fresh) - ours).abs().max() < 1e-4
 
 
@@ -400,6 +413,7 @@ def test_wan_original_names_merge_and_dora_in_diffusers(tmp_path):
                 "dora": "diffusion_model.blocks.0.self_attn.q.dora_scale"}[kind] in keys
         merged = copy.deepcopy(base_model)
         assert len(merge_network_file(merged, path, key_for=lora_key_stem)) == len(handle.wrapped_module_names())
+        record("wan21", kind, "aitk merge", (max_diff := float((run(merged) - ours).abs().max())) < 1e-4, max_diff)
         assert (run(merged) - ours).abs().max() < 1e-4
     path = save_lora(tmp_path / "dora_d.safetensors", handle, save_format="diffusers", diffusers_prefix="transformer",
                      dtype=torch.float32)
@@ -407,6 +421,8 @@ def test_wan_original_names_merge_and_dora_in_diffusers(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fresh.load_lora_weights(str(path))
+    record("wan21", "dora", "diffusers load_lora_weights",
+           (max_diff := float((run(fresh.transformer.eval()) - ours).abs().max())) < 1e-4, max_diff, layout="diffusers")
     assert (run(fresh.transformer.eval()) - ours).abs().max() < 1e-4
 
 

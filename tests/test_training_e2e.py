@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from aitk.config.loader import load_job_file
 from aitk.trainer.loop import Trainer
+from interop_results import record
 
 
 def train(job_path: Path, **kwargs):
@@ -136,6 +137,8 @@ def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(make_job, tiny_sd
     fresh.load_lora_weights(str(result.final_lora))
     theirs = render(fresh)
     assert np.abs(ours - base).max() > 1e-3  # the LoRA changes the image, so the check can fail
+    record("sd1", "locon" if with_conv else "lora", "diffusers load_lora_weights",
+           (max_diff := float(np.abs(ours - theirs).max())) < 1e-4, max_diff)
     assert np.abs(ours - theirs).max() < 1e-4
     keys = load_file(str(result.final_lora)).keys()
     assert all(k.startswith("lora_unet_") for k in keys)

@@ -1,0 +1,188 @@
+"""`aitk convert in.safetensors --to diffusers|comfyui|kohya --arch ARCH [-o out.safetensors]`.
+
+Rewrites a network file in another key layout of the same architecture (the layouts are
+described in aitk/networks/export.py and docs/lora-formats.md). No model is loaded: key stems
+are mapped to module paths by aitk.tools.layout, and back with the adapter's `lora_key_stem`.
+
+Lossless: tensors keep their dtype and bytes (DoRA magnitudes are only reshaped between peft's
+and LyCORIS's shapes), alphas move between `.alpha` tensors (float32) and the JSON of the
+`lora_adapter_metadata` header entry, which holds every float32 exactly. So comfyui -> diffusers
+-> comfyui gives back the same tensors. The header is carried over; `lora_adapter_metadata` is
+written only in the diffusers layout (diffusers refuses it next to `.alpha` keys) and the weight
+hashes are recomputed for the new tensors.
+
+comfyui and kohya are the same file (as for save_format). LoKr / LoHa files have no diffusers
+layout (diffusers' load_lora_weights reads neither), so `--to diffusers` refuses them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from aitk.networks.export import KOHYA_WEIGHT_NAMES, LORA_ADAPTER_METADATA_KEY, _group_pattern
+from aitk.tools.layout import (
+    NetworkFile,
+    ToolError,
+    dora_scale_to_magnitude,
+    naming_adapter,
+    parse_network_file,
+    read_network_tensors,
+)
+
+__all__ = ["TARGETS", "convert_file", "to_comfyui", "to_diffusers", "file_bytes", "convert_command"]
+
+TARGETS = ("comfyui", "kohya", "diffusers")
+
+
+def _rank(parts: dict[str, torch.Tensor]) -> int:
+    return int(parts["down"].shape[0])
+
+
+def _alpha(parts: dict[str, torch.Tensor]) -> float:
+    """The module's alpha; a module without one has alpha = rank (scale 1), every loader's rule."""
+    return float(parts["alpha"].item()) if "alpha" in parts else float(_rank(parts))
+
+
+def to_comfyui(nf: NetworkFile, adapter: Any) -> dict[str, torch.Tensor]:
+    """The comfyui / kohya tensors of `nf` under the adapter's key stems and weight names."""
+    down, up = tuple(getattr(adapter, "lora_weight_names", None) or KOHYA_WEIGHT_NAMES)
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in nf.modules.items():
+        try:
+            stem = adapter.lora_key_stem(name)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
+        for part, t in parts.items():
+            if part == "down":
+                out[f"{stem}.{down}.weight"] = t
+            elif part == "up":
+                out[f"{stem}.{up}.weight"] = t
+            elif part == "alpha":
+                out[f"{stem}.alpha"] = t.to(torch.float32).reshape(())
+            else:  # dora_scale and the LyCORIS names are written as they are named
+                out[f"{stem}.{part}"] = t
+        if "down" in parts and "alpha" not in parts:
+            # ComfyUI reads no header: an explicit alpha (= rank, scale 1, what a file without
+            # one means everywhere) keeps the strength the same in every loader
+            out[f"{stem}.alpha"] = torch.tensor(float(_rank(parts)), dtype=torch.float32)
+    return out
+
+
+def _anchored(names: list[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def to_diffusers(nf: NetworkFile, adapter: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT keys under the adapter's `diffusers_lora_prefix` and the `lora_adapter_metadata`
+    config that makes diffusers apply each module's alpha (what export.network_to_diffusers
+    writes for a live network)."""
+    lycoris = nf.algos & {"lokr", "loha"}
+    if lycoris:
+        raise ToolError(
+            f"{'/'.join(sorted(lycoris))} files have no diffusers layout: diffusers' load_lora_weights reads "
+            "neither LoKr nor LoHa. Keep the comfyui layout (ComfyUI, Forge, LyCORIS and aitk read it), "
+            "or bake it into the model with aitk merge"
+        )
+    prefix = adapter.diffusers_lora_prefix
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, parts in nf.modules.items():
+        tensors[f"{prefix}.{name}.lora_A.weight"] = parts["down"]
+        tensors[f"{prefix}.{name}.lora_B.weight"] = parts["up"]
+        if "dora_scale" in parts:
+            tensors[f"{prefix}.{name}.lora_magnitude_vector"] = dora_scale_to_magnitude(
+                parts["dora_scale"], f"{name}.dora_scale"
+            )
+        ranks[name] = _rank(parts)
+        alphas[name] = _alpha(parts)
+    dora = {n for n, p in nf.modules.items() if "dora_scale" in p}
+    if dora and len(dora) != len(nf.modules):
+        raise ToolError("only some modules carry DoRA scales; peft's config has one use_dora for all modules")
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "rank_pattern": _group_pattern(ranks, r),
+        "alpha_pattern": _group_pattern(alphas, alpha),
+        "target_modules": _anchored(list(nf.modules)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": bool(dora),
+        "use_rslora": False,
+        "init_lora_weights": True,
+    }
+    header = {f"{prefix}.{k}": v for k, v in config.items()}
+    return tensors, {LORA_ADAPTER_METADATA_KEY: json.dumps(header, indent=2, sort_keys=True)}
+
+
+def file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The .safetensors bytes, with the weight hashes (sshs_model_hash ...) of these tensors when
+    aitk.networks.metadata provides them; stale hash keys are dropped otherwise."""
+    import safetensors.torch
+
+    from aitk.networks import metadata as md
+
+    hash_keys = getattr(md, "HASH_KEYS", ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"))
+    header = {k: v for k, v in metadata.items() if k not in hash_keys}
+    with_hashes = getattr(md, "safetensors_bytes_with_hashes", None)
+    if with_hashes is not None:
+        return with_hashes(tensors, header)
+    return safetensors.torch.save(tensors, metadata=header)
+
+
+def convert_file(source: str | Path, to: str, arch: str, output: str | Path) -> tuple[Path, NetworkFile]:
+    """Convert `source` to layout `to` at `output`; returns (output path, the parsed input)."""
+    from aitk.fsutil import atomic_write_bytes
+
+    target = str(to).lower()
+    if target not in TARGETS:
+        raise ToolError(f"--to {to!r}: use one of {', '.join(TARGETS)}")
+    tensors, metadata = read_network_tensors(source)
+    adapter = naming_adapter(arch)
+    nf = parse_network_file(tensors, metadata, adapter, arch)
+    header = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY}
+    header.setdefault("format", "pt")
+    if target == "diffusers":
+        out_tensors, extra = to_diffusers(nf, adapter)
+        header.update(extra)
+    else:
+        out_tensors = to_comfyui(nf, adapter)
+    path = Path(output).expanduser()
+    if path.resolve() == Path(source).expanduser().resolve():
+        raise ToolError(f"-o {output}: the output would overwrite the input; give another file name")
+    return atomic_write_bytes(path, file_bytes(out_tensors, header)), nf
+
+
+def default_output(source: str | Path, to: str) -> Path:
+    src = Path(source)
+    return src.with_name(f"{src.stem}_{str(to).lower()}{src.suffix or '.safetensors'}")
+
+
+def convert_command(
+    source: str, to: str, arch: str, output: str | None = None, force: bool = False,
+    out: TextIO | None = None, err: TextIO | None = None,
+) -> int:
+    """The CLI entry: 0 on success, 1 with a message (no traceback) on bad input."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        path = Path(output) if output else default_output(source, to)
+        if path.suffix.lower() != ".safetensors":
+            raise ToolError(f"-o {path}: the output must be a .safetensors file")
+        if path.exists() and not force:
+            raise ToolError(f"{path} exists; pass --force to replace it or -o another file")
+        written, nf = convert_file(source, to, arch, path)
+    except ToolError as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    kinds = "/".join(sorted(nf.algos))
+    print(f"wrote {written} ({to} layout, {len(nf.modules)} {kinds} modules, from the {nf.layout} layout)", file=out)
+    return 0

@@ -1,0 +1,288 @@
+"""Reading a network file into one model-free form: module name -> its tensors.
+
+The tools (`aitk convert`, `aitk merge`, `aitk lora info`) need to know which module each key
+of a file belongs to without loading the base model (a FLUX or WAN checkpoint is tens of GB).
+The file layouts (aitk/networks/export.py) name modules in two ways:
+
+- comfyui / kohya: a key stem per module from the model adapter's `lora_key_stem`
+  (`lora_unet_<path with "_">` for SD / SDXL, `transformer.<path>` for FLUX,
+  `diffusion_model.<original WAN name>` for WAN), then lora_down / lora_up (or lora_A / lora_B),
+  `.alpha`, `.dora_scale`, or the LyCORIS tensor names;
+- diffusers (PEFT): `<diffusers_lora_prefix>.<module path>.lora_A.weight` / `.lora_B.weight` /
+  `.lora_magnitude_vector`, alphas in the `lora_adapter_metadata` header entry.
+
+Stems are turned back into module paths here and every result is checked by mapping it forward
+again with the adapter's own `lora_key_stem`, so the inverse can never disagree with what the
+trainer writes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitk.networks.export import _unprefixed_config, config_alphas, is_diffusers_layout, load_lora_file
+from aitk.networks.merge import group_by_module
+
+__all__ = [
+    "ToolError",
+    "NetworkFile",
+    "read_network_tensors",
+    "naming_adapter",
+    "parse_network_file",
+    "module_algo",
+    "magnitude_to_dora_scale",
+    "dora_scale_to_magnitude",
+]
+
+
+class ToolError(Exception):
+    """A problem with the user's input: the message says what and how to fix it (no traceback)."""
+
+
+def read_network_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a .safetensors network file, or ToolError saying why not."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ToolError(f"{path}: no such file")
+    if not p.is_file():
+        raise ToolError(f"{path}: not a file (give a .safetensors LoRA file)")
+    try:
+        tensors, metadata = load_lora_file(p)
+    except Exception as exc:  # safetensors raises its own error type for anything unreadable
+        raise ToolError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    if not tensors:
+        raise ToolError(f"{path}: the file holds no tensors")
+    return tensors, metadata
+
+
+def naming_adapter(arch: str) -> Any:
+    """The model adapter of `arch`, constructed but not loaded: it only answers naming questions
+    (`lora_key_stem`, `lora_prefix`, `diffusers_lora_prefix`, `lora_weight_names`)."""
+    from aitk.config.schema import ModelConfig
+    from aitk.models.archs import supported_archs
+    from aitk.models.registry import UnknownArchitectureError, adapter_class
+
+    try:
+        cls = adapter_class(arch)
+    except UnknownArchitectureError:
+        raise ToolError(f"--arch {arch!r} is not supported; use one of {', '.join(supported_archs())}") from None
+    return cls(ModelConfig(name_or_path="(naming only)", arch=arch), torch.device("cpu"), torch.float32)
+
+
+@dataclass
+class NetworkFile:
+    """One network file, by module. Parts use the kohya names: down, up, alpha (0-dim float32),
+    dora_scale (output-axis, (out, 1[, 1, 1])), or the LyCORIS suffixes (lokr_w1, hada_w1_a, ...)."""
+
+    layout: str  # "comfyui" (also kohya: the same file) or "diffusers"
+    modules: dict[str, dict[str, torch.Tensor]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: (down, up) weight names found in a comfyui-layout file, None for diffusers / LyCORIS files
+    weight_names: tuple[str, str] | None = None
+
+    @property
+    def algos(self) -> set[str]:
+        return {module_algo(parts) for parts in self.modules.values()}
+
+
+def module_algo(parts: dict[str, Any]) -> str:
+    """"lokr", "loha", "dora" or "lora" from one module's part names."""
+    if any(k.startswith("lokr_") for k in parts):
+        return "lokr"
+    if any(k.startswith("hada_") for k in parts):
+        return "loha"
+    if "dora_scale" in parts or "magnitude" in parts:
+        return "dora"
+    return "lora"
+
+
+def magnitude_to_dora_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """peft's DoRA magnitude ((out,) linear, (1, out, 1, 1) conv) -> LyCORIS's (out, 1[, 1, 1]).
+
+    A reshape: the bytes are unchanged, which keeps conversions lossless."""
+    out = magnitude.numel()
+    return magnitude.reshape(out, 1, 1, 1) if magnitude.dim() == 4 else magnitude.reshape(out, 1)
+
+
+def dora_scale_to_magnitude(scale: torch.Tensor, key: str) -> torch.Tensor:
+    """LyCORIS's output-axis dora_scale -> peft's magnitude vector; ToolError for the input-axis
+    layout of older LyCORIS files (peft normalises per output channel only)."""
+    if scale.shape[0] != scale.numel():
+        raise ToolError(
+            f"{key}: dora_scale of shape {tuple(scale.shape)} normalises per input channel (older "
+            "LyCORIS files); peft / diffusers' DoRA normalises per output channel, so it has no "
+            "diffusers layout (aitk merge still applies it)"
+        )
+    out = scale.numel()
+    return scale.reshape(1, out, 1, 1) if scale.dim() == 4 else scale.reshape(out)
+
+
+# --- key stem -> module path --------------------------------------------------------------------
+@functools.cache
+def _unet_vocabulary() -> frozenset[str]:
+    """Every name component of a diffusers UNet2DConditionModel's Linear / Conv2d paths
+    ("down_blocks", "transformer_blocks", "to_q", ...), read off a small UNet with every block
+    kind SD 1.x / 2.x / SDXL use, built on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=16,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            transformer_layers_per_block=2,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+        )
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return frozenset(p for n in names for p in n.split(".") if not p.isdigit())
+
+
+def _kohya_segmentations(body: str, vocabulary: frozenset[str]) -> list[str]:
+    """Every way to read "down_blocks_0_attentions_0_..._to_q" as a dotted path whose components
+    are vocabulary names or numbers (normally exactly one)."""
+    parts = body.split("_")
+    found: list[str] = []
+
+    def walk(i: int, acc: list[str]) -> None:
+        if i == len(parts):
+            found.append(".".join(acc))
+            return
+        for j in range(i + 1, len(parts) + 1):
+            piece = "_".join(parts[i:j])
+            if (j == i + 1 and piece.isdigit()) or piece in vocabulary:
+                walk(j, acc + [piece])
+
+    walk(0, [])
+    return found
+
+
+@functools.cache
+def _wan_originals() -> dict[str, str]:
+    """WAN's original layer path (inside a block: "self_attn.q") -> diffusers path ("attn1.to_q")."""
+    from aitk.models import wan_keys
+
+    inner = {orig: diff for diff, orig in wan_keys._BLOCK_NAMES.items()}
+    other = {orig: diff for diff, orig in wan_keys._OTHER_NAMES.items()}
+    return {**{f"@block.{k}": v for k, v in inner.items()}, **other}
+
+
+def _candidates(adapter: Any, stem: str) -> list[str]:
+    """Module paths that might give `stem` (checked against lora_key_stem by the caller)."""
+    prefix: str = adapter.lora_prefix
+    out: list[str] = []
+    if prefix.endswith(".") and stem.startswith(prefix):
+        rest = stem[len(prefix):]
+        out.append(rest)  # FLUX: transformer.<path>
+        table = _wan_originals() if prefix == "diffusion_model." else {}
+        head, _, tail = rest.partition(".")
+        number, _, inner = tail.partition(".")
+        if head == "blocks" and number.isdigit() and f"@block.{inner}" in table:
+            out.append(f"blocks.{number}.{table[f'@block.{inner}']}")
+        elif rest in table:
+            out.append(table[rest])
+    elif not prefix.endswith(".") and stem.startswith(prefix + "_"):
+        out.extend(_kohya_segmentations(stem[len(prefix) + 1:], _unet_vocabulary()))
+    return out
+
+
+def _module_for_stem(adapter: Any, stem: str) -> str | None:
+    matches = []
+    for name in dict.fromkeys(_candidates(adapter, stem)):
+        try:
+            if adapter.lora_key_stem(name) == stem:
+                matches.append(name)
+        except ValueError:  # a path the arch's naming cannot express (WAN)
+            continue
+    if len(matches) > 1:
+        raise ToolError(f"key stem {stem!r} reads as more than one module ({matches}); cannot convert it")
+    return matches[0] if matches else None
+
+
+def _example_stem(adapter: Any) -> str:
+    """A typical key stem of this arch's files, for error messages."""
+    if adapter.lora_prefix == "diffusion_model.":
+        example = "blocks.0.attn1.to_q"
+    elif adapter.lora_prefix.endswith("."):
+        example = "transformer_blocks.0.attn.to_q"
+    else:
+        example = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    return adapter.lora_key_stem(example)
+
+
+def _mismatch(adapter: Any, arch: str, stems: list[str], unknown: list[str]) -> ToolError:
+    parts = []
+    if stems:
+        parts.append(f"{len(stems)} module key(s) name no {arch} module (e.g. {stems[:3]})")
+    if unknown:
+        parts.append(f"{len(unknown)} key(s) are no LoRA / LoKr / LoHa / DoRA tensor (e.g. {unknown[:3]})")
+    hint = (
+        f"; {arch} files name modules like {_example_stem(adapter)!r} (comfyui / kohya) or "
+        f"'{adapter.diffusers_lora_prefix}.<module path>.lora_A.weight' (diffusers)"
+    )
+    if any(s.startswith(("lora_te", "text_encoder")) for s in stems):
+        hint += "; text-encoder LoRA is not supported here (aitk trains and converts the denoiser's network)"
+    return ToolError(", ".join(parts) + hint + " - is --arch right?")
+
+
+def parse_network_file(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], adapter: Any, arch: str
+) -> NetworkFile:
+    """Group a file's tensors by module of `arch`'s denoiser; ToolError for keys that name no
+    module in the arch's naming, for tensors of no known kind and for incomplete modules."""
+    groups, unknown = group_by_module(tensors)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    names_used: set[tuple[str, str]] = set()
+    if is_diffusers_layout(tensors, metadata, adapter.diffusers_lora_prefix):
+        layout = "diffusers"
+        p = adapter.diffusers_lora_prefix + "."
+        try:
+            cfg = _unprefixed_config(metadata, adapter.diffusers_lora_prefix)
+        except ValueError as exc:  # json.JSONDecodeError
+            raise ToolError(f"the file's lora_adapter_metadata is not valid JSON ({exc})") from exc
+        for stem, parts in groups.items():
+            name = stem[len(p):]
+            parts = dict(parts)
+            if "magnitude" in parts:
+                parts["dora_scale"] = magnitude_to_dora_scale(parts.pop("magnitude"))
+            if cfg:
+                parts["alpha"] = torch.tensor(config_alphas(cfg, [name])[name], dtype=torch.float32)
+            modules[name] = parts
+    else:
+        layout = "comfyui"
+        for stem, parts in groups.items():
+            name = _module_for_stem(adapter, stem)
+            if name is None:
+                unmatched.append(stem)
+                continue
+            parts = dict(parts)
+            if "magnitude" in parts:
+                parts["dora_scale"] = magnitude_to_dora_scale(parts.pop("magnitude"))
+            modules[name] = parts
+        for key in tensors:
+            for pair in (("lora_down", "lora_up"), ("lora_A", "lora_B")):
+                if key.endswith(f".{pair[0]}.weight"):
+                    names_used.add(pair)
+    if unmatched or unknown:
+        raise _mismatch(adapter, arch, unmatched, unknown)
+    for name, parts in modules.items():
+        has_lora = "down" in parts and "up" in parts
+        has_lycoris = any(k.startswith(("lokr_", "hada_")) for k in parts)
+        if not (has_lora or has_lycoris):
+            raise ToolError(f"module {name!r} has only {sorted(parts)} in the file: no weights (a damaged file?)")
+        if has_lora and has_lycoris:
+            raise ToolError(f"module {name!r} has both LoRA and LoKr / LoHa tensors: {sorted(parts)}")
+    if len(names_used) > 1:
+        raise ToolError("the file mixes lora_down / lora_up and lora_A / lora_B names; cannot tell its layout")
+    return NetworkFile(layout, modules, dict(metadata), next(iter(names_used), None))

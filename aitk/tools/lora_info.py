@@ -1,0 +1,249 @@
+"""`aitk lora info file.safetensors [--json]`: what a network file holds, read from the file alone.
+
+Architecture (from the header's modelspec.architecture / ss_base_model_version when present,
+else guessed from key names and shapes), key layout, network type (lora / locon / dora / lokr /
+loha), ranks, alphas, module count, tensor dtypes, the header metadata, and whether the weight
+hash in the header (sshs_model_hash) matches the file's tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from aitk.networks.export import _unprefixed_config, config_alphas
+from aitk.networks.merge import group_by_module
+from aitk.tools.layout import ToolError, module_algo, read_network_tensors
+
+__all__ = ["LoraInfo", "lora_info", "format_info", "info_command"]
+
+#: header values longer than this are shortened in the text report (--json prints them whole)
+SHOWN_VALUE_CHARS = 160
+
+
+@dataclass
+class LoraInfo:
+    path: str
+    size_bytes: int
+    architecture: str
+    architecture_source: str
+    layout: str
+    network_type: str
+    modules: int
+    conv_modules: int
+    ranks: dict[str, int] = field(default_factory=dict)  # rank (as text: "4", "full") -> modules
+    alphas: dict[str, int] = field(default_factory=dict)  # alpha -> modules ("none" = scale 1)
+    dtypes: dict[str, int] = field(default_factory=dict)  # weight dtype -> tensors
+    #: modules per key prefix (lora_unet, lora_te1, transformer, ...), when there is more than one
+    components: dict[str, int] = field(default_factory=dict)
+    #: keys of no LoRA / LoKr / LoHa / DoRA kind (shown so a foreign file's extras are not hidden)
+    other_keys: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    hash_check: str = ""
+
+
+def _arch_from_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
+    """(arch key, source) from the header, matched against each adapter's own values."""
+    import importlib
+
+    from aitk.models.archs import ADAPTERS
+
+    spec = metadata.get("modelspec.architecture")
+    version = metadata.get("ss_base_model_version")
+    for arch, target in ADAPTERS.items():
+        module_name, class_name = target.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        specs = {getattr(cls, "modelspec_architecture", ""), getattr(cls, "schnell_architecture", "")} - {""}
+        if spec and spec in specs:
+            return arch, f"header: modelspec.architecture = {spec}"
+    for arch, target in ADAPTERS.items():
+        module_name, class_name = target.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if version and version == getattr(cls, "base_model_version", None):
+            return arch, f"header: ss_base_model_version = {version}"
+    return None
+
+
+def _guess_arch(tensors: dict[str, torch.Tensor]) -> str:
+    """An architecture guess from key names (and the cross-attention width for SD families)."""
+    keys = list(tensors)
+
+    def has(*fragments: str) -> bool:
+        return any(f in k for k in keys for f in fragments)
+
+    if has("diffusion_model.blocks.", "lora_unet_blocks_", "transformer.blocks."):
+        if has("k_img", "add_k_proj"):
+            return "wan21_i2v"
+        return "wan21 / wan22_14b (WAN 2.1 and 2.2 files share their naming)"
+    if has("single_transformer_blocks", "lora_unet_double_blocks", "lora_unet_single_blocks"):
+        return "flux"
+    if has("lora_unet_", "unet."):
+        widths = {
+            int(t.shape[1]) for k, t in tensors.items()
+            if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k) and t.dim() == 2
+        }
+        for width, arch in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
+            if width in widths:
+                return arch
+        if has("lora_te2_", "transformer_blocks_1_", "transformer_blocks.1.", "add_embedding"):
+            return "sdxl"
+        return "sd1"
+    return "unknown"
+
+
+def _rank(parts: dict[str, torch.Tensor]) -> str:
+    if "down" in parts:
+        return str(int(parts["down"].shape[0]))
+    for key in ("lokr_w2_b", "lokr_w1_b", "hada_w1_b"):
+        if key in parts:
+            return str(int(parts[key].shape[0]))
+    return "full"  # LoKr with both factors full: no rank, alpha has no effect
+
+
+def _is_conv(parts: dict[str, torch.Tensor]) -> bool:
+    """A kxk conv module (LoCon); 1x1 convs count as linear, as in training."""
+    for key in ("down", "lokr_w2", "lokr_t2", "hada_t1"):
+        t = parts.get(key)
+        if t is not None and t.dim() == 4 and tuple(t.shape[2:]) != (1, 1):
+            return True
+    b = parts.get("lokr_w2_b")
+    return b is not None and b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)
+
+
+def _component(stem: str) -> str:
+    """The model part a key stem belongs to: "lora_unet", "lora_te1", "transformer", ..."""
+    if stem.startswith("lora_"):
+        return "_".join(stem.split("_", 2)[:2])
+    return stem.split(".", 1)[0]
+
+
+def _hash_line(path: Path) -> str:
+    from aitk.networks import metadata as md
+
+    verify = getattr(md, "verify_file_hashes", None)
+    if verify is None:
+        return "not checked (this version has no hash verifier)"
+    check = verify(path)
+    key = "sshs_model_hash"
+    stored = check.stored.get(key)
+    if stored is None:
+        return f"{key} is not in the header"
+    if key in check.mismatched:
+        return f"{key} does NOT match the file (header {stored[:12]}..., tensors {check.computed[key][:12]}...)"
+    others = [k for k in check.mismatched if k != key]
+    tail = f"; {', '.join(others)} do not" if others else ""
+    return f"{key} matches the file ({stored[:12]}...){tail}"
+
+
+def lora_info(path: str | Path) -> LoraInfo:
+    tensors, metadata = read_network_tensors(path)
+    p = Path(path).expanduser()
+    groups, unknown = group_by_module(tensors)
+    if unknown and not groups:
+        raise ToolError(f"{path}: no LoRA / LoKr / LoHa / DoRA tensors in the file (e.g. keys {unknown[:3]})")
+    has_alpha = any(k.endswith(".alpha") for k in tensors)
+    first = {k.split(".", 1)[0] for k in tensors}
+    peft = not has_alpha and len(first) == 1 and any(".lora_A." in k for k in tensors)
+    alphas: dict[str, float] = {}
+    if peft:
+        prefix = next(iter(first))
+        layout = f"diffusers / PEFT ({prefix}.<module>.lora_A / lora_B, alphas in lora_adapter_metadata)"
+        try:
+            cfg = _unprefixed_config(metadata, prefix)
+        except ValueError:
+            cfg = None
+        if cfg:
+            names = [s[len(prefix) + 1:] for s in groups]
+            alphas = {f"{prefix}.{n}": a for n, a in config_alphas(cfg, names).items()}
+    else:
+        kinds = sorted({module_algo(parts) for parts in groups.values()})
+        tensor_names = "LyCORIS tensor names" if set(kinds) & {"lokr", "loha"} else (
+            "lora_A / lora_B" if any(".lora_A." in k for k in tensors) else "lora_down / lora_up")
+        layout = f"comfyui / kohya ({tensor_names}, .alpha per module)"
+        alphas = {s: float(parts["alpha"].item()) for s, parts in groups.items() if "alpha" in parts}
+    weighted = {s: parts for s, parts in groups.items() if set(parts) - {"alpha"}}
+    algos = {module_algo(parts) for parts in weighted.values()}
+    conv = sum(_is_conv(parts) for parts in weighted.values())
+    if algos == {"lora"} and conv:
+        network_type = "locon"
+    else:
+        network_type = "+".join(sorted(algos)) or "none"
+    found = _arch_from_metadata(metadata)
+    arch, source = found if found else (_guess_arch(tensors), "guessed from key names")
+    components = collections.Counter(_component(s) for s in weighted)
+    dtypes = collections.Counter(
+        str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if not k.endswith(".alpha")
+    )
+    return LoraInfo(
+        path=str(p),
+        size_bytes=p.stat().st_size,
+        architecture=arch,
+        architecture_source=source,
+        layout=layout,
+        network_type=network_type,
+        modules=len(weighted),
+        conv_modules=conv,
+        ranks=dict(collections.Counter(_rank(parts) for parts in weighted.values()).most_common()),
+        alphas=dict(collections.Counter(
+            f"{alphas[s]:g}" if s in alphas else "none" for s in weighted
+        ).most_common()),
+        dtypes=dict(dtypes.most_common()),
+        components=dict(components.most_common()) if len(components) > 1 else {},
+        other_keys=sorted(unknown),
+        metadata=dict(sorted(metadata.items())),
+        hash_check=_hash_line(p),
+    )
+
+
+def _counts(values: dict[str, int], what: str) -> str:
+    if len(values) == 1:
+        return next(iter(values))
+    return ", ".join(f"{v} ({n} {what if n != 1 else what.rstrip('s')})" for v, n in values.items())
+
+
+def format_info(info: LoraInfo) -> list[str]:
+    size = f"{info.size_bytes / 2**20:.1f} MiB" if info.size_bytes >= 2**20 else f"{info.size_bytes} bytes"
+    alpha = _counts(info.alphas, "modules")
+    if alpha == "none":
+        alpha = "none in the file (alpha = rank, scale 1)"
+    lines = [
+        f"file:          {info.path} ({size})",
+        f"architecture:  {info.architecture} ({info.architecture_source})",
+        f"layout:        {info.layout}",
+        f"network type:  {info.network_type}",
+        f"modules:       {info.modules}" + (f" ({info.conv_modules} kxk conv)" if info.conv_modules else "")
+        + (f"; by part: {_counts(info.components, 'modules')}" if info.components else ""),
+        f"rank:          {_counts(info.ranks, 'modules')}",
+        f"alpha:         {alpha}",
+        f"dtype:         {_counts(info.dtypes, 'tensors')}",
+        f"hash:          {info.hash_check}",
+        *([f"other keys:    {len(info.other_keys)} of no network kind (e.g. {info.other_keys[:3]})"]
+          if info.other_keys else []),
+        f"metadata:      {len(info.metadata)} keys" + (":" if info.metadata else ""),
+    ]
+    for key, value in info.metadata.items():
+        shown = value if len(value) <= SHOWN_VALUE_CHARS else value[:SHOWN_VALUE_CHARS] + f"... ({len(value)} chars)"
+        lines.append(f"  {key}: {shown}".replace("\n", " "))
+    return lines
+
+
+def info_command(path: str, as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The CLI entry: 0 on success, 1 with a message (no traceback) on bad input."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        info = lora_info(path)
+    except (ToolError, ValueError) as exc:  # ValueError: the hash verifier on a damaged file
+        print(f"error: {exc}", file=err)
+        return 1
+    if as_json:
+        print(json.dumps(asdict(info), indent=2), file=out)
+    else:
+        for line in format_info(info):
+            print(line, file=out)
+    return 0
