@@ -24,7 +24,6 @@ from aitk.config.schema import (
     DatasetConfig,
     JobFile,
     ModelConfig,
-    NetworkConfig,
     ProcessConfig,
     SampleConfig,
     Section,

@@ -317,8 +317,6 @@ def save_lora(
     "diffusers": PEFT keys under `diffusers_prefix` plus the LoRA config in the metadata.
     `metadata` (all values str) is added to the file's header.
     """
-    import safetensors.torch
-
     fmt = str(save_format).lower()
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"save_format {save_format!r} is not supported; use one of {', '.join(SAVE_FORMATS)}")

@@ -323,6 +323,44 @@ class NetworkHandle:
         )
 
 
+def checked_targets(
+    module: nn.Module,
+    *,
+    linear_rank: int,
+    conv_rank: int | None,
+    conv_alpha: float | None,
+    dropout: float,
+    only_if_contains: list[str] | None,
+    ignore_if_contains: list[str] | None,
+    candidates: list[str] | None,
+    adapter_name: str,
+) -> tuple[list[str], set[str], float | None]:
+    """Validate the settings every network type shares and select its targets.
+
+    Returns (target module names, the kxk convs among them, conv alpha with its default = conv rank).
+    """
+    if linear_rank is None or int(linear_rank) < 1:
+        raise ValueError(f"linear_rank must be >= 1, got {linear_rank!r}")
+    if conv_rank is not None and int(conv_rank) < 1:
+        raise ValueError(f"conv_rank must be >= 1 or None, got {conv_rank!r}")
+    if conv_rank is not None and conv_alpha is None:
+        conv_alpha = float(conv_rank)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    existing = getattr(module, "peft_config", None)
+    if isinstance(existing, dict) and adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} is already injected into this module")
+    targets = select_targets(
+        module,
+        conv_rank=conv_rank,
+        only_if_contains=only_if_contains,
+        ignore_if_contains=ignore_if_contains,
+        candidates=candidates,
+    )
+    eligible = eligible_modules(module)
+    return targets, {n for n in targets if _is_kxk_conv(eligible[n])}, conv_alpha
+
+
 def inject_network(
     module: nn.Module,
     *,
@@ -353,27 +391,11 @@ def inject_network(
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    if linear_rank is None or int(linear_rank) < 1:
-        raise ValueError(f"linear_rank must be >= 1, got {linear_rank!r}")
-    if conv_rank is not None and int(conv_rank) < 1:
-        raise ValueError(f"conv_rank must be >= 1 or None, got {conv_rank!r}")
-    if conv_rank is not None and conv_alpha is None:
-        conv_alpha = float(conv_rank)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    existing = getattr(module, "peft_config", None)
-    if isinstance(existing, dict) and adapter_name in existing:
-        raise ValueError(f"adapter {adapter_name!r} is already injected into this module")
-
-    targets = select_targets(
-        module,
-        conv_rank=conv_rank,
-        only_if_contains=only_if_contains,
-        ignore_if_contains=ignore_if_contains,
-        candidates=candidates,
+    targets, conv_names, conv_alpha = checked_targets(
+        module, linear_rank=linear_rank, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout,
+        only_if_contains=only_if_contains, ignore_if_contains=ignore_if_contains, candidates=candidates,
+        adapter_name=adapter_name,
     )
-    eligible = eligible_modules(module)
-    conv_names = {n for n in targets if _is_kxk_conv(eligible[n])}
 
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}

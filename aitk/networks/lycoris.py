@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from aitk.networks.lora import NetworkHandle, _alternation, _is_kxk_conv, eligible_modules, select_targets
+from aitk.networks.lora import NetworkHandle, _alternation, checked_targets
 
 __all__ = ["LycorisHandle", "inject_lycoris", "LYCORIS_ALGOS"]
 
@@ -149,30 +149,14 @@ def inject_lycoris(
 
     if algo not in LYCORIS_ALGOS:
         raise ValueError(f"unknown LyCORIS algorithm {algo!r}; use one of {LYCORIS_ALGOS}")
-    if linear_rank is None or int(linear_rank) < 1:
-        raise ValueError(f"linear_rank must be >= 1, got {linear_rank!r}")
-    if conv_rank is not None and int(conv_rank) < 1:
-        raise ValueError(f"conv_rank must be >= 1 or None, got {conv_rank!r}")
-    if conv_rank is not None and conv_alpha is None:
-        conv_alpha = float(conv_rank)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     lokr_factor = int(lokr_factor)
     if lokr_factor == 0 or lokr_factor < -1:
         raise ValueError(f"lokr_factor must be -1 (automatic) or a positive integer, got {lokr_factor}")
-    existing = getattr(module, "peft_config", None)
-    if isinstance(existing, dict) and adapter_name in existing:
-        raise ValueError(f"adapter {adapter_name!r} is already injected into this module")
-
-    targets = select_targets(
-        module,
-        conv_rank=conv_rank,
-        only_if_contains=only_if_contains,
-        ignore_if_contains=ignore_if_contains,
-        candidates=candidates,
+    targets, conv_names, conv_alpha = checked_targets(
+        module, linear_rank=linear_rank, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout,
+        only_if_contains=only_if_contains, ignore_if_contains=ignore_if_contains, candidates=candidates,
+        adapter_name=adapter_name,
     )
-    eligible = eligible_modules(module)
-    conv_names = {n for n in targets if _is_kxk_conv(eligible[n])}
 
     full = algo == "lokr" and bool(lokr_full_rank)
     rank_pattern: dict[str, int] = {}
