@@ -154,3 +154,37 @@ def test_save_now_and_sample_now_requests_reach_a_running_job(make_job):
     assert (run / "samples" / "000000004_0.jpg").is_file()
     assert not list((run / "control").iterdir())  # the requests were consumed
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000000004", "000000008"]
+
+
+def test_a_request_made_during_the_last_step_is_consumed(make_job):
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.control import ControlRequests
+    from aitk.trainer.loop import Trainer
+
+    job = make_job("late_request", train={"steps": 3})
+
+    def ask(trainer, step):
+        if step == 2:  # read during step 3, the last one
+            ControlRequests(trainer.paths.root / "control").request("sample_now")
+
+    loaded = load_job_file(job)
+    result = Trainer(loaded.job, loaded.job.config.process[0], on_step_end=ask).run()
+    assert result.state == "completed"
+    assert not list((result.output_dir / "control").iterdir())  # nothing left to fire on a later run
+
+
+def test_unusable_checkpoint_folders_never_make_pruning_delete_new_saves(make_job, tmp_path):
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.loop import Trainer
+
+    job = make_job("damaged", train={"steps": 4}, save={"save_every": 2, "max_step_saves_to_keep": 1})
+    loaded = load_job_file(job)
+    process = loaded.job.config.process[0]
+    damaged = tmp_path / "out" / "damaged" / "checkpoints" / "000000500"
+    damaged.mkdir(parents=True)
+    (damaged / "network.safetensors").write_bytes(b"half written")  # no manifest
+    result = Trainer(loaded.job, process).run()
+    folders = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
+    assert "000000004" in folders and "000000500" not in folders
+    assert any(name.startswith("000000500.damaged-") for name in folders)
+    assert (result.output_dir / "damaged.safetensors").is_file()

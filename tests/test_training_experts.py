@@ -197,3 +197,12 @@ def test_clips_of_different_lengths_fps_and_shapes_train_together(wan21, tmp_pat
     losses = [m["loss"] for m in metrics(result, "video")]
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
     assert list((result.output_dir / "samples").glob("*.mp4"))
+
+
+def test_rerunning_a_finished_expert_run_reports_its_files(wan22, shapes_dataset, tmp_path):
+    job = expert_job(tmp_path, "done", wan22, shapes_dataset, train={"steps": 4})
+    _, first = train(job)
+    _, again = train(job)
+    assert again.state == "completed" and again.step == 4
+    assert again.final_loras == first.final_loras and all(p.is_file() for p in again.final_loras)
+    assert [p.name for p in again.final_loras] == ["done_high_noise.safetensors", "done_low_noise.safetensors"]

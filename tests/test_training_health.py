@@ -182,3 +182,16 @@ def test_a_lora_saved_mid_schedule_reproduces_the_trainer_in_diffusers(make_job,
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(str(result.final_lora))
     assert np.abs(ours - render(fresh)).max() < 1e-4
+
+
+def test_sign_tracking_of_large_models_is_sampled():
+    from aitk.trainer.health import GradientSignTracker
+
+    tracker = GradientSignTracker(max_elements=1000)
+    g = torch.randn(100, 100)
+    assert tracker.update("main", {"w": g}) is None
+    agreement = tracker.update("main", {"w": g.clone()})
+    assert agreement == 1.0
+    kept = tracker.state_dict()["main"]["w"]
+    assert kept.numel() <= 1000 and kept.dtype == torch.int8
+    assert tracker.update("main", {"w": -g}) == 0.0

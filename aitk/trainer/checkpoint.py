@@ -65,10 +65,15 @@ def write_checkpoint(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     fsync_file(tmp / MANIFEST)
     fsync_dir(tmp)
+    previous = None
     if final.exists():  # a re-save of the same step (e.g. stop right after a scheduled save)
-        shutil.rmtree(final)
+        previous = final.with_name(f"{TMP_PREFIX}{final.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)  # kept until the new one is in place: never no checkpoint
     os.replace(tmp, final)
     fsync_dir(root)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return final
 
 

@@ -16,21 +16,29 @@ from typing import Any
 import torch
 
 
+# A LoRA has far fewer elements; a full fine-tune is sampled (a fixed stride per tensor), so the
+# kept signs and their copy in each checkpoint stay small whatever the model size.
+MAX_TRACKED_ELEMENTS = 1 << 20
+
+
 class GradientSignTracker:
-    def __init__(self) -> None:
+    def __init__(self, max_elements: int = MAX_TRACKED_ELEMENTS) -> None:
         self._previous: dict[str, dict[str, torch.Tensor]] = {}
+        self.max_elements = int(max_elements)
 
     @torch.no_grad()
     def update(self, expert: str, named_grads: dict[str, torch.Tensor | None]) -> float | None:
         """Record this step's gradient signs; returns the agreement with the previous step's, or
-        None on the expert's first step. A missing gradient counts as zeros."""
+        None on the expert's first step. Tensors without a gradient are left out."""
         previous = self._previous.get(expert)
         current: dict[str, torch.Tensor] = {}
         agree, total = 0, 0
+        present = [g for g in named_grads.values() if g is not None]
+        stride = max(1, -(-sum(g.numel() for g in present) // self.max_elements))
         for name, grad in named_grads.items():
             if grad is None:
                 continue
-            signs = torch.sign(grad.detach()).to(torch.int8)
+            signs = torch.sign(grad.detach().reshape(-1)[::stride]).to(torch.int8)
             current[name] = signs
             if previous is not None and name in previous:
                 agree += int((signs == previous[name].to(signs.device)).sum().item())

@@ -132,8 +132,8 @@ class Trainer(TrainerSetup, TrainerSaving):
         params = self._step_params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         tail = [loss, stop_flag, *flags]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(tail)])
-        flat = flat.to(self.session.device)
+        tail_tensor = torch.tensor(tail, dtype=torch.float32, device=self.session.device)
+        flat = torch.cat([g.reshape(-1).float().to(self.session.device) for g in grads] + [tail_tensor])
         dist.all_reduce(flat)
         flat /= self.session.world_size
         offset = 0
@@ -281,7 +281,11 @@ class Trainer(TrainerSetup, TrainerSaving):
         self, step_index: int, loss: float, grad_norm: float, lrs: list[float], samples: int, step_time: float,
         expert: str | None, health: dict[str, Any],
     ) -> dict[str, Any]:
-        sizes = [sum(p.numel() for p in group["params"]) for group in self.optimizer.param_groups]
+        # the groups this step trained (only the active expert's for WAN 2.2)
+        sizes = [
+            sum(p.numel() for p in group["params"]) if group.get("expert") in (None, expert) else 0
+            for group in self.optimizer.param_groups
+        ]
         return {
             "step": step_index,
             "timestamp": iso_now(),
@@ -301,14 +305,14 @@ class Trainer(TrainerSetup, TrainerSaving):
         resumed = self._resume()
         total = self.train_cfg.steps
         if resumed and self.state.step >= total:
-            final = self.paths.lora_file(None)
             from aitk.trainer.lora_files import lora_paths
 
-            if self.session.is_main and not all(p.exists() for p in lora_paths(self.paths, None, self.network)):
+            finals = lora_paths(self.paths, None, self.network)
+            if self.session.is_main and not all(p.exists() for p in finals):
                 self._save_lora(None)  # e.g. the final file was deleted: the checkpoint has it
             self._set_status(state="completed", step=self.state.step, force=True)
             self.log(f"{self.job.config.name} already finished {self.state.step} steps; nothing to do")
-            return RunResult("completed", self.state.step, final, self.paths.root)
+            return RunResult("completed", self.state.step, finals[0], self.paths.root, finals)
         metrics = (
             MetricsWriter(self.paths.metrics, self.state.step if resumed else None)
             if self.session.is_main
@@ -340,6 +344,8 @@ class Trainer(TrainerSetup, TrainerSaving):
             expert = self.active_expert
             loss, grad_norm, lrs, samples, stop, stability = self._optimizer_step()
             health = self.health.after_step(expert, self.state.step, loss, stability)
+            if self.requests and self.session.is_main:
+                self.controls.done(self.requests)  # consumed even when the run ends at this step
             self.state.step += 1
             step_time = time.perf_counter() - step_started
             if metrics is not None:
@@ -361,8 +367,7 @@ class Trainer(TrainerSetup, TrainerSaving):
                 self._save_checkpoint()
             if (sample_cfg is not None and self.state.step % sample_cfg.sample_every == 0) or "sample_now" in self.requests:
                 self._sample(self.state.step)
-            if self.requests and self.session.is_main:
-                self.controls.done(self.requests)
+
         bar.close()
 
         if metrics is not None:

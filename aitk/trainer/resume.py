@@ -66,8 +66,9 @@ def choose_checkpoint(root: Path, *, is_main: bool, world_size: int, warn: Calla
     if is_main:
         ckpt.remove_stale_temp_dirs(root)
         found = ckpt.latest_complete_checkpoint(root, warn=warn)
-        if found is not None:
-            set_aside_newer(root, found.step, warn)
+        # every unusable folder goes aside (all of them when none is usable), so pruning never
+        # counts a damaged folder as one of the newest saves
+        set_aside_newer(root, found.step if found is not None else -1, warn)
         choice[0] = found
     if world_size > 1:
         import torch.distributed as dist
