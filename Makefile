@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench alpha-study clean
+.PHONY: install demo test bench alpha-study clean ui e2e-deps
 
 install: $(STAMP)
 
@@ -22,8 +22,35 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/aitk demo
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests
+test: $(STAMP) ui e2e-deps
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 AITK_E2E_REQUIRED=1 $(PY) -m pytest tests
+
+# The web app (ui/: React + TypeScript + Vite), built into ui/dist, which `aitk ui` serves. Rebuilt
+# only when a source, package.json or package-lock.json is newer than the last build (stamp files).
+# Needs Node.js >= 20.19 and npm; dependencies come from package-lock.json (`npm ci`).
+NPM ?= npm
+UI_SOURCES := $(shell find ui/src -type f 2>/dev/null) ui/index.html ui/tsconfig.json ui/vite.config.ts
+UI_MODULES := ui/node_modules/.aitk-installed
+UI_STAMP := ui/dist/.aitk-built
+
+ui: $(UI_STAMP)
+
+$(UI_MODULES): ui/package.json ui/package-lock.json
+	@command -v $(NPM) >/dev/null 2>&1 || { echo "npm not found: install Node.js 20.19 or newer to build the web app (ui/)"; exit 1; }
+	cd ui && $(NPM) ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(UI_STAMP): $(UI_MODULES) $(UI_SOURCES)
+	cd ui && $(NPM) run build --silent
+	touch $@
+
+# What the browser tests (tests/e2e) need besides the venv (playwright is in requirements.txt):
+# Debian's chromium, installed only when no chromium is on the PATH.
+e2e-deps: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests (tests/e2e)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/overhead.py
@@ -35,4 +62,4 @@ alpha-study: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) bench/alpha_study.py
 
 clean:
-	rm -rf $(VENV) output .cache
+	rm -rf $(VENV) output .cache ui/dist ui/node_modules

@@ -91,9 +91,13 @@ def validate(yaml_text: str | None, config: dict[str, Any] | None, training_fold
     and the form switch between the two through this)."""
     try:
         data = read_input(yaml_text, config)
-        prepared = prepare(data, training_folder)
     except JobInputError as exc:
         return {"ok": False, "problems": exc.problems, "warnings": exc.warnings}
+    try:
+        prepared = prepare(data, training_folder)
+    except JobInputError as exc:
+        # the text parses: the form can show it, with each problem under its field
+        return {"ok": False, "problems": exc.problems, "warnings": exc.warnings, "config": data}
     return {"ok": True, "problems": [], "warnings": prepared.warnings, "yaml": prepared.yaml, "config": prepared.data}
 
 

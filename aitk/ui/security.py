@@ -190,7 +190,13 @@ document.getElementById("f").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const r = await fetch("/api/auth/login", {method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({token: document.getElementById("t").value})});
-  if (r.ok) { location.href = new URLSearchParams(location.search).get("next") || "/"; }
+  if (r.ok) {
+    // back to the page asked for: `next` only when it is a path of this site (not //host or /\\host),
+    // else the page this sign-in page was served for
+    const next = new URLSearchParams(location.search).get("next") || "";
+    const local = next[0] === "/" && next[1] !== "/" && next.charCodeAt(1) !== 92;
+    location.href = local ? next : (location.pathname === "/login" ? "/" : location.pathname + location.search);
+  }
   else { document.getElementById("e").textContent = "Wrong token."; }
 });
 </script></body></html>
