@@ -40,7 +40,7 @@ def test_continue_from_a_kohya_file_starts_from_its_weights(make_job, tmp_path):
     foreign = tmp_path / "from_kohya.safetensors"
     tensors = kohya_file_for(probe, foreign, alpha=2.0)
 
-    trainer = build(make_job("cont", train={"steps": 0 + 1}, network={"pretrained_lora_path": str(foreign)}))
+    trainer = build(make_job("cont", train={"steps": 1}, network={"pretrained_lora_path": str(foreign)}))
     trainer._setup()
     handle = trainer.network.first
     for name, layer in handle.lora_layers().items():

@@ -51,14 +51,17 @@ def has_encoder(name: str) -> bool:
         return False
 
 
-def write_clip(path: Path, codec: str, n: int = N, fps: int = FPS, fmt: str | None = None, options=None):
+def write_clip(path: Path, codec: str, n: int = N, fps: int = FPS, fmt: str | None = None, options=None,
+               size: tuple[int, int] = (W, H)):
+    """Frame i is the solid colour `colour(i)`; `size` is (width, height)."""
+    w, h = size
     with av.open(str(path), "w", format=fmt, options=options or {}) as c:
         s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         if codec in ("libx264", "h264"):
             s.options = {"preset": "ultrafast"}
         for i in range(n):
-            arr = np.empty((H, W, 3), np.uint8)
+            arr = np.empty((h, w, 3), np.uint8)
             arr[:] = colour(i)
             for p in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 c.mux(p)

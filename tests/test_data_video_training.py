@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,11 +16,10 @@ from aitk.trainer.loss import diffusion_loss, latent_mask
 
 av = pytest.importorskip("av")
 
+from test_data_video import h264_or_mpeg4  # noqa: E402
+from test_data_video import write_clip as write_colour_clip  # noqa: E402
+
 RULE = "4k+1"
-
-
-def colour(i: int) -> tuple[int, int, int]:
-    return ((i % 8) * 32 + 16, (i // 8) * 32 + 16, 128)
 
 
 def index_of(frame: torch.Tensor) -> int:
@@ -31,18 +29,8 @@ def index_of(frame: torch.Tensor) -> int:
 
 
 def write_clip(path: Path, n: int, w: int, h: int, fps: int = 24) -> Path:
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(n):
-            arr = np.empty((h, w, 3), np.uint8)
-            arr[:] = colour(i)
-            for p in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    """A clip of `n` frames, w x h, frame i the colour `colour(i)` (see test_data_video)."""
+    return write_colour_clip(path, h264_or_mpeg4(), n=n, fps=fps, size=(w, h))
 
 
 @pytest.fixture(scope="module")

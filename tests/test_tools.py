@@ -145,7 +145,8 @@ def _save(path: Path, arch: str, handle, save_format: str = "comfyui", dtype: to
           metadata: dict[str, str] | None = None) -> Path:
     ad = naming_adapter(arch)
     return save_lora(path, handle, save_format=save_format, prefix=ad.lora_prefix, key_for=ad.lora_key_stem,
-                     diffusers_prefix=ad.diffusers_lora_prefix, dtype=dtype, metadata=metadata)
+                     weight_names=ad.lora_weight_names, diffusers_prefix=ad.diffusers_lora_prefix, dtype=dtype,
+                     metadata=metadata)
 
 
 def aitk(*argv: str) -> tuple[int, str, str]:

@@ -149,7 +149,7 @@ def test_training_only_the_low_noise_expert(wan22, shapes_dataset, tmp_path):
 # ------------------------------------------------------------------ video datasets on WAN 2.1
 
 
-def test_clips_of_different_lengths_fps_and_shapes_train_together(wan21, tmp_path):
+def test_clips_of_different_lengths_fps_and_shapes_train_together(wan21, tmp_path, monkeypatch):
     from test_data_video_training import write_clip
 
     clips = tmp_path / "clips"
@@ -171,10 +171,6 @@ def test_clips_of_different_lengths_fps_and_shapes_train_together(wan21, tmp_pat
                             "max_pixels_per_frame": 48 * 48, "cache_latents": True}]
     job = write_job(tmp_path / "video.yaml", "video", process)
     seen_shapes: set[tuple[int, ...]] = set()
-
-    def watch(trainer, step):
-        pass
-
     from aitk.models.wan import Wan21Adapter
 
     original = Wan21Adapter.make_noisy_batch
@@ -183,12 +179,8 @@ def test_clips_of_different_lengths_fps_and_shapes_train_together(wan21, tmp_pat
         seen_shapes.add(tuple(latents.shape[2:]))
         return original(self, latents, train_cfg, generator, context)
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Wan21Adapter, "make_noisy_batch", recording)
-    try:
-        trainer, result = train(job, on_step_end=watch)
-    finally:
-        mp.undo()
+    monkeypatch.setattr(Wan21Adapter, "make_noisy_batch", recording)
+    trainer, result = train(job)
     assert result.state == "completed"
     # latent (frames, h, w): 9 frames -> 3 latent frames, 5 -> 2; sizes from each clip's bucket
     assert seen_shapes == {(3, 4, 8), (3, 8, 4), (2, 6, 6)}, seen_shapes

@@ -102,6 +102,8 @@ class ModelAdapter(ABC):
     bucket_divisibility: int = 64
     #: prefix of the denoiser's LoRA keys in kohya/ComfyUI files (e.g. "lora_unet")
     lora_prefix: str = "lora_unet"
+    #: (down, up) tensor names in comfyui / kohya files; FLUX needs lora_A / lora_B next to .alpha
+    lora_weight_names: tuple[str, str] = ("lora_down", "lora_up")
     #: prefix of the denoiser's keys in diffusers (PEFT) LoRA files ("unet" / "transformer")
     diffusers_lora_prefix: str = "unet"
     #: video models: the frame counts the model accepts ("4k+1"); None = an image model

@@ -7,8 +7,8 @@ kohya / ComfyUI (save_format "comfyui" or "kohya"), per wrapped module:
 A prefix ending in "." keeps the dotted module path instead ("diffusion_model." + path).
 Models whose files need the PEFT weight names with `.alpha` (FLUX: diffusers reads `.alpha` only
 next to lora_A / lora_B, ComfyUI reads both) write `<stem>.lora_A.weight` / `<stem>.lora_B.weight`
-instead of lora_down / lora_up (`weight_names=PEFT_WEIGHT_NAMES`, or an adapter attribute
-`lora_weight_names`, see `save_lora`).
+instead of lora_down / lora_up (`weight_names=PEFT_WEIGHT_NAMES`; the trainer passes the model
+adapter's `lora_weight_names`).
 
 DoRA adds, in the kohya / ComfyUI layout, `<stem>.dora_scale` = the magnitude vector shaped
 (out, 1) for linear layers and (out, 1, 1, 1) for convs (LyCORIS's output-axis layout, the axis
@@ -284,19 +284,6 @@ def diffusers_to_network_state(
 
 
 
-def _adapter_weight_names(key_for: KeyFor | None) -> tuple[str, str]:
-    """The (down, up) names a model adapter asks for: the trainer passes the adapter's bound
-    `lora_key_stem` as `key_for`, so its owner says which naming its files need."""
-    owner = getattr(key_for, "__self__", None)
-    names = getattr(owner, "lora_weight_names", None)
-    if names is None:
-        return KOHYA_WEIGHT_NAMES
-    names = tuple(names)
-    if names not in (KOHYA_WEIGHT_NAMES, PEFT_WEIGHT_NAMES):
-        raise ValueError(f"lora_weight_names {names!r} must be {KOHYA_WEIGHT_NAMES} or {PEFT_WEIGHT_NAMES}")
-    return names  # type: ignore[return-value]
-
-
 def save_lora(
     path: str | Path,
     handle: NetworkHandle,
@@ -312,8 +299,8 @@ def save_lora(
     """Write the network to a .safetensors file (atomically) and return its path.
 
     save_format "comfyui" / "kohya": kohya layout with `prefix` (same file for both), key stems
-    from `key_for` when given, weight names `weight_names` (None: the `lora_weight_names` of
-    the object `key_for` is bound to, i.e. the model adapter, else lora_down / lora_up);
+    from `key_for` when given, weight names `weight_names` (None: lora_down / lora_up; the
+    trainer passes the model adapter's `lora_weight_names`);
     "diffusers": PEFT keys under `diffusers_prefix` plus the LoRA config in the metadata.
     `metadata` (all values str) is added to the file's header.
     """
@@ -329,7 +316,7 @@ def save_lora(
         fmt = "comfyui"
     if fmt in ("comfyui", "kohya"):
         if weight_names is None:
-            weight_names = _adapter_weight_names(key_for)
+            weight_names = KOHYA_WEIGHT_NAMES
         tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for, weight_names=weight_names)
         header: dict[str, str] = {"format": "pt"}
         # only plain LoRA files load in diffusers' kohya converter (it drops dora_scale, skips LyCORIS)

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import torch
 
-from aitk.networks.export import KOHYA_WEIGHT_NAMES, LORA_ADAPTER_METADATA_KEY, _group_pattern
+from aitk.networks.export import LORA_ADAPTER_METADATA_KEY, _group_pattern
 from aitk.tools.layout import (
     NetworkFile,
     ToolError,
@@ -52,7 +52,7 @@ def _alpha(parts: dict[str, torch.Tensor]) -> float:
 
 def to_comfyui(nf: NetworkFile, adapter: Any) -> dict[str, torch.Tensor]:
     """The comfyui / kohya tensors of `nf` under the adapter's key stems and weight names."""
-    down, up = tuple(getattr(adapter, "lora_weight_names", None) or KOHYA_WEIGHT_NAMES)
+    down, up = adapter.lora_weight_names
     out: dict[str, torch.Tensor] = {}
     for name, parts in nf.modules.items():
         try:

@@ -108,7 +108,6 @@ class TrainingHealth:
             fields["gradient_stability_avg"] = ema.update(stability)
             fields["alpha_enabled"] = False
             return fields
-        before = self.scheduler.metrics_fields(expert)
         transition = self.scheduler.observe(expert, step, loss if math.isfinite(loss) else float("nan"), stability)
         fields.update(self.scheduler.metrics_fields(expert))
         if transition is not None:
@@ -118,7 +117,7 @@ class TrainingHealth:
             # that let it exit (the next line is the first of the new phase)
             fields.update({
                 "phase": transition.from_phase,
-                "phase_idx": before["phase_idx"],
+                "phase_idx": fields["phase_idx"] - 1,
                 "steps_in_phase": transition.steps_in_phase,
                 "linear_alpha": transition.old_linear,
                 "conv_alpha": transition.old_conv,

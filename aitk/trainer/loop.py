@@ -283,8 +283,8 @@ class Trainer(TrainerSetup, TrainerSaving):
     ) -> dict[str, Any]:
         # the groups this step trained (only the active expert's for WAN 2.2)
         sizes = [
-            sum(p.numel() for p in group["params"]) if group.get("expert") in (None, expert) else 0
-            for group in self.optimizer.param_groups
+            n if group.get("expert") in (None, expert) else 0
+            for group, n in zip(self.optimizer.param_groups, self.group_sizes)
         ]
         return {
             "step": step_index,

@@ -87,7 +87,7 @@ def write_lora_files(
             save_format=save_cfg.save_format,
             prefix=adapter.lora_prefix,
             key_for=adapter.lora_key_stem,
-            weight_names=getattr(adapter, "lora_weight_names", None),
+            weight_names=adapter.lora_weight_names,
             diffusers_prefix=adapter.diffusers_lora_prefix,
             dtype=torch_dtype(save_cfg.dtype),
             metadata=lora_metadata(job, process, adapter, handle, shown_step, shown_expert),

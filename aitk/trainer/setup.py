@@ -327,6 +327,8 @@ class TrainerSetup:
                 group["expert"] = name  # automagic takes <expert>_min_lr / _max_lr / _lr_bump from it
             groups.append(group)
         self.optimizer = build_optimizer(cfg.optimizer, groups, lr=lr, optimizer_params=cfg.optimizer_params)
+        # trainable elements per group: the metrics' learning_rate is their weighted mean
+        self.group_sizes = [sum(p.numel() for p in g["params"]) for g in self.optimizer.param_groups]
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer,
             cfg.lr_scheduler,
