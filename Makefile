@@ -63,3 +63,10 @@ alpha-study: $(STAMP)
 
 clean:
 	rm -rf $(VENV) output .cache ui/dist ui/node_modules
+
+# Not part of `bench` or `test`: needs a CUDA GPU. Real-size SD 1.5, SDXL, FLUX.1 dev and WAN 2.2
+# (random init, no download) at each memory setting: s/step, MFU, peak memory beside the plan.
+# Budgeted to end within 9 minutes (--max-seconds 540); writes bench/results/gpu_bench.{json,md} (docs/memory.md, "GPU benchmark").
+.PHONY: bench-gpu
+bench-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu.py

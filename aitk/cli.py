@@ -1,4 +1,4 @@
-"""`aitk` command line: run, validate, dataset inspect, schedule replay, demo, ui, worker,
+"""`aitk` command line: run, validate, plan, dataset inspect, schedule replay, demo, ui, worker,
 convert, merge, lora info."""
 
 from __future__ import annotations
@@ -95,6 +95,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return validate_command(list(args.jobs), strict=args.strict)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from aitk.plan.command import plan_command
+
+    return plan_command(list(args.jobs), args.gpu_memory, args.json, args.process)
+
+
 def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     from aitk.data.inspect import inspect_command
 
@@ -157,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--strict", action="store_true")
     validate.set_defaults(func=cmd_validate)
 
+    plan = sub.add_parser(
+        "plan", help="memory plan of a job without weights or a GPU: device peak by what holds it, host "
+        "peak, FLOPs; with --gpu-memory, whether it fits and the cheapest settings that do (docs/memory.md)"
+    )
+    plan.add_argument("jobs", nargs="+", help="job files (YAML, JSON or JSONC)")
+    plan.add_argument("--gpu-memory", help="device memory to fit in, e.g. 24GB (GB = GiB, as cards are sold)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--process", type=int, default=0, help="process entry of the job file (default 0)")
+    plan.set_defaults(func=cmd_plan)
+
     dataset = sub.add_parser("dataset", help="dataset tools")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
     inspect = dataset_sub.add_parser(
@@ -203,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
-    known = {"run", "validate", "dataset", "schedule", "demo", "ui", "worker", "convert", "merge", "lora",
+    known = {"run", "validate", "plan", "dataset", "schedule", "demo", "ui", "worker", "convert", "merge", "lora",
              "-h", "--help"}
     if argv and argv[0] not in known:
         argv = ["run", *argv]

@@ -274,9 +274,9 @@ config:
     for key in [
         "config.process[0].train.train_unet:",
         "config.process[0].train.train_text_encoder:",
-        "config.process[0].model.low_vram:",
     ]:
         assert key in joined, key
+    assert "low_vram" not in joined  # supported now (aitk.trainer.placing)
     assert "is_reg" not in joined  # regularisation datasets are supported now
     assert "push_to_hub" not in joined  # uploading to the Hub is supported now
     assert all("not supported yet" in w for w in loaded.warnings)

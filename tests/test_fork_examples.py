@@ -61,13 +61,30 @@ def test_wan22_i2v_video_example(tmp_path, shapes_dataset):
     ctrl = next(p for p in sorted(shapes_dataset.iterdir()) if p.suffix == ".png")
     model = build_tiny_wan(tmp_path / "wan22_i2v", "22_i2v")
     path = localise("wan22_i2v_alpha_scheduling.yaml", tmp_path, model, clips, ctrl, steps=4)
+    # the example's accuracy recovery adapter (ostris/accuracy_recovery_adapters/...) is made for
+    # the real WAN 2.2: here one of the same layout is made for the tiny transformer
+    job = yaml.safe_load(path.read_text())
+    qname, _, reference = job["config"]["process"][0]["model"]["qtype"].partition("|")
+    assert (qname, reference.split("/")[:2]) == ("uint4", ["ostris", "accuracy_recovery_adapters"])
+    ara = tiny_wan_recovery_adapter(model, tmp_path / Path(reference).name)
+    job["config"]["process"][0]["model"]["qtype"] = f"uint4|{ara}"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
     loaded, trainer, result = run(path)
     assert result.state == "completed"
     warned = "\n".join(loaded.warnings)
-    for key in ("low_vram", "attention_backend", "performance_log_every"):
+    for key in ("attention_backend", "performance_log_every"):
         assert key in warned, key
+    assert "low_vram" not in warned  # parks the idle expert, text encoder and VAE (tests/test_offload.py)
     log = (result.output_dir / "log.txt").read_text()
-    assert "accuracy recovery adapter" in log and "quantized" in log and "uint4" in log
+    assert "quantized" in log and "uint4" in log and "not supported" not in log
+    # the recovery adapter is on both experts, frozen, and not in the saved files
+    assert log.count(f"accuracy recovery adapter ({'high_noise'}): {ara}") == 1
+    assert log.count(f"accuracy recovery adapter ({'low_noise'}): {ara}") == 1
+    from aitk.models.recovery import RECOVERY_ADAPTER
+
+    for expert in trainer.adapter.experts().values():
+        layers = [m for m in expert.modules() if RECOVERY_ADAPTER in getattr(m, "lora_A", {})]
+        assert layers and not any(p.requires_grad for m in layers for p in m.lora_A[RECOVERY_ADAPTER].parameters())
     assert "of text_encoder to qfloat8" in log  # quantize_te with the fork's qtype_te
     assert [p.name for p in result.final_loras] == [
         "video_lora_training_high_noise.safetensors", "video_lora_training_low_noise.safetensors"]
@@ -77,6 +94,20 @@ def test_wan22_i2v_video_example(tmp_path, shapes_dataset):
     assert list((result.output_dir / "samples").glob("*.mp4"))
     # WAN wraps no conv layers: the start-up warning names the fix
     assert "alpha_phases" in log and "warning: network.alpha_schedule" in log
+
+
+def tiny_wan_recovery_adapter(model: Path, path: Path) -> Path:
+    """A recovery adapter for the tiny WAN transformer in ComfyUI key names (as the published ones)."""
+    from diffusers import WanTransformer3DModel
+    from torch import nn
+
+    from aitk.models.wan_keys import is_block_target, lora_key_stem
+    from test_recovery_adapter import write_recovery_file
+
+    transformer = WanTransformer3DModel.from_pretrained(str(model), subfolder="transformer")
+    names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and is_block_target(n)]
+    write_recovery_file(transformer, path, names, stem=lora_key_stem, weights=("lora_A", "lora_B"))
+    return path
 
 
 def test_flux_readme_example(tmp_path, shapes_dataset):

@@ -1,20 +1,14 @@
 """save.push_to_hub: the final LoRA, the model card and the samples reach the Hub through huggingface_hub.
 
-The "Hub" is a local threaded HTTP server that answers the endpoints huggingface_hub calls for
-`create_repo` and `create_commit` (/api/repos/create, /api/validate-yaml, /api/models/<repo>/preupload/
-<rev>, /api/models/<repo>/commit/<rev>, /api/whoami-v2) and records what it was sent: the real client
-library, real HTTP, no mock objects. Files go as regular (base64) commit entries: the server answers
-"regular" to the upload-mode query, which the client honours for any size.
+The "Hub" is the local threaded HTTP server of tests/hub_server.py (`hub` fixture): it answers the
+endpoints huggingface_hub calls for `create_repo` and `create_commit` and records what it was sent:
+the real client library, real HTTP, no mock objects.
 """
 
 from __future__ import annotations
 
-import base64
 import io
-import json
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,118 +18,9 @@ import yaml
 from aitk.config.loader import dump_job, load_job_file
 from aitk.hub import CardInfo, model_card, read_dotenv, resolve_token
 from aitk.trainer.publish import final_lora_files, publish_run
+from hub_server import FakeHub, hub  # noqa: F401 - `hub` is the fixture
 
 TOKEN = "hf_from_dotenv_0123456789"
-
-
-# ------------------------------------------------------------------------------- the local hub
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class FakeHub:
-    url: str = ""
-    fail_status: int | None = None  # answer every request with this status
-    requests: list[Request] = field(default_factory=list)
-    repos: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo id -> create payload
-    files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo id -> path -> bytes
-    commits: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def handle(self, req: Request) -> tuple[int, Any]:
-        with self.lock:
-            self.requests.append(req)
-        if self.fail_status is not None:
-            return self.fail_status, {"error": "the hub is down"}
-        path = req.path.split("?", 1)[0]
-        parts = path.strip("/").split("/")
-        if req.method == "GET" and path == "/api/whoami-v2":
-            return 200, {"name": "tester", "type": "user", "auth": {"accessToken": {"role": "write"}}}
-        if req.method != "POST":
-            return 404, {"error": f"not here: {req.method} {path}"}
-        if path == "/api/repos/create":
-            payload = json.loads(req.body)
-            repo_id = f"{payload['organization']}/{payload['name']}"
-            with self.lock:
-                self.repos[repo_id] = payload
-                self.files.setdefault(repo_id, {})
-            return 200, {"url": f"{self.url}/{repo_id}"}
-        if path == "/api/validate-yaml":
-            return 200, {"errors": [], "warnings": []}
-        # /api/models/<ns>/<name>/(preupload|commit)/<rev>
-        if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"):
-            repo_id = f"{parts[2]}/{parts[3]}"
-            if repo_id not in self.repos:
-                return 404, {"error": "Repository not found"}
-            if parts[4] == "preupload":
-                files = json.loads(req.body)["files"]
-                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                       for f in files]}
-            lines = [json.loads(line) for line in req.body.splitlines() if line.strip()]
-            header = next(item["value"] for item in lines if item["key"] == "header")
-            added = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
-                     for item in lines if item["key"] == "file"}
-            others = [item["key"] for item in lines if item["key"] not in ("header", "file")]
-            with self.lock:
-                self.files[repo_id].update(added)
-                self.commits.append({"repo": repo_id, "header": header, "paths": sorted(added), "others": others})
-            oid = f"{len(self.commits):040x}"
-            return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
-        return 404, {"error": f"not here: {req.method} {path}"}
-
-
-def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            req = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-            status, payload = hub.handle(req)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PUT = do_HEAD = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet test output
-            pass
-
-    return Handler
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    import huggingface_hub.constants as hf_constants
-
-    state = FakeHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    # the suite runs with HF_HUB_OFFLINE=1; huggingface_hub read it at import, so lift it here only
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", state.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    # no stored login of whoever runs the tests may leak into a request
-    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-    monkeypatch.chdir(tmp_path)
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ------------------------------------------------------------------------------- a finished run

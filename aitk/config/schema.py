@@ -323,6 +323,20 @@ class TrainConfig(Section):
     disable_sampling: bool = Field(False, description="Never sample previews.")
     cache_text_embeddings: bool = Field(False, description="Encode captions once.")
     attention_backend: str | None = Field(None, description="Attention implementation to use.")
+    fsdp: bool | None = Field(
+        None,
+        description="Full fine-tunes over several processes: shard weights, gradients and optimizer state "
+        "(FSDP2). Default: on when accelerate launch's config says distributed_type: FSDP (docs/multi-gpu.md).",
+    )
+    fsdp_state_dict_type: Literal["full", "sharded", "FULL_STATE_DICT", "SHARDED_STATE_DICT"] | None = Field(
+        None,
+        description="FSDP checkpoints: full (gathered on process 0; resumes with any process count) or "
+        "sharded (each process writes its shards; resumes with the same count). Default: the accelerate "
+        "config's fsdp_state_dict_type, else full.",
+    )
+    fsdp_reshard_after_forward: bool | None = Field(
+        None, description="FSDP: free each block's gathered weights after its forward (default true: less memory)."
+    )
 
     @model_validator(mode="after")
     def _denoising_range(self) -> "TrainConfig":
@@ -351,7 +365,20 @@ class ModelConfig(Section):
     quantize: bool = Field(False, description="Quantize the denoiser.")
     qtype: str | None = Field(None, description="Quantization type.")
     quantize_te: bool = Field(False, description="Quantize the text encoder.")
-    low_vram: bool = Field(False, description="Keep parts on the CPU to save GPU memory.")
+    low_vram: bool = Field(
+        False,
+        description="Park every part not in use in host memory (text encoders, VAE, WAN 2.2's idle expert); "
+        "slower, less GPU memory.",
+    )
+    layer_offloading: bool = Field(
+        False, description="Keep a share of the denoiser's (and text encoders') blocks in host memory."
+    )
+    layer_offloading_transformer_percent: float = Field(
+        1.0, ge=0.0, le=1.0, description="With layer_offloading: share of the denoiser's blocks offloaded (0-1)."
+    )
+    layer_offloading_text_encoder_percent: float = Field(
+        1.0, ge=0.0, le=1.0, description="With layer_offloading: share of the text encoders' blocks offloaded (0-1)."
+    )
     assistant_lora_path: str | None = Field(None, description="A LoRA merged in while training only.")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Model-specific options.")
     dtype: str | None = Field(None, description="Precision the model is loaded in.")

@@ -33,6 +33,9 @@ from aitk.config.schema import (
 # Architectures this version trains (ModelConfig.resolved_arch values): those with an adapter.
 SUPPORTED_ARCHS: frozenset[str] = frozenset(supported_archs())
 
+# Optimizers whose update is elementwise torch code, so they run on FSDP's DTensor shards as they are.
+FSDP_OPTIMIZERS = ("adamw", "adam", "sgd")
+
 IGNORED = "it is ignored"
 FAILS = "the run fails at start"
 UNKNOWN_ARCH = f"{FAILS}; use one of {', '.join(sorted(SUPPORTED_ARCHS))}"
@@ -80,10 +83,12 @@ UNSUPPORTED: list[Unsupported] = [
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),
-    Unsupported(ModelConfig, "low_vram", _is_true, "low_vram mode", IGNORED),
     Unsupported(ModelConfig, "assistant_lora_path",
                 lambda v, s: v is not None and s.resolved_arch not in ("flux", "flux_kontext"),
                 "an assistant LoRA on this model (FLUX only)", IGNORED),
+    Unsupported(ProcessConfig, "model.layer_offloading", lambda v, s: v is True and s.network is None,
+                "layer offloading in a full fine-tune (no network: section; offloading moves frozen weights "
+                "only, and here every denoiser weight trains: use a LoRA, or FSDP across GPUs)", FAILS),
     # datasets
     # train
     Unsupported(TrainConfig, "train_text_encoder", _is_true, "training the text encoder",
@@ -104,6 +109,12 @@ UNSUPPORTED: list[Unsupported] = [
                 "it is ignored; every step's time is in the metrics file"),
     Unsupported(ModelConfig, "dtype", _is_set, "model.dtype",
                 "it is ignored; the frozen model runs in train.dtype"),
+    # FSDP (aitk/trainer/fsdp.py checks the same at start, also when the launcher asks for FSDP)
+    Unsupported(ProcessConfig, "train.fsdp", lambda v, s: v is True and s.network is not None,
+                "FSDP with a network: section (FSDP shards full fine-tunes: remove network: to fine-tune "
+                "the whole model, or remove train.fsdp to train the network data-parallel)", FAILS),
+    Unsupported(ProcessConfig, "train.fsdp", lambda v, s: v is True and s.train.optimizer not in FSDP_OPTIMIZERS,
+                f"FSDP with an optimizer other than {', '.join(FSDP_OPTIMIZERS)}", FAILS),
 ]
 
 # Keys ostris/ai-toolkit accepts that the schema does not model: (section, key) -> rule.
@@ -126,9 +137,6 @@ AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
                     "it is ignored; set attention_backend instead"),
         Unsupported(ModelConfig, "qtype_te", _never, ""),  # used by quantize_te
         Unsupported(ModelConfig, "inference_lora_path", _truthy, "an inference LoRA"),
-        Unsupported(ModelConfig, "layer_offloading", _truthy, "layer offloading"),
-        Unsupported(ModelConfig, "layer_offloading_transformer_percent", _never, ""),
-        Unsupported(ModelConfig, "layer_offloading_text_encoder_percent", _never, ""),
         Unsupported(DatasetConfig, "mask_min_value", _never, ""),
         Unsupported(DatasetConfig, "network_weight", lambda v, s: v not in (None, 1, 1.0),
                     "per-dataset network weights"),

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from aitk.config.loader import JobFileError, LoadedJob, load_job_file
-from aitk.config.support import render_path
+from aitk.config.support import render_path, unsupported_failures
 
 
 def _local_checks(loaded: LoadedJob) -> list[str]:
@@ -27,7 +27,8 @@ def _local_checks(loaded: LoadedJob) -> list[str]:
 def validate_command(paths: list[str], strict: bool = False) -> int:
     """Validate each job file; print `OK path` and its warnings, or its errors.
 
-    Returns 0 when every file is valid, else 1. Never raises for a bad file.
+    Returns 0 when every file is valid and would start, else 1 (a setting this version refuses
+    at start counts as a failure). Never raises for a bad file.
     """
     if not paths:
         print("aitk validate: give one or more job files, e.g. aitk validate job.yaml", file=sys.stderr)
@@ -49,8 +50,17 @@ def validate_command(paths: list[str], strict: bool = False) -> int:
         except Exception:  # noqa: BLE001 - hints are best effort
             notes = []
         warnings = loaded.warnings
-        suffix = f" ({len(warnings)} warning{'' if len(warnings) == 1 else 's'})" if warnings else ""
-        print(f"OK {path}{suffix}")
+        refused = unsupported_failures(loaded.job)
+        if refused:
+            failed += 1
+            print(f"{path}: the run would stop at start ({len(refused)} setting{'' if len(refused) == 1 else 's'}):",
+                  file=sys.stderr)
+            for line in refused:
+                print(f"  {line}", file=sys.stderr)
+            warnings = [w for w in warnings if w not in refused]
+        else:
+            suffix = f" ({len(warnings)} warning{'' if len(warnings) == 1 else 's'})" if warnings else ""
+            print(f"OK {path}{suffix}")
         for warning in warnings:
             print(f"  warning: {warning}")
         for note in notes:

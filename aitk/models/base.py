@@ -112,6 +112,13 @@ class ModelAdapter(ABC):
     uses_controls: bool = False
     #: attributes holding the text encoders (released after caching, quantized by quantize_te)
     text_encoder_names: tuple[str, ...] = ()
+    #: attributes holding the other frozen parts (VAE, image encoder): placed by aitk.models.placement
+    auxiliary_names: tuple[str, ...] = ("vae",)
+    #: of those, the parts a training step runs even when latents are cached (e.g. the VAE that
+    #: encodes Kontext's control images or WAN I2V's first frames)
+    step_auxiliary_names: tuple[str, ...] = ()
+    #: of those, the parts `encode_images` runs (a step runs them when latents are not cached)
+    latent_encoder_names: tuple[str, ...] = ("vae",)
     #: ss_base_model_version / modelspec.architecture metadata values
     base_model_version: str = ""
     modelspec_architecture: str = ""
@@ -124,7 +131,9 @@ class ModelAdapter(ABC):
     # --- loading -------------------------------------------------------------------------
     @abstractmethod
     def load(self) -> None:
-        """Load every part (from a diffusers folder, hub id or single file) onto self.device."""
+        """Load every part (from a diffusers folder, hub id or single file) into host memory in
+        its training dtype (the VAE in fp32), frozen. Nothing goes to self.device here: the
+        trainer places the parts (aitk.trainer.placing), quantizing and offloading on the way."""
 
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:
@@ -133,6 +142,19 @@ class ModelAdapter(ABC):
     def experts(self) -> dict[str, torch.nn.Module]:
         """Named denoisers; single-model architectures have one, named "main"."""
         return {"main": self.denoiser()}
+
+    def offload_blocks(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """The repeated blocks of a denoiser or text encoder, in the order they run: what layer
+        offloading and block-wise quantization move one at a time. Default: the blocks diffusers /
+        transformers name on the model class (aitk.models.offload.repeated_blocks)."""
+        from aitk.models.offload import repeated_blocks
+
+        return repeated_blocks(module)
+
+    def auxiliary_modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded frozen parts besides denoisers and text encoders, by attribute name."""
+        found = {name: getattr(self, name, None) for name in self.auxiliary_names}
+        return {name: module for name, module in found.items() if module is not None}
 
     def expert_for_timesteps(self, timesteps: torch.Tensor) -> str:
         return "main"

@@ -36,11 +36,10 @@ def freeze(modules: Iterable[torch.nn.Module]) -> None:
         module.eval()
 
 
-def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to device, casting only when needed (diffusers warns on every dtype cast)."""
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast in place (on the host), only when needed: diffusers warns on every dtype cast."""
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
-    module.to(device)
 
 
 def vae_scale_factor(vae: Any) -> int:

@@ -177,10 +177,9 @@ class FluxAdapter(ModelAdapter):
             int(kwargs.get("max_sequence_length", default_len)), int(self.tokenizer_2.model_max_length)
         )
         common.freeze((self.transformer, self.vae, self.text_encoder, self.text_encoder_2))
-        common.place(self.transformer, self.device, self.dtype)
-        common.place(self.text_encoder, self.device, self.dtype)
-        common.place(self.text_encoder_2, self.device, self.dtype)
-        common.place(self.vae, self.device, torch.float32)  # encodes / decodes in fp32 whatever trains
+        for module in (self.transformer, self.text_encoder, self.text_encoder_2):
+            common.cast(module, self.dtype)
+        common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
         self.vae_scale_factor = common.vae_scale_factor(self.vae)
         self._preview_size: tuple[int, int] | None = None
         self._text_pipe: Any = None
@@ -193,10 +192,15 @@ class FluxAdapter(ModelAdapter):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
         self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+        # torch_dtype at load: the host never holds a part in a wider dtype than it trains in
+        self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
         self.tokenizer_2 = AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2")
-        self.text_encoder_2 = T5EncoderModel.from_pretrained(location, subfolder="text_encoder_2")
-        self.transformer = FluxTransformer2DModel.from_pretrained(location, subfolder="transformer")
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(
+            location, subfolder="text_encoder_2", torch_dtype=self.dtype
+        )
+        self.transformer = FluxTransformer2DModel.from_pretrained(
+            location, subfolder="transformer", torch_dtype=self.dtype
+        )
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler")
         self.vae = self._load_vae(location)
 
@@ -222,10 +226,13 @@ class FluxAdapter(ModelAdapter):
         """Load the assistant LoRA into the transformer as its own (frozen, active) peft adapter."""
         from diffusers import FluxPipeline
 
-        path = Path(source).expanduser()
+        from aitk.hub_files import HubFileError, resolve_lora_file
+
         key = "model.assistant_lora_path"
-        if not path.is_file():
-            raise ModelLoadError(f"{key}: {source!r} is not a file; give the path of a .safetensors LoRA file")
+        try:  # a local file, owner/repo/file.safetensors, or a repo with one LoRA file (downloaded)
+            path = resolve_lora_file(source, key=key)
+        except HubFileError as exc:
+            raise ModelLoadError(str(exc)) from exc
         try:
             state, alphas, metadata = FluxPipeline.lora_state_dict(
                 str(path), return_alphas=True, return_lora_metadata=True
@@ -427,6 +434,7 @@ class FluxKontextAdapter(FluxAdapter):
     modelspec_architecture = "flux-1-kontext-dev/lora"
     model_label = "FLUX.1 Kontext"
     pipeline_name = "FluxKontextPipeline"
+    step_auxiliary_names = ("vae",)  # encodes each batch's control images
 
     def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
         if context is None or context.controls is None:

@@ -77,7 +77,8 @@ class SD15Adapter(ModelAdapter):
             location = str(path) if path.exists() else source
             try:
                 self._load_text_parts(location)
-                self.unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet")
+                # torch_dtype at load: the host never holds the UNet in a wider dtype than trained
+                self.unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=self.dtype)
                 self.vae = self._load_vae(location)
                 self.noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
             except ModelLoadError:
@@ -103,14 +104,14 @@ class SD15Adapter(ModelAdapter):
                 ) from exc
         if self.model_cfg.is_v_pred:
             self.noise_scheduler.register_to_config(prediction_type="v_prediction")
-        self._freeze_and_place()
+        self._freeze_and_cast()
 
     # Hooks the SDXL adapter overrides: which text encoders there are and how they load.
     def _load_text_parts(self, location: str) -> None:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+        self.text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
 
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder]
@@ -181,17 +182,23 @@ class SD15Adapter(ModelAdapter):
     def _load_vae_override(self, vae: Any, config_source: str) -> Any:
         return self._load_vae(config_source) if self.model_cfg.vae_path else vae
 
-    def _freeze_and_place(self) -> None:
+    def _freeze_and_cast(self) -> None:
         common.freeze((self.unet, self.vae, *self._text_encoders()))
-        common.place(self.unet, self.device, self.dtype)
+        common.cast(self.unet, self.dtype)
         for encoder in self._text_encoders():
-            common.place(encoder, self.device, self.dtype)
+            common.cast(encoder, self.dtype)
         # The VAE stays fp32: fp16 SD VAEs overflow, and it only runs for caching and previews.
-        common.place(self.vae, self.device, torch.float32)
+        common.cast(self.vae, torch.float32)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
     def denoiser(self) -> torch.nn.Module:
         return self.unet
+
+    def offload_blocks(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        if module is self.unet:  # the UNet's stages: diffusers names only its attention blocks
+            mid = [module.mid_block] if module.mid_block is not None else []
+            return [*module.down_blocks, *mid, *module.up_blocks]
+        return super().offload_blocks(module)
 
     def network_candidates(self, include_conv: bool) -> list[str]:
         from aitk.networks.targets import unet_lora_candidates

@@ -77,7 +77,9 @@ class SDXLAdapter(SD15Adapter):
 
         super()._load_text_parts(location)
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2")
-        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2")
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            location, subfolder="text_encoder_2", torch_dtype=self.dtype
+        )
 
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2]

@@ -181,9 +181,7 @@ class Wan21Adapter(ModelAdapter):
             )
         if self.two_experts and self.boundary_ratio is None:
             self.boundary_ratio = float(index.get("boundary_ratio") or self.default_boundary_ratio)
-        common.freeze(self._modules())
-        for module in self._modules():
-            module.to(self.device)  # dtypes were set at load (the VAE stays fp32)
+        common.freeze(self._modules())  # dtypes were set at load (the VAE stays fp32); placed by the trainer
 
     def _check_components(self, index: dict[str, Any]) -> None:
         """Refuse a folder of another WAN variant before loading gigabytes of it."""
@@ -552,6 +550,8 @@ class Wan21I2VAdapter(Wan21Adapter):
     modelspec_architecture = "wan-2.1-i2v/lora"
     i2v = True
     uses_image_encoder = True
+    auxiliary_names = ("vae", "image_encoder")
+    step_auxiliary_names = ("vae", "image_encoder")  # first frames: latent condition, CLIP embeds
 
 
 class Wan22Adapter(Wan21Adapter):
@@ -567,5 +567,6 @@ class Wan22I2VAdapter(Wan21Adapter):
     base_model_version = "wan_2.2"
     modelspec_architecture = "wan-2.2-i2v-14b/lora"
     i2v = True
+    step_auxiliary_names = ("vae",)  # encodes the first frames' latent condition
     two_experts = True
     default_boundary_ratio = 0.9

@@ -254,6 +254,8 @@ def merge_model(
     except (ModelLoadError, OSError) as exc:
         raise ToolError(str(exc)) from None
     experts = list(adapter.experts().items())
+    for _, module in experts:
+        module.to(dev)  # the adapter loads on the host; merging runs where --device says
     if len(loras) > len(experts):
         raise ToolError(f"--lora-2 given, but {model} has one denoiser")
     result = MergeResult(out, load_dtype)

@@ -48,13 +48,27 @@ def write_checkpoint(
     pause_hook: Callable[[Path], None] | None = None,
 ) -> Path:
     """Create `root/<step>/` atomically. `write_files(tmp_dir)` writes the state files into it."""
+    tmp = begin_checkpoint(root, step)
+    write_files(tmp)
+    return commit_checkpoint(root, step, tmp, pause_hook=pause_hook)
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """The empty temp folder a checkpoint is written into (several processes may write into it,
+    as FSDP's sharded checkpoints do); `commit_checkpoint` makes it the checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{checkpoint_dir_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_files(tmp)
+    return tmp
+
+
+def commit_checkpoint(
+    root: Path, step: int, tmp: Path, *, pause_hook: Callable[[Path], None] | None = None
+) -> Path:
+    """Checksum every file of `tmp` into its manifest (written last), then rename it to `root/<step>/`."""
+    final = root / checkpoint_dir_name(step)
     if pause_hook is not None:
         pause_hook(tmp)
     files = {}

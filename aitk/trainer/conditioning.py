@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -26,20 +27,31 @@ def _from_tensors(tensors: dict[str, torch.Tensor]) -> PromptEmbeds:
 
 
 class PromptConditioner:
-    def __init__(self, adapter: ModelAdapter, text_cache: Any | None = None) -> None:
+    """`encoding`: a context the text encoders run in (brings parked encoders to the device)."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        text_cache: Any | None = None,
+        encoding: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
         self.adapter = adapter
         self.text_cache = text_cache  # aitk.data.text_cache.TextEmbeddingCache or None
+        self.encoding = encoding
         self._lru: OrderedDict[str, PromptEmbeds] = OrderedDict()
 
     def precompute(self, captions: list[str], progress: Callable[[int], None] | None = None) -> int:
         """Encode every caption the text cache lacks; returns how many were encoded."""
         assert self.text_cache is not None
         missing = self.text_cache.missing(captions)
-        for caption in missing:  # one per call, exactly as __call__ encodes (see there)
-            single = self.adapter.encode_prompts([caption])
-            self.text_cache.put(caption, {k: v.cpu() for k, v in _to_tensors(single).items()})
-            if progress is not None:
-                progress(1)
+        if not missing:
+            return 0
+        with self.encoding():
+            for caption in missing:  # one per call, exactly as __call__ encodes (see there)
+                single = self.adapter.encode_prompts([caption])
+                self.text_cache.put(caption, {k: v.cpu() for k, v in _to_tensors(single).items()})
+                if progress is not None:
+                    progress(1)
         return len(missing)
 
     def _lookup(self, caption: str) -> PromptEmbeds | None:
@@ -57,8 +69,10 @@ class PromptConditioner:
         missing = [caption for caption, embeds in found.items() if embeds is None]
         # One caption per call: batched matmuls give slightly different rows for different batch
         # sizes, and which captions are uncached differs after a resume, so a resumed run would drift.
-        for caption in missing:
-            found[caption] = self.adapter.encode_prompts([caption])
+        if missing:
+            with self.encoding():
+                for caption in missing:
+                    found[caption] = self.adapter.encode_prompts([caption])
         for caption, embeds in found.items():
             self._lru[caption] = embeds
             self._lru.move_to_end(caption)

@@ -6,6 +6,7 @@ It knows no architecture by name: everything model-specific goes through the Mod
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from collections.abc import Callable
@@ -78,14 +79,15 @@ class Trainer(TrainerSetup, TrainerSaving):
         from aitk.trainer.loss import diffusion_loss, latent_mask
 
         batch = self.data.next_batch()
-        if batch.latents is not None:
-            latents = batch.latents.to(self.session.device)
-        else:
-            latents = self.adapter.encode_images(batch.pixels)
+        with self.placement.using(*self.step_parts):  # parked (low_vram) VAE etc. come in for this
+            if batch.latents is not None:
+                latents = batch.latents.to(self.session.device)
+            else:
+                latents = self.adapter.encode_images(batch.pixels)
+            noisy = self.adapter.make_noisy_batch(
+                latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
+            )
         cond = self.conditioner(batch.captions)
-        noisy = self.adapter.make_noisy_batch(
-            latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
-        )
         weights = batch.loss_multiplier.to(self.session.device)
         if noisy.loss_weights is not None:
             weights = weights * noisy.loss_weights
@@ -129,7 +131,8 @@ class Trainer(TrainerSetup, TrainerSaving):
             return loss, bool(stop_flag)
         import torch.distributed as dist
 
-        params = self._step_params()
+        # FSDP has already reduce-scattered the gradients in backward: only the tail travels here
+        params = self._step_params() if self.fsdp is None else []
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         tail = [loss, stop_flag, *flags]
         tail_tensor = torch.tensor(tail, dtype=torch.float32, device=self.session.device)
@@ -197,8 +200,13 @@ class Trainer(TrainerSetup, TrainerSaving):
         else:
             self.state.nonfinite_in_a_row = 0
             reports_stability = hasattr(self.optimizer, "last_gradient_stability")
-            if not reports_stability:
+            if not reports_stability and self.fsdp is None:
                 stability = self.health.sign_stability(self.active_expert, self._step_named_params())
+            elif not reports_stability and self.session.is_main:
+                from aitk.trainer.fsdp_state import local_gradients
+
+                # FSDP: the main process's shards stand for the model (nothing is gathered)
+                stability = self.health.sign_stability(self.active_expert, local_gradients(self._step_named_params()))
             if scaler is not None:
                 scaler.step(self.optimizer)
                 scaler.update()
@@ -216,9 +224,21 @@ class Trainer(TrainerSetup, TrainerSaving):
         self.lr_scheduler.step()
         return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop, stability
 
+    def _scratch_samples_dir(self) -> Path:
+        """Where an FSDP process other than the main one puts the previews it renders too (one
+        folder per process in the temp folder, emptied before each round)."""
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.gettempdir()) / f"aitk-fsdp-previews-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        return scratch
+
     def _sample(self, step: int) -> None:
-        """Previews are a view of the run, never a reason to lose it: a failure is a warning."""
-        if not self.preview_requests or not self.session.is_main:
+        """Previews are a view of the run, never a reason to lose it: a failure is a warning.
+        Under FSDP every process runs the sharded denoiser (each forward is a collective) and
+        only the main one keeps the pictures."""
+        if not self.preview_requests or not (self.session.is_main or self.fsdp is not None):
             return
         from aitk.trainer.sampling import render_previews
 
@@ -228,11 +248,16 @@ class Trainer(TrainerSetup, TrainerSaving):
             module.eval()
         started = time.perf_counter()
         try:
-            with self.ema.applied() if self.ema is not None else nullcontext(), self.adapter.preview_context():
+            parts = (*self.adapter.text_encoders(), *self.adapter.auxiliary_modules())
+            with (
+                self.ema.applied() if self.ema is not None else nullcontext(),
+                self.adapter.preview_context(),
+                self.placement.using(*parts),
+            ):
                 paths = render_previews(
                     self.adapter.sample_pipeline(self.process.sample.sampler),
                     self.preview_requests,
-                    self.paths.samples,
+                    self.paths.samples if self.session.is_main else self._scratch_samples_dir(),
                     step,
                     decode=self.adapter.decode_latents,
                     set_multiplier=self.network.set_multiplier,
@@ -245,6 +270,8 @@ class Trainer(TrainerSetup, TrainerSaving):
         finally:
             for module in experts:
                 module.train()
+            if self.fsdp is not None:
+                self.fsdp.reshard()  # the gathered preview weights (EMA ones too) must not train
         self._set_status(state="training")
 
     # ------------------------------------------------------------------ the run
@@ -308,8 +335,7 @@ class Trainer(TrainerSetup, TrainerSaving):
             from aitk.trainer.lora_files import lora_paths
 
             finals = lora_paths(self.paths, None, self.network)
-            if self.session.is_main and not all(p.exists() for p in finals):
-                self._save_lora(None)  # e.g. the final file was deleted: the checkpoint has it
+            self._write_missing_final_files(finals)  # e.g. the final file was deleted: the checkpoint has it
             self._set_status(state="completed", step=self.state.step, force=True)
             self.log(f"{self.job.config.name} already finished {self.state.step} steps; nothing to do")
             return RunResult("completed", self.state.step, finals[0], self.paths.root, finals)
@@ -320,7 +346,8 @@ class Trainer(TrainerSetup, TrainerSaving):
         )
         if self.data.needs_latent_cache:
             self._set_status(state="caching")
-            self.data.cache_latents(self.adapter.encode_images, self.adapter.latent_space_id())
+            with self.placement.using(*self.adapter.latent_encoder_names):
+                self.data.cache_latents(self.adapter.encode_images, self.adapter.latent_space_id())
         self._cache_text_embeddings()
         sample_cfg = self.process.sample
         if not resumed and not self.train_cfg.skip_first_sample and self.state.step == 0:

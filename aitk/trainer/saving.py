@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aitk.fsutil import atomic_copy
 from aitk.trainer import checkpoint as ckpt
 from aitk.trainer.errors import TrainingAborted
 from aitk.trainer.state import CheckpointContent, read_content, write_content
+
+if TYPE_CHECKING:
+    from aitk.trainer.fsdp import ShardedRun
 
 
 def alpha_state_path(checkpoint: Path) -> Path:
@@ -18,12 +21,20 @@ def alpha_state_path(checkpoint: Path) -> Path:
 
 
 class TrainerSaving:
-    """Mixin of `aitk.trainer.loop.Trainer`: what is written to and read from the run folder."""
+    """Mixin of `aitk.trainer.loop.Trainer`: what is written to and read from the run folder.
+
+    Under FSDP (`self.fsdp`, a ShardedRun) saving and resuming are collective: every process
+    gathers or writes its shards, and only the main one writes the other files."""
+
+    fsdp: "ShardedRun | None" = None  # set by set-up for a sharded full fine-tune
 
     def _signature(self) -> dict[str, Any]:
         from aitk.trainer.resume import run_signature
 
-        return run_signature(self.process, self.network.wrapped_module_names(), list(self.network))
+        signature = run_signature(self.process, self.network.wrapped_module_names(), list(self.network))
+        # FSDP keys its optimizer state by parameter path, plain runs by position: not interchangeable
+        signature["fsdp"] = self.fsdp is not None
+        return signature
 
     def _resume(self) -> bool:
         from aitk.trainer.resume import IncompatibleCheckpoint, check_signature, choose_checkpoint
@@ -35,15 +46,25 @@ class TrainerSaving:
         )
         if found is None:
             return False
-        content = read_content(found.path)
+        # FSDP: the first process reads the model state and broadcasts it to the shards
+        content = read_content(found.path, model_state=self.fsdp is None or self.session.is_main)
         try:
             check_signature(content.state.signature, self._signature(), found.path)
-            self.network.load_network_state_dict(content.network)
-            self.optimizer.load_state_dict(content.optimizer)
+            if self.fsdp is not None:
+                from aitk.trainer.fsdp_state import resume_fsdp
+
+                resume_fsdp(self.fsdp, found.path, content, self.network, self.optimizer, self.ema)
+                if content.fsdp["world_size"] != self.session.world_size:
+                    content.health = None  # its sampled gradient signs are of other shards
+            elif content.network is None:
+                raise ValueError("it was written by an FSDP run with sharded state; resume it with FSDP")
+            else:
+                self.network.load_network_state_dict(content.network)
+                self.optimizer.load_state_dict(content.optimizer)
         except (IncompatibleCheckpoint, KeyError, ValueError, RuntimeError) as exc:
             raise TrainingAborted(f"cannot resume from {found.path}: {exc}") from exc
         self.lr_scheduler.load_state_dict(content.lr_scheduler)
-        if self.ema is not None and content.ema is not None:
+        if self.ema is not None and content.ema is not None and self.fsdp is None:
             self.ema.load_state_dict(content.ema)
         if self.grad_scaler is not None and content.grad_scaler is not None:
             self.grad_scaler.load_state_dict(content.grad_scaler)
@@ -60,13 +81,38 @@ class TrainerSaving:
         return True
 
     def _save_lora(self, step: int | None) -> list[Path]:
+        """The run's LoRA files or model folders; under FSDP a collective (the main process writes
+        the weights the others help gather; they get [])."""
         from aitk.trainer.lora_files import write_lora_files
 
         shown_step = self.state.step if step is None else step
         with self.ema.applied() if self.ema is not None else nullcontext():
+            if self.fsdp is not None:
+                from aitk.trainer.lora_files import lora_paths
+                from aitk.trainer.model_files import write_model_folders
+
+                states = [handle.model_state_dict() for _, handle in self.network.items()]
+                if not self.session.is_main:
+                    return []
+                targets = lora_paths(self.paths, step, self.network)
+                return write_model_folders(targets, self.network, self.process.save, states=states)
             return write_lora_files(
                 self.paths, step, shown_step, self.network, self.job, self.process, self.adapter
             )
+
+    def _write_missing_final_files(self, finals: list[Path]) -> None:
+        """A finished run whose final files are gone (e.g. deleted): the checkpoint has them."""
+        missing = self.session.is_main and not all(p.exists() for p in finals)
+        if self.fsdp is not None:  # writing them is a collective: every process must agree
+            import torch.distributed as dist
+
+            agreed = [missing]
+            dist.broadcast_object_list(agreed, src=0)
+            missing = agreed[0]
+        elif not self.session.is_main:
+            return
+        if missing:
+            self._save_lora(None)
 
     def _gather_rng(self) -> list[dict[str, Any]]:
         from aitk.trainer.rng import capture_rng
@@ -83,14 +129,41 @@ class TrainerSaving:
     def _save_checkpoint(self, final: bool = False) -> None:
         step = self.state.step
         rng = self._gather_rng()  # every process takes part; only the main one writes
-        if not self.session.is_main:
+        if self.fsdp is None and not self.session.is_main:
             return
-        self._set_status(state="saving")
+        main = self.session.is_main
+        if main:
+            self._set_status(state="saving")
+        fsdp = self.fsdp
+        # A sharded FSDP run gathers the model for its model folder only at the end of training.
+        writes_models = fsdp is None or final or fsdp.full_checkpoints
+        loras = self._save_lora(None if final else step) if writes_models else []
+        sharded_tmp: Path | None = None
+        if fsdp is None:
+            network = self.network.network_state_dict()
+            optimizer = self.optimizer.state_dict()
+            ema = self.ema.state_dict() if self.ema is not None else None
+        else:
+            from aitk.trainer import fsdp_state
+
+            network = optimizer = ema = None
+            if fsdp.full_checkpoints:
+                network = self.network.network_state_dict()  # gathered on the main process
+                optimizer = fsdp_state.full_optimizer_state(fsdp, self.optimizer)
+                ema = fsdp_state.full_ema_state(self.ema)
+            else:
+                import torch.distributed as dist
+
+                where = [ckpt.begin_checkpoint(self.paths.checkpoints, step) if main else None]
+                dist.broadcast_object_list(where, src=0)
+                sharded_tmp = where[0]
+                fsdp_state.save_sharded(fsdp, sharded_tmp, self.optimizer, self.ema)
+            if not main:
+                return
         self.state.data = self.data.state_dict()
         self.state.signature = self._signature()
         health_json, health_tensors = self.health.state_dict()
         self.state.health = health_json
-        loras = self._save_lora(None if final else step)
         if final:
             # The final file is also kept under its step name, so pruning never leaves a gap.
             from aitk.trainer.lora_files import lora_paths
@@ -104,20 +177,27 @@ class TrainerSaving:
                     atomic_copy(lora, stepped)
         content = CheckpointContent(
             state=self.state,
-            network=self.network.network_state_dict(),
-            optimizer=self.optimizer.state_dict(),
+            network=network,
+            optimizer=optimizer,
             lr_scheduler=self.lr_scheduler.state_dict(),
             rng_per_rank=rng,
-            ema=self.ema.state_dict() if self.ema is not None else None,
+            ema=ema,
             grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             health=health_tensors,
+            fsdp=fsdp_state.fsdp_info(fsdp, self.ema) if fsdp is not None else None,
         )
-        folder = ckpt.write_checkpoint(
-            self.paths.checkpoints,
-            step,
-            lambda tmp: write_content(tmp, content),
-            pause_hook=self.checkpoint_pause_hook,
-        )
+        if sharded_tmp is not None:  # the processes' shards are in: add the rest, then commit
+            write_content(sharded_tmp, content)
+            folder = ckpt.commit_checkpoint(
+                self.paths.checkpoints, step, sharded_tmp, pause_hook=self.checkpoint_pause_hook
+            )
+        else:
+            folder = ckpt.write_checkpoint(
+                self.paths.checkpoints,
+                step,
+                lambda tmp: write_content(tmp, content),
+                pause_hook=self.checkpoint_pause_hook,
+            )
         if health_json.get("alpha_scheduler") is not None:
             # beside the checkpoint, for users who look (the checkpoint's own copy is what resumes)
             import json
@@ -129,7 +209,8 @@ class TrainerSaving:
             )
         self._prune()
         self._set_status(state="training", last_checkpoint=str(folder), force=True)
-        self.log(f"saved {', '.join(p.name for p in loras)} and checkpoint {folder.name} at step {step}")
+        written = f"{', '.join(p.name for p in loras)} and " if loras else ""
+        self.log(f"saved {written}checkpoint {folder.name} at step {step}")
 
     def _prune(self) -> None:
         keep = self.process.save.max_step_saves_to_keep

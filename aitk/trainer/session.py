@@ -6,10 +6,14 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from aitk.config.schema import ProcessConfig
+
+if TYPE_CHECKING:
+    from aitk.trainer.fsdp import FsdpSettings
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -66,6 +70,7 @@ class Session:
     rank: int
     world_size: int
     notes: list[str]
+    fsdp: "FsdpSettings | None" = None  # sharded full fine-tune (aitk/trainer/fsdp.py)
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +122,9 @@ def start_session(process: ProcessConfig) -> Session:
         device = torch.device("mps")
     if os.environ.get("OMP_NUM_THREADS") is None and state.num_processes > 1 and cpu:
         torch.set_num_threads(1)  # two threads per process on a small CPU collapse throughput
+    from aitk.trainer.fsdp import resolve_fsdp
+
+    fsdp = resolve_fsdp(process, state.num_processes, notes)  # a job FSDP cannot train stops here
     return Session(
         device=device,
         weight_dtype=weight_dtype,
@@ -124,4 +132,5 @@ def start_session(process: ProcessConfig) -> Session:
         rank=state.process_index,
         world_size=state.num_processes,
         notes=notes,
+        fsdp=fsdp,
     )

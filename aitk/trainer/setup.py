@@ -71,13 +71,25 @@ class TrainerSetup:
         for line in self.data.summary_lines:
             self.log(line)
 
+        from aitk.hub_files import HubFileError, prepare_job_downloads
+
+        try:  # the job's token (.env) for every download; a gated / missing hub model stops here
+            prepare_job_downloads(self.job_path, self.process.model.name_or_path)
+        except HubFileError as exc:
+            raise TrainingAborted(str(exc)) from exc
+        from aitk.trainer.memory_check import PlanCheck
+
+        self.plan_check = PlanCheck(
+            self.job, self.process, self.session.device,
+            str(self.job_path) if self.job_path else "job.yaml", self.log,
+        )
+        self.plan_check.start()  # plans while the model loads (GPU runs only)
         self.log(f"loading model {self.process.model.name_or_path}")
         self.adapter: ModelAdapter = create_adapter(
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
-        if self.process.model.quantize or self.process.model.quantize_te:
-            self._quantize_base()
+        self._place_model()
         if not self.adapter.uses_controls:
             for index, dataset in enumerate(self.process.datasets):
                 if dataset.control_path:
@@ -85,44 +97,57 @@ class TrainerSetup:
                         f"warning: datasets[{index}].control_path: {self.process.model.resolved_arch} does not "
                         "take control images (edit models such as flux_kontext do); they are not used"
                     )
-        self.conditioner = PromptConditioner(self.adapter, self._text_cache())
+        self.conditioner = PromptConditioner(
+            self.adapter, self._text_cache(),
+            encoding=lambda: self.placement.using(*self.adapter.text_encoders()),
+        )
         self.preview_requests = self._preview_requests()
         self._setup_network()
+        self.placement.move_trainable(self.params)  # made next to host-side base weights
         self._setup_optimizer()
+        self.plan_check.report()
 
-    def _quantize_base(self) -> None:
-        from aitk.models.quantize import QuantizeError, quantize_frozen
+    def _place_model(self) -> None:
+        """Bring the loaded (host) parts to the device as the memory settings say, quantizing on
+        the way (aitk.trainer.placing, aitk.trainer.quantizing)."""
+        from aitk.hub_files import HubFileError
+        from aitk.models.offload import DeviceLedger
+        from aitk.models.quantize import QuantizeError
+        from aitk.models.recovery import RecoveryAdapterError
+        from aitk.trainer.placing import place_adapter, step_part_names
+        from aitk.trainer.quantizing import BaseQuantization
 
-        from aitk.models.quantize import split_qtype
-
-        qtype = self.process.model.qtype
-        _, adapter = split_qtype(qtype)
-        if adapter:
-            self.log(
-                f"warning: model.qtype: the accuracy recovery adapter {adapter!r} is not supported yet; "
-                "the model is quantized without it"
-            )
         model_cfg = self.process.model
+        latents_cached = all(d.cache_latents or d.cache_latents_to_disk for d in self.process.datasets)
+        self.device_ledger = DeviceLedger()  # what the placement put on the device (tests read it)
         try:
-            if model_cfg.quantize:
-                for name, module in self.adapter.experts().items():
-                    count = quantize_frozen(module, qtype)
-                    which = "" if name == "main" else f" ({name})"
-                    self.log(
-                        f"quantized {count} linear layers of the base model{which} to {split_qtype(qtype)[0]}"
-                    )
-            if model_cfg.quantize_te:
-                te_qtype = (model_cfg.model_extra or {}).get("qtype_te") or qtype
-                for name, module in self.adapter.text_encoders().items():
-                    count = quantize_frozen(module, te_qtype)
-                    self.log(f"quantized {count} linear layers of {name} to {split_qtype(te_qtype)[0]}")
-        except (QuantizeError, ImportError) as exc:
+            quantization = BaseQuantization(
+                self.adapter, model_cfg, has_network=self.process.network is not None,
+                job_path=self.job_path, log=self.log,
+            )
+            self.placement = place_adapter(
+                self.adapter, model_cfg,
+                text_cached=self._text_cache_wanted(), latents_cached=latents_cached,
+                device=self.session.device,
+                fully_trained=frozenset() if self.process.network else frozenset(self.adapter.trained_experts()),
+                sharded=self.session.fsdp is not None,
+                quantizer=quantization.quantizer,
+                after_quantize=quantization.after_quantize, ledger=self.device_ledger, log=self.log,
+            )
+        except (QuantizeError, ImportError, HubFileError, RecoveryAdapterError) as exc:
             raise TrainingAborted(str(exc)) from exc
+        for name in self.adapter.text_encoders():
+            quantization.log_part(name)
+        self.step_parts = step_part_names(self.adapter, latents_cached)
+
+    def _text_cache_wanted(self) -> bool:
+        """cache_text_embeddings is on (train: or any dataset)."""
+        return self.train_cfg.cache_text_embeddings or any(d.cache_text_embeddings for d in self.process.datasets)
 
     def _text_cache(self) -> Any:
-        """The text-embedding cache when cache_text_embeddings is on (train: or any dataset)."""
+        """The text-embedding cache when cache_text_embeddings is on."""
         datasets = self.process.datasets
-        if not (self.train_cfg.cache_text_embeddings or any(d.cache_text_embeddings for d in datasets)):
+        if not self._text_cache_wanted():
             return None
         from aitk.data.text_cache import TextEmbeddingCache
 
@@ -150,6 +175,8 @@ class TrainerSetup:
             encoded = self.conditioner.precompute(wanted, progress=bar.update)
         self.log(f"text-embedding cache: {encoded} captions encoded, {len(wanted) - encoded} reused")
         # Every prompt a step or a preview can ask for is cached: the text encoders can go.
+        for name in self.adapter.text_encoders():
+            self.placement.release(name)
         freed = self.adapter.release_text_encoders()
         if freed:
             self.text_encoders_released = True
@@ -251,6 +278,12 @@ class TrainerSetup:
             (expert if len(experts) > 1 else SINGLE): FullModelHandle(experts[expert])
             for expert in self.adapter.trained_experts()
         }
+        for module in experts.values():
+            if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            module.train()
+        if self.session.fsdp is not None:
+            self._shard_full_model(handles)  # before the optimizer and EMA take the parameters
         self.network = NetworkGroup(handles)
         self.params = self.network.trainable_parameters()
         for name, handle in self.network.items():
@@ -261,10 +294,16 @@ class TrainerSetup:
             [] if self.network.is_single else list(self.network), self.train_cfg.switch_boundary_every
         )
         self.health = TrainingHealth(self.network, None, self.log)
-        for module in experts.values():
-            if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
-            module.train()
+
+    def _shard_full_model(self, handles: dict[str, Any]) -> None:
+        """FSDP2: each trained denoiser's parameters become shards over the processes."""
+        from aitk.trainer.fsdp import ShardedRun
+
+        self.fsdp = ShardedRun(
+            self.session.fsdp, {name: handle.module for name, handle in handles.items()}, self.session.device,
+            self.adapter.offload_blocks,
+        )
+        self.log(self.fsdp.describe())
 
     def _load_pretrained_network(self, pretrained: str) -> None:
         """network.pretrained_lora_path: start from an existing LoRA (ours, kohya or diffusers).
@@ -272,9 +311,16 @@ class TrainerSetup:
         For a multi-expert model, `<stem>_<expert>.safetensors` next to the given path is used for
         each expert when it exists (the files this trainer writes), else the given file itself.
         A checkpoint of this run, when there is one, still wins (resume comes after)."""
+        from aitk.hub_files import HubFileError, parse_file_reference, resolve_lora_file, use_job_token
         from aitk.networks.export import load_lora_file, load_network_file
 
-        given = Path(pretrained).expanduser()
+        given = parse_file_reference(pretrained)
+        if not isinstance(given, Path):  # owner/repo/file.safetensors or owner/repo: one file for every expert
+            use_job_token(self.job_path)
+            try:
+                given = resolve_lora_file(pretrained, key="network.pretrained_lora_path", log=self.log)
+            except HubFileError as exc:
+                raise TrainingAborted(str(exc)) from exc
         for expert, handle in self.network.items():
             path = given
             if not self.network.is_single:
@@ -283,7 +329,7 @@ class TrainerSetup:
             if not path.is_file():
                 raise TrainingAborted(
                     f"network.pretrained_lora_path: {str(path)!r} does not exist - give the .safetensors "
-                    "file of the LoRA to continue from"
+                    "file of the LoRA to continue from (a local file, owner/repo/file.safetensors or owner/repo)"
                 )
             try:
                 tensors, metadata = load_lora_file(path)

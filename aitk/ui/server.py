@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from aitk.ui import routes_datasets, routes_jobs, routes_misc
+from aitk.ui import routes_datasets, routes_jobs, routes_misc, routes_plan
 from aitk.ui.context import Context
 from aitk.ui.metrics_index import MetricsRegistry
 from aitk.ui.security import LOGIN_PAGE, Refused, SecurityMiddleware, safe_join
@@ -128,6 +128,7 @@ def create_app(settings: UISettings, *, start_worker: bool = False, loopback_onl
     app.include_router(routes_misc.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_datasets.router)
+    app.include_router(routes_plan.router)
 
     @app.get("/{path:path}", include_in_schema=False)
     def spa(path: str) -> Any:

@@ -430,8 +430,27 @@ def test_ui_end_to_end(server: Server, browser: Any, tmp_path: Path) -> None:
     page.get_by_test_id("yaml-ok").wait_for()
     assert "imported_lora" in page.get_by_test_id("yaml-editor").input_value()
     shot(page, "16-yaml-import")
+
+    # --- the memory plan of the job being edited: it fits the default 24 GB; at 4 MB it does not,
+    # the fix is offered as YAML, and applied it fits (planning runs on the server: allow a minute)
+    plan = page.get_by_test_id("memory-plan")
+    plan.locator("[data-testid=plan-verdict][data-fits=true]").wait_for(timeout=60_000)
+    assert re.fullmatch(r"\d+(\.\d)? (KB|MB)", plan.get_by_test_id("plan-peak").inner_text())  # a tiny UNet
+    page.get_by_test_id("plan-budget").fill("4MB")
+    verdict = plan.locator("[data-testid=plan-verdict][data-fits=false]")
+    verdict.wait_for(timeout=60_000)
+    assert "does not fit in 4.0 MB" in verdict.inner_text()
+    assert "qtype: qfloat8" in plan.get_by_test_id("plan-suggestion").inner_text()
+    plan.get_by_test_id("plan-not-counted").locator("summary").click()
+    shot(page, "16b-memory-plan-does-not-fit")
+    plan.get_by_test_id("plan-apply").click()
+    page.wait_for_function("() => document.querySelector('[data-testid=yaml-editor]').value.includes('qtype: qfloat8')")
+    plan.locator("[data-testid=plan-verdict][data-fits=true]").wait_for(timeout=60_000)
+    page.get_by_test_id("plan-budget").fill("")  # back to automatic (the budget is kept in the browser)
+    plan.get_by_test_id("plan-verdict").filter(has_text="fits in 24.0 GB").wait_for(timeout=60_000)
     page.get_by_test_id("save-job").click()
     page.get_by_role("heading", name=re.compile("imported_lora")).wait_for()
+    page.get_by_test_id("memory-plan").locator("[data-testid=plan-verdict][data-fits=true]").wait_for(timeout=60_000)
 
     # --- settings: the HF token is stored and never shown again (only its last characters)
     nav(page, "Settings")

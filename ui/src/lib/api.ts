@@ -1,5 +1,6 @@
 // The JSON API client: same-origin requests (the session cookie rides along), errors as ApiError,
 // and a signed-out answer (401) sends the browser to the server's sign-in page.
+import type { PlanAnswer } from "./types";
 
 export class ApiError extends Error {
   readonly status: number;
@@ -122,3 +123,12 @@ export function messageOf(error: unknown): string {
   if (error instanceof Error) return error.message;
   return String(error);
 }
+
+/** The memory plan (docs/ui.md, "Memory plan"): of a job being edited (validated YAML, its GPUs), or of a
+ * stored job. `gpuMemory` ("24GB", "" = the job's GPU, else 24 GB) is the budget. */
+export const plans = {
+  draft: (yaml: string, gpuIds: string, gpuMemory: string) =>
+    api.post<PlanAnswer>("/api/plan", { yaml, gpu_ids: gpuIds, gpu_memory: gpuMemory || null }),
+  job: (jobId: number, gpuMemory: string) =>
+    api.get<PlanAnswer>(`/api/jobs/${jobId}/plan${gpuMemory ? `?gpu_memory=${encodeURIComponent(gpuMemory)}` : ""}`),
+};

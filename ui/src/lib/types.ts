@@ -210,3 +210,59 @@ export interface JsonSchema {
   minItems?: number;
   minLength?: number;
 }
+
+// The memory plan (POST /api/plan, GET /api/jobs/{id}/plan; aitk/plan's MemoryPlan.to_dict()).
+export interface DeviceSplit {
+  weights: number;
+  trainable: number;
+  optimizer: number;
+  gradients: number;
+  activations: number;
+  workspace: number;
+  total: number;
+}
+
+export interface MemoryPlan {
+  job: string;
+  model: string;
+  arch: string;
+  origin: string;
+  setup: Record<string, string | number>;
+  step: DeviceSplit;
+  phases: Record<string, number>;
+  weights_by_part: Record<string, number>;
+  host: Record<string, number>;
+  flops_per_step: number;
+  trainable_parameters: number;
+  gpu_memory: number | null;
+  suggestion: Record<string, unknown> | null; // dotted job keys (model.qtype) -> values
+  suggestion_peak: number | null;
+  suggestion_note: string | null;
+  suggestion_yaml: string | null;
+  notes: string[];
+  not_counted: string[];
+  peak_device: number;
+  peak_phase: string;
+  peak_host: number;
+  fits: boolean | null;
+  one_line: string;
+}
+
+export interface PlanBudget {
+  bytes: number;
+  source: "set" | "gpu" | "default";
+  gpu: { index: number; name: string; memory_total: number } | null;
+  note: string | null;
+}
+
+export type PlanAnswer =
+  | {
+      ok: true;
+      plan: MemoryPlan;
+      budget: PlanBudget;
+      /** The job with the suggestion merged (what "Apply" puts in place); null without a suggestion. */
+      suggested: { yaml: string | null; config: JobConfig | null; problems: string[] } | null;
+      cached: boolean;
+      seconds: number;
+    }
+  | { ok: false; error: string; problems: string[]; budget: PlanBudget | null };

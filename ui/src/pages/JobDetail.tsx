@@ -10,6 +10,7 @@ import { Card, Empty, ErrorBox, Loading, ProgressBar, Stat, StatusBadge, Tabs } 
 import { JobActions } from "../components/JobActions";
 import { stepLabel } from "../components/JobTable";
 import { LogView } from "../components/LogView";
+import { StoredJobPlan } from "../components/MemoryPlan";
 import { MetricsPanel } from "../components/MetricsPanel";
 import { SampleGallery } from "../components/SampleGallery";
 
@@ -33,8 +34,9 @@ function promptsOf(d: Detail): string[] {
   return listed.map((p) => p.replaceAll("[trigger]", trigger).replace(/\s--\w+.*$/, ""));
 }
 
-function Overview({ d }: { d: Detail }) {
+function Overview({ d, onChange }: { d: Detail; onChange: () => void }) {
   const job = d.job;
+  const beforeStart = job.status !== "running" && job.status !== "stopping"; // the plan is for the next run
   const lastSamples = d.samples[d.samples.length - 1];
   return (
     <>
@@ -51,6 +53,7 @@ function Overview({ d }: { d: Detail }) {
       {job.summary.datasets?.length ? (
         <p className="small">Datasets: {job.summary.datasets.map((p) => <code key={p}>{p}</code>)}</p>
       ) : null}
+      {beforeStart ? <StoredJobPlan job={job} yaml={d.yaml} onChange={onChange} /> : null}
       {lastSamples ? (
         <Card title={`Latest previews (step ${lastSamples.step})`}>
           <SampleGallery jobId={job.id} samples={[lastSamples]} prompts={promptsOf(d)} />
@@ -147,7 +150,7 @@ export function JobDetail({ jobId }: { jobId: number }) {
       {job.info ? <p className="muted">{job.info}</p> : null}
       <JobActions job={job} onChange={reload} />
       <Tabs tabs={TABS} active={tab} onChange={(t) => navigate(`/jobs/${jobId}${t === "overview" ? "" : `?tab=${t}`}`, { replace: true })} />
-      {tab === "overview" ? <Overview d={data} /> : null}
+      {tab === "overview" ? <Overview d={data} onChange={reload} /> : null}
       {tab === "samples" ? <SampleGallery jobId={job.id} samples={data.samples} prompts={promptsOf(data)} /> : null}
       {tab === "metrics" ? <MetricsPanel jobId={job.id} live={active} job={data.config} /> : null}
       {tab === "checkpoints" ? <Checkpoints d={data} /> : null}

@@ -6,6 +6,7 @@ import { getAt, parseProblem, setAt, toYaml, type Path } from "../lib/jobconfig"
 import { navigate, useLocation } from "../lib/router";
 import type { DatasetSummary, Job, JobConfig, JobDetail, JsonSchema, Preset, PresetInfo, ValidateAnswer } from "../lib/types";
 import { ErrorBox, Loading, Tabs } from "../components/common";
+import { MemoryPlanCard, type Suggested } from "../components/MemoryPlan";
 import { PresetPicker } from "../components/PresetPicker";
 import { SchemaForm } from "../components/SchemaForm";
 import { YamlEditor } from "../components/YamlEditor";
@@ -146,6 +147,11 @@ export function JobEditor({ jobId }: { jobId?: number }) {
   if (!schema || (editing && !original)) return <div className="page"><Loading /></div>;
 
   const set = (path: Path, value: unknown) => setJob((j) => (j ? setAt(j, path, value) : j));
+  // the memory plan's fix goes into whichever side is being edited; the live check then re-plans
+  const applySuggestion = (suggested: Suggested) => {
+    if (mode === "form" && suggested.config) setJob(suggested.config);
+    else setYaml(suggested.yaml);
+  };
   const datasetFolder = job ? getAt(job, DATASET_PATH) : undefined;
   const hasJob = job !== null || (mode === "yaml" && yaml !== "");
 
@@ -224,6 +230,7 @@ export function JobEditor({ jobId }: { jobId?: number }) {
           )}
 
           {mode === "form" && warnings.length ? <ErrorBox warnings={warnings.map((w) => w.text)} /> : null}
+          <MemoryPlanCard source={{ kind: "draft", yaml: check?.ok ? check.yaml ?? null : null, gpuIds }} onApply={applySuggestion} />
           {submitError ? <ErrorBox message={submitError.message} problems={submitError.problems} /> : null}
           <div className="actions sticky-actions">
             <button type="button" className="btn" disabled={busy} data-testid="save-job" onClick={() => void submit(false)}>
