@@ -69,52 +69,16 @@ class Measurement:
 
 
 def add_network(adapter: Any, process: Any) -> Any:
-    """The job's network on each trained expert, as TrainerSetup._setup_network builds it."""
-    from aitk.networks.build import build_network
-    from aitk.networks.group import SINGLE, NetworkGroup
+    """The job's network on each trained expert, built as the trainer builds it."""
+    from aitk.networks.build import build_expert_networks
+    from aitk.networks.group import NetworkGroup
 
-    net = process.network
-    experts = adapter.experts()
-    networks = {}
-    for expert in adapter.trained_experts():
-        networks[expert if len(experts) > 1 else SINGLE] = build_network(
-            experts[expert],
-            network_type=net.type,
-            dora=net.dora,
-            linear_rank=net.linear_rank,
-            linear_alpha=net.linear_alpha_value,
-            conv_rank=net.conv_rank,
-            conv_alpha=net.conv_alpha_value,
-            dropout=net.dropout,
-            only_if_contains=net.network_kwargs.only_if_contains,
-            ignore_if_contains=net.network_kwargs.ignore_if_contains,
-            candidates=adapter.network_candidates(net.conv_rank is not None),
-            seed=SEED,
-            lokr_factor=net.lokr_factor,
-            lokr_full_rank=net.lokr_full_rank,
-        )
-    for module in experts.values():
+    networks = build_expert_networks(adapter, process.network, seed=SEED)
+    for module in adapter.experts().values():
         if process.train.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
         module.train()
     return NetworkGroup(networks)
-
-
-def make_optimizer(train_cfg: Any, network: Any) -> Any:
-    """One parameter group per network, as TrainerSetup._setup_optimizer makes them."""
-    from aitk.networks.group import SINGLE
-    from aitk.optim import build_optimizer
-    from aitk.trainer.experts import expert_learning_rate
-
-    lr = train_cfg.unet_lr if train_cfg.unet_lr is not None else train_cfg.lr
-    groups = []
-    for name in network:
-        group = {"params": network.trainable_parameters(name),
-                 "lr": expert_learning_rate(name, lr, train_cfg.optimizer_params)}
-        if name != SINGLE:
-            group["expert"] = name
-        groups.append(group)
-    return build_optimizer(train_cfg.optimizer, groups, lr=lr, optimizer_params=train_cfg.optimizer_params)
 
 
 def expert_schedule(experts: list[str], warmup: int) -> tuple[int, list[str | None]]:
@@ -133,7 +97,6 @@ def run_case(case: Case, ctx: ModelContext, ops: DeviceOps, dtype: torch.dtype, 
     """Set up `case` on `ops.device` and time its steps, filling `measured` as it goes."""
     from aitk.models.base import BatchContext
     from aitk.models.offload import DeviceLedger
-    from aitk.plan.step import make_inputs, text_tokens
     from aitk.trainer.loss import diffusion_loss
     from aitk.trainer.placing import place_adapter, step_part_names
     from aitk.trainer.quantizing import BaseQuantization
@@ -155,10 +118,12 @@ def run_case(case: Case, ctx: ModelContext, ops: DeviceOps, dtype: torch.dtype, 
         quantizer=quantization.quantizer, after_quantize=quantization.after_quantize, ledger=ledger,
         log=measured.log.append,
     )
+    from aitk.trainer.experts import expert_optimizer
+
     network = add_network(adapter, process)
     params = network.trainable_parameters()
     placement.move_trainable(params)
-    optimizer = make_optimizer(train_cfg, network)
+    optimizer = expert_optimizer(network, train_cfg)
     ops.sync()
     measured.setup_seconds = time.perf_counter() - started
     measured.setup_peak = ops.peak_allocated()
@@ -167,8 +132,8 @@ def run_case(case: Case, ctx: ModelContext, ops: DeviceOps, dtype: torch.dtype, 
     experts = adapter.trained_experts()
     multi = len(adapter.experts()) > 1
     warmup, order = expert_schedule(experts if multi else [], warmup)
-    measured.text_tokens = text_tokens(adapter, ctx.spec, ctx.tokenizer_lengths)
-    first, cond = make_inputs(adapter, ctx.spec, experts[0], 1, ctx.size, ctx.frames, measured.text_tokens, False)
+    first, cond = adapter.example_batch(1, ctx.size, ctx.frames, expert=experts[0], with_controls=False)
+    measured.text_tokens = cond.hidden_states.shape[1]
     latents = first.noisy_latents.float().to(device)  # stands for a cached latent
     cond = cond.to(device, dtype)
     del first

@@ -11,9 +11,11 @@ Each case gets fresh modules whose parameters are the same host tensors (`module
 load_state_dict(assign=True)): placement, quantization and the network change the case's
 modules, never the shared host weights, so one fill serves every case of a model.
 
-`random_adapter` is `ModelAdapter.load()` for these modules: the family's adapter class with the
-denoisers and VAE assigned and the few facts `load()` reads from scheduler configs. Text
-encoders are not built: the benchmark feeds random prompt embeddings of the real shape.
+`random_adapter` is `ModelAdapter.load()` for these modules: the job's adapter class bound
+(`ModelAdapter.bind`) to the denoisers and VAE with the shipped part configs, so it derives the
+same facts `load()` would (the adapter's default scheduler: the plan ships no scheduler configs).
+Text encoders are not built: the benchmark feeds random prompt embeddings of the real shape
+(`ModelAdapter.example_batch`).
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from torch import nn
 
 #: elements in the random pool parameters are filled from (at most; tiny models need less)
 POOL_SIZE = 1 << 22
-#: flow shift of WAN's scheduler configs (the adapters' default when a model names none)
-WAN_FLOW_SHIFT = 3.0
 
 
 def keeps_fp32(arch: str) -> bool:
-    """WAN loads with torch_dtype: diffusers keeps the modules its class names in fp32."""
-    return arch.startswith("wan")
+    """Whether `arch`'s adapter loads with torch_dtype, so diffusers keeps the modules its class
+    names in fp32 (the parts are built the same way)."""
+    from aitk.models.registry import adapter_class
+
+    return adapter_class(arch).keeps_fp32_modules
 
 
 def empty_part(part: Any, dtype: torch.dtype, keep_fp32: bool = False) -> nn.Module:
@@ -150,7 +153,6 @@ def random_adapter(process: Any, spec: Any, weights: dict[str, dict[str, torch.T
     """The job's adapter holding fresh modules over the shared host weights, as after `load()`:
     on the host in the training dtype (VAE fp32), frozen, ready for aitk.trainer.placing."""
     from aitk.models.registry import adapter_class
-    from aitk.plan.step import bind_adapter, family, text_tokens
 
     arch = process.model.resolved_arch
     adapter = adapter_class(arch)(process.model, device, dtype)
@@ -159,23 +161,5 @@ def random_adapter(process: Any, spec: Any, weights: dict[str, dict[str, torch.T
                                   keeps_fp32(arch) and name != "vae")
         for name in built_parts(spec)
     }
-    bind_adapter(adapter, spec, {name: modules[name] for name in spec.denoisers})
-    adapter.vae = modules.get("vae")
-    kind = family(adapter)
-    if kind in ("sd", "sdxl"):
-        from diffusers import DDPMScheduler
-
-        from aitk.models.tiny_common import SD_NOISE_SCHEDULE  # the schedule SD 1.x and SDXL share
-
-        adapter.noise_scheduler = DDPMScheduler(**SD_NOISE_SCHEDULE)
-        adapter.alphas_cumprod = adapter.noise_scheduler.alphas_cumprod.to(device)
-    elif kind == "flux":
-        adapter.scheduler_config = {}  # FlowMatchEuler's defaults: FLUX.1's shift settings
-        adapter.max_sequence_length = text_tokens(adapter, spec, tokenizer_lengths)
-    else:
-        from diffusers import UniPCMultistepScheduler
-
-        adapter.scheduler = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=WAN_FLOW_SHIFT
-        )
+    adapter.bind(modules, spec.configs(tokenizer_lengths))
     return adapter

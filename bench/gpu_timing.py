@@ -77,21 +77,6 @@ class DeviceOps:
         }
 
 
-def flop_formulas() -> dict[Any, Any]:
-    """torch.utils.flop_counter's formula table (what FlopCounterMode uses), with the CPU
-    flash-attention ops given the CUDA flash kernels' formulas (same arguments), as aitk.plan
-    counts them: the dry run and the plan then count the same step alike."""
-    from torch.utils.flop_counter import flop_registry
-
-    aten = torch.ops.aten
-    formulas = dict(flop_registry)
-    formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_registry[aten._scaled_dot_product_flash_attention]
-    formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_registry[
-        aten._scaled_dot_product_flash_attention_backward
-    ]
-    return formulas
-
-
 class StepFlopCounter(TorchDispatchMode):
     """FLOPs of the ops run inside (forward, backward, recomputation), by torch's own formulas.
 
@@ -102,6 +87,8 @@ class StepFlopCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
+        from aitk.plan.tracker import flop_formulas  # the plan's table: bench and plan count alike
+
         self._formulas = flop_formulas()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

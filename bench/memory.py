@@ -53,7 +53,6 @@ def measure(checkpointing: bool) -> tuple[int, float, int]:
     from aitk.plan.build import storage_bytes
     from aitk.plan.measure import allocator_peak
     from aitk.plan.sources import model_spec
-    from aitk.plan.step import bind_adapter, make_inputs
 
     spec = model_spec(HUB_ID, "sd1")
     unet_part = spec.parts["unet"]
@@ -63,13 +62,13 @@ def measure(checkpointing: bool) -> tuple[int, float, int]:
     unet = UNet2DConditionModel.from_config({k: v for k, v in unet_part.config.items() if not k.startswith("_")})
     unet.requires_grad_(False)
     adapter = SD15Adapter(ModelConfig(name_or_path=HUB_ID, arch="sd1"), torch.device("cpu"), torch.float32)
-    bind_adapter(adapter, spec, {"unet": unet})
+    adapter.bind({"unet": unet}, spec.configs({}))
     handle = build_network(unet, linear_rank=RANK, linear_alpha=RANK, candidates=adapter.network_candidates(False), seed=0)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW(list(handle.trainable_parameters()), lr=1e-4, eps=1e-6)
-    batch, cond = make_inputs(adapter, spec, "main", BATCH, (RESOLUTION, RESOLUTION), 1, 77, False)
+    batch, cond = adapter.example_batch(BATCH, (RESOLUTION, RESOLUTION), 1, expert="main", with_controls=False)
     inputs = storage_bytes([batch.noisy_latents, batch.timesteps, batch.target, cond.hidden_states])
 
     def step() -> None:

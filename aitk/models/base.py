@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,49 @@ class PromptEmbeds:
         )
 
 
+@dataclass(frozen=True)
+class PartConfigs:
+    """The configs a model's adapter derives its facts from (`ModelAdapter.bind`).
+
+    `parts`: part name ("unet", "transformer", "vae", "image_encoder"...) -> its config.json;
+    `scheduler`: the scheduler's config (None = the family's default schedule);
+    `boundary_ratio`: model_index.json's expert boundary (two-expert models; None = the default);
+    `tokenizer_lengths`: tokenizer name -> model_max_length (absent = the family's default).
+    `load()` gives the configs of what it loaded; `aitk plan` and the GPU benchmark give the
+    configs of aitk.plan.sources.ModelSpec (no weights, no download).
+    """
+
+    parts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    scheduler: Mapping[str, Any] | None = None
+    boundary_ratio: float | None = None
+    tokenizer_lengths: Mapping[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def of_loaded(
+        parts: Mapping[str, torch.nn.Module],
+        tokenizers: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None,
+        boundary_ratio: float | None = None,
+    ) -> "PartConfigs":
+        """The configs of loaded modules and tokenizers (what `load()` binds with)."""
+        return PartConfigs(
+            {name: module_config(module) for name, module in parts.items() if isinstance(module, torch.nn.Module)},
+            dict(scheduler) if scheduler is not None else None,
+            boundary_ratio,
+            {name: int(tokenizer.model_max_length) for name, tokenizer in tokenizers.items()},
+        )
+
+    def part(self, name: str) -> Mapping[str, Any]:
+        """The config of part `name`; empty when not given (the family's defaults apply)."""
+        return self.parts.get(name, {})
+
+
+def module_config(module: Any) -> dict[str, Any]:
+    """A loaded part's config as a dict (diffusers' FrozenDict or a transformers PretrainedConfig)."""
+    config = module.config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
 class ModelAdapter(ABC):
     """One architecture family. Instances are created by `aitk.models.registry.load_adapter`."""
 
@@ -110,6 +154,14 @@ class ModelAdapter(ABC):
     frame_rule: str | None = None
     #: the dataset's control images are inputs of the model (edit models such as FLUX Kontext)
     uses_controls: bool = False
+    #: attributes holding the denoisers (the parts `bind` accepts besides encoders and auxiliaries)
+    denoiser_names: tuple[str, ...] = ("unet",)
+    #: loaded with torch_dtype: diffusers keeps the modules a class names in
+    #: `_keep_in_fp32_modules` in float32 (the plan and the benchmark build parts the same way)
+    keeps_fp32_modules: bool = False
+    #: attributes holding input processors `make_noisy_batch` runs (not modules; e.g. WAN 2.1
+    #: I2V's CLIP image processor)
+    processor_names: tuple[str, ...] = ()
     #: attributes holding the text encoders (released after caching, quantized by quantize_te)
     text_encoder_names: tuple[str, ...] = ()
     #: attributes holding the other frozen parts (VAE, image encoder): placed by aitk.models.placement
@@ -134,6 +186,48 @@ class ModelAdapter(ABC):
         """Load every part (from a diffusers folder, hub id or single file) into host memory in
         its training dtype (the VAE in fp32), frozen. Nothing goes to self.device here: the
         trainer places the parts (aitk.trainer.placing), quantizing and offloading on the way."""
+
+    def bind(self, parts: Mapping[str, Any], configs: PartConfigs) -> None:
+        """Take `parts` (attribute name -> module: at least the denoisers; encoders, VAE and the
+        input processors a step runs (`processor_names`) when given) as they are, and set every
+        fact `make_noisy_batch`, `predict` and `example_batch` read from `configs`. `load()`
+        ends here with what it loaded, so a model bound to modules built elsewhere (the plan's
+        fake ones, the benchmark's random ones) behaves as loaded. It never casts, freezes or
+        moves the modules. Families extend this (super().bind first)."""
+        allowed = (*self.denoiser_names, *self.text_encoder_names, *self.auxiliary_names, *self.processor_names)
+        unknown = sorted(set(parts) - set(allowed))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.bind: unknown parts {unknown}; it takes {list(allowed)}")
+        for name, module in parts.items():
+            setattr(self, name, module)
+        self.part_configs = configs
+
+    def loaded_parts(self) -> dict[str, Any]:
+        """The parts this adapter holds (denoisers, text encoders, auxiliaries, processors), by
+        attribute name: what `bind` takes."""
+        names = (*self.denoiser_names, *self.text_encoder_names, *self.auxiliary_names, *self.processor_names)
+        found = {name: getattr(self, name, None) for name in names}
+        return {name: module for name, module in found.items() if module is not None}
+
+    def bind_loaded(self, scheduler: Mapping[str, Any] | None, boundary_ratio: float | None = None) -> None:
+        """`load()`'s last step: bind the parts it loaded with their own configs, so a loaded and
+        a bound adapter derive their facts in one place. Tokenizers pair with text encoders by
+        name (text_encoder_2 -> tokenizer_2)."""
+        tokenizer_names = [name.replace("text_encoder", "tokenizer") for name in self.text_encoder_names]
+        tokenizers = {name: getattr(self, name) for name in tokenizer_names if getattr(self, name, None) is not None}
+        parts = self.loaded_parts()
+        self.bind(parts, PartConfigs.of_loaded(parts, tokenizers, scheduler, boundary_ratio))
+
+    @abstractmethod
+    def example_batch(
+        self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
+    ) -> tuple[NoisyBatch, PromptEmbeds]:
+        """Random inputs of `predict` with the shapes the trainer feeds it for one batch of
+        `batch` samples of the bucket `size` (width, height in pixels) and `frames` frames (1 for
+        images), for `expert`, with the control inputs when `with_controls` (edit models): what
+        `make_noisy_batch` would return and `encode_prompts` would give, without running the
+        VAE, text encoders or noise draws. Needs `bind` (or `load`) first; tensors are made on
+        the current default device (the plan makes them inside a fake-tensor mode)."""
 
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:

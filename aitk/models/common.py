@@ -7,7 +7,7 @@ every adapter family (SD 1.5 / SDXL, FLUX, WAN) uses these instead of its own co
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -44,7 +44,13 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def vae_scale_factor(vae: Any) -> int:
     """Pixels per latent along each side of an AutoencoderKL (each block after the first halves)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae_scale_from_config(vae.config)
+
+
+def vae_scale_from_config(config: Mapping[str, Any], default: int = 8) -> int:
+    """`vae_scale_factor` from an AutoencoderKL config (`default` when it names no blocks)."""
+    blocks = config.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else default
 
 
 def encode_mode(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.sd15 import ModelLoadError
 
 ASSISTANT_ADAPTER = "assistant"
@@ -124,6 +124,7 @@ class FluxAdapter(ModelAdapter):
     schnell_architecture = "flux-1-schnell/lora"
     model_label = "FLUX.1"
     pipeline_name = "FluxPipeline"
+    denoiser_names = ("transformer",)
 
     transformer: Any
     vae: Any
@@ -155,7 +156,7 @@ class FluxAdapter(ModelAdapter):
             raise ModelLoadError(f"model.name_or_path: {source!r} is a file, not a folder; {folder_hint}")
         location = str(path) if path.exists() else source
         try:
-            self._load_parts(location)
+            scheduler_config = self._load_parts(location)
         except ModelLoadError:
             raise
         except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
@@ -166,28 +167,32 @@ class FluxAdapter(ModelAdapter):
             raise ModelLoadError(
                 f"model.name_or_path: could not load a {self.model_label} model from {source!r}: {exc} ({where})"
             ) from exc
-        self.has_guidance = bool(self.transformer.config.guidance_embeds)
-        if not self.has_guidance:
-            self.modelspec_architecture = self.schnell_architecture
-        kwargs = self.model_cfg.model_kwargs
-        self.train_guidance = float(kwargs.get("guidance", 1.0))
-        # T5 tokens per prompt: FLUX dev uses 512, schnell 256; never more than the tokenizer allows
-        default_len = 512 if self.has_guidance else 256
-        self.max_sequence_length = min(
-            int(kwargs.get("max_sequence_length", default_len)), int(self.tokenizer_2.model_max_length)
-        )
         common.freeze((self.transformer, self.vae, self.text_encoder, self.text_encoder_2))
         for module in (self.transformer, self.text_encoder, self.text_encoder_2):
             common.cast(module, self.dtype)
         common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
-        self.vae_scale_factor = common.vae_scale_factor(self.vae)
-        self._preview_size: tuple[int, int] | None = None
-        self._text_pipe: Any = None
-        self.has_assistant = False
+        self.bind_loaded(scheduler_config)
         if self.model_cfg.assistant_lora_path:
             self._load_assistant(self.model_cfg.assistant_lora_path)
 
-    def _load_parts(self, location: str) -> None:
+    def bind(self, parts: Any, configs: PartConfigs) -> None:
+        super().bind(parts, configs)
+        self.has_guidance = bool(self.transformer.config.guidance_embeds)
+        self.modelspec_architecture = type(self).modelspec_architecture if self.has_guidance else self.schnell_architecture
+        kwargs = self.model_cfg.model_kwargs
+        self.train_guidance = float(kwargs.get("guidance", 1.0))
+        # T5 tokens per prompt: FLUX dev uses 512, schnell 256; never more than the tokenizer allows
+        wanted = int(kwargs.get("max_sequence_length", 512 if self.has_guidance else 256))
+        self.max_sequence_length = min(wanted, int(configs.tokenizer_lengths.get("tokenizer_2", wanted)))
+        # FlowMatchEuler's defaults (an empty config) are FLUX.1's shift settings
+        self.scheduler_config = dict(configs.scheduler or {})
+        self.vae_scale_factor = common.vae_scale_from_config(configs.part("vae"))
+        self._preview_size: tuple[int, int] | None = None
+        self._text_pipe: Any = None
+        self.has_assistant = False
+
+    def _load_parts(self, location: str) -> dict[str, Any]:
+        """Load every part; returns the scheduler config."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
@@ -201,8 +206,8 @@ class FluxAdapter(ModelAdapter):
         self.transformer = FluxTransformer2DModel.from_pretrained(
             location, subfolder="transformer", torch_dtype=self.dtype
         )
-        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler")
         self.vae = self._load_vae(location)
+        return dict(FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler"))
 
     def _load_vae(self, location: str) -> Any:
         """The model's vae/, or model.vae_path (a VAE folder, a pipeline folder with vae/, a hub id)."""
@@ -339,6 +344,23 @@ class FluxAdapter(ModelAdapter):
         noisy, target = noisy_and_target(latents, noise, sigma)
         extra = self._batch_extra(latents, context)
         return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, None, extra)
+
+    def example_batch(
+        self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
+    ) -> tuple[NoisyBatch, PromptEmbeds]:
+        config = self.transformer.config
+        channels = config.in_channels // 4  # the transformer sees 2x2 patches of the latent channels
+        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
+        latents = torch.randn(batch, channels, h, w)
+        extra: dict[str, Any] = {}
+        if with_controls:
+            extra["control_latents"] = torch.randn(batch, channels, h, w, dtype=self.dtype)
+        noisy = NoisyBatch(latents.to(self.dtype), torch.rand(batch) * 1000.0, torch.randn(latents.shape), None, extra)
+        cond = PromptEmbeds(
+            torch.randn(batch, self.max_sequence_length, config.joint_attention_dim, dtype=self.dtype),
+            {"pooled": torch.randn(batch, config.pooled_projection_dim, dtype=self.dtype)},
+        )
+        return noisy, cond
 
     def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
         """Model inputs beyond the noisy latents (Kontext: the control latents)."""

@@ -9,11 +9,22 @@ import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
 
 # Used for the component configs of a single-file checkpoint when no local config folder is given.
 DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt"}
+#: the DDPM noise schedule SD 1.x and SDXL share (both models' scheduler configs): a model bound
+#: without a scheduler config trains with it
+DEFAULT_NOISE_SCHEDULE: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+)
+#: CLIP's tokens per prompt (a bound model without tokenizer lengths)
+CLIP_TOKENS = 77
 
 
 class ModelLoadError(RuntimeError):
@@ -61,7 +72,7 @@ class SD15Adapter(ModelAdapter):
                     f"model.name_or_path: file {source!r} does not exist; give an existing "
                     ".safetensors / .ckpt checkpoint, a diffusers folder or a hub id (owner/name)"
                 )
-            self._load_single_file(path)
+            scheduler_config = self._load_single_file(path)
         else:
             # a hub id is exactly owner/name; anything else that does not exist is a missing path
             if not common.could_be_hub_id(source) and not path.exists():
@@ -80,7 +91,7 @@ class SD15Adapter(ModelAdapter):
                 # torch_dtype at load: the host never holds the UNet in a wider dtype than trained
                 self.unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=self.dtype)
                 self.vae = self._load_vae(location)
-                self.noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
+                scheduler_config = DDPMScheduler.load_config(location, subfolder="scheduler")
             except ModelLoadError:
                 raise
             # OSError for missing files / hub look-ups; corrupt weights and configs raise others
@@ -102,9 +113,19 @@ class SD15Adapter(ModelAdapter):
                     f"model.name_or_path: could not load a {self.model_label} model from {source!r}: "
                     f"{exc} ({what})"
                 ) from exc
+        self._freeze_and_cast()
+        self.bind_loaded(scheduler_config)
+
+    def bind(self, parts: Any, configs: PartConfigs) -> None:
+        from diffusers import DDPMScheduler
+
+        super().bind(parts, configs)
+        self.noise_scheduler = DDPMScheduler.from_config(dict(configs.scheduler or DEFAULT_NOISE_SCHEDULE))
         if self.model_cfg.is_v_pred:
             self.noise_scheduler.register_to_config(prediction_type="v_prediction")
-        self._freeze_and_cast()
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.vae_scale_factor = common.vae_scale_from_config(configs.part("vae"))
+        self.text_length = int(configs.tokenizer_lengths.get("tokenizer", CLIP_TOKENS))
 
     # Hooks the SDXL adapter overrides: which text encoders there are and how they load.
     def _load_text_parts(self, location: str) -> None:
@@ -160,9 +181,8 @@ class SD15Adapter(ModelAdapter):
                 f"a hub id{common.offline_note()})"
             ) from exc
 
-    def _load_single_file(self, path: Path) -> None:
-        from diffusers import DDPMScheduler
-
+    def _load_single_file(self, path: Path) -> dict[str, Any]:
+        """Load the parts of a single-file checkpoint; returns the scheduler config."""
         config = str(self.model_cfg.model_kwargs.get("config") or self.default_config_repo)
         if Path(config).expanduser().exists():
             config = str(Path(config).expanduser())
@@ -177,7 +197,7 @@ class SD15Adapter(ModelAdapter):
         self._take_text_parts(pipe)
         self.unet = pipe.unet
         self.vae = self._load_vae_override(pipe.vae, config)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return dict(pipe.scheduler.config)
 
     def _load_vae_override(self, vae: Any, config_source: str) -> Any:
         return self._load_vae(config_source) if self.model_cfg.vae_path else vae
@@ -189,7 +209,6 @@ class SD15Adapter(ModelAdapter):
             common.cast(encoder, self.dtype)
         # The VAE stays fp32: fp16 SD VAEs overflow, and it only runs for caching and previews.
         common.cast(self.vae, torch.float32)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
     def denoiser(self) -> torch.nn.Module:
         return self.unet
@@ -208,10 +227,6 @@ class SD15Adapter(ModelAdapter):
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return common.vae_scale_factor(self.vae)
 
     # --- encoding ------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,6 +290,16 @@ class SD15Adapter(ModelAdapter):
                 timesteps, self.alphas_cumprod, train_cfg.min_snr_gamma, self.prediction_type
             )
         return NoisyBatch(noisy.to(self.dtype), timesteps, target, weights)
+
+    def example_batch(
+        self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
+    ) -> tuple[NoisyBatch, PromptEmbeds]:
+        config = self.unet.config
+        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
+        latents = torch.randn(batch, config.in_channels, h, w)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,))
+        hidden = torch.randn(batch, self.text_length, config.cross_attention_dim, dtype=self.dtype)
+        return NoisyBatch(latents.to(self.dtype), timesteps, torch.randn(latents.shape)), PromptEmbeds(hidden)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         return self.unet(

@@ -171,6 +171,21 @@ class SDXLAdapter(SD15Adapter):
         )
         return batch
 
+    def example_batch(
+        self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
+    ) -> tuple[NoisyBatch, PromptEmbeds]:
+        noisy, cond = super().example_batch(batch, size, frames, expert=expert, with_controls=with_controls)
+        config = self.unet.config
+        # text_time embedding input = pooled text embedding + 6 time ids of addition_time_embed_dim each
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        cond.extra[POOLED] = torch.randn(batch, pooled_dim, dtype=self.dtype)
+        target_size = (size[1], size[0])  # BatchContext sizes are (height, width)
+        noisy.extra[TIME_IDS] = sdxl_time_ids(
+            batch, (size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor), self.vae_scale_factor,
+            BatchContext(target_sizes=[target_size] * batch),
+        )
+        return noisy, cond
+
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         time_ids = batch.extra.get(TIME_IDS)
         if time_ids is None:  # a batch built elsewhere: the pipeline's defaults

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from aitk.models.sd15 import DEFAULT_NOISE_SCHEDULE
+
 #: the file in a built folder that records what was built (its version and options)
 MARKER_NAME = "aitk_tiny.json"
 #: every printable ASCII character: the T5-family vocabularies keep each one, so any ASCII
@@ -24,13 +26,7 @@ PRINTABLE = string.ascii_letters + string.digits + string.punctuation
 CLIP_MAX_LENGTH = 77
 #: the DDPM noise schedule SD 1.x and SDXL share (both models' scheduler configs), so the tiny
 #: models train and preview with the real schedule
-SD_NOISE_SCHEDULE: dict[str, Any] = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-)
+SD_NOISE_SCHEDULE: dict[str, Any] = DEFAULT_NOISE_SCHEDULE
 
 
 def is_built(folder: Path, **expected: object) -> bool:

@@ -27,7 +27,7 @@ import torch
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
 from aitk.models.sd15 import ModelLoadError
 from aitk.models.wan_flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
@@ -37,6 +37,7 @@ HIGH_NOISE = "high_noise"
 LOW_NOISE = "low_noise"
 MAIN = "main"
 DEFAULT_TEXT_LENGTH = 512  # WAN's umT5 context length (WanPipeline's max_sequence_length)
+DEFAULT_SCHEDULER_CLASS = "UniPCMultistepScheduler"
 
 
 def _to_pil(frames: torch.Tensor) -> list[Any]:
@@ -73,6 +74,8 @@ class Wan21Adapter(ModelAdapter):
     frame_rule = "4k+1"
     base_model_version = "wan_2.1"
     modelspec_architecture = "wan-2.1-t2v/lora"
+    denoiser_names = ("transformer", "transformer_2")
+    keeps_fp32_modules = True  # loaded with torch_dtype: diffusers keeps WAN's norms / time embedding fp32
 
     #: the transformer takes first-frame conditioning channels (I2V)
     i2v: bool = False
@@ -158,8 +161,11 @@ class Wan21Adapter(ModelAdapter):
                     location, subfolder="transformer_2", torch_dtype=self.dtype
                 )
             # the scheduler class the pipeline names (UniPC over flow sigmas in WAN's own folders)
-            scheduler_cls = getattr(diffusers, index.get("scheduler", [None, "UniPCMultistepScheduler"])[1])
-            self.scheduler = scheduler_cls.from_pretrained(location, subfolder="scheduler")
+            scheduler_class = index.get("scheduler", [None, DEFAULT_SCHEDULER_CLASS])[1]
+            scheduler_config = {
+                **getattr(diffusers, scheduler_class).load_config(location, subfolder="scheduler"),
+                "_class_name": scheduler_class,
+            }
             if self.uses_image_encoder:
                 from transformers import AutoImageProcessor, CLIPVisionModel
 
@@ -179,9 +185,26 @@ class Wan21Adapter(ModelAdapter):
                 f"model.arch {self.arch_names[0]!r} needs a {kind} transformer, but "
                 f"{self.model_cfg.name_or_path!r} has {self.transformer.config.in_channels}"
             )
-        if self.two_experts and self.boundary_ratio is None:
-            self.boundary_ratio = float(index.get("boundary_ratio") or self.default_boundary_ratio)
         common.freeze(self._modules())  # dtypes were set at load (the VAE stays fp32); placed by the trainer
+        ratio = index.get("boundary_ratio")
+        self.bind_loaded(scheduler_config, float(ratio) if ratio else None)
+
+    def bind(self, parts: Any, configs: PartConfigs) -> None:
+        import diffusers
+
+        super().bind(parts, configs)
+        if configs.scheduler:
+            scheduler_cls = getattr(diffusers, configs.scheduler.get("_class_name") or DEFAULT_SCHEDULER_CLASS)
+            self.scheduler = scheduler_cls.from_config(dict(configs.scheduler))
+        else:  # WAN's own: UniPC over flow sigmas with the default shift
+            self.scheduler = diffusers.UniPCMultistepScheduler(
+                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=DEFAULT_FLOW_SHIFT
+            )
+        if self.two_experts and self.boundary_ratio is None:  # model_kwargs.boundary_ratio wins
+            self.boundary_ratio = float(configs.boundary_ratio or self.default_boundary_ratio)
+        vae = configs.part("vae")
+        self.vae_scale_factor = int(vae.get("scale_factor_spatial", 8))
+        self.vae_scale_factor_temporal = int(vae.get("scale_factor_temporal", 4))
 
     def _check_components(self, index: dict[str, Any]) -> None:
         """Refuse a folder of another WAN variant before loading gigabytes of it."""
@@ -464,6 +487,27 @@ class Wan21Adapter(ModelAdapter):
                 extra["image_embeds"] = self.image_embeds(_to_pil(first)).to(self.dtype)
         return NoisyBatch(noisy.to(self.dtype), timesteps, target, None, extra)
 
+    def example_batch(
+        self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
+    ) -> tuple[NoisyBatch, PromptEmbeds]:
+        config = self.experts()[expert].config
+        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
+        latent_frames = (max(frames, 1) - 1) // self.vae_scale_factor_temporal + 1
+        latents = torch.randn(batch, config.out_channels, latent_frames, h, w)
+        extra: dict[str, Any] = {"expert": expert}
+        if self.i2v:  # the first-frame condition: what the transformer takes beyond the latents
+            extra["condition"] = torch.randn(
+                batch, config.in_channels - config.out_channels, latent_frames, h, w, dtype=self.dtype
+            )
+            if self.uses_image_encoder:
+                vision = self.part_configs.part("image_encoder")
+                # CLIP vision tokens: one per patch and the class token
+                tokens = (vision.get("image_size", 224) // vision.get("patch_size", 14)) ** 2 + 1
+                extra["image_embeds"] = torch.randn(batch, tokens, vision["hidden_size"], dtype=self.dtype)
+        noisy = NoisyBatch(latents.to(self.dtype), torch.rand(batch) * 1000.0, torch.randn(latents.shape), None, extra)
+        cond = PromptEmbeds(torch.randn(batch, self.max_sequence_length, config.text_dim, dtype=self.dtype))
+        return noisy, cond
+
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         expert = batch.extra.get("expert") or self.expert_for_timesteps(batch.timesteps)
         model = self.experts()[expert]
@@ -551,6 +595,7 @@ class Wan21I2VAdapter(Wan21Adapter):
     i2v = True
     uses_image_encoder = True
     auxiliary_names = ("vae", "image_encoder")
+    processor_names = ("image_processor",)
     step_auxiliary_names = ("vae", "image_encoder")  # first frames: latent condition, CLIP embeds
 
 

@@ -60,11 +60,10 @@ class FakeModel:
         return self.expert_parts[self.trained[0]]
 
 
-def _expert_parts(adapter: Any, spec: ModelSpec) -> dict[str, str]:
-    names = list(adapter.experts()) if hasattr(adapter, "two_experts") and adapter.two_experts else ["main"]
-    if len(names) == 2:
-        return {names[0]: "transformer", names[1]: "transformer_2"}
-    return {"main": spec.denoisers[0]}
+def _expert_parts(adapter: Any, denoisers: dict[str, nn.Module]) -> dict[str, str]:
+    """expert name -> the part holding it (the bound adapter's experts are the denoisers given)."""
+    part_of = {id(module): name for name, module in denoisers.items()}
+    return {expert: part_of[id(module)] for expert, module in adapter.experts().items()}
 
 
 def build_fake_model(
@@ -72,18 +71,17 @@ def build_fake_model(
 ) -> FakeModel:
     """Denoisers (cast, networked, quantized), encoders and VAE as fake tensors, and their sizes."""
     from aitk.models.registry import adapter_class
-    from aitk.plan.step import bind_adapter
 
     dtype = build.TORCH_DTYPES[settings.dtype]
-    keep_fp32 = settings.arch.startswith("wan")  # WAN loads with torch_dtype: diffusers keeps its fp32 modules
     adapter = adapter_class(settings.arch)(model_cfg, torch.device("cpu"), dtype)
+    keep_fp32 = adapter.keeps_fp32_modules  # parts built as the adapter loads them
     denoisers: dict[str, nn.Module] = {}
     for name in spec.denoisers:
         module = build.cast(build.build_on_meta(spec.parts[name]), dtype, keep_fp32)
         module.requires_grad_(False)
         denoisers[name] = module
-    bind_adapter(adapter, spec, denoisers)
-    expert_parts = _expert_parts(adapter, spec)
+    adapter.bind(denoisers, spec.configs(tokenizer_lengths))
+    expert_parts = _expert_parts(adapter, denoisers)
     trained = adapter.trained_experts()
     full_precision = {name: _full_precision(m) for name, m in denoisers.items()}
     for expert in trained:
@@ -125,7 +123,7 @@ def _add_network(adapter: Any, module: nn.Module, settings: PlanSettings) -> Non
     if net is None:
         module.requires_grad_(True)
         return
-    from aitk.networks.build import build_network
+    from aitk.networks.build import adapter_name_forms, build_network
 
     try:
         build_network(
@@ -142,6 +140,7 @@ def _add_network(adapter: Any, module: nn.Module, settings: PlanSettings) -> Non
             seed=0,
             lokr_factor=net.lokr_factor,
             lokr_full_rank=net.lokr_full_rank,
+            name_forms=adapter_name_forms(adapter),  # filters as the trainer matches them
         )
     except ValueError as exc:
         raise PlanInputError(f"network: {exc}") from None

@@ -117,18 +117,18 @@ class Planner:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from aitk.plan.model import build_fake_model
-        from aitk.plan.step import make_inputs, text_tokens, trace_step
+        from aitk.plan.step import trace_step
 
         fake_mode = FakeTensorMode()
         model_cfg = self._model_config(settings)
         model = build_fake_model(settings, self.spec, model_cfg, fake_mode, self.tokenizer_lengths)
         adapter = model.adapter
         expert = model.trained[0]
-        text_len = text_tokens(adapter, self.spec, self.tokenizer_lengths)
-        controls = bool(getattr(adapter, "uses_controls", False))
 
         def inputs() -> Any:
-            return make_inputs(adapter, self.spec, expert, settings.batch_size, size, settings.frames, text_len, controls)
+            return adapter.example_batch(
+                settings.batch_size, size, settings.frames, expert=expert, with_controls=adapter.uses_controls
+            )
 
         try:
             trace = trace_step(adapter, model.denoisers[model.traced_part], inputs, fake_mode)

@@ -10,9 +10,12 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aitk.plan.errors import PlanInputError
+
+if TYPE_CHECKING:
+    from aitk.models.base import PartConfigs
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: parts of a pipeline folder the plan builds (denoisers, text encoders, VAE, image encoder)
@@ -47,6 +50,18 @@ class ModelSpec:
     @property
     def denoisers(self) -> list[str]:
         return [name for name in DENOISER_PARTS if name in self.parts]
+
+    def configs(self, tokenizer_lengths: dict[str, int]) -> PartConfigs:
+        """What an adapter's `bind` derives its facts from (no scheduler config: the plan reads
+        none, so the adapter's default schedule applies)."""
+        from aitk.models.base import PartConfigs
+
+        return PartConfigs(
+            {name: part.config for name, part in self.parts.items()},
+            None,
+            self.boundary_ratio,
+            dict(tokenizer_lengths),
+        )
 
 
 @lru_cache(maxsize=1)

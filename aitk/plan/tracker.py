@@ -27,7 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-def _flop_formulas() -> dict[Any, Any]:
+
+def flop_formulas() -> dict[Any, Any]:
+    """torch.utils.flop_counter's formula table (what FlopCounterMode uses), with the CPU
+    flash-attention ops given the CUDA flash kernels' formulas (same arguments)."""
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
@@ -56,7 +59,7 @@ class StepMemoryTracker(TorchDispatchMode):
         self.at_peak: dict[str, int] = {}
         self.flops = 0
         self._kinds: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [kind, bytes]
-        self._formulas = _flop_formulas()
+        self._formulas = flop_formulas()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -7,6 +7,7 @@ same expert, at the same point of its `switch_boundary_every` steps, with nothin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -39,3 +40,23 @@ def expert_learning_rate(expert: str, default: float, optimizer_params: dict | N
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"train.optimizer_params.{expert}_lr: {value!r} is not a number") from None
+
+
+def expert_optimizer(network: Any, train_cfg: Any) -> Any:
+    """The job's optimizer over `network` (a NetworkGroup): one parameter group per network, each
+    with its expert's learning rate; automagic reads <expert>_min_lr / _max_lr / _lr_bump from
+    the group's "expert"."""
+    from aitk.networks.group import SINGLE
+    from aitk.optim import build_optimizer
+
+    lr = train_cfg.unet_lr if train_cfg.unet_lr is not None else train_cfg.lr
+    groups = []
+    for name in network:
+        group = {
+            "params": network.trainable_parameters(name),
+            "lr": expert_learning_rate(name, lr, train_cfg.optimizer_params),
+        }
+        if name != SINGLE:
+            group["expert"] = name
+        groups.append(group)
+    return build_optimizer(train_cfg.optimizer, groups, lr=lr, optimizer_params=train_cfg.optimizer_params)

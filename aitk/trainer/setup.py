@@ -201,38 +201,20 @@ class TrainerSetup:
         return adapter_class(self.process.model.resolved_arch)
 
     def _setup_network(self) -> None:
-        from aitk.networks.build import build_network, network_algo
+        from aitk.networks.build import build_expert_networks, network_algo
+        from aitk.networks.group import NetworkGroup
 
         net_cfg = self.process.network
-        from aitk.networks.group import SINGLE, NetworkGroup
-
         if net_cfg is None:
             self._setup_full_model()
             return
 
-        include_conv = net_cfg.conv_rank is not None
         experts = self.adapter.experts()
-        trained = self.adapter.trained_experts()
-        networks = {}
         try:
             algo = network_algo(net_cfg.type, net_cfg.dora)
-            for expert in trained:
-                networks[expert if len(experts) > 1 else SINGLE] = build_network(
-                    experts[expert],
-                    network_type=net_cfg.type,
-                    dora=net_cfg.dora,
-                    linear_rank=net_cfg.linear_rank,
-                    linear_alpha=net_cfg.linear_alpha_value,
-                    conv_rank=net_cfg.conv_rank,
-                    conv_alpha=net_cfg.conv_alpha_value,
-                    dropout=net_cfg.dropout,
-                    only_if_contains=net_cfg.network_kwargs.only_if_contains,
-                    ignore_if_contains=net_cfg.network_kwargs.ignore_if_contains,
-                    candidates=self.adapter.network_candidates(include_conv),
-                    seed=self.seed,
-                    lokr_factor=net_cfg.lokr_factor,
-                    lokr_full_rank=net_cfg.lokr_full_rank,
-                )
+            networks = build_expert_networks(
+                self.adapter, net_cfg, seed=self.seed, warn=lambda m: self.log(f"warning: {m}")
+            )
         except ValueError as exc:  # settings that select nothing or do not combine: a job error
             raise TrainingAborted(f"network: {exc}") from exc
         self.network = NetworkGroup(networks)
@@ -355,24 +337,11 @@ class TrainerSetup:
             self.log(f"network{which}: starting from {path}")
 
     def _setup_optimizer(self) -> None:
-        from aitk.optim import build_lr_scheduler, build_optimizer
+        from aitk.optim import build_lr_scheduler
+        from aitk.trainer.experts import expert_optimizer
 
         cfg = self.train_cfg
-        lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.lr
-        from aitk.trainer.experts import expert_learning_rate
-
-        from aitk.networks.group import SINGLE
-
-        groups = []
-        for name in self.network:
-            group = {
-                "params": self.network.trainable_parameters(name),
-                "lr": expert_learning_rate(name, lr, cfg.optimizer_params),
-            }
-            if name != SINGLE:
-                group["expert"] = name  # automagic takes <expert>_min_lr / _max_lr / _lr_bump from it
-            groups.append(group)
-        self.optimizer = build_optimizer(cfg.optimizer, groups, lr=lr, optimizer_params=cfg.optimizer_params)
+        self.optimizer = expert_optimizer(self.network, cfg)
         # trainable elements per group: the metrics' learning_rate is their weighted mean
         self.group_sizes = [sum(p.numel() for p in g["params"]) for g in self.optimizer.param_groups]
         self.lr_scheduler = build_lr_scheduler(
