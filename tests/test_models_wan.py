@@ -151,7 +151,7 @@ def test_i2v_condition_matches_the_pipeline_and_changes_the_prediction(adapters,
     with pytest.raises(ValueError, match="do_i2v"):
         adapter.i2v_condition(latents, None)
     # the CLIP image embedding is the pipeline's encode_image of the same picture
-    from aitk.models.wan import _to_pil
+    from aitk.models.wan_previews import to_pil as _to_pil
 
     picture = _to_pil(first)[0]
     torch.testing.assert_close(adapter.image_embeds([picture]), pipe.encode_image(picture, CPU))
