@@ -348,6 +348,10 @@ def test_setup_never_holds_more_than_training_plus_one_block(case, offload_model
     )
     plan = plan_job(job)
     assert setup_peak[0] <= plan.step.weights + largest, (setup_peak[0], plan.step.weights, largest)
+    # what set-up used to do: every part on the device in full precision, then quantize
+    loaded = [*adapter.experts().values(), *adapter.text_encoders().values(), *adapter.auxiliary_modules().values()]
+    everything = sum(t.numel() * t.element_size() for m in loaded for t in [*m.parameters(), *m.buffers()])
+    assert setup_peak[0] < everything
     # and the plan's training-time weights are what set-up left on the device
     assert trainer.device_ledger.current == pytest.approx(plan.step.weights, rel=0.15)
 
@@ -376,3 +380,30 @@ def test_tied_weights_move_once_and_stay_tied():
     placement.add("resident", resident, resident=True)
     assert ledger.current == 10 * 8 * 4
     assert resident.shared.weight.data_ptr() == resident.inner.embed.weight.data_ptr()
+
+
+def test_blockwise_quantization_keeps_one_full_precision_block_on_the_device():
+    """Quantizing on the way: the device never holds more than the quantized model plus one block
+    in full precision (quantizing the whole model after moving it would hold all of it)."""
+    from aitk.models.offload import DeviceLedger
+    from aitk.models.quantize import quantize_frozen
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256)) for _ in range(8))
+            self.head = nn.Linear(256, 8)
+
+    model = Wide().requires_grad_(False)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    block_full = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    ledger = DeviceLedger()
+    Placement(torch.device("cpu"), ledger).add(
+        "denoiser", model, resident=True, blocks=list(model.blocks),
+        quantize=lambda piece, _prefix: quantize_frozen(piece, "qint8"),
+    )
+    quantized = ledger.current
+    assert type(model.blocks[0][0].weight).__name__ == "Int8Tensor"
+    assert quantized < full / 3  # int8 weights and fp32 scales / biases
+    assert ledger.peak <= quantized + block_full
+    assert ledger.peak < full / 2
