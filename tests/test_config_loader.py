@@ -395,3 +395,16 @@ def test_validate_command_several_files(tmp_path, capsys):
     assert f"{bad}: 1 problem" in captured.err
     assert "1 of 2 job files valid" in captured.out
     assert validate_command([]) == 1
+
+
+def test_validate_strict_fails_on_any_warning_and_plain_validate_on_a_refused_setting(tmp_path, capsys):
+    from aitk.config.validate import validate_command
+
+    warned = MINIMAL.replace("      model:", "      train:\n        linear_timesteps: true\n      model:")
+    path = write(tmp_path, warned)
+    assert validate_command([str(path)]) == 0
+    assert validate_command([str(path)], strict=True) == 1
+    assert "error: config.process[0].train.linear_timesteps" in capsys.readouterr().err
+    refused = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sd3")
+    assert validate_command([str(write(tmp_path, refused))]) == 1
+    assert "the run would stop at start" in capsys.readouterr().err

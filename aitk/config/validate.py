@@ -28,7 +28,7 @@ def validate_command(paths: list[str], strict: bool = False) -> int:
     """Validate each job file; print `OK path` and its warnings, or its errors.
 
     Returns 0 when every file is valid and would start, else 1 (a setting this version refuses
-    at start counts as a failure). Never raises for a bad file.
+    at start counts as a failure; with `strict`, so does any warning). Never raises for a bad file.
     """
     if not paths:
         print("aitk validate: give one or more job files, e.g. aitk validate job.yaml", file=sys.stderr)
@@ -58,11 +58,15 @@ def validate_command(paths: list[str], strict: bool = False) -> int:
             for line in refused:
                 print(f"  {line}", file=sys.stderr)
             warnings = [w for w in warnings if w not in refused]
+        elif strict and warnings:
+            failed += 1
+            print(f"{path}: {len(warnings)} warning{'' if len(warnings) == 1 else 's'}, errors with --strict:",
+                  file=sys.stderr)
         else:
             suffix = f" ({len(warnings)} warning{'' if len(warnings) == 1 else 's'})" if warnings else ""
             print(f"OK {path}{suffix}")
         for warning in warnings:
-            print(f"  warning: {warning}")
+            print(f"  {'error' if strict else 'warning'}: {warning}", file=sys.stderr if strict else sys.stdout)
         for note in notes:
             print(f"  note: {note}")
     if len(paths) > 1:
