@@ -408,3 +408,14 @@ def test_validate_strict_fails_on_any_warning_and_plain_validate_on_a_refused_se
     refused = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sd3")
     assert validate_command([str(write(tmp_path, refused))]) == 1
     assert "the run would stop at start" in capsys.readouterr().err
+
+
+def test_is_v3_means_sd3_and_stops_at_start_instead_of_loading_sd15(tmp_path):
+    from aitk.config.validate import validate_command
+
+    text = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-3.5-large\n        is_v3: true")
+    loaded = load(text)
+    assert loaded.job.config.process[0].model.resolved_arch == "sd3"
+    (warning,) = loaded.warnings
+    assert "model.is_v3" in warning and "fails at start" in warning and "unknown key" not in warning
+    assert validate_command([str(write(tmp_path, text))]) == 1

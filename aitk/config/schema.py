@@ -361,6 +361,7 @@ class ModelConfig(Section):
     is_flux: bool = Field(False, description="Legacy flag: arch flux.")
     is_xl: bool = Field(False, description="Legacy flag: arch sdxl.")
     is_v2: bool = Field(False, description="Legacy flag: arch sd2.")
+    is_v3: bool = Field(False, description="Legacy flag: arch sd3 (SD 3 / 3.5).")
     is_v_pred: bool = Field(False, description="The model predicts v instead of noise.")
     quantize: bool = Field(False, description="Quantize the denoiser.")
     qtype: str | None = Field(None, description="Quantization type.")
@@ -393,6 +394,8 @@ class ModelConfig(Section):
             return "flux"
         if self.is_xl:
             return "sdxl"
+        if self.is_v3:
+            return "sd3"
         if self.is_v2:
             return "sd2"
         return "sd1"

@@ -23,6 +23,7 @@ from aitk.models.archs import supported_archs
 from aitk.config.schema import (
     DatasetConfig,
     JobFile,
+    LoggingConfig,
     ModelConfig,
     ProcessConfig,
     SampleConfig,
@@ -83,6 +84,8 @@ UNSUPPORTED: list[Unsupported] = [
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),
+    Unsupported(ModelConfig, "is_v3", lambda v, s: v is True and not s.arch and s.resolved_arch not in SUPPORTED_ARCHS,
+                "is_v3 (Stable Diffusion 3 / 3.5, model.arch sd3)", UNKNOWN_ARCH),
     Unsupported(ModelConfig, "assistant_lora_path",
                 lambda v, s: v is not None and s.resolved_arch not in ("flux", "flux_kontext"),
                 "an assistant LoRA on this model (FLUX only)", IGNORED),
@@ -107,6 +110,10 @@ UNSUPPORTED: list[Unsupported] = [
                 "it is ignored; metrics go to metrics_<name>.jsonl in the output folder"),
     Unsupported(ProcessConfig, "performance_log_every", _is_set, "performance_log_every",
                 "it is ignored; every step's time is in the metrics file"),
+    Unsupported(LoggingConfig, "use_wandb", _is_true, "logging to Weights & Biases",
+                "it is ignored; metrics go to metrics_<name>.jsonl in the output folder"),
+    Unsupported(LoggingConfig, "log_every", lambda v, s: v != 1, "log_every",
+                "it is ignored; every step is written to the metrics file"),
     Unsupported(ModelConfig, "dtype", _is_set, "model.dtype",
                 "it is ignored; the frozen model runs in train.dtype"),
     # FSDP (aitk/trainer/fsdp.py checks the same at start, also when the launcher asks for FSDP)
