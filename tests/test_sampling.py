@@ -42,3 +42,50 @@ def test_requests_apply_trigger_samples_and_walk_seed():
     # walk_seed adds the prompt's index to its seed (inline and per-sample seeds included)
     assert [r.seed for r in requests] == [10, 101, 7]
     assert [r.width for r in requests] == [320, 320, 256]
+
+
+def test_a_sampler_the_model_cannot_use_is_named_with_what_runs_instead(tmp_path_factory):
+    import torch
+
+    from aitk.config.schema import ModelConfig
+    from aitk.models.registry import create_adapter
+    from aitk.models.tiny import build_tiny_sd15
+    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.tiny_wan import build_tiny_wan
+
+    root = tmp_path_factory.mktemp("samplers")
+    models = {"sd1": build_tiny_sd15(root / "sd"), "flux": build_tiny_flux(root / "flux", "dev"),
+              "wan21": build_tiny_wan(root / "wan", "t2v")}
+    adapters = {}
+    for arch, folder in models.items():
+        adapters[arch] = create_adapter(ModelConfig(name_or_path=str(folder), arch=arch), torch.device("cpu"),
+                                        torch.float32)
+        adapters[arch].load()
+    assert adapters["sd1"].preview_sampler_note("ddim") is None
+    assert "Euler" in adapters["sd1"].preview_sampler_note("flowmatch")
+    assert adapters["flux"].preview_sampler_note("flowmatch") is None
+    assert "flow-match Euler" in adapters["flux"].preview_sampler_note("ddpm")
+    assert adapters["wan21"].preview_sampler_note("flowmatch") is None
+    note = adapters["wan21"].preview_sampler_note("dpm++")
+    assert note and "dpm++ does not apply" in note
+
+
+def test_the_run_says_which_sampler_previews_use(tmp_path, shapes_dataset):
+    from conftest import base_process, deep_update, write_job
+
+    from aitk.config.loader import load_job_file
+    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.trainer.loop import Trainer
+
+    model = build_tiny_flux(tmp_path / "flux", "dev")
+    process = deep_update(base_process(model, shapes_dataset, tmp_path / "out"), {
+        "model": {"arch": "flux"},
+        "train": {"steps": 1, "skip_first_sample": True},
+        "sample": {"sampler": "dpm++", "sample_every": 100, "width": 64, "height": 64, "sample_steps": 1,
+                   "prompts": ["a red circle"]},
+    })
+    loaded = load_job_file(write_job(tmp_path / "job.yaml", "job", process))
+    trainer = Trainer(loaded.job, loaded.job.config.process[0])
+    assert trainer.run().state == "completed"
+    log = trainer.paths.log.read_text()
+    assert "note: sample.sampler 'dpm++': previews use flow-match Euler" in log

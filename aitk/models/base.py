@@ -332,6 +332,11 @@ class ModelAdapter(ABC):
         once the text encoders are released)."""
         return {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
 
+    def preview_sampler_note(self, sampler: str) -> str | None:
+        """When previews cannot use `sample.sampler`, what they use instead and why (None: the
+        sampler asked for is the one used)."""
+        return None
+
     def preview_context(self) -> AbstractContextManager[None]:
         """Entered around previews: e.g. FLUX schnell takes its assistant LoRA out for them."""
         return nullcontext()

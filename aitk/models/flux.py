@@ -399,8 +399,14 @@ class FluxAdapter(ModelAdapter):
 
     # --- previews ------------------------------------------------------------------------
     def sample_pipeline(self, sampler: str | None = None) -> Any:
-        # FLUX previews with its own flow-match Euler scheduler whatever sample.sampler says.
+        # FLUX previews with its own flow-match Euler scheduler whatever sample.sampler says
+        # (preview_sampler_note says so at start).
         return self._pipeline()
+
+    def preview_sampler_note(self, sampler: str) -> str | None:
+        if sampler in ("flowmatch", "euler"):
+            return None
+        return f"flow-match Euler: {self.model_label} is a flow-matching model, {sampler} does not apply"
 
     def preview_context(self) -> AbstractContextManager[None]:
         return self._assistant_off() if self.has_assistant else nullcontext()

@@ -322,6 +322,11 @@ class SD15Adapter(ModelAdapter):
             requires_safety_checker=False,
         )
 
+    def preview_sampler_note(self, sampler: str) -> str | None:
+        if sampler == "flowmatch":
+            return "Euler (EulerDiscreteScheduler): Stable Diffusion is not a flow-matching model"
+        return None
+
     def sample_pipeline(self, sampler: str | None = None) -> Any:
         from aitk.models.samplers import preview_scheduler
 

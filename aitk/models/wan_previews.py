@@ -60,6 +60,12 @@ class WanPreviews:
             )
         return type(self.scheduler).from_config(self.scheduler.config)
 
+    def preview_sampler_note(self, sampler: str) -> str | None:
+        own = type(self.scheduler).__name__
+        if sampler in ("flowmatch", "euler") or (sampler == "unipc" and own == "UniPCMultistepScheduler"):
+            return None
+        return f"the model's own {own}: WAN is a flow-matching model, {sampler} does not apply"
+
     def sample_pipeline(self, sampler: str | None = None) -> Any:
         from diffusers import WanPipeline
 

@@ -102,6 +102,11 @@ class TrainerSetup:
             encoding=lambda: self.placement.using(*self.adapter.text_encoders()),
         )
         self.preview_requests = self._preview_requests()
+        sample_cfg = self.process.sample
+        if self.preview_requests and sample_cfg is not None and "sampler" in sample_cfg.model_fields_set:
+            note = self.adapter.preview_sampler_note(sample_cfg.sampler)
+            if note:
+                self.log(f"note: sample.sampler {sample_cfg.sampler!r}: previews use {note}")
         self._setup_network()
         self.placement.move_trainable(self.params)  # made next to host-side base weights
         self._setup_optimizer()
