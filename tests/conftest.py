@@ -41,6 +41,24 @@ def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def build_tiny_model(variant: str, root: Path) -> Path:
+    """The tiny random-init model of a builder variant under `root` (built once per folder):
+    "sd15", "sdxl", FLUX's "dev" / "schnell" / "kontext", WAN's "t2v" / "i2v" / "22_t2v" / "22_i2v"."""
+    if variant == "sd15":
+        from aitk.models.tiny import build_tiny_sd15 as build
+    elif variant == "sdxl":
+        from aitk.models.tiny_sdxl import build_tiny_sdxl as build
+    elif variant in ("dev", "schnell", "kontext"):
+        from aitk.models.tiny_flux import build_tiny_flux
+
+        return build_tiny_flux(root / f"flux_{variant}", variant)
+    else:
+        from aitk.models.tiny_wan import build_tiny_wan
+
+        return build_tiny_wan(root / f"wan_{variant}", variant)
+    return build(root / variant)
+
+
 def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(base)
     for key, value in changes.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import base_process, deep_update, write_job  # noqa: E402
+from conftest import base_process, build_tiny_model, deep_update, write_job  # noqa: E402
 
 # arch -> (tiny builder variant, learning rate, dataset kind, preview suffix)
 CASES = {
@@ -27,18 +27,7 @@ CASES = {
 
 
 def build_model(case: str, root: Path) -> Path:
-    variant = CASES[case][0]
-    if case == "sdxl":
-        from aitk.models.tiny_sdxl import build_tiny_sdxl
-
-        return build_tiny_sdxl(root / "sdxl")
-    if case.startswith("flux"):
-        from aitk.models.tiny_flux import build_tiny_flux
-
-        return build_tiny_flux(root / f"flux_{variant}", variant)
-    from aitk.models.tiny_wan import build_tiny_wan
-
-    return build_tiny_wan(root / f"wan_{variant}", variant)
+    return build_tiny_model(CASES[case][0], root)
 
 
 @pytest.fixture(scope="module")

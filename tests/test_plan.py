@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_process, deep_update, write_job  # noqa: E402
+from conftest import base_process, build_tiny_model, deep_update, write_job  # noqa: E402
 
 TOLERANCE = 0.15
 # case -> (model.arch, tiny builder variant, resolution, frames, batch)
@@ -30,22 +30,7 @@ RUNS = [(case, gc) for case in ("sd15", "sdxl", "flux", "wan21", "wan22_14b") fo
 
 
 def build_model(case: str, root: Path) -> Path:
-    variant = CASES[case][1]
-    if case == "sd15":
-        from aitk.models.tiny import build_tiny_sd15
-
-        return build_tiny_sd15(root / "sd15")
-    if case == "sdxl":
-        from aitk.models.tiny_sdxl import build_tiny_sdxl
-
-        return build_tiny_sdxl(root / "sdxl")
-    if case.startswith("flux"):
-        from aitk.models.tiny_flux import build_tiny_flux
-
-        return build_tiny_flux(root / f"flux_{variant}", variant)
-    from aitk.models.tiny_wan import build_tiny_wan
-
-    return build_tiny_wan(root / f"wan_{variant}", variant)
+    return build_tiny_model(CASES[case][1], root)
 
 
 @pytest.fixture(scope="module")
