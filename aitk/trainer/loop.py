@@ -249,6 +249,11 @@ class Trainer(TrainerSetup, TrainerSaving):
         started = time.perf_counter()
         try:
             parts = (*self.adapter.text_encoders(), *self.adapter.auxiliary_modules())
+            # Experts taking turns (low_vram): the one a preview runs first must be on the device
+            # before the pipeline starts, which reads its device from its first module.
+            from aitk.trainer.placing import expert_part
+
+            self.placement.bring(expert_part(next(iter(self.adapter.experts()))))
             with (
                 self.ema.applied() if self.ema is not None else nullcontext(),
                 self.adapter.preview_context(),
