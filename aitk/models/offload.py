@@ -62,15 +62,18 @@ def offloaded_indices(count: int, share: float) -> list[int]:
     return [i for i in range(count) if (i + 1) * k // count > i * k // count]
 
 
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or a quantized subclass's inner ones."""
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    if type(data) is torch.Tensor or not hasattr(data, "__tensor_flatten__"):
+        return [data]
+    names, _ = data.__tensor_flatten__()
+    return [t for name in names for t in plain_tensors(getattr(data, name))]
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor's data takes, also for quantized tensor subclasses (their inner tensors)."""
-    inner = getattr(tensor, "__tensor_flatten__", None)
-    if inner is not None and type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    if isinstance(tensor, nn.Parameter) and type(tensor.data) is not torch.Tensor:
-        return tensor_bytes(tensor.data)
-    return tensor.numel() * tensor.element_size()
+    return sum(t.numel() * t.element_size() for t in plain_tensors(tensor))
 
 
 def frozen_tensors(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
@@ -105,6 +108,12 @@ def device_copy(tensor: torch.Tensor, device: torch.device, non_blocking: bool =
     except (TypeError, RuntimeError):
         moved = tensor.to(device, non_blocking=non_blocking)
         return moved.clone() if moved is tensor else moved
+
+
+def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+    """`Tensor.record_stream` for every plain tensor behind `tensor` (subclasses do not pass it on)."""
+    for plain in plain_tensors(tensor):
+        plain.record_stream(stream)
 
 
 def same_data_key(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -293,11 +302,9 @@ class BlockOffloader:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(block.ready)
         for owner, kind, key in block.entries:
-            tensor = get_entry(owner, kind, key)
-            try:
-                tensor.record_stream(current)  # made on the copy stream, used and freed on this one
-            except (RuntimeError, NotImplementedError, TypeError):
-                pass
+            # made on the copy stream, used and freed on this one: the allocator must not reuse
+            # the memory before this stream is done with it
+            record_stream(get_entry(owner, kind, key), current)
         block.ready = None
 
     def _evict(self, position: int) -> None:
