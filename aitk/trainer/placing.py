@@ -84,9 +84,7 @@ def place_adapter(
             offload_share=text_share,
             quantize=quantizer(name, module),
         )
-    step_parts = set(adapter.step_auxiliary_names)
-    if not latents_cached:
-        step_parts.update(adapter.latent_encoder_names)
+    step_parts = step_part_names(adapter, latents_cached)
     for name, module in adapter.auxiliary_modules().items():
         placement.add(name, module, resident=name in step_parts and not low_vram)
     parked = [p.name for p in placement.parts.values() if not p.resident]
