@@ -58,8 +58,12 @@ def _run_jobs(args: argparse.Namespace) -> int:
         except JobFileError as exc:
             print(str(exc), file=sys.stderr)
             return EXIT_BAD_INPUT
+        from aitk.config.support import unsupported_warnings
+
+        logged_by_run = set(unsupported_warnings(loaded.job))  # each run's log says these itself
         for warning in loaded.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            if warning not in logged_by_run:
+                print(f"warning: {warning}", file=sys.stderr)
         for index, process in enumerate(loaded.job.config.process):
             trainer = Trainer(loaded.job, process, stop=stop, job_path=Path(job_path))
             stop.install(announce=lambda message: print(message, file=sys.stderr))

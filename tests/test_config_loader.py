@@ -419,3 +419,30 @@ def test_is_v3_means_sd3_and_stops_at_start_instead_of_loading_sd15(tmp_path):
     (warning,) = loaded.warnings
     assert "model.is_v3" in warning and "fails at start" in warning and "unknown key" not in warning
     assert validate_command([str(write(tmp_path, text))]) == 1
+
+
+def test_start_up_warnings_about_the_job_are_validate_warnings_and_in_the_run_log(tmp_path, tiny_sd15, shapes_dataset):
+    from conftest import base_process, deep_update, write_job
+
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.loop import Trainer
+
+    import shutil
+
+    controls = tmp_path / "controls"
+    shutil.copytree(shapes_dataset, controls)  # a control image for every image
+    process = deep_update(base_process(tiny_sd15, shapes_dataset, tmp_path / "out"), {
+        "model": {"qtype": "uint4|some/adapter/file.safetensors"},
+        "train": {"steps": 1},
+    })
+    process["datasets"][0]["control_path"] = str(controls)
+    job = write_job(tmp_path / "job.yaml", "job", process)
+    loaded = load_job_file(job)
+    joined = "\n".join(loaded.warnings)
+    assert "config.process[0].datasets: control images" in joined and "loaded but not used" in joined
+    assert "config.process[0].model.qtype: an accuracy recovery adapter without model.quantize" in joined
+    trainer = Trainer(loaded.job, loaded.job.config.process[0])
+    assert trainer.run().state == "completed"
+    log = trainer.paths.log.read_text()
+    for warning in loaded.warnings:
+        assert log.count(warning) == 1, warning

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from aitk.config.schema import ModelConfig
-from aitk.models.archs import ADAPTERS, DATA_FACTS, data_facts
+from aitk.models.archs import ADAPTERS, CONTROL_ARCHS, DATA_FACTS, data_facts
 from aitk.models.registry import UnknownArchitectureError, adapter_class
 
 
@@ -15,6 +15,7 @@ def test_data_facts_match_the_adapter(arch):
     cls = adapter_class(arch)
     assert arch in cls.arch_names
     assert DATA_FACTS[arch] == (cls.bucket_divisibility, cls.frame_rule)
+    assert (arch in CONTROL_ARCHS) == cls.uses_controls
 
 
 def test_every_arch_has_data_facts_and_legacy_flags_resolve():

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from aitk.models.archs import supported_archs
+from aitk.models.archs import CONTROL_ARCHS, supported_archs
 
 from aitk.config.schema import (
     DatasetConfig,
@@ -86,6 +86,14 @@ UNSUPPORTED: list[Unsupported] = [
                 "architecture {value}", UNKNOWN_ARCH),
     Unsupported(ModelConfig, "is_v3", lambda v, s: v is True and not s.arch and s.resolved_arch not in SUPPORTED_ARCHS,
                 "is_v3 (Stable Diffusion 3 / 3.5, model.arch sd3)", UNKNOWN_ARCH),
+    Unsupported(ModelConfig, "qtype", lambda v, s: v is not None and "|" in v and not s.quantize,
+                "an accuracy recovery adapter without model.quantize: true",
+                "it is not loaded (set model.quantize: true to quantize and add it)"),
+    Unsupported(ProcessConfig, "datasets",
+                lambda v, s: any(d.control_path for d in v) and s.model.resolved_arch in SUPPORTED_ARCHS
+                and s.model.resolved_arch not in CONTROL_ARCHS,
+                "control images (datasets[].control_path) on a model that does not take them (edit models "
+                "such as flux_kontext do)", "they are loaded but not used"),
     Unsupported(ModelConfig, "assistant_lora_path",
                 lambda v, s: v is not None and s.resolved_arch not in ("flux", "flux_kontext"),
                 "an assistant LoRA on this model (FLUX only)", IGNORED),

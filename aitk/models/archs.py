@@ -37,6 +37,11 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
 }
 
 
+# Architectures whose adapter takes the dataset's control images (ModelAdapter.uses_controls), so
+# `aitk validate` can say that control_path is unused elsewhere without importing a model.
+CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext"})
+
+
 def supported_archs() -> list[str]:
     return sorted(ADAPTERS)
 

@@ -60,11 +60,7 @@ class BaseQuantization:
                     )
                 use_job_token(job_path)
                 self.recovery = read_recovery_file(self.reference, log=log)
-        elif self.reference:
-            log(
-                f"warning: model.qtype: the accuracy recovery adapter {self.reference!r} is used only with "
-                "model.quantize: true; it is not loaded"
-            )
+        # a reference without model.quantize is a job-file warning (aitk.config.support)
         if model_cfg.quantize_te:
             check_qtype(self.te_qtype)
 

@@ -44,6 +44,8 @@ class TrainerSetup:
         )
         for note in self.session.notes:
             self.log(f"note: {note}")
+        for warning in self._job_warnings():
+            self.log(f"warning: {warning}")
         self.status = StatusFile(self.paths.status, self.train_cfg.steps) if main else None
         self._set_status(state="starting")
         if main:
@@ -90,13 +92,6 @@ class TrainerSetup:
         )
         self.adapter.load()
         self._place_model()
-        if not self.adapter.uses_controls:
-            for index, dataset in enumerate(self.process.datasets):
-                if dataset.control_path:
-                    self.log(
-                        f"warning: datasets[{index}].control_path: {self.process.model.resolved_arch} does not "
-                        "take control images (edit models such as flux_kontext do); they are not used"
-                    )
         self.conditioner = PromptConditioner(
             self.adapter, self._text_cache(),
             encoding=lambda: self.placement.using(*self.adapter.text_encoders()),
@@ -111,6 +106,15 @@ class TrainerSetup:
         self.placement.move_trainable(self.params)  # made next to host-side base weights
         self._setup_optimizer()
         self.plan_check.report()
+
+    def _job_warnings(self) -> list[str]:
+        """The job file's "not supported" warnings about this process entry (`aitk validate`
+        prints the same), so the run's log has them too."""
+        from aitk.config.support import render_path, unsupported_warnings
+
+        index = next(i for i, p in enumerate(self.job.config.process) if p is self.process)
+        prefix = render_path(("config", "process", index)) + "."
+        return [w for w in unsupported_warnings(self.job) if w.startswith(prefix)]
 
     def _place_model(self) -> None:
         """Bring the loaded (host) parts to the device as the memory settings say, quantizing on
