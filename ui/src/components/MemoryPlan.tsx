@@ -6,6 +6,7 @@
 import { useEffect, useRef, useState } from "react";
 import { api, messageOf, plans } from "../lib/api";
 import { bytes } from "../lib/format";
+import { useDebounced } from "../lib/hooks";
 import type { DeviceSplit, Job, JobConfig, MemoryPlan, PlanAnswer, PlanBudget } from "../lib/types";
 import { Card, ErrorBox } from "./common";
 import "./MemoryPlan.css";
@@ -39,15 +40,6 @@ function storedBudget(): string {
   } catch {
     return "";
   }
-}
-
-function useSettled<T>(value: T, ms: number): T {
-  const [out, setOut] = useState(value);
-  useEffect(() => {
-    const timer = window.setTimeout(() => setOut(value), ms);
-    return () => window.clearTimeout(timer);
-  }, [value, ms]);
-  return out;
 }
 
 function flops(n: number): string {
@@ -102,9 +94,9 @@ export function MemoryPlanCard({ source, onApply, applyHint, auto = true }: {
   const [budgetText, setBudgetText] = useState(storedBudget);
   const [asked, setAsked] = useState(auto);
   const [attempt, setAttempt] = useState(0);
-  const budget = useSettled(budgetText.trim(), SETTLE_MS);
+  const budget = useDebounced(budgetText.trim(), SETTLE_MS);
   // settled as text: the pages build a new `source` object on every render
-  const s = JSON.parse(useSettled(JSON.stringify(source), SETTLE_MS)) as PlanSource;
+  const s = JSON.parse(useDebounced(JSON.stringify(source), SETTLE_MS)) as PlanSource;
 
   useEffect(() => {
     try {

@@ -94,3 +94,13 @@ export function useAction(): {
   const clear = useCallback(() => setError(null), []);
   return { busy, error, run, clear };
 }
+
+/** `value`, once it has stayed the same for `ms` milliseconds (typing settles before a request). */
+export function useDebounced<T>(value: T, ms: number): T {
+  const [out, setOut] = useState(value);
+  useEffect(() => {
+    const timer = window.setTimeout(() => setOut(value), ms);
+    return () => window.clearTimeout(timer);
+  }, [value, ms]);
+  return out;
+}

@@ -3,6 +3,7 @@
 import { useEffect, useMemo, useRef, useState } from "react";
 import { api, ApiError, messageOf } from "../lib/api";
 import { getAt, parseProblem, setAt, toYaml, type Path } from "../lib/jobconfig";
+import { useDebounced } from "../lib/hooks";
 import { navigate, useLocation } from "../lib/router";
 import type { DatasetSummary, Job, JobConfig, JobDetail, JsonSchema, Preset, PresetInfo, ValidateAnswer } from "../lib/types";
 import { ErrorBox, Loading, Tabs } from "../components/common";
@@ -16,15 +17,6 @@ const PROCESS: Path = ["config", "process", 0];
 const DATASET_PATH: Path = [...PROCESS, "datasets", 0, "folder_path"];
 /** What a preset change keeps from the job being edited. */
 const CARRIED: Path[] = [["config", "name"], [...PROCESS, "trigger_word"], DATASET_PATH];
-
-function useDebounced<T>(value: T, ms: number): T {
-  const [out, setOut] = useState(value);
-  useEffect(() => {
-    const timer = window.setTimeout(() => setOut(value), ms);
-    return () => window.clearTimeout(timer);
-  }, [value, ms]);
-  return out;
-}
 
 export function JobEditor({ jobId }: { jobId?: number }) {
   const { query } = useLocation();
