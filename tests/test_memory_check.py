@@ -31,7 +31,10 @@ def test_plan_line_and_shortfall_warning(monkeypatch, tiny_sd15, shapes_dataset,
     tight = check_with_free(monkeypatch, job_path, 2**20)  # 1 MiB free
     assert tight[0] == roomy[0]
     assert "warning: the memory plan needs" in tight[1] and "1 MiB is free" in tight[1]
-    assert f"aitk plan {job_path} --gpu-memory 0GB" in tight[1]
+    assert f"aitk plan {job_path} --gpu-memory 1MB" in tight[1]
+    from aitk.plan import parse_size
+
+    assert parse_size("1MB") == 2**20  # the hint is a size `aitk plan` reads
 
 
 def test_a_plan_that_cannot_be_made_is_a_note(monkeypatch, tiny_sd15, shapes_dataset, tmp_path):

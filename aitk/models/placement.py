@@ -253,9 +253,6 @@ class Placement:
         if part.on_device:
             self.ledger.remove(part.device_bytes if not part.resident else _frozen_bytes(part.module))
 
-    def resident_names(self) -> list[str]:
-        return [p.name for p in self.parts.values() if p.on_device]
-
     # --- moving ---------------------------------------------------------------------------
     def _move_frozen(self, module: nn.Module, device: torch.device, count: bool = True,
                      seen: dict[tuple[int, ...], torch.Tensor] | None = None) -> int:

@@ -30,10 +30,12 @@ def shortfall_warning(plan: Any, free: int | None, job_hint: str) -> str | None:
         return None
     from aitk.plan.report import gib
 
+    # a size `aitk plan --gpu-memory` reads back: whole GiB, or MiB below one GiB
+    budget = f"{free // 2**30}GB" if free >= 2**30 else f"{max(1, free // 2**20)}MB"
     return (
         f"warning: the memory plan needs {gib(plan.peak_device)} on the device ({plan.peak_phase}) but "
         f"{gib(free)} is free: the run will likely run out of memory. `aitk plan {job_hint} --gpu-memory "
-        f"{free / 2**30:.0f}GB` prints the cheapest settings that fit"
+        f"{budget}` prints the cheapest settings that fit"
     )
 
 
