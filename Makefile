@@ -22,8 +22,16 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/aitk demo
 
+# The interop tests record each check in INTEROP_RESULTS (started empty, so the results are this
+# run's); tests/test_interop_table.py then checks docs/lora-formats.md's table against them, so it
+# runs after the rest of the suite.
+INTEROP_RESULTS ?= $(CURDIR)/.cache/interop-results.json
+TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 AITK_E2E_REQUIRED=1 AITK_INTEROP_RESULTS=$(INTEROP_RESULTS)
+
 test: $(STAMP) ui e2e-deps
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 AITK_E2E_REQUIRED=1 $(PY) -m pytest tests
+	rm -f $(INTEROP_RESULTS)
+	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/test_interop_table.py
+	$(TEST_ENV) $(PY) -m pytest tests/test_interop_table.py
 
 # The web app (ui/: React + TypeScript + Vite), built into ui/dist, which `aitk ui` serves. Rebuilt
 # only when a source, package.json or package-lock.json is newer than the last build (stamp files).

@@ -58,9 +58,9 @@ def _run_jobs(args: argparse.Namespace) -> int:
         except JobFileError as exc:
             print(str(exc), file=sys.stderr)
             return EXIT_BAD_INPUT
-        from aitk.config.support import unsupported_warnings
+        from aitk.config.start_warnings import run_start_warnings
 
-        logged_by_run = set(unsupported_warnings(loaded.job))  # each run's log says these itself
+        logged_by_run = set(run_start_warnings(loaded.job))  # each run's log says these itself
         for warning in loaded.warnings:
             if warning not in logged_by_run:
                 print(f"warning: {warning}", file=sys.stderr)

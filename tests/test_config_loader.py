@@ -279,13 +279,18 @@ config:
     assert "low_vram" not in joined  # supported now (aitk.trainer.placing)
     assert "is_reg" not in joined  # regularisation datasets are supported now
     assert "push_to_hub" not in joined  # uploading to the Hub is supported now
-    assert all("not supported yet" in w for w in loaded.warnings)
+    # alpha_schedule without phases also warns (as the run does at start)
+    assert all("not supported yet" in w for w in loaded.warnings if "alpha_schedule" not in w)
+    assert any("alpha_schedule: alpha_schedule is enabled but lists no phases" in w for w in loaded.warnings)
     assert "is_flux" not in joined  # FLUX is an adapter now
     assert "automagic" not in joined  # the automagic optimizer is supported now
     assert "lokr" not in joined  # LoKr, LoHa and DoRA are supported now
     te_only = next(w for w in loaded.warnings if "train_unet" in w)
     assert "fails at start" in te_only
-    assert unsupported_warnings(loaded.job) == loaded.warnings  # no unknown keys here
+    from aitk.config.start_warnings import run_start_warnings
+
+    assert run_start_warnings(loaded.job) == loaded.warnings  # no unknown keys here
+    assert set(unsupported_warnings(loaded.job)) < set(loaded.warnings)
 
 
 @pytest.mark.parametrize(

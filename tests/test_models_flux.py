@@ -205,7 +205,8 @@ def test_min_snr_gamma_and_unknown_timestep_types_are_refused(dev: FluxAdapter) 
     with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
         dev.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
     with pytest.raises(FlowMatchingConfigError, match="train.timestep_type"):
-        dev.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), None)
+        # the schema refuses unknown types; a config built around it still meets the adapter's check
+        dev.make_noisy_batch(latents, TrainConfig.model_construct(timestep_type="one_step"), None)
 
 
 def test_timestep_types_have_their_shapes() -> None:

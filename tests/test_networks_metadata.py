@@ -1,4 +1,4 @@
-"""LoRA header metadata: every ss_* / modelspec.* key of spec/outputs.md, the job's meta block, and the
+"""LoRA header metadata: every ss_* / modelspec.* key of docs/lora-formats.md, the job's meta block, and the
 weight hashes (sshs_model_hash, sshs_legacy_hash, modelspec.hash_sha256) recomputed from written files.
 
 The hash checks below recompute each hash the way the readers do, independently of
@@ -76,7 +76,7 @@ def _kohya_legacy_hash(path) -> str:
 def test_every_key_of_the_outputs_spec_and_meta_block():
     md = _metadata()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in md.items())
-    # spec/outputs.md: ss_network_dim, ss_network_alpha, ss_base_model_version, ss_output_name,
+    # docs/lora-formats.md: ss_network_dim, ss_network_alpha, ss_base_model_version, ss_output_name,
     # ss_training_comment, ss_steps; modelspec architecture, title, resolution; meta; settings JSON
     assert md["ss_network_dim"] == "16" and md["ss_network_alpha"] == "8.0"
     assert md["ss_base_model_version"] == "sd_v1" and md["ss_output_name"] == "shapes"

@@ -86,3 +86,21 @@ def test_wan22_low_vram_keeps_one_expert_on_the_device(models, shapes_dataset, t
     one = plan_job(plan_job_file("wan22_14b", True, models, shapes_dataset, tmp_path, low_vram=True))
     assert set(both.weights_by_part) >= {"transformer", "transformer_2"}
     assert "transformer_2" not in one.weights_by_part and one.host["parked parts"] >= both.weights_by_part["transformer_2"]
+
+
+def test_fp16_plans_fp32_trained_weights(models, shapes_dataset, tmp_path):
+    """Under fp16 the trainer keeps fp32 masters of what trains (GradScaler unscales fp32 gradients
+    only): the plan counts 4 bytes per trained weight and gradient, where bf16 trains in 2."""
+    import yaml
+
+    from aitk.plan import plan_job
+
+    plans = {}
+    for dtype in ("bf16", "fp16"):
+        job = plan_job_file("sd15", False, models, shapes_dataset, tmp_path)
+        data = yaml.safe_load(job.read_text())
+        data["config"]["process"][0]["train"]["dtype"] = dtype
+        job.write_text(yaml.safe_dump(data))
+        plans[dtype] = plan_job(job)
+    assert plans["fp16"].trainable_parameters == plans["bf16"].trainable_parameters
+    assert plans["fp16"].step.gradients == pytest.approx(2 * plans["bf16"].step.gradients, rel=0.05)

@@ -165,7 +165,7 @@ def test_samples_are_written_with_inline_flags(make_job):
     [
         ({"train": {"train_unet": False}}, "config.process[0].train.train_unet"),
         ({"model": {"arch": "sd3"}}, "config.process[0].model.arch"),
-        ({"train": {"noise_scheduler": "lms"}}, "config.process[0].train.noise_scheduler"),
+        ({"train": {"noise_scheduler": "flowmatch"}}, "config.process[0].train.noise_scheduler"),
     ],
 )
 def test_unsupported_settings_stop_the_run_before_loading(make_job, changes, key):

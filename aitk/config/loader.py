@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from aitk.config.errors import JobFileError, fmt_value, validation_problems
 from aitk.config.keys import unknown_keys
 from aitk.config.schema import JobFile
-from aitk.config.support import unsupported_warnings
+from aitk.config.start_warnings import run_start_warnings
 from aitk.config.text import apply_name, parse_text, read_text, to_yaml
 
 __all__ = ["JobFileError", "LoadedJob", "load_job_file", "parse_job_text", "dump_job"]
@@ -59,7 +59,7 @@ def parse_job_text(
     if strict and unknown:
         raise JobFileError(source, unknown)
     warnings.extend(unknown)
-    warnings.extend(unsupported_warnings(job))
+    warnings.extend(run_start_warnings(job))
     return LoadedJob(job=job, warnings=warnings, path=Path(source))
 
 

@@ -1,4 +1,4 @@
-"""Pydantic schema of the ai-toolkit job file (spec: shared/spec/job-file.md).
+"""Pydantic schema of the ai-toolkit job file (reference: docs/job-file.md).
 
 Every model keeps unknown keys (extra="allow") so the loader can warn about them with a
 did-you-mean instead of failing; `--strict` turns those warnings into errors.
@@ -234,7 +234,7 @@ class DatasetConfig(Section):
     cache_latents: bool = Field(False, description="Encode images once and keep the latents in memory.")
     cache_latents_to_disk: bool = Field(False, description="Encode images once and keep the latents on disk.")
     cache_text_embeddings: bool = Field(False, description="Encode captions once.")
-    num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
+    num_workers: int = Field(0, ge=0, description="Threads that load the samples of a batch in parallel (0: one after another).")
     is_reg: bool = Field(False, description="A regularisation dataset.")
     loss_multiplier: float = Field(1.0, ge=0.0, description="Weight of this dataset's loss.")
     control_path: str | None = Field(None, description="Folder of control images (control models).")
@@ -301,10 +301,13 @@ class TrainConfig(Section):
     train_unet: bool = Field(True, description="Train the denoiser (UNet / transformer).")
     train_text_encoder: bool = Field(False, description="Also train the text encoder.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    noise_scheduler: str = Field("ddpm", description="Noise schedule: ddpm, flowmatch, ...")
-    timestep_type: Literal["sigmoid", "linear", "shift", "lognorm", "weighted", "uniform"] | None = Field(
-        None, description="How training timesteps are drawn."
+    noise_scheduler: str | None = Field(
+        None, description="Training schedule name (ai-toolkit's): ddpm, ddim, euler, ... for SD / SDXL, "
+        "flowmatch for FLUX / WAN; unset: the model's own."
     )
+    timestep_type: Literal[
+        "sigmoid", "linear", "shift", "lognorm", "weighted", "uniform", "lognorm_blend", "flux_shift", "lumina2_shift"
+    ] | None = Field(None, description="How training timesteps are drawn.")
     content_or_style: Literal["balanced", "content", "style"] = Field(
         "balanced", description="Bias timesteps towards content (high noise) or style (low noise)."
     )
@@ -322,7 +325,14 @@ class TrainConfig(Section):
     skip_first_sample: bool = Field(False, description="Do not sample before the first step.")
     disable_sampling: bool = Field(False, description="Never sample previews.")
     cache_text_embeddings: bool = Field(False, description="Encode captions once.")
-    attention_backend: str | None = Field(None, description="Attention implementation to use.")
+    attention_backend: str | None = Field(
+        None, description="Attention kernel of the denoiser: native (PyTorch SDPA), flash, sage, xformers, flex, "
+        "... (diffusers' attention backends; docs/job-file.md)."
+    )
+    xformers: bool = Field(False, description="ai-toolkit's older key: attention_backend xformers when that is unset.")
+    bypass_guidance_embedding: bool = Field(
+        False, description="FLUX with a guidance embedding (dev, Flex.1): train without it in the conditioning."
+    )
     fsdp: bool | None = Field(
         None,
         description="Full fine-tunes over several processes: shard weights, gradients and optimizer state "
@@ -337,6 +347,15 @@ class TrainConfig(Section):
     fsdp_reshard_after_forward: bool | None = Field(
         None, description="FSDP: free each block's gathered weights after its forward (default true: less memory)."
     )
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_attention_backend(cls, value: str | None) -> str | None:
+        from aitk.models.attention import accepted_names, normalise
+
+        if value is not None and normalise(value) not in accepted_names():
+            raise user_error(f"{value!r} is not an attention backend; use one of {', '.join(accepted_names())}")
+        return value
 
     @model_validator(mode="after")
     def _denoising_range(self) -> "TrainConfig":
@@ -423,6 +442,9 @@ class SamplePrompt(Section):
 class SampleConfig(Section):
     sampler: str = Field("ddpm", description="Sampler / scheduler used for previews.")
     sample_every: int = Field(100, ge=1, description="Sample previews every N steps.")
+    sample_start_step: int = Field(
+        0, ge=0, description="No periodic previews before this step (the one before training follows skip_first_sample)."
+    )
     width: int = Field(512, description="Preview width (multiple of 8).")
     height: int = Field(512, description="Preview height (multiple of 8).")
     prompts: list[str] = Field(
@@ -468,9 +490,16 @@ class SampleConfig(Section):
 
 
 class LoggingConfig(Section):
-    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
-    use_wandb: bool = Field(False, description="Also log to Weights & Biases.")
-    verbose: bool = Field(False, description="More output.")
+    log_every: int = Field(
+        1, ge=1,
+        description="The progress bar's loss and W&B get the mean of every N steps (the metrics file keeps every step).",
+    )
+    use_wandb: bool = Field(False, description="Also log to Weights & Biases (pip install wandb).")
+    project_name: str = Field("ai-toolkit", min_length=1, description="W&B project of the run.")
+    run_name: str | None = Field(None, description="W&B run name (default: the job name).")
+    verbose: bool = Field(
+        False, description="Set-up details (parts, dtypes, devices, optimizer groups) and a loss line per log_every in log.txt."
+    )
 
 
 class ProcessConfig(Section):
@@ -482,7 +511,10 @@ class ProcessConfig(Section):
     trigger_word: str | None = Field(None, description="Word that triggers the LoRA; replaces [trigger].")
     training_seed: int | None = Field(None, description="Seed of the run (default: random, recorded).")
     log_dir: str | None = Field(None, description="Extra folder for logs.")
-    performance_log_every: int | None = Field(None, ge=1, description="Print timing statistics every N steps.")
+    performance_log_every: int | None = Field(
+        None, ge=1,
+        description="Time each step's phases (data, forward, backward, optimizer, offload copies): a line in log.txt every N steps, fields in the metrics.",
+    )
     network: NetworkConfig | None = Field(None, description="The adapter; none = full fine-tune.")
     save: SaveConfig = Field(default_factory=SaveConfig)
     datasets: list[DatasetConfig] = Field(min_length=1, description="One or more image folders.")

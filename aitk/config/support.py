@@ -18,7 +18,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from aitk.models.archs import CONTROL_ARCHS, supported_archs
+from aitk.models.archs import (
+    CONTROL_ARCHS,
+    DDPM_NOISE_SCHEDULERS,
+    DDPM_TIMESTEP_TYPES,
+    FLOW_NOISE_SCHEDULERS,
+    NOISE_SCHEDULERS,
+    TIMESTEP_TYPES,
+    supported_archs,
+)
 
 from aitk.config.schema import (
     DatasetConfig,
@@ -36,6 +44,11 @@ SUPPORTED_ARCHS: frozenset[str] = frozenset(supported_archs())
 
 # Optimizers whose update is elementwise torch code, so they run on FSDP's DTensor shards as they are.
 FSDP_OPTIMIZERS = ("adamw", "adam", "sgd")
+
+# train.train_text_encoder: the families and network types that train a text-encoder LoRA
+# (aitk.networks.text_encoders says the same; a test keeps them in step)
+TEXT_ENCODER_LORA_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})
+TEXT_ENCODER_NETWORK_TYPES: tuple[str, ...] = ("lora", "locon", "dora")
 
 IGNORED = "it is ignored"
 FAILS = "the run fails at start"
@@ -79,6 +92,24 @@ def _never(_value: Any, _section: Any = None) -> bool:
     return False
 
 
+def _not_installed(module: str) -> bool:
+    """Whether `module` cannot be imported here (looked up without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def _refused_for(table: dict[str, tuple[str, ...]], accepted: tuple[str, ...]) -> Callable[[Any, Any], bool]:
+    """Active on a process whose arch accepts `accepted` (its row in `table`) and whose value is not
+    among them; unset values and unknown archs never are."""
+
+    def active(value: Any, process: Any) -> bool:
+        arch_accepts = table.get(process.model.resolved_arch)
+        return value is not None and arch_accepts == accepted and str(value).lower() not in accepted
+
+    return active
+
+
 UNSUPPORTED: list[Unsupported] = [
     # network
     # model
@@ -97,31 +128,58 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(ModelConfig, "assistant_lora_path",
                 lambda v, s: v is not None and s.resolved_arch not in ("flux", "flux_kontext"),
                 "an assistant LoRA on this model (FLUX only)", IGNORED),
+    Unsupported(ProcessConfig, "train.bypass_guidance_embedding",
+                lambda v, s: v is True and s.model.resolved_arch not in ("flux", "flux_kontext"),
+                "bypass_guidance_embedding on a model without a guidance embedding (only FLUX.1 dev, Kontext "
+                "and Flex.1, model.arch flux / flux_kontext, have one: remove the key)", FAILS),
     Unsupported(ProcessConfig, "model.layer_offloading", lambda v, s: v is True and s.network is None,
                 "layer offloading in a full fine-tune (no network: section; offloading moves frozen weights "
                 "only, and here every denoiser weight trains: use a LoRA, or FSDP across GPUs)", FAILS),
     # datasets
     # train
-    Unsupported(TrainConfig, "train_text_encoder", _is_true, "training the text encoder",
-                "it is ignored and only the UNet is trained"),
-    Unsupported(TrainConfig, "noise_scheduler",
-                lambda v, s: v.lower() not in ("ddpm", "ddim", "euler", "pndm", "flowmatch", "flow_match"),
-                "noise_scheduler {value} (each model trains with its own schedule: DDPM for SD, "
-                "flow matching for FLUX and WAN)", FAILS),
+    # train_text_encoder (aitk/networks/text_encoders.py): a LoRA on SD / SDXL's CLIP encoders
+    Unsupported(ProcessConfig, "train.train_text_encoder",
+                lambda v, s: v is True and s.model.resolved_arch in SUPPORTED_ARCHS
+                and s.model.resolved_arch not in TEXT_ENCODER_LORA_ARCHS,
+                "training the text encoder of this model family (a text-encoder LoRA trains on "
+                f"{' / '.join(sorted(TEXT_ENCODER_LORA_ARCHS))})",
+                f"{FAILS}; set train_text_encoder: false"),
+    Unsupported(ProcessConfig, "train.train_text_encoder",
+                lambda v, s: v is True and (s.network is None or s.network.type not in TEXT_ENCODER_NETWORK_TYPES),
+                "training the text encoder with a network that is no LoRA (LoKr, LoHa, or a full fine-tune "
+                "without network:)",
+                f"{FAILS}; the text encoder trains as a LoRA: set network.type to "
+                f"{', '.join(TEXT_ENCODER_NETWORK_TYPES)}, or train_text_encoder: false"),
+    Unsupported(ProcessConfig, "train.train_text_encoder",
+                lambda v, s: v is True and (s.train.cache_text_embeddings or any(d.cache_text_embeddings for d in s.datasets)),
+                "training the text encoder with cache_text_embeddings (train: or a dataset's; cached embeddings "
+                "cannot follow a text encoder that trains, and caching releases it)",
+                f"{FAILS}; set cache_text_embeddings: false, or train_text_encoder: false"),
+    Unsupported(ProcessConfig, "train.train_text_encoder",
+                lambda v, s: v is True and bool((s.train.model_extra or {}).get("unload_text_encoder")),
+                "training the text encoder with train.unload_text_encoder (a text encoder that trains must stay "
+                "loaded)", f"{FAILS}; remove unload_text_encoder, or set train_text_encoder: false"),
+    Unsupported(ProcessConfig, "train.noise_scheduler", _refused_for(NOISE_SCHEDULERS, DDPM_NOISE_SCHEDULERS),
+                "noise_scheduler {value} on a Stable Diffusion model (SD 1.x / 2.x and SDXL train DDPM's "
+                "forward process; ai-toolkit's flowmatch would retrain the model as a flow-matching one)",
+                f"{FAILS}; use one of {', '.join(DDPM_NOISE_SCHEDULERS)} (all train the same way), "
+                "or leave it unset"),
+    Unsupported(ProcessConfig, "train.noise_scheduler", _refused_for(NOISE_SCHEDULERS, FLOW_NOISE_SCHEDULERS),
+                "noise_scheduler {value} on a flow-matching model (FLUX and WAN train with flow matching only)",
+                f"{FAILS}; use {' / '.join(FLOW_NOISE_SCHEDULERS)}, or leave it unset"),
+    Unsupported(ProcessConfig, "train.timestep_type", _refused_for(TIMESTEP_TYPES, DDPM_TIMESTEP_TYPES),
+                "timestep_type {value} on a Stable Diffusion model (DDPM timesteps; ai-toolkit's weighted is a "
+                "loss weighting made for flow-matching models)",
+                f"{FAILS}; use one of {', '.join(DDPM_TIMESTEP_TYPES)}, or leave it unset (uniform)"),
     Unsupported(TrainConfig, "train_unet", lambda v, s: v is False,
                 "train_unet: false (text-encoder-only training)", FAILS),
-    Unsupported(TrainConfig, "attention_backend", _is_set, "choosing the attention backend",
-                "it is ignored and PyTorch's scaled-dot-product attention is used"),
     Unsupported(DatasetConfig, "bucket_tolerance", lambda v, s: v != 64, "bucket_tolerance",
                 "it is ignored; buckets are the closest aspect ratio that fits inside each image"),
     Unsupported(ProcessConfig, "log_dir", _is_set, "log_dir (TensorBoard logs)",
                 "it is ignored; metrics go to metrics_<name>.jsonl in the output folder"),
-    Unsupported(ProcessConfig, "performance_log_every", _is_set, "performance_log_every",
-                "it is ignored; every step's time is in the metrics file"),
-    Unsupported(LoggingConfig, "use_wandb", _is_true, "logging to Weights & Biases",
-                "it is ignored; metrics go to metrics_<name>.jsonl in the output folder"),
-    Unsupported(LoggingConfig, "log_every", lambda v, s: v != 1, "log_every",
-                "it is ignored; every step is written to the metrics file"),
+    Unsupported(LoggingConfig, "use_wandb", lambda v, s: v is True and _not_installed("wandb"),
+                "logging to Weights & Biases without the wandb library (not installed here)",
+                f"{FAILS}; fix: pip install wandb"),
     Unsupported(ModelConfig, "dtype", _is_set, "model.dtype",
                 "it is ignored; the frozen model runs in train.dtype"),
     # FSDP (aitk/trainer/fsdp.py checks the same at start, also when the launcher asks for FSDP)
@@ -142,14 +200,11 @@ AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
         Unsupported(TrainConfig, "linear_timesteps", _truthy, "linear_timesteps",
                     "it is ignored; use timestep_type: linear"),
         Unsupported(TrainConfig, "unload_text_encoder", _truthy, "unloading the text encoder"),
-        Unsupported(TrainConfig, "bypass_guidance_embedding", _truthy, "bypass_guidance_embedding"),
         Unsupported(TrainConfig, "force_first_sample", _truthy, "force_first_sample"),
         Unsupported(TrainConfig, "diff_output_preservation", _truthy,
                     "differential output preservation"),
         Unsupported(TrainConfig, "diff_output_preservation_multiplier", _never, ""),
         Unsupported(TrainConfig, "diff_output_preservation_class", _never, ""),
-        Unsupported(TrainConfig, "xformers", _truthy, "xformers",
-                    "it is ignored; set attention_backend instead"),
         Unsupported(ModelConfig, "qtype_te", _never, ""),  # used by quantize_te
         Unsupported(ModelConfig, "inference_lora_path", _truthy, "an inference LoRA"),
         Unsupported(DatasetConfig, "mask_min_value", _never, ""),

@@ -9,7 +9,7 @@ from __future__ import annotations
 ADAPTERS: dict[str, str] = {
     "sd1": "aitk.models.sd15:SD15Adapter",
     "sd15": "aitk.models.sd15:SD15Adapter",
-    "sd2": "aitk.models.sd15:SD15Adapter",
+    "sd2": "aitk.models.sd15:SD2Adapter",
     "sdxl": "aitk.models.sdxl:SDXLAdapter",
     "flux": "aitk.models.flux:FluxAdapter",
     "flux_kontext": "aitk.models.flux:FluxKontextAdapter",
@@ -40,6 +40,34 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
 # Architectures whose adapter takes the dataset's control images (ModelAdapter.uses_controls), so
 # `aitk validate` can say that control_path is unused elsewhere without importing a model.
 CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext"})
+
+# Architectures whose denoiser has conv layers a network can wrap (network.conv; LoCon), so that
+# `aitk validate` can tell that conv alpha phases change nothing on the others.
+CONV_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})
+
+# Architectures with two experts (one network each): arch -> the expert names, in training order.
+EXPERT_ARCHS: dict[str, tuple[str, ...]] = {
+    "wan22_14b": ("high_noise", "low_noise"),
+    "wan22_14b_i2v": ("high_noise", "low_noise"),
+}
+
+
+# What each family trains with, for `aitk validate` (no model loads). ai-toolkit's DDPM-family
+# scheduler names all noise the same variance-preserving way (they differ as samplers only), so SD
+# models train DDPM's forward process under any of them; its flowmatch retrains an SD model as a
+# flow-matching one, which this version does not do. FLUX and WAN train flow matching only.
+DDPM_NOISE_SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "pndm", "lms", "euler", "euler_a")
+FLOW_NOISE_SCHEDULERS: tuple[str, ...] = ("flowmatch",)
+#: train.timestep_type values the DDPM objective draws (aitk/models/ddpm_timesteps.py)
+DDPM_TIMESTEP_TYPES: tuple[str, ...] = ("uniform", "linear", "sigmoid", "shift", "lognorm", "lognorm_blend")
+
+_DDPM_ARCHS = ("sd1", "sd15", "sd2", "sdxl")
+#: arch -> the train.noise_scheduler names it accepts (unset is always fine)
+NOISE_SCHEDULERS: dict[str, tuple[str, ...]] = {
+    arch: DDPM_NOISE_SCHEDULERS if arch in _DDPM_ARCHS else FLOW_NOISE_SCHEDULERS for arch in ADAPTERS
+}
+#: arch -> the train.timestep_type values it accepts; families not listed check theirs when training starts
+TIMESTEP_TYPES: dict[str, tuple[str, ...]] = {arch: DDPM_TIMESTEP_TYPES for arch in _DDPM_ARCHS}
 
 
 def supported_archs() -> list[str]:

@@ -164,6 +164,9 @@ class ModelAdapter(ABC):
     processor_names: tuple[str, ...] = ()
     #: attributes holding the text encoders (released after caching, quantized by quantize_te)
     text_encoder_names: tuple[str, ...] = ()
+    #: text encoder attribute -> kohya key prefix of its LoRA ("lora_te", "lora_te1"...): the
+    #: encoders train.train_text_encoder trains (aitk.networks.text_encoders); empty: none can
+    text_encoder_lora_prefixes: Mapping[str, str] = {}
     #: attributes holding the other frozen parts (VAE, image encoder): placed by aitk.models.placement
     auxiliary_names: tuple[str, ...] = ("vae",)
     #: of those, the parts a training step runs even when latents are cached (e.g. the VAE that
@@ -278,7 +281,9 @@ class ModelAdapter(ABC):
     # --- encoding ------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Text conditioning for `prompts` (no grad, on self.device)."""
+        """Text conditioning for `prompts` (on self.device). Families whose text encoders can
+        train (`text_encoder_lora_prefixes`) leave gradients to the caller, which encodes under
+        torch.no_grad() unless a text-encoder network trains (aitk.trainer.conditioning)."""
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -331,6 +336,11 @@ class ModelAdapter(ABC):
         """Pipeline arguments giving a preview's prompt and negative prompt as embeddings (used
         once the text encoders are released)."""
         return {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
+
+    def check_train_settings(self, train_cfg: Any) -> None:
+        """Raise ValueError naming the train.* key when this loaded model cannot train with it
+        (what the job file alone cannot tell, e.g. a guidance setting on a model without guidance).
+        Called once after loading, before previews and the first step."""
 
     def preview_sampler_note(self, sampler: str) -> str | None:
         """When previews cannot use `sample.sampler`, what they use instead and why (None: the

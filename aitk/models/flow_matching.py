@@ -14,6 +14,9 @@ through the type's quantile function (so z = Phi^-1(u) ~ N(0, 1)); every map ris
                        `shift` = s > 0 gives the fixed form s*u / (1 + (s - 1)*u), s = e^mu)
     lognorm            sigma = clamp(1 - exp(-z / 3) / e, 0, 1)  log-normal(0, 1/3) folded under 1:
                        mode near 0.67, mean about 0.61; leans to mid-high noise, few at the ends
+    flux_shift, lumina2_shift  as shift (ai-toolkit draws the three alike)
+    lognorm_blend      3/4 lognorm + 1/4 uniform (aitk.models.timestep_shapes)
+    weighted           as linear; the adapter weights each sample's loss (flow_timestep_types)
 `train.content_or_style` bends u first, for every type: content 1 - u^3 (mass at high noise),
 style u^3 (low noise), balanced u.
 Then sigma is mapped into [min_denoising_steps, max_denoising_steps + 1] / 1000 and kept above
@@ -29,12 +32,15 @@ import math
 import torch
 
 from aitk.config.schema import TrainConfig
+from aitk.models.flow_timestep_types import SHIFT_TYPES
+from aitk.models.timestep_shapes import content_or_style_bias, folded_lognormal, lognorm_blend, logit_normal
 
-TIMESTEP_TYPES = ("sigmoid", "linear", "uniform", "shift", "lognorm")
+TIMESTEP_TYPES = (
+    "sigmoid", "linear", "uniform", "shift", "lognorm", "flux_shift", "lumina2_shift", "lognorm_blend", "weighted"
+)
 DEFAULT_TIMESTEP_TYPE = "sigmoid"
 NUM_TRAIN_TIMESTEPS = 1000
 SIGMA_MIN = 1e-3
-_LOGNORM_STD = 1.0 / 3.0
 
 
 class FlowMatchingConfigError(ValueError):
@@ -66,14 +72,6 @@ def time_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
     return s * sigma / (1.0 + (s - 1.0) * sigma)
 
 
-def _bias(u: torch.Tensor, content_or_style: str) -> torch.Tensor:
-    if content_or_style == "content":
-        return 1.0 - u**3
-    if content_or_style == "style":
-        return u**3
-    return u
-
-
 def sample_sigmas(
     batch: int,
     train_cfg: TrainConfig,
@@ -95,17 +93,19 @@ def sample_sigmas(
         )
     # one uniform draw per sample, bent by content_or_style, then the type's quantile function:
     # the bias means the same for every type, and the same seed gives the same ranks
-    u = _bias(torch.rand(batch, generator=generator, dtype=torch.float64), train_cfg.content_or_style)
+    u = content_or_style_bias(train_cfg.content_or_style, torch.rand(batch, generator=generator, dtype=torch.float64))
     if kind == "sigmoid":
-        sigma = torch.sigmoid(torch.special.ndtri(u))
-    elif kind in ("linear", "uniform"):
+        sigma = logit_normal(u)
+    elif kind in ("linear", "uniform", "weighted"):
         sigma = u
-    elif kind == "shift":
+    elif kind in SHIFT_TYPES:
         if mu is None and shift is not None:
             mu = math.log(shift)
         sigma = time_shift(u, mu) if mu is not None else u
-    else:  # lognorm; -z so that sigma rises with u
-        sigma = (1.0 - torch.exp(-torch.special.ndtri(u) * _LOGNORM_STD) / math.e).clamp(0.0, 1.0)
+    elif kind == "lognorm_blend":
+        sigma = lognorm_blend(u)
+    else:  # lognorm
+        sigma = folded_lognormal(u)
     low = min(train_cfg.min_denoising_steps, NUM_TRAIN_TIMESTEPS - 1) / NUM_TRAIN_TIMESTEPS
     high = min(train_cfg.max_denoising_steps + 1, NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
     sigma = low + sigma.float() * (high - low)

@@ -3,14 +3,19 @@
 Training is rectified flow (aitk.models.flow_matching): x = (1 - sigma) * x0 + sigma * noise,
 target = noise - x0, the transformer gets timestep sigma (diffusers' Flux transformer multiplies
 by 1000 itself; NoisyBatch.timesteps holds 1000 * sigma, the scheduler convention).
-timestep_type "shift" uses FLUX's resolution-dependent time shift, mu = FluxPipeline's
-calculate_shift(image token count) with the scheduler's base/max shift and sequence lengths.
+timestep_type "shift" (and ai-toolkit's "flux_shift" / "lumina2_shift", the same draw there) uses
+FLUX's resolution-dependent time shift, mu = FluxPipeline's calculate_shift(image token count) with
+the scheduler's base/max shift and sequence lengths; "weighted" draws uniform sigmas and weights
+each sample's loss (aitk.models.flow_timestep_types).
 
 Latents stay (B, 16, h, w) in NoisyBatch and in predictions, so loss masks apply as for other
 models; `predict` packs them into 2x2-patch tokens with the ids FluxPipeline builds.
 
 - dev (guidance-distilled, transformer.config.guidance_embeds): trained with guidance
   model.model_kwargs.guidance (default 1.0). schnell has no guidance embedding.
+  train.bypass_guidance_embedding (Flex.1): training steps leave the guidance embedding out of the
+  conditioning vector (timestep + pooled text only; its output is replaced by zeros while the
+  transformer runs), so the guidance embedder is neither used nor trained; previews keep it.
 - model.assistant_lora_path: a LoRA (any format FluxPipeline.lora_state_dict reads) loaded by
   diffusers as the peft adapter "assistant": active while training, switched off inside
   `preview_context()`, never part of the trained network or the saved file.
@@ -21,7 +26,7 @@ models; `predict` packs them into 2x2-patch tokens with the ids FluxPipeline bui
 LoRA files (save_format comfyui / kohya): `transformer.<module path>.lora_A.weight`,
 `.lora_B.weight` and `.alpha`: diffusers' FluxPipeline.load_lora_weights reads the per-module
 alpha only next to lora_A / lora_B (with lora_down / lora_up it drops it), and ComfyUI maps the
-same names (shared/notes/lora-interop.md).
+same names (docs/lora-formats.md).
 """
 
 from __future__ import annotations
@@ -93,6 +98,20 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype,
     if first:
         ids[..., 0] = first
     return ids
+
+
+@contextmanager
+def guidance_embedding_bypassed(transformer: torch.nn.Module) -> Iterator[None]:
+    """While open, the guidance embedder's output is zeros: the conditioning vector is timestep +
+    pooled text embedding only (train.bypass_guidance_embedding), and no gradient reaches it."""
+    embedder = getattr(getattr(transformer, "time_text_embed", None), "guidance_embedder", None)
+    if embedder is None:
+        raise FluxInputError("train.bypass_guidance_embedding: this transformer has no guidance embedder")
+    handle = embedder.register_forward_hook(lambda _module, _args, output: torch.zeros_like(output))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def image_seq_shift(num_tokens: int, scheduler_config: Any) -> float:
@@ -322,6 +341,17 @@ class FluxAdapter(ModelAdapter):
         )
 
     # --- training objective --------------------------------------------------------------
+    def check_train_settings(self, train_cfg: Any) -> None:
+        from aitk.models.flow_matching import check_train_config
+
+        check_train_config(train_cfg, self.model_label)
+        if train_cfg.bypass_guidance_embedding and not self.has_guidance:
+            raise FluxInputError(
+                f"train.bypass_guidance_embedding: this {self.model_label} transformer has no guidance "
+                "embedding (transformer config guidance_embeds is false, as in FLUX.1 schnell), so there is "
+                "nothing to bypass; remove the key (it is for guidance-distilled models: FLUX.1 dev, Flex.1)"
+            )
+
     def make_noisy_batch(
         self,
         latents: torch.Tensor,
@@ -329,10 +359,11 @@ class FluxAdapter(ModelAdapter):
         generator: torch.Generator | None,
         context: BatchContext | None = None,
     ) -> NoisyBatch:
-        from aitk.models.flow_matching import check_train_config, noisy_and_target, sample_sigmas
+        from aitk.models.flow_matching import noisy_and_target, sample_sigmas
+        from aitk.models.flow_timestep_types import weighted_loss
         from aitk.trainer.loss import apply_noise_offset
 
-        check_train_config(train_cfg, self.model_label)
+        self.check_train_settings(train_cfg)
         b, _, h, w = latents.shape
         if h % 2 or w % 2:
             raise FluxInputError(f"FLUX latents need an even height and width, got {h}x{w}")
@@ -343,7 +374,10 @@ class FluxAdapter(ModelAdapter):
         noise = apply_noise_offset(noise, train_cfg.noise_offset, generator).to(latents.device)
         noisy, target = noisy_and_target(latents, noise, sigma)
         extra = self._batch_extra(latents, context)
-        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, None, extra)
+        if train_cfg.bypass_guidance_embedding:
+            extra["bypass_guidance"] = True
+        weights = weighted_loss(sigma) if (train_cfg.timestep_type or "").lower() == "weighted" else None
+        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, weights, extra)
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
@@ -384,16 +418,18 @@ class FluxAdapter(ModelAdapter):
         guidance = None
         if self.has_guidance:
             guidance = torch.full((b,), self.train_guidance, device=x.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=tokens,
-            timestep=(batch.timesteps / 1000.0).to(x.device, self.dtype),
-            guidance=guidance,
-            pooled_projections=cond.extra["pooled"].to(self.device, self.dtype),
-            encoder_hidden_states=hidden,
-            txt_ids=txt_ids,
-            img_ids=ids,
-            return_dict=False,
-        )[0]
+        bypass = batch.extra.get("bypass_guidance", False)
+        with guidance_embedding_bypassed(self.transformer) if bypass else nullcontext():
+            out = self.transformer(
+                hidden_states=tokens,
+                timestep=(batch.timesteps / 1000.0).to(x.device, self.dtype),
+                guidance=guidance,
+                pooled_projections=cond.extra["pooled"].to(self.device, self.dtype),
+                encoder_hidden_states=hidden,
+                txt_ids=txt_ids,
+                img_ids=ids,
+                return_dict=False,
+            )[0]
         n = (h // 2) * (w // 2)  # the target's tokens come first; reference tokens are not predicted
         return unpack_latents(out[:, :n], h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
 

@@ -18,6 +18,7 @@ them and their state on the device.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,6 +227,10 @@ class BlockOffloader:
         self.resident_count = 0
         self.max_resident = 0
         self.fetches = 0
+        #: performance_log_every: time the host->device copies (take_copy_seconds reads them)
+        self.time_copies = False
+        self._copy_seconds = 0.0
+        self._copy_events: list[tuple[Any, Any]] = []  # CUDA: (start, end) on the copy stream
         self._handles = [blocks[b.index].register_forward_pre_hook(self._before_block) for b in self.blocks]
         self._hook_context: Any = None
         if self.blocks:
@@ -271,6 +276,7 @@ class BlockOffloader:
         stream = self.copy_stream
         context = torch.cuda.stream(stream) if stream is not None else nullcontext()
         copies: dict[tuple[int, ...], torch.Tensor] = {}
+        timing = self._start_copy_timing() if self.time_copies else None
         with context:
             for i, ((owner, kind, key), host) in enumerate(zip(block.entries, block.host)):
                 tied = same_data_key(host)
@@ -284,10 +290,38 @@ class BlockOffloader:
             if stream is not None:
                 block.ready = torch.cuda.Event()
                 block.ready.record(stream)
+        if timing is not None:
+            self._end_copy_timing(timing)
         block.resident = True
         self.resident_count += 1
         self.max_resident = max(self.max_resident, self.resident_count)
         self.fetches += 1
+
+    def _start_copy_timing(self) -> Any:
+        """CUDA copies run on the side stream (overlapping compute): timed there by events, so
+        timing does not stall the host; CPU copies are timed by the clock."""
+        if self.copy_stream is None:
+            return time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.copy_stream)
+        return start
+
+    def _end_copy_timing(self, started: Any) -> None:
+        if self.copy_stream is None:
+            self._copy_seconds += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self.copy_stream)
+        self._copy_events.append((started, end))
+
+    def take_copy_seconds(self) -> float:
+        """Seconds of host->device copies since the last call (waits for CUDA copies in flight)."""
+        total, self._copy_seconds = self._copy_seconds, 0.0
+        for start, end in self._copy_events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1000.0
+        self._copy_events.clear()
+        return total
 
     def _remember_storage(self, tensor: torch.Tensor, position: int, entry: int) -> None:
         try:

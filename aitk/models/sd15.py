@@ -31,18 +31,10 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def timestep_bias(content_or_style: str, u: torch.Tensor) -> torch.Tensor:
-    """Map uniform u in [0,1) to a biased fraction: content favours high noise, style low noise."""
-    if content_or_style == "content":
-        return 1.0 - u**3
-    if content_or_style == "style":
-        return u**3
-    return u
-
-
 class SD15Adapter(ModelAdapter):
-    arch_names = ("sd1", "sd15", "sd2")
+    arch_names = ("sd1", "sd15")
     text_encoder_names = ("text_encoder",)
+    text_encoder_lora_prefixes = {"text_encoder": "lora_te"}  # kohya's SD 1.x / 2.x names
     bucket_divisibility = 64
     lora_prefix = "lora_unet"
     base_model_version = "sd_v1"
@@ -229,7 +221,7 @@ class SD15Adapter(ModelAdapter):
         return self.noise_scheduler.config.prediction_type
 
     # --- encoding ------------------------------------------------------------------------
-    @torch.no_grad()
+    # no torch.no_grad() here: with train.train_text_encoder the conditioner encodes with gradients
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         ids = self.tokenizer(
             prompts,
@@ -266,17 +258,14 @@ class SD15Adapter(ModelAdapter):
         generator: torch.Generator | None,
         context: BatchContext | None = None,
     ) -> NoisyBatch:
+        from aitk.models.ddpm_timesteps import draw_timesteps
         from aitk.trainer.loss import apply_noise_offset, min_snr_weights
 
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
         noise = apply_noise_offset(noise, train_cfg.noise_offset, generator)
         num_train = self.noise_scheduler.config.num_train_timesteps
-        low = min(train_cfg.min_denoising_steps, num_train - 1)
-        high = min(train_cfg.max_denoising_steps, num_train - 1)
-        u = torch.rand(batch, generator=generator)
-        fraction = timestep_bias(train_cfg.content_or_style, u)
-        timesteps = (low + fraction * (high - low + 1)).long().clamp(low, high).to(latents.device)
+        timesteps = draw_timesteps(batch, train_cfg, generator, num_train, self.model_label).to(latents.device)
 
         latents = latents.to(torch.float32)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -344,3 +333,23 @@ class SD15Adapter(ModelAdapter):
             latents = latents / self.vae.config.scaling_factor
         pixels = self.vae.decode(latents).sample
         return common.pixels_to_pil(pixels, self.vae_scale_factor)
+
+
+class SD2Adapter(SD15Adapter):
+    """Stable Diffusion 2.x: SD 1's pipeline with an OpenCLIP text encoder; only the LoRA files'
+    metadata tells it apart here. The prediction type comes from the model's scheduler config
+    (v for the 768 models, epsilon for the 512 base) or `model.is_v_pred`."""
+
+    arch_names = ("sd2",)
+    #: the 512 base (epsilon): kohya's ss_base_model_version, the SAI model spec architecture
+    base_model_version = "sd_v2"
+    modelspec_architecture = "stable-diffusion-v2-512/lora"
+    #: the same for the 768 v-prediction model
+    v_prediction_names = ("sd_v2_v", "stable-diffusion-v2-768-v/lora")
+
+    def bind(self, parts: Any, configs: PartConfigs) -> None:
+        super().bind(parts, configs)
+        cls = type(self)
+        v_model = self.prediction_type == "v_prediction"
+        names = self.v_prediction_names if v_model else (cls.base_model_version, cls.modelspec_architecture)
+        self.base_model_version, self.modelspec_architecture = names

@@ -85,6 +85,7 @@ class SDXLAdapter(SD15Adapter):
         return [self.text_encoder, self.text_encoder_2]
 
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    text_encoder_lora_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}  # kohya's SDXL names
 
     def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
         return {
@@ -121,7 +122,7 @@ class SDXLAdapter(SD15Adapter):
         )
 
     # --- encoding ------------------------------------------------------------------------
-    @torch.no_grad()
+    # no torch.no_grad() here: with train.train_text_encoder the conditioner encodes with gradients
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         # The pipeline's own encoding (penultimate hidden states of both encoders, concatenated;
         # text_encoder_2's projected pooled output), so training sees exactly what previews and

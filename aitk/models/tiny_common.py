@@ -145,13 +145,13 @@ def tiny_autoencoder_kl(latent_channels: int, **kwargs: Any) -> Any:
     )
 
 
-def tiny_unet(**kwargs: Any) -> Any:
-    """A two-level UNet2DConditionModel over 4-channel 8x8 latents (64 px images through the tiny
-    VAE); `kwargs` gives the blocks and conditioning of the model it stands for."""
+def tiny_unet(sample_size: int = 8, **kwargs: Any) -> Any:
+    """A two-level UNet2DConditionModel over 4-channel latents of `sample_size` (8: 64 px images
+    through the tiny VAE); `kwargs` gives the blocks and conditioning of the model it stands for."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),

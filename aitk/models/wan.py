@@ -28,6 +28,7 @@ from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models import common
 from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
+from aitk.models.flow_timestep_types import weighted_loss
 from aitk.models.sd15 import ModelLoadError
 from aitk.models.wan_flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
 from aitk.models.wan_keys import is_block_target, lora_key_stem
@@ -457,7 +458,10 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
                     # latents (a close VAE round trip) so cached latents work too
                     first = self._decode_pixels(latents)[:, :, 0]
                 extra["image_embeds"] = self.image_embeds(to_pil(first)).to(self.dtype)
-        return NoisyBatch(noisy.to(self.dtype), timesteps, target, None, extra)
+        weights = None
+        if (train_cfg.timestep_type or "").lower() == "weighted":  # uniform draws, loss weighted by noise level
+            weights = weighted_loss(timesteps / NUM_TRAIN_TIMESTEPS)
+        return NoisyBatch(noisy.to(self.dtype), timesteps, target, weights, extra)
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool

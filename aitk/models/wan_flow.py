@@ -9,6 +9,10 @@ min/max_denoising_steps) is exact and costs no rejection loop: u is drawn unifor
 the same numbers, since each sample costs exactly one uniform from the trainer's generator.
 
 Timesteps are sigma * 1000 (what WAN's transformer and diffusers' flow schedulers use).
+ai-toolkit's further types (aitk.models.flow_timestep_types): flux_shift and lumina2_shift are
+"shift" (WAN's scheduler has no resolution-dependent shift, so both use the flow shift),
+lognorm_blend the log-normal / uniform mixture, weighted uniform draws whose loss the adapter
+weights.
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ import math
 
 import torch
 
+from aitk.models.flow_timestep_types import SHIFT_TYPES, lognorm_blend_cdf
+from aitk.models.timestep_shapes import lognorm_blend
+
 NUM_TRAIN_TIMESTEPS = 1000
 #: timestep_type when the job leaves it unset: uniform draws, shifted like WAN's 480p schedule
 DEFAULT_TIMESTEP_TYPE = "shift"
 #: flow shift when neither model.model_kwargs.flow_shift nor the model's scheduler gives one
 DEFAULT_FLOW_SHIFT = 3.0
 
-TIMESTEP_TYPES = ("sigmoid", "linear", "uniform", "shift", "lognorm", "weighted")
+TIMESTEP_TYPES = (
+    "sigmoid", "linear", "uniform", "shift", "lognorm", "weighted", "flux_shift", "lumina2_shift", "lognorm_blend"
+)
 
 
 def _shift(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -78,10 +87,10 @@ class FlowTimesteps:
     """The training-sigma distribution of one job.
 
     The shapes are those of aitk.models.flow_matching (FLUX), so a job means the same there:
-    sigmoid = sigmoid of a standard normal (mid noise levels most; "weighted" is read as it);
-    linear / uniform = uniform sigmas; shift = uniform sigmas through the flow shift (WAN's
-    default); lognorm = the folded log-normal (mean about 0.61). content_or_style biases every
-    shape here (FLUX: linear and shift only).
+    sigmoid = sigmoid of a standard normal (mid noise levels most); linear / uniform / weighted =
+    uniform sigmas; shift / flux_shift / lumina2_shift = uniform sigmas through the flow shift
+    (WAN's default); lognorm = the folded log-normal (mean about 0.61); lognorm_blend = 3/4 of it,
+    1/4 uniform. content_or_style biases every shape.
     """
 
     def __init__(self, timestep_type: str | None, flow_shift: float, content_or_style: str = "balanced") -> None:
@@ -97,23 +106,27 @@ class FlowTimesteps:
     def sigma(self, u: torch.Tensor) -> torch.Tensor:
         """G(u): the sigma of uniform draws u (float64 for exact range ends)."""
         f = _bias(self.bias, u)
-        if self.kind in ("sigmoid", "weighted"):
+        if self.kind == "sigmoid":
             return _logit_normal(f)
-        if self.kind == "shift":
+        if self.kind in SHIFT_TYPES:
             return _shift(f, self.shift)
         if self.kind == "lognorm":
             return _folded_lognormal(f)
+        if self.kind == "lognorm_blend":
+            return lognorm_blend(f)
         return f
 
     def quantile_of(self, sigma: float) -> float:
         """G^-1(sigma): the u at which the distribution reaches `sigma`."""
         s = torch.tensor(min(max(sigma, 0.0), 1.0), dtype=torch.float64)
-        if self.kind in ("sigmoid", "weighted"):
+        if self.kind == "sigmoid":
             f = _logit_normal_inv(s)
-        elif self.kind == "shift":
+        elif self.kind in SHIFT_TYPES:
             f = _unshift(s, self.shift)
         elif self.kind == "lognorm":
             f = _folded_lognormal_inv(s)
+        elif self.kind == "lognorm_blend":
+            f = lognorm_blend_cdf(s)
         else:
             f = s
         return float(_bias_inv(self.bias, f).clamp(0.0, 1.0))

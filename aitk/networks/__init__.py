@@ -2,7 +2,7 @@
 targeting, export formats, loading files back and merging them into a model.
 
 Import the submodules directly (aitk.networks.lora, .lycoris, .build, .export, .lycoris_files,
-.merge, .metadata, .targets); this package
+.merge, .metadata, .targets, .text_encoders); this package
 re-exports the main entry points lazily so `import aitk.networks` pulls in neither peft nor
 safetensors.
 """
@@ -17,6 +17,7 @@ _EXPORTS = {
     "LycorisHandle": "aitk.networks.lycoris",
     "inject_lycoris": "aitk.networks.lycoris",
     "build_network": "aitk.networks.build",
+    "build_text_encoder_networks": "aitk.networks.text_encoders",
     "load_network_file": "aitk.networks.export",
     "merge_network_file": "aitk.networks.merge",
     "select_targets": "aitk.networks.lora",

@@ -24,6 +24,12 @@ diffusers (save_format "diffusers"):
 LoKr / LoHa are written in the LyCORIS key layout (aitk.networks.lycoris_files) for every
 save_format: diffusers' load_lora_weights loads neither, so there is no diffusers layout for them.
 `load_network_file` reads any of these files back into a network of the same configuration.
+
+Text-encoder networks (`save_lora(..., text_encoders=...)`, aitk.networks.text_encoders) go into
+the same file: kohya stems `lora_te_text_model_...` (SD 1.x / 2.x) or `lora_te1_` / `lora_te2_`
+(SDXL) with the same weight names and `.alpha`; in the diffusers layout `text_encoder.<path>` /
+`text_encoder_2.<path>` keys, their LoRA configs in the same metadata entry under those prefixes
+(diffusers' own layout for a pipeline's LoRA).
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ import collections
 import json
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from aitk.fsutil import atomic_write_bytes
 from aitk.networks.lora import NetworkHandle
+from aitk.networks.text_encoders import TextEncoderNaming
+
+#: a text-encoder network and how its keys are named, for `save_lora`
+TextEncoderPart = tuple[NetworkHandle, TextEncoderNaming]
 
 __all__ = [
     "SAVE_FORMATS",
@@ -55,6 +65,7 @@ __all__ = [
     "network_lora_config",
     "load_network_file",
     "config_alphas",
+    "text_encoder_tensors",
 ]
 
 SAVE_FORMATS = ("comfyui", "kohya", "diffusers")
@@ -187,12 +198,20 @@ def network_to_diffusers(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """PEFT keys "<prefix>.<path>.lora_A.weight" / lora_B (DoRA: + lora_magnitude_vector) and
     metadata with the LoRA config. LoKr / LoHa raise ValueError (no diffusers layout)."""
+    tensors, cfg = _diffusers_part(handle, prefix, dtype)
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def _diffusers_part(
+    handle: NetworkHandle, prefix: str, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """One network's PEFT tensors and LoRA config, both keyed "<prefix>.<name>"."""
     if handle.algo not in ("lora", "dora"):
         raise ValueError(f"{handle.algo} networks have no diffusers (PEFT) layout; write the LyCORIS layout")
     tensors = {f"{prefix}.{k}": _to_file(t, dtype) for k, t in handle.named_trainable_parameters().items()}
     cfg = {f"{prefix}.{k}": v for k, v in network_lora_config(handle).items()}
-    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
-    return tensors, metadata
+    return tensors, cfg
 
 
 def kohya_to_network_state(
@@ -295,6 +314,7 @@ def save_lora(
     diffusers_prefix: str = "unet",
     key_for: KeyFor | None = None,
     weight_names: tuple[str, str] | None = None,
+    text_encoders: Sequence[TextEncoderPart] = (),
 ) -> Path:
     """Write the network to a .safetensors file (atomically) and return its path.
 
@@ -302,6 +322,7 @@ def save_lora(
     from `key_for` when given, weight names `weight_names` (None: lora_down / lora_up; the
     trainer passes the model adapter's `lora_weight_names`);
     "diffusers": PEFT keys under `diffusers_prefix` plus the LoRA config in the metadata.
+    `text_encoders`: text-encoder networks written beside the denoiser's (module docstring).
     `metadata` (all values str) is added to the file's header.
     """
     fmt = str(save_format).lower()
@@ -318,6 +339,10 @@ def save_lora(
         if weight_names is None:
             weight_names = KOHYA_WEIGHT_NAMES
         tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for, weight_names=weight_names)
+        for te_handle, naming in text_encoders:
+            _add_distinct(
+                tensors, network_to_kohya(te_handle, dtype=dtype, key_for=naming.key_stem, weight_names=weight_names)
+            )
         header: dict[str, str] = {"format": "pt"}
         # only plain LoRA files load in diffusers' kohya converter (it drops dora_scale, skips LyCORIS)
         kohya_lora = prefix.startswith("lora_unet") and handle.algo == "lora"
@@ -331,7 +356,12 @@ def save_lora(
                 stacklevel=2,
             )
     else:
-        tensors, header = network_to_diffusers(handle, prefix=diffusers_prefix, dtype=dtype)
+        tensors, cfg = _diffusers_part(handle, diffusers_prefix, dtype)
+        for te_handle, naming in text_encoders:
+            te_tensors, te_cfg = _diffusers_part(te_handle, naming.encoder, dtype)
+            _add_distinct(tensors, te_tensors)
+            cfg.update(te_cfg)
+        header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True)}
     for k, v in (metadata or {}).items():
         if not isinstance(v, str):
             raise TypeError(f"metadata value of {k!r} must be str, got {type(v).__name__}")
@@ -342,6 +372,20 @@ def save_lora(
 
     data = safetensors_bytes_with_hashes(tensors, header)  # + sshs_model_hash, sshs_legacy_hash, modelspec.hash_sha256
     return atomic_write_bytes(path, data)
+
+
+def text_encoder_tensors(tensors: dict[str, torch.Tensor], naming: TextEncoderNaming) -> dict[str, torch.Tensor]:
+    """One text encoder's keys in a LoRA file: kohya `<prefix>_...` or diffusers `<encoder>....`."""
+    starts = (naming.prefix + "_", naming.encoder + ".")
+    return {k: v for k, v in tensors.items() if k.startswith(starts)}
+
+
+def _add_distinct(tensors: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> None:
+    """Add `more` to `tensors`; a key both hold would lose one network's weights."""
+    clash = sorted(set(tensors) & set(more))
+    if clash:
+        raise ValueError(f"two networks write the same LoRA keys, e.g. {clash[:3]}")
+    tensors.update(more)
 
 
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -56,6 +56,7 @@ PROTECTED_KEYS = frozenset(
         "ss_network_alpha",
         "ss_network_args",
         "ss_base_model_version",
+        "ss_v2",
         "ss_steps",
         "modelspec.sai_model_spec",
         "modelspec.architecture",
@@ -137,6 +138,8 @@ def _settings_keys(settings: Mapping[str, Any]) -> dict[str, str]:
     if settings.get("train_text_encoder"):
         te = settings.get("text_encoder_lr")
         put("ss_text_encoder_lr", te if te is not None else lr)
+    if "train_text_encoder" in settings:  # kohya's flag: the file holds no text-encoder LoRA
+        out["ss_network_train_unet_only"] = str(not settings["train_text_encoder"])
     if "optimizer" in settings:
         out["ss_optimizer"] = _optimizer_text(settings["optimizer"], settings.get("optimizer_params"))
     put("ss_lr_scheduler", settings.get("lr_scheduler"))
@@ -211,6 +214,8 @@ def lora_metadata(
         "ss_network_alpha": _num(float(network_alpha)),
         "ss_network_args": json.dumps(net_args),
         "ss_base_model_version": str(base_model_version),
+        # kohya writes it for every model: "True" only for SD 2.x (sd_v2 / sd_v2_v)
+        "ss_v2": str(str(base_model_version).startswith("sd_v2")),
         "ss_output_name": str(name),
         "ss_steps": _num(int(steps)),
         "ss_resolution": f"({width}, {height})",

@@ -9,6 +9,9 @@ Chosen like kohya's sd-scripts networks/lora.py, so files match what users and l
 Never targeted: conv_in, conv_out, time_embedding.linear_1/2, add_embedding (kohya leaves them
 alone too). Every targeted name converts correctly in diffusers' kohya loader and in ComfyUI
 (checked by tests/test_networks_export.py for the tiny SD 1.5 UNet).
+- Text encoders (train.train_text_encoder): every Linear inside CLIP's attention and MLP blocks,
+  q_proj / k_proj / v_proj / out_proj, fc1, fc2 (kohya's text-encoder targets); never the token /
+  position embeddings or SDXL's text_projection.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from aitk.networks.lora import eligible_modules
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
 #: block classes added for LoCon (conv layers)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+#: block classes of a CLIP text encoder whose Linear children a text-encoder LoRA wraps
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
 def _names_under(module: nn.Module, class_names: tuple[str, ...]) -> set[str]:
@@ -40,3 +45,9 @@ def unet_lora_candidates(unet: nn.Module, include_conv: bool) -> list[str]:
     if include_conv:
         wanted |= _names_under(unet, UNET_CONV_BLOCKS)
     return [n for n in eligible_modules(unet) if n in wanted]
+
+
+def text_encoder_lora_candidates(text_encoder: nn.Module) -> list[str]:
+    """Module names of a CLIP text encoder that a text-encoder LoRA wraps, model order."""
+    wanted = _names_under(text_encoder, TEXT_ENCODER_BLOCKS)
+    return [n for n in eligible_modules(text_encoder) if n in wanted]

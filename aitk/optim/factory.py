@@ -335,6 +335,13 @@ def build_optimizer(
         ) from e
 
 
+def text_encoder_param_group(params: list[torch.nn.Parameter], train_cfg: Any) -> dict[str, Any]:
+    """The param group of the text-encoder networks (train.train_text_encoder): its own learning
+    rate, train.text_encoder_lr, else train.lr (kohya's default; train.unet_lr is the denoiser's)."""
+    lr = train_cfg.text_encoder_lr if train_cfg.text_encoder_lr is not None else train_cfg.lr
+    return {"params": list(params), "lr": float(lr)}
+
+
 # ----------------------------------------------------------------------------------------------
 # learning-rate schedulers
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Alpha scheduling: phases of LoRA alpha that advance when the loss has plateaued.
 
-Spec: shared/spec/alpha-schedule.md. The trainer builds one AlphaScheduler per process with
+Behaviour: docs/alpha-scheduling.md. The trainer builds one AlphaScheduler per process with
 `AlphaScheduler.from_config`, calls `observe` after every optimizer step, applies `alphas()` to the
 network when a Transition comes back, writes `metrics_fields()` into the metrics line and saves
 `state_dict()` with each checkpoint. Nothing here touches torch, so `aitk schedule replay` can run

@@ -1,5 +1,10 @@
 """Text conditioning for training batches: encoded once per caption, kept in an LRU in memory,
-and (with cache_text_embeddings) precomputed for every caption and kept on disk."""
+and (with cache_text_embeddings) precomputed for every caption and kept on disk.
+
+When text-encoder networks train (train.train_text_encoder), every batch is encoded afresh with
+gradients and nothing is kept: the embeddings change with every step. The trained encoders are in
+train mode only while they encode (network dropout); previews and everything else see them in
+eval mode."""
 
 from __future__ import annotations
 
@@ -39,6 +44,14 @@ class PromptConditioner:
         self.text_cache = text_cache  # aitk.data.text_cache.TextEmbeddingCache or None
         self.encoding = encoding
         self._lru: OrderedDict[str, PromptEmbeds] = OrderedDict()
+        self.trained_encoders: list[torch.nn.Module] = []  # set by `train_text_encoders`
+
+    def train_text_encoders(self, encoders: list[torch.nn.Module]) -> None:
+        """From now on encode with gradients through `encoders` (their networks train)."""
+        if encoders and self.text_cache is not None:
+            raise ValueError("cached text embeddings cannot train the text encoder")
+        self.trained_encoders = list(encoders)
+        self._lru.clear()
 
     def precompute(self, captions: list[str], progress: Callable[[int], None] | None = None) -> int:
         """Encode every caption the text cache lacks; returns how many were encoded."""
@@ -46,7 +59,7 @@ class PromptConditioner:
         missing = self.text_cache.missing(captions)
         if not missing:
             return 0
-        with self.encoding():
+        with self.encoding(), torch.no_grad():
             for caption in missing:  # one per call, exactly as __call__ encodes (see there)
                 single = self.adapter.encode_prompts([caption])
                 self.text_cache.put(caption, {k: v.cpu() for k, v in _to_tensors(single).items()})
@@ -64,7 +77,26 @@ class PromptConditioner:
                 return _from_tensors(tensors).to(self.adapter.device)
         return None
 
+    def _encode_trained(self, captions: list[str]) -> PromptEmbeds:
+        """Every caption through the training text encoders, with gradients, nothing kept."""
+        unique = list(dict.fromkeys(captions))
+        for encoder in self.trained_encoders:
+            encoder.train()
+        try:
+            with self.encoding():
+                found = {caption: self.adapter.encode_prompts([caption]) for caption in unique}
+        finally:
+            for encoder in self.trained_encoders:
+                encoder.eval()
+        return PromptEmbeds.cat([found[caption] for caption in captions])
+
     def __call__(self, captions: list[str]) -> PromptEmbeds:
+        if self.trained_encoders:
+            return self._encode_trained(captions)
+        with torch.no_grad():
+            return self._frozen(captions)
+
+    def _frozen(self, captions: list[str]) -> PromptEmbeds:
         found = {caption: self._lookup(caption) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, embeds in found.items() if embeds is None]
         # One caption per call: batched matmuls give slightly different rows for different batch

@@ -25,6 +25,8 @@ from aitk.trainer.saving import TrainerSaving
 from aitk.trainer.session import RunPaths
 from aitk.trainer.setup import TrainerSetup
 from aitk.trainer.state import TrainerState
+from aitk.trainer.step_report import StepReporter
+from aitk.trainer.step_timer import StepTimer
 from aitk.trainer.stop import StopController
 from aitk.trainer.control import CONTROL_REQUESTS, ControlRequests
 
@@ -66,8 +68,12 @@ class Trainer(TrainerSetup, TrainerSaving):
         self.paths = RunPaths(Path(process.training_folder) / job.config.name, job.config.name)
         self.state = TrainerState()
         self.text_encoders_released = False
+        self.update_skipped = False  # the last step's update was skipped (not finite / fp16 overflow)
+        self.loss_scale: float | None = None  # fp16: the GradScaler scale the last step ran with
         self.controls = ControlRequests(self.paths.root / "control")
         self.requests: set[str] = set()
+        self.timer = StepTimer(False, torch.device("cpu"))  # performance_log_every: set in _run
+        self.wandb: Any = None  # logging.use_wandb: the WandbRun (main process)
 
     # ------------------------------------------------------------------ status
     def _set_status(self, **fields: Any) -> None:
@@ -78,35 +84,40 @@ class Trainer(TrainerSetup, TrainerSaving):
     def _micro_step(self, scale: float) -> tuple[float, int]:
         from aitk.trainer.loss import diffusion_loss, latent_mask
 
-        batch = self.data.next_batch()
-        with self.placement.using(*self.step_parts):  # parked (low_vram) VAE etc. come in for this
-            if batch.latents is not None:
-                latents = batch.latents.to(self.session.device)
-            else:
-                latents = self.adapter.encode_images(batch.pixels)
-            noisy = self.adapter.make_noisy_batch(
-                latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
+        timer = self.timer
+        with timer.phase("data"):
+            batch = self.data.next_batch()
+        with timer.phase("forward"):  # the encoders (when not cached), the denoiser and the loss
+            with self.placement.using(*self.step_parts):  # parked (low_vram) VAE etc. come in for this
+                if batch.latents is not None:
+                    latents = batch.latents.to(self.session.device)
+                else:
+                    latents = self.adapter.encode_images(batch.pixels)
+                noisy = self.adapter.make_noisy_batch(
+                    latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
+                )
+            cond = self.conditioner(batch.captions)
+            weights = batch.loss_multiplier.to(self.session.device)
+            if noisy.loss_weights is not None:
+                weights = weights * noisy.loss_weights
+            with self.session.autocast():
+                prediction = self.adapter.predict(noisy, cond)
+            mask = None
+            if batch.masks is not None:
+                mask = latent_mask(batch.masks.to(self.session.device), noisy.target)
+            loss = diffusion_loss(
+                prediction.float(),
+                noisy.target.float(),
+                loss_type=self.train_cfg.loss_type,
+                huber_c=self.train_cfg.huber_c,
+                sample_weights=weights,
+                mask=mask,
             )
-        cond = self.conditioner(batch.captions)
-        weights = batch.loss_multiplier.to(self.session.device)
-        if noisy.loss_weights is not None:
-            weights = weights * noisy.loss_weights
-        with self.session.autocast():
-            prediction = self.adapter.predict(noisy, cond)
-        mask = None
-        if batch.masks is not None:
-            mask = latent_mask(batch.masks.to(self.session.device), noisy.target)
-        loss = diffusion_loss(
-            prediction.float(),
-            noisy.target.float(),
-            loss_type=self.train_cfg.loss_type,
-            huber_c=self.train_cfg.huber_c,
-            sample_weights=weights,
-            mask=mask,
-        )
-        scaled = loss * scale
-        (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
-        return loss.item(), latents.shape[0]
+        with timer.phase("backward"):
+            scaled = loss * scale
+            (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
+            value = loss.item()
+        return value, latents.shape[0]
 
     def _batch_context(self, batch: Any) -> BatchContext:
         device = self.session.device
@@ -171,7 +182,12 @@ class Trainer(TrainerSetup, TrainerSaving):
             loss, count = self._micro_step(1.0 / accumulation)
             losses.append(loss)
             samples += count
-        mean_loss, stop = self._sync(sum(losses) / len(losses))
+        with self.timer.phase("optimizer"):  # the all-reduce, clipping, the update, EMA, the schedule
+            return self._apply_update(sum(losses) / len(losses), samples)
+
+    def _apply_update(self, loss: float, samples: int) -> tuple[float, float, list[float], int, bool, float | None]:
+        """The optimizer step of the accumulated gradients (skipped when not finite)."""
+        mean_loss, stop = self._sync(loss)
         stability: float | None = None
         scaler = self.grad_scaler
         if scaler is not None:
@@ -182,6 +198,8 @@ class Trainer(TrainerSetup, TrainerSaving):
         ).item()
         # With fp16 loss scaling an overflowing gradient is routine: the scaler skips that update
         # and lowers its scale. Anything else non-finite is a bad step.
+        self.loss_scale = scaler.get_scale() if scaler is not None else None
+        self.update_skipped = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
         if not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm)):
             # Skip the update so one bad batch cannot poison the weights; the checkpoint stays good.
             self.optimizer.zero_grad(set_to_none=True)
@@ -197,6 +215,13 @@ class Trainer(TrainerSetup, TrainerSaving):
                     f"the loss was not finite for {MAX_NONFINITE_IN_A_ROW} steps in a row; lower "
                     "train.lr, set train.max_grad_norm, or use train.dtype fp32/bf16 instead of fp16"
                 )
+        elif self.update_skipped:  # fp16 overflow (unscale_ found inf / NaN): GradScaler's skip
+            self.optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            self.log(
+                f"warning: step {self.state.step}: fp16 gradient overflow at loss scale {self.loss_scale:g}; "
+                f"the update was skipped and the scale lowered to {scaler.get_scale():g}"
+            )
         else:
             self.state.nonfinite_in_a_row = 0
             reports_stability = hasattr(self.optimizer, "last_gradient_stability")
@@ -270,6 +295,8 @@ class Trainer(TrainerSetup, TrainerSaving):
                     prompt_kwargs=self._cached_prompt_kwargs if self.text_encoders_released else None,
                 )
             self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
+            if self.wandb is not None:
+                self.wandb.log_previews(paths, [r.prompt for r in self.preview_requests], step)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a preview size
             self.log(f"warning: samples for step {step} failed ({type(exc).__name__}: {exc}); training goes on")
         finally:
@@ -288,12 +315,41 @@ class Trainer(TrainerSetup, TrainerSaving):
         except BaseException as exc:
             if getattr(self, "status", None) is not None:
                 self._set_status(state="error", error=str(exc) or type(exc).__name__, force=True)
+            self._finish_wandb(1, "error")
             raise
         finally:
             if getattr(self, "data", None) is not None:
                 self.data.close()
             if getattr(self, "log", None) is not None:
                 self.log.close()
+
+    def _finish_wandb(self, exit_code: int, state: str) -> None:
+        if self.wandb is not None:
+            wandb_run, self.wandb = self.wandb, None
+            wandb_run.finish(exit_code, state)
+
+    def _start_reporting(self, resumed: bool) -> None:
+        """The step timer (performance_log_every), W&B (logging.use_wandb) and the verbose set-up
+        lines; only the main process reports."""
+        main = self.session.is_main
+        self.timer = StepTimer(
+            main and self.process.performance_log_every is not None, self.session.device,
+            offloaders=lambda: [p.offloader for p in self.placement.parts.values() if p.offloader is not None],
+        )
+        logging_cfg = self.process.logging
+        if main and logging_cfg.verbose:
+            from aitk.trainer.setup_report import setup_lines
+
+            for line in setup_lines(self):
+                self.log(line)
+        if main and logging_cfg.use_wandb:
+            from aitk.trainer.wandb_run import WandbRun
+
+            self.wandb = WandbRun.start(
+                root=self.paths.root, job_name=self.job.config.name, project=logging_cfg.project_name,
+                run_name=logging_cfg.run_name, config=self.job.model_dump(mode="json"), resumed=resumed,
+                log=self.log,
+            )
 
     def _wait_for_everyone(self) -> None:
         """Processes leave together: a process that exits while the main one is still saving or
@@ -326,14 +382,19 @@ class Trainer(TrainerSetup, TrainerSaving):
             "step_time_s": step_time,
             "samples_per_s": samples / step_time if step_time > 0 else None,
             "expert": expert,
-            # spec/metrics.md: the mean over trainable elements (groups weighted by their size)
+            # docs/outputs.md: the mean over trainable elements (groups weighted by their size)
             "learning_rate": sum(lr * n for lr, n in zip(lrs, sizes)) / max(1, sum(sizes)),
             **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
             **health,  # gradient_stability(_avg), alpha_enabled and the phase fields
+            "update_skipped": self.update_skipped,
+            **({"loss_scale": self.loss_scale} if self.loss_scale is not None else {}),
         }
 
     def _run(self) -> RunResult:
         self._setup()
+        if self.grad_scaler is not None:  # fp16: GradScaler unscales fp32 gradients only, so the
+            for param in self.params:  # trained weights are fp32 masters (the fp16 base runs in autocast)
+                param.data = param.data.float()
         resumed = self._resume()
         total = self.train_cfg.steps
         if resumed and self.state.step >= total:
@@ -349,6 +410,7 @@ class Trainer(TrainerSetup, TrainerSaving):
             if self.session.is_main
             else None
         )
+        self._start_reporting(resumed)
         if self.data.needs_latent_cache:
             self._set_status(state="caching")
             with self.placement.using(*self.adapter.latent_encoder_names):
@@ -364,6 +426,15 @@ class Trainer(TrainerSetup, TrainerSaving):
             total=total, initial=self.state.step, disable=not self.session.is_main,
             dynamic_ncols=True, unit="step",
         )
+        logging_cfg = self.process.logging
+        reporter = StepReporter(
+            metrics=metrics, log=self.log,
+            show_loss=lambda loss, lr: bar.set_postfix(
+                loss="n/a" if loss is None else f"{loss:.4f}", lr="n/a" if lr is None else f"{lr:.2e}", refresh=False
+            ),
+            total_steps=total, log_every=logging_cfg.log_every, verbose=logging_cfg.verbose,
+            performance_every=self.process.performance_log_every, wandb=self.wandb,
+        ) if self.session.is_main else None
         self._set_status(state="training", step=self.state.step)
         started_at = time.perf_counter()
         first_step = self.state.step
@@ -372,6 +443,7 @@ class Trainer(TrainerSetup, TrainerSaving):
             if self._stop_requested_here():  # e.g. Ctrl+C during a save, a sample or set-up
                 stopped = True
                 break
+            self.timer.begin_step()
             step_started = time.perf_counter()
             expert = self.active_expert
             loss, grad_norm, lrs, samples, stop, stability = self._optimizer_step()
@@ -379,13 +451,14 @@ class Trainer(TrainerSetup, TrainerSaving):
             if self.requests and self.session.is_main:
                 self.controls.done(self.requests)  # consumed even when the run ends at this step
             self.state.step += 1
+            timings = self.timer.end_step()
             step_time = time.perf_counter() - step_started
-            if metrics is not None:
-                metrics.write(
-                    self._metrics_record(self.state.step - 1, loss, grad_norm, lrs, samples, step_time, expert, health)
+            if reporter is not None:
+                record = self._metrics_record(
+                    self.state.step - 1, loss, grad_norm, lrs, samples, step_time, expert, health
                 )
+                reporter.step_done({**record, **timings}, self.state.step)
             speed = (self.state.step - first_step) / (time.perf_counter() - started_at)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)
             bar.update(1)
             self._set_status(step=self.state.step, speed=speed, eta_s=(total - self.state.step) / speed)
             if self.on_step_end is not None:
@@ -397,11 +470,14 @@ class Trainer(TrainerSetup, TrainerSaving):
                 break
             if self.state.step % self.process.save.save_every == 0 or "save_now" in self.requests:
                 self._save_checkpoint()
-            if (sample_cfg is not None and self.state.step % sample_cfg.sample_every == 0) or "sample_now" in self.requests:
+            if (sample_cfg is not None and self.state.step % sample_cfg.sample_every == 0
+                    and self.state.step >= sample_cfg.sample_start_step) or "sample_now" in self.requests:
                 self._sample(self.state.step)
 
         bar.close()
 
+        if reporter is not None:
+            reporter.finish(self.state.step)
         if metrics is not None:
             metrics.close()
         if self.state.step > first_step:  # nothing new to save when stopped before any step
@@ -412,6 +488,7 @@ class Trainer(TrainerSetup, TrainerSaving):
                 f"stopped at step {self.state.step} of {total}; checkpoint saved in {self.paths.checkpoints}. "
                 "Run the same job again to resume from there."
             )
+            self._finish_wandb(0, "stopped")
             return RunResult("stopped", self.state.step, None, self.paths.root)
         self._sample(self.state.step)
         self._set_status(state="completed", step=self.state.step, eta_s=0, force=True)
@@ -425,5 +502,6 @@ class Trainer(TrainerSetup, TrainerSaving):
             # never raises: a failed upload is one warning with the retry command; the run stays completed
             publish_run(self.job, self.process, output_dir=self.paths.root, lora_files=finals,
                         job_path=self.job_path, log=self.log)
+        self._finish_wandb(0, "completed")
         return RunResult("completed", self.state.step, finals[0], self.paths.root, finals)
 

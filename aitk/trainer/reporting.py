@@ -1,4 +1,4 @@
-"""What a run tells the outside world: log.txt, metrics_<name>.jsonl and status.json (spec/metrics.md)."""
+"""What a run tells the outside world: log.txt, metrics_<name>.jsonl and status.json (docs/outputs.md)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         record = {key: _plain(value) for key, value in record.items()}
-        # spec/metrics.md: plain JSON numbers only; a non-finite value (a skipped NaN step) is null
+        # docs/outputs.md: plain JSON numbers only; a non-finite value (a skipped NaN step) is null
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()

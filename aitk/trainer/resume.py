@@ -16,13 +16,20 @@ class IncompatibleCheckpoint(RuntimeError):
 
 
 def run_signature(
-    process: ProcessConfig, wrapped_modules: list[str], networks: list[str] | None = None
+    process: ProcessConfig,
+    wrapped_modules: list[str],
+    networks: list[str] | None = None,
+    text_encoder_modules: list[str] | None = None,
 ) -> dict[str, Any]:
-    """What must not change between a checkpoint and the job that resumes from it."""
+    """What must not change between a checkpoint and the job that resumes from it.
+
+    `text_encoder_modules`: the text-encoder networks' modules (train.train_text_encoder; checkpoints
+    written before they existed lack the key, so it is not compared with those)."""
     from aitk.networks.build import network_algo
 
     network = process.network
     return {
+        "text_encoder_modules": len(text_encoder_modules or []),
         "networks": list(networks or ["main"]),
         "network_algo": network_algo(network.type, network.dora) if network else None,
         "optimizer": process.train.optimizer,

@@ -91,6 +91,13 @@ class TrainerSetup:
             self.process.model, self.session.device, self.session.weight_dtype
         )
         self.adapter.load()
+        try:  # what only the loaded model can tell, before any preview or step
+            self.adapter.check_train_settings(self.train_cfg)
+        except ValueError as exc:
+            raise TrainingAborted(str(exc)) from exc
+        from aitk.models.attention import apply_attention_backend
+
+        apply_attention_backend(self.adapter, self.train_cfg, self.log)  # one log line: what runs, or why not
         self._place_model()
         self.conditioner = PromptConditioner(
             self.adapter, self._text_cache(),
@@ -226,7 +233,7 @@ class TrainerSetup:
             )
         except ValueError as exc:  # settings that select nothing or do not combine: a job error
             raise TrainingAborted(f"network: {exc}") from exc
-        self.network = NetworkGroup(networks)
+        self.network = NetworkGroup(networks, self._text_encoder_networks())
         self.params = self.network.trainable_parameters()
         for name, handle in self.network.items():
             count = sum(p.numel() for p in handle.trainable_parameters())
@@ -234,6 +241,17 @@ class TrainerSetup:
             self.log(
                 f"network{which}: {algo}, {len(handle.wrapped_module_names())} modules wrapped, "
                 f"{count:,} trainable parameters"
+            )
+        for name, handle in self.network.text_encoders.items():
+            count = sum(p.numel() for p in handle.trainable_parameters())
+            self.log(
+                f"network ({name}): {algo}, {len(handle.wrapped_module_names())} modules wrapped, "
+                f"{count:,} trainable parameters; alpha {handle.linear_alpha:g} (the alpha schedule "
+                "acts on the denoiser's network only)"
+            )
+        if self.network.text_encoders:
+            self.conditioner.train_text_encoders(
+                [self.adapter.text_encoders()[name] for name in self.network.text_encoders]
             )
         if net_cfg.pretrained_lora_path:
             self._load_pretrained_network(net_cfg.pretrained_lora_path)
@@ -256,6 +274,17 @@ class TrainerSetup:
             if self.train_cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
             module.train()  # network dropout; the frozen base has no dropout in these models
+
+    def _text_encoder_networks(self) -> dict[str, Any]:
+        """train.train_text_encoder: a LoRA on each text encoder (aitk.networks.text_encoders)."""
+        if not self.train_cfg.train_text_encoder:
+            return {}
+        from aitk.networks.text_encoders import build_text_encoder_networks
+
+        try:
+            return build_text_encoder_networks(self.adapter, self.process.network, seed=self.seed)
+        except ValueError as exc:
+            raise TrainingAborted(str(exc)) from exc
 
     def _setup_full_model(self) -> None:
         """No network section: fine-tune the (trained experts') denoiser weights themselves."""
@@ -327,10 +356,15 @@ class TrainerSetup:
             except Exception as exc:  # noqa: BLE001 - a broken or foreign file is a job error
                 raise TrainingAborted(f"network.pretrained_lora_path: {path} cannot be read ({exc})") from exc
             denoiser_only = {k: v for k, v in tensors.items() if not k.startswith(TEXT_ENCODER_KEY_PREFIXES)}
-            if len(denoiser_only) < len(tensors):
+            used_by_encoders = self._load_pretrained_text_encoders(path, tensors, metadata)
+            if len(denoiser_only) + used_by_encoders < len(tensors):
+                why = (
+                    "set train.train_text_encoder: true to train the text encoder from them"
+                    if self.adapter.text_encoder_lora_prefixes else "this model trains the denoiser only"
+                )
                 self.log(
-                    f"note: {path.name}: {len(tensors) - len(denoiser_only)} text-encoder tensors are not "
-                    "used (this version trains the denoiser only)"
+                    f"note: {path.name}: {len(tensors) - len(denoiser_only) - used_by_encoders} text-encoder "
+                    f"tensors are not used ({why})"
                 )
             try:
                 load_network_file(
@@ -345,14 +379,64 @@ class TrainerSetup:
             which = "" if self.network.is_single else f" ({expert} expert)"
             self.log(f"network{which}: starting from {path}")
 
+    def _load_pretrained_text_encoders(self, path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> int:
+        """The text-encoder part of network.pretrained_lora_path into the text-encoder networks
+        (kohya lora_te_ / lora_te1_ / lora_te2_ or diffusers text_encoder. keys); returns how many
+        tensors were used. An encoder the file has nothing for starts from scratch (logged)."""
+        if not self.network.text_encoders:
+            return 0
+        from aitk.networks.export import load_network_file, text_encoder_tensors
+        from aitk.networks.text_encoders import text_encoder_namings
+
+        namings = text_encoder_namings(self.adapter)
+        used = 0
+        for name, handle in self.network.text_encoders.items():
+            own = text_encoder_tensors(tensors, namings[name])
+            if not own:
+                self.log(f"note: {path.name} has no LoRA for {name}; its network starts from scratch")
+                continue
+            try:
+                load_network_file(
+                    handle, (own, metadata), prefix=namings[name].prefix, key_for=namings[name].key_stem,
+                    diffusers_prefix=name,
+                )
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise TrainingAborted(
+                    f"network.pretrained_lora_path: the {name} part of {path} does not fit this network ({exc}). "
+                    "Use the same network type, rank and network_kwargs as the run that made it"
+                ) from exc
+            used += len(own)
+            self.log(f"network ({name}): starting from {path}")
+        return used
+
     def _setup_optimizer(self) -> None:
         from aitk.optim import build_lr_scheduler
+        from aitk.optim.factory import text_encoder_param_group
         from aitk.trainer.experts import expert_optimizer
 
         cfg = self.train_cfg
-        self.optimizer = expert_optimizer(self.network, cfg)
+        if self.network.text_encoders:
+            # kohya's split: the (single) denoiser network at unet_lr / lr, the text encoders' at
+            # text_encoder_lr, one param group each
+            from aitk.networks.group import SINGLE
+            from aitk.optim import build_optimizer
+
+            unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.lr
+            groups = [
+                {"params": self.network.trainable_parameters(SINGLE), "lr": unet_lr},
+                text_encoder_param_group(self.network.text_encoder_parameters(), cfg),
+            ]
+            self.optimizer = build_optimizer(cfg.optimizer, groups, lr=unet_lr, optimizer_params=cfg.optimizer_params)
+        else:
+            self.optimizer = expert_optimizer(self.network, cfg)
         # trainable elements per group: the metrics' learning_rate is their weighted mean
         self.group_sizes = [sum(p.numel() for p in g["params"]) for g in self.optimizer.param_groups]
+        if self.network.text_encoders:
+            denoiser, encoders = self.optimizer.param_groups[0], self.optimizer.param_groups[-1]
+            self.log(
+                f"optimizer groups: lr_0 {denoiser['lr']:g} for the denoiser ({self.group_sizes[0]:,} parameters), "
+                f"lr_1 {encoders['lr']:g} for the text encoders ({self.group_sizes[-1]:,} parameters)"
+            )
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer,
             cfg.lr_scheduler,

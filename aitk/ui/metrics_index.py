@@ -1,4 +1,4 @@
-"""Fast reads of a run's metrics_<name>.jsonl for the charts (format: shared/spec/metrics.md).
+"""Fast reads of a run's metrics_<name>.jsonl for the charts (format: docs/outputs.md).
 
 A MetricsIndex reads the file once, incrementally: it remembers how many bytes it has consumed and
 keeps, per line, its byte offset, step, expert and phase (as small codes) and every numeric field

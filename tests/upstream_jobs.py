@@ -1,0 +1,212 @@
+"""Job files written the way ostris/ai-toolkit's users write them, run on tiny models.
+
+A test may change only what cannot run here: paths (model, data, output, control and first-frame
+images, the hub files a job downloads), the device, the step count (warm-up steps shrink with it)
+and the preview size. Transformer block numbers in layer filters become 0, because the tiny models
+have one or two blocks where the real ones have dozens. Everything else (dtype, optimizer,
+quantization, timestep type, network...) runs as written. Used by tests/test_upstream_corpus.py
+and tests/test_fork_examples.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+CORPUS = Path(__file__).parent / "data" / "upstream_corpus"
+FORK_EXAMPLES = Path(__file__).parent / "data" / "fork_examples"
+
+PREVIEW_SIZE = 64
+PREVIEW_STEPS = 2
+PREVIEW_FRAMES = 5  # 4k+1, the smallest WAN clip with motion
+CTRL_IMG_FLAG = re.compile(r"--ctrl_img\s+\S+")
+#: a transformer block number in a layer filter ("single_transformer_blocks.7.", "blocks_3"), not a
+#: UNet's "up_blocks_1" / "down_blocks.0", which the tiny UNets have
+BLOCK_NUMBER = re.compile(r"((?<!up_)(?<!down_)blocks[._])\d+")
+
+
+@pytest.fixture(autouse=True)
+def extras_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao (model.quantize) and bitsandbytes (adamw8bit) live outside site-packages (Makefile)."""
+    from aitk.extras import extras_dir
+
+    if extras_dir().is_dir():
+        monkeypatch.syspath_prepend(str(extras_dir()))
+
+
+def read_job(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def write_job(job: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def tiny_variant(job: dict[str, Any]) -> str:
+    """The tiny builder variant (tests/conftest.py build_tiny_model) standing in for the job's model."""
+    model = job["config"]["process"][0]["model"]
+    arch = str(model.get("arch") or "").split(":")[0]  # the UI writes e.g. "wan21:1b"
+    name = str(model.get("name_or_path", ""))
+    if arch == "flux_kontext" or "kontext" in name.lower():
+        return "kontext"
+    if arch == "flux" or model.get("is_flux"):
+        return "schnell" if "schnell" in name.lower() else "dev"
+    if arch == "wan22_14b_i2v":
+        return "22_i2v"
+    if arch == "wan22_14b":
+        return "22_t2v"
+    if arch in ("wan21", "wan21_i2v"):
+        return "i2v" if arch == "wan21_i2v" or "i2v" in name.lower() else "t2v"
+    if arch == "sdxl" or model.get("is_xl"):
+        return "sdxl"
+    return "sd15"
+
+
+def is_video_dataset(dataset: dict[str, Any]) -> bool:
+    return int(dataset.get("num_frames") or 1) > 1
+
+
+@dataclass(frozen=True)
+class TinyData:
+    """Inputs shared by the runs: captioned images, Kontext pairs, video clips, one still image."""
+
+    images: Path
+    pairs: Path
+    controls: Path
+    clips: Path
+    still: Path
+
+
+def make_tiny_data(root: Path, images: Path) -> TinyData:
+    from test_data_video_training import write_clip
+    from test_models_flux import _draw_pairs
+
+    pairs, controls, clips = root / "pairs", root / "controls", root / "clips"
+    _draw_pairs(pairs, controls)
+    clips.mkdir()
+    # long enough for the 41 frames upstream's video examples ask for
+    write_clip(clips / "a.mp4", 48, 64, 48, fps=24)
+    write_clip(clips / "b.mp4", 44, 48, 64, fps=16)
+    for stem in ("a", "b"):
+        (clips / f"{stem}.txt").write_text(f"a clip of colours {stem}")
+    still = next(p for p in sorted(images.iterdir()) if p.suffix == ".png")
+    return TinyData(images=images, pairs=pairs, controls=controls, clips=clips, still=still)
+
+
+def localise(
+    job: dict[str, Any],
+    *,
+    out: Path,
+    model: Path,
+    data: Path,
+    controls: Path | None = None,
+    ctrl_img: Path | None = None,
+    steps: int = 3,
+    keep_prompts: int | None = None,
+    assistant_lora: Path | None = None,
+    recovery_adapter: Path | None = None,
+) -> dict[str, Any]:
+    """The job with only paths, device, step count and preview size replaced (see the module text).
+
+    `data` replaces every dataset folder (`controls` their control_path), `ctrl_img` every preview
+    control / first-frame image (inline `--ctrl_img` flags too), `assistant_lora` and
+    `recovery_adapter` the hub files the job names (model.assistant_lora_path, the adapter after
+    "|" in model.qtype). `keep_prompts` keeps the first N preview prompts (None: all).
+    """
+    job = copy.deepcopy(job)
+    process = job["config"]["process"][0]
+    process["training_folder"] = str(out)
+    process["device"] = "cpu"
+    model_section = process["model"]
+    model_section["name_or_path"] = str(model)
+    if model_section.get("assistant_lora_path"):
+        if assistant_lora is None:
+            raise ValueError("the job names model.assistant_lora_path: pass assistant_lora")
+        model_section["assistant_lora_path"] = str(assistant_lora)
+    qtype = str(model_section.get("qtype") or "")
+    if "|" in qtype:
+        if recovery_adapter is None:
+            raise ValueError(f"model.qtype {qtype!r} names a recovery adapter: pass recovery_adapter")
+        model_section["qtype"] = f"{qtype.split('|', 1)[0]}|{recovery_adapter}"
+    for dataset in process["datasets"]:
+        dataset["folder_path"] = str(data)
+        if dataset.get("control_path"):
+            dataset["control_path"] = str(controls)
+    train = process.setdefault("train", {})
+    train["steps"] = steps
+    if train.get("lr_warmup_steps"):
+        train["lr_warmup_steps"] = min(train["lr_warmup_steps"], steps // 2)
+    scheduler_params = train.get("lr_scheduler_params") or {}
+    if scheduler_params.get("warmup_steps"):
+        scheduler_params["warmup_steps"] = min(scheduler_params["warmup_steps"], steps // 2)
+    kwargs = (process.get("network") or {}).get("network_kwargs") or {}
+    for key in ("only_if_contains", "ignore_if_contains"):
+        if kwargs.get(key):
+            kwargs[key] = [BLOCK_NUMBER.sub(r"\g<1>0", name) for name in kwargs[key]]
+    sample = process.get("sample")
+    if sample:
+        _shrink_previews(sample, ctrl_img, keep_prompts)
+    return job
+
+
+def _shrink_previews(sample: dict[str, Any], ctrl_img: Path | None, keep_prompts: int | None) -> None:
+    sample.update({"width": PREVIEW_SIZE, "height": PREVIEW_SIZE, "sample_steps": PREVIEW_STEPS})
+    if int(sample.get("num_frames") or 1) > 1:
+        sample["num_frames"] = PREVIEW_FRAMES
+    if sample.get("ctrl_img"):
+        sample["ctrl_img"] = str(ctrl_img)
+    if sample.get("prompts"):
+        sample["prompts"] = [CTRL_IMG_FLAG.sub(f"--ctrl_img {ctrl_img}", p) for p in sample["prompts"][:keep_prompts]]
+    if sample.get("samples"):
+        sample["samples"] = sample["samples"][:keep_prompts]
+        for entry in sample["samples"]:
+            if entry.get("ctrl_img"):
+                entry["ctrl_img"] = str(ctrl_img)
+            entry["prompt"] = CTRL_IMG_FLAG.sub(f"--ctrl_img {ctrl_img}", entry["prompt"])
+
+
+def run_job(path: Path):
+    """Load and train as `aitk run` does, in this process: (LoadedJob, Trainer, RunResult)."""
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.loop import Trainer
+
+    loaded = load_job_file(path)
+    trainer = Trainer(loaded.job, loaded.job.config.process[0], job_path=path)
+    return loaded, trainer, trainer.run()
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    """A private copy of a shared data folder (latent caches are written next to the images)."""
+    shutil.copytree(source, target)
+    return target
+
+
+def tiny_assistant_lora(model: Path, path: Path) -> Path:
+    """A stand-in for ostris/FLUX.1-schnell-training-adapter made for the tiny schnell transformer."""
+    from test_models_flux import _write_assistant
+
+    return path if path.exists() else _write_assistant(model, path, "comfyui")
+
+
+def tiny_wan_recovery_adapter(model: Path, path: Path) -> Path:
+    """A recovery adapter for the tiny WAN transformer in ComfyUI key names (as the published ones)."""
+    if path.exists():
+        return path
+    from diffusers import WanTransformer3DModel
+    from torch import nn
+
+    from aitk.models.wan_keys import is_block_target, lora_key_stem
+    from test_recovery_adapter import write_recovery_file
+
+    transformer = WanTransformer3DModel.from_pretrained(str(model), subfolder="transformer")
+    names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and is_block_target(n)]
+    write_recovery_file(transformer, path, names, stem=lora_key_stem, weights=("lora_A", "lora_B"))
+    return path
