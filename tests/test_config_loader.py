@@ -320,11 +320,11 @@ def test_known_archs_are_quiet_and_an_unknown_arch_fails_at_start():
 def test_ai_toolkit_only_keys_are_known_not_unknown():
     text = MINIMAL.replace(
         "      model:",
-        "      train:\n        linear_timesteps: true\n        unload_text_encoder: false\n      model:",
+        "      train:\n        diff_output_preservation: true\n        unload_text_encoder: false\n      model:",
     )
     loaded = load(text, strict=True)  # not errors, even with strict
     assert len(loaded.warnings) == 1
-    assert loaded.warnings[0].startswith("config.process[0].train.linear_timesteps:")
+    assert loaded.warnings[0].startswith("config.process[0].train.diff_output_preservation:")
     assert "not supported yet" in loaded.warnings[0]
 
 
@@ -405,11 +405,11 @@ def test_validate_command_several_files(tmp_path, capsys):
 def test_validate_strict_fails_on_any_warning_and_plain_validate_on_a_refused_setting(tmp_path, capsys):
     from aitk.config.validate import validate_command
 
-    warned = MINIMAL.replace("      model:", "      train:\n        linear_timesteps: true\n      model:")
+    warned = MINIMAL.replace("      model:", "      train:\n        diff_output_preservation: true\n      model:")
     path = write(tmp_path, warned)
     assert validate_command([str(path)]) == 0
     assert validate_command([str(path)], strict=True) == 1
-    assert "error: config.process[0].train.linear_timesteps" in capsys.readouterr().err
+    assert "error: config.process[0].train.diff_output_preservation" in capsys.readouterr().err
     refused = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sd3")
     assert validate_command([str(write(tmp_path, refused))]) == 1
     assert "the run would stop at start" in capsys.readouterr().err

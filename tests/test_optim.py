@@ -202,6 +202,30 @@ def test_ai_toolkit_style_scheduler_params():
     assert cfg["num_cycles"] == 4
 
 
+def test_cosine_with_restarts_t_mult_matches_torch_warm_restarts():
+    """ai-toolkit builds torch's CosineAnnealingWarmRestarts from T_0 / T_mult / eta_min."""
+    ours, _, _ = _curve("cosine_with_restarts", 28, total=28, params={"T_0": 4, "T_mult": 2, "eta_min": 0.1})
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=4, T_mult=2, eta_min=0.1)
+    theirs = [opt.param_groups[0]["lr"]]
+    for _ in range(28):
+        opt.step()
+        ref.step()
+        theirs.append(opt.param_groups[0]["lr"])
+    assert ours[:28] == pytest.approx(theirs[:28])
+    assert ours[4] == pytest.approx(1.0) and ours[12] == pytest.approx(1.0)  # restarts after 4 and 4 + 8 steps
+    # with warmup and num_cycles, T_0 is chosen so that the growing cycles fill the remaining steps
+    cfg = check_scheduler_params("cosine_with_restarts", total_steps=100, warmup_steps=30,
+                                 params={"T_mult": 2, "num_cycles": 3})
+    assert cfg["T_0"] == 10 and cfg["T_mult"] == 2  # 10 + 20 + 40 = 70 steps after warmup
+    w, _, _ = _curve("cosine_with_restarts", 100, total=100, warmup=30, params={"T_mult": 2, "num_cycles": 3})
+    assert w[15] == pytest.approx(0.5) and w[30] == pytest.approx(1.0) and w[40] == pytest.approx(1.0)
+    assert w[60] == pytest.approx(1.0) and w[50] == pytest.approx(0.5) and w[59] < 0.01
+    with pytest.raises(OptimizerConfigError, match="T_mult"):
+        check_scheduler_params("cosine_with_restarts", total_steps=10, params={"T_mult": 1.5})
+
+
 def test_scheduler_errors_name_the_key():
     with pytest.raises(OptimizerConfigError, match="train.lr_scheduler.*cosine_with_warmup"):
         check_scheduler_params("cosin", total_steps=10)

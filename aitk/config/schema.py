@@ -305,6 +305,13 @@ class TrainConfig(Section):
         None, description="Training schedule name (ai-toolkit's): ddpm, ddim, euler, ... for SD / SDXL, "
         "flowmatch for FLUX / WAN; unset: the model's own."
     )
+    linear_timesteps: bool = Field(
+        False, description="ai-toolkit's flag: on flow-matching models (FLUX, WAN) draw timesteps uniformly and weight "
+        "each sample's loss by its noise level, i.e. timestep_type weighted; on SD / SDXL uniform draws (the default)."
+    )
+    force_first_sample: bool = Field(
+        False, description="Render the previews before the first step also when resuming (ai-toolkit's flag)."
+    )
     timestep_type: Literal[
         "sigmoid", "linear", "shift", "lognorm", "weighted", "uniform", "lognorm_blend", "flux_shift", "lumina2_shift"
     ] | None = Field(None, description="How training timesteps are drawn.")
@@ -406,9 +413,11 @@ class ModelConfig(Section):
 
     @property
     def resolved_arch(self) -> str:
-        """The architecture key: `arch` wins, else the legacy flags, else SD 1.5."""
+        """The architecture key: `arch` wins, else the legacy flags, else SD 1.5. ai-toolkit's web UI
+        writes a variant after a colon (`wan21:1b`, `wan22_14b:t2v`); the key is the part before it,
+        as upstream reads it (the variant picks default paths in its UI only)."""
         if self.arch:
-            return self.arch
+            return self.arch.split(":", 1)[0].strip()
         if self.is_flux:
             return "flux"
         if self.is_xl:
@@ -523,6 +532,17 @@ class ProcessConfig(Section):
     sample: SampleConfig | None = Field(None, description="Preview sampling; none = no previews.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+
+    @model_validator(mode="after")
+    def _linear_timesteps(self) -> "ProcessConfig":
+        """ai-toolkit's linear_timesteps on a flow-matching model: uniform draws with the loss weighted
+        by noise level, which is timestep_type weighted here (SD draws uniformly by default)."""
+        from aitk.models.archs import NOISE_SCHEDULERS, FLOW_NOISE_SCHEDULERS
+
+        flow = NOISE_SCHEDULERS.get(self.model.resolved_arch) == FLOW_NOISE_SCHEDULERS
+        if self.train.linear_timesteps and flow and self.train.timestep_type in (None, "linear"):
+            self.train.timestep_type = "weighted"
+        return self
 
 class JobConfig(Section):
     name: str = Field(min_length=1, description="Run name: the output folder and LoRA file name.")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from aitk.config.schema import JobFile, ProcessConfig
 from aitk.config.support import render_path, unsupported_warnings
+from aitk.models.archs import TIMESTEP_TYPES
 
 
 def run_start_warnings(job: JobFile) -> list[str]:
@@ -29,6 +30,12 @@ def _process_warnings(index: int, process: ProcessConfig) -> Iterator[str]:
         yield (f"{render_path(where + ('network', 'alpha_schedule'))}: with lokr_full_rank every LoKr factor is a "
                "full matrix, whose scale is 1 whatever the alpha (the LyCORIS convention); the schedule changes "
                "nothing. Fix: remove lokr_full_rank, or the schedule")
+    train = process.train
+    if train.linear_timesteps and train.timestep_type not in (None, "linear", "weighted") and process.model.resolved_arch \
+            not in TIMESTEP_TYPES:  # flow-matching families (SD keeps its own types)
+        yield (f"{render_path(where + ('train', 'linear_timesteps'))}: ai-toolkit draws linear timesteps with a "
+               f"weighted loss whatever timestep_type says; here timestep_type {train.timestep_type!r} wins. Fix: "
+               "remove one of the two (timestep_type: weighted is what linear_timesteps does)")
     text_cached = process.train.cache_text_embeddings or any(d.cache_text_embeddings for d in process.datasets)
     for j, dataset in enumerate(process.datasets):
         at = where + ("datasets", j)

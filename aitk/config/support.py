@@ -113,7 +113,7 @@ def _refused_for(table: dict[str, tuple[str, ...]], accepted: tuple[str, ...]) -
 UNSUPPORTED: list[Unsupported] = [
     # network
     # model
-    Unsupported(ModelConfig, "arch", lambda v, s: v is not None and v not in SUPPORTED_ARCHS,
+    Unsupported(ModelConfig, "arch", lambda v, s: v is not None and s.resolved_arch not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),
     Unsupported(ModelConfig, "is_v3", lambda v, s: v is True and not s.arch and s.resolved_arch not in SUPPORTED_ARCHS,
                 "is_v3 (Stable Diffusion 3 / 3.5, model.arch sd3)", UNKNOWN_ARCH),
@@ -197,10 +197,7 @@ AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
     (row.section, row.key): row
     for row in [
         Unsupported(ProcessConfig, "sqlite_db_path", _never, "the ai-toolkit UI database"),
-        Unsupported(TrainConfig, "linear_timesteps", _truthy, "linear_timesteps",
-                    "it is ignored; use timestep_type: linear"),
         Unsupported(TrainConfig, "unload_text_encoder", _truthy, "unloading the text encoder"),
-        Unsupported(TrainConfig, "force_first_sample", _truthy, "force_first_sample"),
         Unsupported(TrainConfig, "diff_output_preservation", _truthy,
                     "differential output preservation"),
         Unsupported(TrainConfig, "diff_output_preservation_multiplier", _never, ""),

@@ -31,6 +31,7 @@ same names (docs/lora-formats.md).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -112,6 +113,32 @@ def guidance_embedding_bypassed(transformer: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def encode_flux_latents(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pixels in [-1, 1] -> FLUX's normalized latents, encoded in fp32 (the VAE's mode)."""
+    latents = common.encode_mode(vae, pixels, device)
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+@functools.cache
+def _kontext_preview_pipeline_class() -> type:
+    """FluxKontextPipeline that encodes the control image as training does.
+
+    diffusers casts the control image to the transformer's dtype before the VAE sees it, which
+    fails (bf16 / fp16 input, fp32 VAE) and would round the pixels; here the image is encoded
+    from the pipeline's fp32 pixels first and handed on as latents, which the pipeline then casts
+    to the transformer's dtype, exactly as training's control latents are.
+    """
+    from diffusers import FluxKontextPipeline
+
+    class FluxKontextPreviewPipeline(FluxKontextPipeline):
+        def prepare_latents(self, image: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+            if image is not None and image.shape[1] != self.latent_channels:
+                image = encode_flux_latents(self.vae, image, self.vae.device)
+            return super().prepare_latents(image, *args, **kwargs)
+
+    return FluxKontextPreviewPipeline
 
 
 def image_seq_shift(num_tokens: int, scheduler_config: Any) -> float:
@@ -291,12 +318,17 @@ class FluxAdapter(ModelAdapter):
         return flux_lora_candidates(self.transformer)  # FLUX has no conv layers to add for LoCon
 
     # --- encoding ------------------------------------------------------------------------
+    def _pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name)
+
     def _pipeline(self, scheduler: Any | None = None) -> Any:
         import diffusers
 
         if scheduler is None:
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        return getattr(diffusers, self.pipeline_name)(
+        return self._pipeline_class()(
             scheduler=scheduler,
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -326,8 +358,7 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = common.encode_mode(self.vae, pixels, self.device)
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return encode_flux_latents(self.vae, pixels, self.device)
 
     def text_encoder_id(self) -> str:
         # the T5 length is part of the embedding's shape: a cache of another length must not be reused
@@ -499,6 +530,9 @@ class FluxKontextAdapter(FluxAdapter):
     model_label = "FLUX.1 Kontext"
     pipeline_name = "FluxKontextPipeline"
     step_auxiliary_names = ("vae",)  # encodes each batch's control images
+
+    def _pipeline_class(self) -> type:
+        return _kontext_preview_pipeline_class()
 
     def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
         if context is None or context.controls is None:

@@ -437,15 +437,19 @@ def check_scheduler_params(
         out["eta_min"] = _num(params, "eta_min", float, minimum=0.0)
     if key == "cosine_with_restarts":
         cycles = _num(params, "num_cycles", int, minimum=1) if "num_cycles" in params else 1
-        if "T_mult" in params and _num(params, "T_mult", float) != 1:
-            raise OptimizerConfigError(
-                "train.lr_scheduler_params.T_mult: only 1 (equal-length cycles) is supported. "
-                "Fix: remove T_mult and set num_cycles"
-            )
+        # torch's CosineAnnealingWarmRestarts (what ai-toolkit builds): cycle i lasts T_0 * T_mult**i steps
+        t_mult = _num(params, "T_mult", int, minimum=1) if "T_mult" in params else 1
+        span = total - warmup
         if "T_0" in params:
             t0 = _num(params, "T_0", int, minimum=1)
-            cycles = max(1, round((total - warmup) / t0))
+            cycles = max(1, round(span / t0))
+        elif t_mult > 1:  # num_cycles cycles, each T_mult times the last, filling the steps after warmup
+            t0 = max(1, round(span * (t_mult - 1) / (t_mult**cycles - 1)))
+        else:
+            t0 = None
         out["num_cycles"] = cycles
+        if t_mult > 1:
+            out["T_0"], out["T_mult"] = t0, t_mult
     if key == "polynomial":
         out["power"] = _num(params, "power", float) if "power" in params else 1.0
         if "lr_end" in params:
@@ -491,7 +495,10 @@ def build_lr_scheduler(
             optimizer, start_factor=cfg["start_factor"], end_factor=cfg["end_factor"], total_iters=total
         )
 
-    base = _diffusers_lambda(optimizer, key, cfg)
+    if "T_mult" in cfg:
+        base = _warm_restarts(warmup, cfg["T_0"], cfg["T_mult"])
+    else:
+        base = _diffusers_lambda(optimizer, key, cfg)
     eta_min = cfg.get("eta_min", 0.0)
     lambdas = []
     for group in optimizer.param_groups:
@@ -499,6 +506,21 @@ def build_lr_scheduler(
         floor = (eta_min / initial) if (eta_min and initial) else 0.0
         lambdas.append(_make_lambda(base, total, warmup, floor, key in _DECAYING))
     return LambdaLR(optimizer, lambdas)
+
+
+def _warm_restarts(warmup: int, t0: int, t_mult: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine cycles of T_0, T_0 * T_mult, ... steps, each restarting at the
+    full lr (torch's CosineAnnealingWarmRestarts after a warmup)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        position, length = step - warmup, t0
+        while position >= length:
+            position, length = position - length, length * t_mult
+        return 0.5 * (1.0 + math.cos(math.pi * position / length))
+
+    return factor
 
 
 def _make_lambda(base: Callable[[int], float], total: int, warmup: int, floor: float, decaying: bool):

@@ -417,8 +417,9 @@ class Trainer(TrainerSetup, TrainerSaving):
                 self.data.cache_latents(self.adapter.encode_images, self.adapter.latent_space_id())
         self._cache_text_embeddings()
         sample_cfg = self.process.sample
-        if not resumed and not self.train_cfg.skip_first_sample and self.state.step == 0:
-            self._sample(0)
+        first_wanted = (not resumed and self.state.step == 0) or self.train_cfg.force_first_sample
+        if first_wanted and not self.train_cfg.skip_first_sample:  # force_first_sample: on resume too
+            self._sample(self.state.step)
 
         from tqdm import tqdm
 
