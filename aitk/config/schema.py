@@ -244,7 +244,7 @@ class DatasetConfig(Section):
     fps: float | None = Field(None, gt=0.0, description="Video frame rate to sample at.")
     max_pixels_per_frame: int | None = Field(None, ge=1, description="Video: limit of pixels per frame.")
     temporal_jitter: int = Field(0, ge=0, description="Video: random offset of sampled frames.")
-    do_i2v: bool = Field(False, description="Video: image-to-video training.")
+    do_i2v: bool = Field(False, description="Video: give the model each clip's first frame (always on for I2V archs).")
 
     @field_validator("resolution")
     @classmethod
@@ -332,6 +332,11 @@ class TrainConfig(Section):
     skip_first_sample: bool = Field(False, description="Do not sample before the first step.")
     disable_sampling: bool = Field(False, description="Never sample previews.")
     cache_text_embeddings: bool = Field(False, description="Encode captions once.")
+    unload_text_encoder: bool = Field(
+        False, description="ai-toolkit's low-memory mode: encode the trigger word, the blank prompt and the preview "
+        "prompts once, release the text encoders, and train every sample on the trigger word (regularisation "
+        "samples on the blank prompt) instead of its caption. With cache_text_embeddings the cached captions win."
+    )
     attention_backend: str | None = Field(
         None, description="Attention kernel of the denoiser: native (PyTorch SDPA), flash, sage, xformers, flex, "
         "... (diffusers' attention backends; docs/job-file.md)."
@@ -511,6 +516,10 @@ class LoggingConfig(Section):
     )
 
 
+#: image-to-video archs: their adapters' `i2v` (a test keeps the two in step)
+FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
+
+
 class ProcessConfig(Section):
     type: Literal["sd_trainer", "diffusion_trainer", "ui_trainer"] = Field(
         "sd_trainer", description="Process kind (all three train the same way)."
@@ -542,6 +551,16 @@ class ProcessConfig(Section):
         flow = NOISE_SCHEDULERS.get(self.model.resolved_arch) == FLOW_NOISE_SCHEDULERS
         if self.train.linear_timesteps and flow and self.train.timestep_type in (None, "linear"):
             self.train.timestep_type = "weighted"
+        return self
+
+    @model_validator(mode="after")
+    def _i2v_first_frames(self) -> "ProcessConfig":
+        """I2V models always take each clip's first frame, as in ai-toolkit (whose do_i2v only
+        switches models doing both T2V and I2V): their video datasets give it whatever do_i2v says."""
+        if self.model.resolved_arch in FIRST_FRAME_ARCHS:
+            for dataset in self.datasets:
+                if dataset.num_frames > 1 and not dataset.do_i2v:
+                    dataset.do_i2v = True
         return self
 
 class JobConfig(Section):

@@ -348,14 +348,16 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
         followed by zero frames], as diffusers' WanImageToVideoPipeline.prepare_latents builds.
         first_frames (B, 3, H, W) in [-1, 1] (BatchContext.first_frames). When None, a one-frame
         clip (an image dataset) is its own first frame and its latents are the condition; a longer
-        clip without first frames raises ValueError (enable the dataset's do_i2v).
+        clip without first frames raises ValueError (the trainer's data gives them for every video
+        dataset of an I2V arch: aitk.config.schema.FIRST_FRAME_ARCHS).
         """
         b, _, lat_frames, h, w = latents.shape
         if first_frames is None:
             if lat_frames != 1:
                 raise ValueError(
                     f"{self.arch_names[0]} trains image-to-video: clips of {lat_frames} latent frames need "
-                    "their first frames (BatchContext.first_frames); set do_i2v: true on video datasets"
+                    "their first frames (BatchContext.first_frames), which the trainer's data gives for every "
+                    "video dataset of an I2V arch (do_i2v is implied)"
                 )
             cond = latents.float()
         else:

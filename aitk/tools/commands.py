@@ -52,9 +52,10 @@ def add_tool_commands(subparsers: Any) -> None:
 
     merge = subparsers.add_parser(
         "merge", help="bake a LoRA / LoKr / LoHa / DoRA file into a base model and save the model",
-        description="Merge network files into a base model's denoiser at a strength and save the "
-        "result: a diffusers folder (the base's other parts copied unchanged), or for an SD / SDXL "
-        "single-file checkpoint, a single .safetensors file.",
+        description="Merge network files into a base model's denoiser (and, for SD / SDXL files with "
+        "text-encoder LoRA, its text encoders) at a strength and save the result: a diffusers folder "
+        "(the base's other parts copied unchanged), or for an SD / SDXL single-file checkpoint, a "
+        "single .safetensors file.",
     )
     merge.add_argument("--model", required=True, help="base model: a diffusers folder, a hub id, or an SD / SDXL "
                        ".safetensors checkpoint")
@@ -64,7 +65,7 @@ def add_tool_commands(subparsers: Any) -> None:
     merge.add_argument("--arch", required=True, help="the base model's architecture: sd1, sdxl, flux, wan22_14b, ...")
     merge.add_argument("-o", "--output", required=True, help="output folder (diffusers), or a .safetensors file "
                        "for a single-file SD / SDXL base")
-    merge.add_argument("--dtype", default="auto", help="precision to load, merge into and save the denoiser: "
+    merge.add_argument("--dtype", default="auto", help="precision to load, merge into and save the merged parts: "
                        "auto (as the base stores it), float32, float16, bfloat16")
     merge.add_argument("--config", help="component configs for a single-file base (a diffusers folder or hub id; "
                        "needed offline)")

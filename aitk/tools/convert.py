@@ -13,6 +13,10 @@ hashes are recomputed for the new tensors.
 
 comfyui and kohya are the same file (as for save_format). LoKr / LoHa files have no diffusers
 layout (diffusers' load_lora_weights reads neither), so `--to diffusers` refuses them.
+
+Text-encoder LoRA (SD 1.x / 2.x, SDXL) converts with the rest: kohya `lora_te_` / `lora_te1_` /
+`lora_te2_` stems <-> `text_encoder.` / `text_encoder_2.` PEFT keys, each encoder with its own
+LoraConfig in the header (diffusers' layout for a pipeline's LoRA).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from typing import Any, TextIO
 import torch
 
 from aitk.networks.export import LORA_ADAPTER_METADATA_KEY, _group_pattern
+from aitk.networks.text_encoders import CLIP_ROOT, text_encoder_namings
 from aitk.tools.layout import (
     NetworkFile,
     ToolError,
     dora_scale_to_magnitude,
+    modules_to_kohya,
     naming_adapter,
     parse_network_file,
     read_network_tensors,
@@ -51,28 +57,60 @@ def _alpha(parts: dict[str, torch.Tensor]) -> float:
 
 
 def to_comfyui(nf: NetworkFile, adapter: Any) -> dict[str, torch.Tensor]:
-    """The comfyui / kohya tensors of `nf` under the adapter's key stems and weight names."""
-    down, up = adapter.lora_weight_names
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in nf.modules.items():
-        try:
-            stem = adapter.lora_key_stem(name)
-        except ValueError as exc:
-            raise ToolError(str(exc)) from None
-        for part, t in parts.items():
-            if part == "down":
-                out[f"{stem}.{down}.weight"] = t
-            elif part == "up":
-                out[f"{stem}.{up}.weight"] = t
-            elif part == "alpha":
-                out[f"{stem}.alpha"] = t.to(torch.float32).reshape(())
-            else:  # dora_scale and the LyCORIS names are written as they are named
-                out[f"{stem}.{part}"] = t
-        if "down" in parts and "alpha" not in parts:
-            # ComfyUI reads no header: an explicit alpha (= rank, scale 1, what a file without
-            # one means everywhere) keeps the strength the same in every loader
-            out[f"{stem}.alpha"] = torch.tensor(float(_rank(parts)), dtype=torch.float32)
+    """The comfyui / kohya tensors of `nf` under the adapter's key stems and weight names (text
+    encoders: kohya's lora_te_ / lora_te1_ / lora_te2_ stems)."""
+    out = modules_to_kohya(nf.modules, adapter.lora_key_stem, adapter.lora_weight_names)
+    namings = text_encoder_namings(adapter)
+    for name, modules in nf.text_encoders.items():
+        out.update(modules_to_kohya(modules, namings[name].key_stem, adapter.lora_weight_names))
     return out
+
+
+def _rooted(regex: str, root: str) -> str:
+    """"^(?:a|b)..." -> "^(?:<root>)?(?:a|b)...": the names match with or without `root`."""
+    return f"^(?:{re.escape(root)})?{regex[1:]}" if root else regex
+
+
+def _peft_part(
+    modules: dict[str, dict[str, torch.Tensor]], prefix: str, root: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """One component's PEFT tensors "<prefix>.<path>.lora_A.weight" ... and its LoraConfig, keys
+    "<prefix>.r" ... (what export.network_to_diffusers writes for a live network). `root`: a path
+    level the loading model may lack ("text_model."): the config's patterns match names with and
+    without it, so peft finds the modules in either CLIP class."""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, parts in modules.items():
+        tensors[f"{prefix}.{name}.lora_A.weight"] = parts["down"]
+        tensors[f"{prefix}.{name}.lora_B.weight"] = parts["up"]
+        if "dora_scale" in parts:
+            tensors[f"{prefix}.{name}.lora_magnitude_vector"] = dora_scale_to_magnitude(
+                parts["dora_scale"], f"{name}.dora_scale"
+            )
+        short = name.removeprefix(root) if root else name
+        ranks[short] = _rank(parts)
+        alphas[short] = _alpha(parts)
+    dora = {n for n, p in modules.items() if "dora_scale" in p}
+    if dora and len(dora) != len(modules):
+        raise ToolError(
+            f"only some {prefix} modules carry DoRA scales; peft's config has one use_dora for all modules"
+        )
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "rank_pattern": {_rooted(k, root): v for k, v in _group_pattern(ranks, r).items()},
+        "alpha_pattern": {_rooted(k, root): v for k, v in _group_pattern(alphas, alpha).items()},
+        "target_modules": _rooted(_anchored(list(ranks)), root),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": bool(dora),
+        "use_rslora": False,
+        "init_lora_weights": True,
+    }
+    return tensors, {f"{prefix}.{k}": v for k, v in config.items()}
 
 
 def _anchored(names: list[str]) -> str:
@@ -80,9 +118,9 @@ def _anchored(names: list[str]) -> str:
 
 
 def to_diffusers(nf: NetworkFile, adapter: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT keys under the adapter's `diffusers_lora_prefix` and the `lora_adapter_metadata`
-    config that makes diffusers apply each module's alpha (what export.network_to_diffusers
-    writes for a live network)."""
+    """PEFT keys under the adapter's `diffusers_lora_prefix` (text encoders: under `text_encoder.` /
+    `text_encoder_2.`, paths with `text_model.` as diffusers has always named them) and the
+    `lora_adapter_metadata` config that makes diffusers apply each module's alpha."""
     lycoris = nf.algos & {"lokr", "loha"}
     if lycoris:
         raise ToolError(
@@ -90,37 +128,14 @@ def to_diffusers(nf: NetworkFile, adapter: Any) -> tuple[dict[str, torch.Tensor]
             "neither LoKr nor LoHa. Keep the comfyui layout (ComfyUI, Forge, LyCORIS and aitk read it), "
             "or bake it into the model with aitk merge"
         )
-    prefix = adapter.diffusers_lora_prefix
+    parts = [(nf.modules, adapter.diffusers_lora_prefix, "")] if nf.modules else []
+    parts += [(modules, name, CLIP_ROOT) for name, modules in nf.text_encoders.items()]
     tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    for name, parts in nf.modules.items():
-        tensors[f"{prefix}.{name}.lora_A.weight"] = parts["down"]
-        tensors[f"{prefix}.{name}.lora_B.weight"] = parts["up"]
-        if "dora_scale" in parts:
-            tensors[f"{prefix}.{name}.lora_magnitude_vector"] = dora_scale_to_magnitude(
-                parts["dora_scale"], f"{name}.dora_scale"
-            )
-        ranks[name] = _rank(parts)
-        alphas[name] = _alpha(parts)
-    dora = {n for n, p in nf.modules.items() if "dora_scale" in p}
-    if dora and len(dora) != len(nf.modules):
-        raise ToolError("only some modules carry DoRA scales; peft's config has one use_dora for all modules")
-    r = collections.Counter(ranks.values()).most_common(1)[0][0]
-    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    config = {
-        "r": int(r),
-        "lora_alpha": float(alpha),
-        "rank_pattern": _group_pattern(ranks, r),
-        "alpha_pattern": _group_pattern(alphas, alpha),
-        "target_modules": _anchored(list(nf.modules)),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_dora": bool(dora),
-        "use_rslora": False,
-        "init_lora_weights": True,
-    }
-    header = {f"{prefix}.{k}": v for k, v in config.items()}
+    header: dict[str, object] = {}
+    for modules, prefix, root in parts:
+        part_tensors, config = _peft_part(modules, prefix, root)
+        tensors.update(part_tensors)
+        header.update(config)
     return tensors, {LORA_ADAPTER_METADATA_KEY: json.dumps(header, indent=2, sort_keys=True)}
 
 
@@ -184,5 +199,7 @@ def convert_command(
         print(f"error: {exc}", file=err)
         return 1
     kinds = "/".join(sorted(nf.algos))
-    print(f"wrote {written} ({to} layout, {len(nf.modules)} {kinds} modules, from the {nf.layout} layout)", file=out)
+    encoders = f" + {nf.text_encoder_module_count} text-encoder" if nf.text_encoders else ""
+    print(f"wrote {written} ({to} layout, {len(nf.modules)}{encoders} {kinds} modules, from the {nf.layout} layout)",
+          file=out)
     return 0

@@ -11,6 +11,12 @@ The file layouts (aitk/networks/export.py) name modules in two ways:
 - diffusers (PEFT): `<diffusers_lora_prefix>.<module path>.lora_A.weight` / `.lora_B.weight` /
   `.lora_magnitude_vector`, alphas in the `lora_adapter_metadata` header entry.
 
+Text-encoder LoRA (SD 1.x / 2.x, SDXL; aitk.networks.text_encoders) sits in the same file under
+kohya's `lora_te_` / `lora_te1_` / `lora_te2_` stems or diffusers' `text_encoder.` /
+`text_encoder_2.` keys; it is split off by key prefix and kept per encoder, its module paths in
+kohya's form (`text_model.encoder.layers.0.self_attn.q_proj`), whichever form the file used
+(transformers 5's CLIPTextModel has no `text_model` level; diffusers and ComfyUI accept both).
+
 Stems are turned back into module paths here and every result is checked by mapping it forward
 again with the adapter's own `lora_key_stem`, so the inverse can never disagree with what the
 trainer writes.
@@ -19,21 +25,31 @@ trainer writes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aitk.networks.export import _unprefixed_config, config_alphas, is_diffusers_layout, load_lora_file
+from aitk.networks.export import (
+    _unprefixed_config,
+    config_alphas,
+    load_lora_file,
+    text_encoder_tensors,
+)
 from aitk.networks.merge import group_by_module
+from aitk.networks.text_encoders import CLIP_ROOT, TextEncoderNaming, text_encoder_namings
 
 __all__ = [
     "ToolError",
     "NetworkFile",
     "read_network_tensors",
     "naming_adapter",
+    "split_text_encoder_tensors",
+    "is_peft_keyed",
     "parse_network_file",
+    "modules_to_kohya",
     "module_algo",
     "magnitude_to_dora_scale",
     "dora_scale_to_magnitude",
@@ -84,10 +100,18 @@ class NetworkFile:
     metadata: dict[str, str] = field(default_factory=dict)
     #: (down, up) weight names found in a comfyui-layout file, None for diffusers / LyCORIS files
     weight_names: tuple[str, str] | None = None
+    #: text encoder attribute ("text_encoder", "text_encoder_2") -> its modules, as `modules`,
+    #: by kohya-form path ("text_model.encoder.layers.0.self_attn.q_proj")
+    text_encoders: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def algos(self) -> set[str]:
-        return {module_algo(parts) for parts in self.modules.values()}
+        every = [*self.modules.values(), *(p for m in self.text_encoders.values() for p in m.values())]
+        return {module_algo(parts) for parts in every}
+
+    @property
+    def text_encoder_module_count(self) -> int:
+        return sum(len(m) for m in self.text_encoders.values())
 
 
 def module_algo(parts: dict[str, Any]) -> str:
@@ -177,6 +201,38 @@ def _wan_originals() -> dict[str, str]:
     return {**{f"@block.{k}": v for k, v in inner.items()}, **other}
 
 
+@functools.cache
+def _clip_vocabulary() -> frozenset[str]:
+    """Every name component of a CLIP text encoder's Linear paths ("text_model", "encoder",
+    "layers", "self_attn", "q_proj", "mlp", "fc1", ...), read off a small
+    CLIPTextModelWithProjection built on the meta device."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            projection_dim=8)
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(config)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return frozenset({CLIP_ROOT.rstrip(".")} | {p for n in names for p in n.split(".") if not p.isdigit()})
+
+
+def _is_clip_path(path: str) -> bool:
+    return all(part.isdigit() or part in _clip_vocabulary() for part in path.split("."))
+
+
+def _clip_path_for_stem(naming: TextEncoderNaming, stem: str) -> str | None:
+    """"lora_te1_text_model_encoder_layers_0_self_attn_q_proj" -> "text_model.encoder.layers.0.self_attn.q_proj"."""
+    if not stem.startswith(naming.prefix + "_"):
+        return None
+    found = [
+        path for path in _kohya_segmentations(stem[len(naming.prefix) + 1:], _clip_vocabulary())
+        if path.startswith(CLIP_ROOT) and naming.key_stem(path) == stem
+    ]
+    if len(found) > 1:
+        raise ToolError(f"key stem {stem!r} reads as more than one module ({found}); cannot convert it")
+    return found[0] if found else None
+
+
 def _candidates(adapter: Any, stem: str) -> list[str]:
     """Module paths that might give `stem` (checked against lora_key_stem by the caller)."""
     prefix: str = adapter.lora_prefix
@@ -231,58 +287,173 @@ def _mismatch(adapter: Any, arch: str, stems: list[str], unknown: list[str]) -> 
         f"'{adapter.diffusers_lora_prefix}.<module path>.lora_A.weight' (diffusers)"
     )
     if any(s.startswith(("lora_te", "text_encoder")) for s in stems):
-        hint += "; text-encoder LoRA is not supported here (aitk trains and converts the denoiser's network)"
+        namings = text_encoder_namings(adapter).values()
+        if namings:
+            kohya = " / ".join(f"{n.prefix}_text_model_..." for n in namings)
+            peft = " / ".join(f"{n.encoder}.<module path>" for n in namings)
+            hint += f", and its text encoders' modules {kohya} (comfyui / kohya) or {peft} (diffusers)"
+        else:
+            hint += f"; aitk has no text-encoder LoRA for {arch} (SD 1.x / 2.x and SDXL files carry one)"
     return ToolError(", ".join(parts) + hint + " - is --arch right?")
+
+
+def split_text_encoder_tensors(
+    tensors: dict[str, torch.Tensor], adapter: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(the denoiser's tensors, {text encoder attribute: its tensors}), by key prefix: kohya
+    `lora_te_` / `lora_te1_` / `lora_te2_`, diffusers `text_encoder.` / `text_encoder_2.` (the
+    adapter's `text_encoder_lora_prefixes`; none for models without text-encoder LoRA)."""
+    encoders: dict[str, dict[str, torch.Tensor]] = {}
+    for name, naming in text_encoder_namings(adapter).items():
+        found = text_encoder_tensors(tensors, naming)
+        if found:
+            encoders[name] = found
+    taken = {k for part in encoders.values() for k in part}
+    return {k: v for k, v in tensors.items() if k not in taken}, encoders
+
+
+def _adapter_config(metadata: dict[str, str], prefix: str) -> dict | None:
+    try:
+        return _unprefixed_config(metadata, prefix)
+    except ValueError as exc:  # json.JSONDecodeError
+        raise ToolError(f"the file's lora_adapter_metadata is not valid JSON ({exc})") from exc
+
+
+def _with_dora_scale(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    parts = dict(parts)
+    if "magnitude" in parts:
+        parts["dora_scale"] = magnitude_to_dora_scale(parts.pop("magnitude"))
+    return parts
+
+
+def _diffusers_modules(
+    groups: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], prefix: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT-keyed modules "<prefix>.<path>" -> {path: parts}, alphas from the file's config."""
+    cfg = _adapter_config(metadata, prefix)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for stem, parts in groups.items():
+        name = stem[len(prefix) + 1:]
+        parts = _with_dora_scale(parts)
+        if cfg:
+            parts["alpha"] = torch.tensor(config_alphas(cfg, [name])[name], dtype=torch.float32)
+        modules[name] = parts
+    return modules
+
+
+def _text_encoder_modules(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], naming: TextEncoderNaming, diffusers: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[str], list[str]]:
+    """One text encoder's (modules by kohya-form path, stems naming no CLIP module, unknown keys)."""
+    groups, unknown = group_by_module(tensors)
+    if diffusers:
+        found = _diffusers_modules(groups, metadata, naming.encoder)
+        unmatched = [f"{naming.encoder}.{p}" for p in found if not _is_clip_path(p)]
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for path, parts in found.items():
+            name = path if path.startswith(CLIP_ROOT) else CLIP_ROOT + path
+            if name in modules:
+                raise ToolError(f"{naming.encoder}: module {path!r} appears with and without {CLIP_ROOT!r}")
+            modules[name] = parts
+        return modules, unmatched, unknown
+    modules, unmatched = {}, []
+    for stem, parts in groups.items():
+        name = _clip_path_for_stem(naming, stem)
+        if name is None:
+            unmatched.append(stem)
+        else:
+            modules[name] = _with_dora_scale(parts)
+    return modules, unmatched, unknown
+
+
+def _check_modules(modules: dict[str, dict[str, torch.Tensor]], where: str = "") -> None:
+    for name, parts in modules.items():
+        has_lora = "down" in parts and "up" in parts
+        has_lycoris = any(k.startswith(("lokr_", "hada_")) for k in parts)
+        if not (has_lora or has_lycoris):
+            raise ToolError(
+                f"module {where}{name!r} has only {sorted(parts)} in the file: no weights (a damaged file?)"
+            )
+        if has_lora and has_lycoris:
+            raise ToolError(f"module {where}{name!r} has both LoRA and LoKr / LoHa tensors: {sorted(parts)}")
+
+
+def is_peft_keyed(tensors: dict[str, torch.Tensor]) -> bool:
+    """The diffusers (PEFT) layout: lora_A / lora_B under "<component>.", alphas in the header,
+    no kohya `lora_...` stems (FLUX's comfyui files also use lora_A / lora_B but carry `.alpha`)."""
+    return (
+        any(".lora_A." in k for k in tensors)
+        and not any(k.endswith(".alpha") for k in tensors)
+        and not any(k.startswith("lora_") for k in tensors)
+    )
 
 
 def parse_network_file(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], adapter: Any, arch: str
 ) -> NetworkFile:
-    """Group a file's tensors by module of `arch`'s denoiser; ToolError for keys that name no
-    module in the arch's naming, for tensors of no known kind and for incomplete modules."""
-    groups, unknown = group_by_module(tensors)
+    """Group a file's tensors by module of `arch`'s denoiser and text encoders; ToolError for keys
+    that name no module in the arch's naming, for tensors of no known kind and for incomplete modules."""
+    denoiser, encoder_tensors = split_text_encoder_tensors(tensors, adapter)
+    layout = "diffusers" if is_peft_keyed(tensors) else "comfyui"
+    groups, unknown = group_by_module(denoiser)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unmatched: list[str] = []
     names_used: set[tuple[str, str]] = set()
-    if is_diffusers_layout(tensors, metadata, adapter.diffusers_lora_prefix):
-        layout = "diffusers"
+    if layout == "diffusers":
         p = adapter.diffusers_lora_prefix + "."
-        try:
-            cfg = _unprefixed_config(metadata, adapter.diffusers_lora_prefix)
-        except ValueError as exc:  # json.JSONDecodeError
-            raise ToolError(f"the file's lora_adapter_metadata is not valid JSON ({exc})") from exc
-        for stem, parts in groups.items():
-            name = stem[len(p):]
-            parts = dict(parts)
-            if "magnitude" in parts:
-                parts["dora_scale"] = magnitude_to_dora_scale(parts.pop("magnitude"))
-            if cfg:
-                parts["alpha"] = torch.tensor(config_alphas(cfg, [name])[name], dtype=torch.float32)
-            modules[name] = parts
+        unmatched = [stem for stem in groups if not stem.startswith(p)]
+        ours = {stem: parts for stem, parts in groups.items() if stem.startswith(p)}
+        modules = _diffusers_modules(ours, metadata, adapter.diffusers_lora_prefix)
     else:
-        layout = "comfyui"
         for stem, parts in groups.items():
             name = _module_for_stem(adapter, stem)
             if name is None:
                 unmatched.append(stem)
                 continue
-            parts = dict(parts)
-            if "magnitude" in parts:
-                parts["dora_scale"] = magnitude_to_dora_scale(parts.pop("magnitude"))
-            modules[name] = parts
+            modules[name] = _with_dora_scale(parts)
         for key in tensors:
             for pair in (("lora_down", "lora_up"), ("lora_A", "lora_B")):
                 if key.endswith(f".{pair[0]}.weight"):
                     names_used.add(pair)
+    namings = text_encoder_namings(adapter)
+    text_encoders: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for name, part in encoder_tensors.items():
+        found, bad, odd = _text_encoder_modules(part, metadata, namings[name], layout == "diffusers")
+        text_encoders[name] = found
+        unmatched += bad
+        unknown += odd
     if unmatched or unknown:
         raise _mismatch(adapter, arch, unmatched, unknown)
-    for name, parts in modules.items():
-        has_lora = "down" in parts and "up" in parts
-        has_lycoris = any(k.startswith(("lokr_", "hada_")) for k in parts)
-        if not (has_lora or has_lycoris):
-            raise ToolError(f"module {name!r} has only {sorted(parts)} in the file: no weights (a damaged file?)")
-        if has_lora and has_lycoris:
-            raise ToolError(f"module {name!r} has both LoRA and LoKr / LoHa tensors: {sorted(parts)}")
+    _check_modules(modules)
+    for name, found in text_encoders.items():
+        _check_modules(found, f"{name}.")
     if len(names_used) > 1:
         raise ToolError("the file mixes lora_down / lora_up and lora_A / lora_B names; cannot tell its layout")
-    return NetworkFile(layout, modules, dict(metadata), next(iter(names_used), None))
+    return NetworkFile(layout, modules, dict(metadata), next(iter(names_used), None), text_encoders)
+
+
+def modules_to_kohya(
+    modules: dict[str, dict[str, torch.Tensor]], stem_for: Callable[[str], str], weight_names: tuple[str, str]
+) -> dict[str, torch.Tensor]:
+    """comfyui / kohya tensors of parsed modules: `stem_for(module path)` + the part's file name."""
+    down, up = weight_names
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in modules.items():
+        try:
+            stem = stem_for(name)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
+        for part, t in parts.items():
+            if part == "down":
+                out[f"{stem}.{down}.weight"] = t
+            elif part == "up":
+                out[f"{stem}.{up}.weight"] = t
+            elif part == "alpha":
+                out[f"{stem}.alpha"] = t.to(torch.float32).reshape(())
+            else:  # dora_scale and the LyCORIS names are written as they are named
+                out[f"{stem}.{part}"] = t
+        if "down" in parts and "alpha" not in parts:
+            # ComfyUI reads no header: an explicit alpha (= rank, scale 1, what a file without
+            # one means everywhere) keeps the strength the same in every loader
+            out[f"{stem}.alpha"] = torch.tensor(float(parts["down"].shape[0]), dtype=torch.float32)
+    return out

@@ -3,13 +3,17 @@
 Architecture (from the header's modelspec.architecture / ss_base_model_version when present,
 else guessed from key names and shapes), key layout, network type (lora / locon / dora / lokr /
 loha), ranks, alphas, module count, tensor dtypes, the header metadata, and whether the weight
-hash in the header (sshs_model_hash) matches the file's tensors.
+hash in the header (sshs_model_hash) matches the file's tensors. Files with more than one part
+(the denoiser and text encoders: kohya `lora_unet` / `lora_te` / `lora_te1` / `lora_te2`,
+diffusers `unet` / `text_encoder` / `text_encoder_2`) get the same figures per part, and for a
+text encoder its CLIP layers and the module kinds trained in them.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +23,26 @@ import torch
 
 from aitk.networks.export import _unprefixed_config, config_alphas
 from aitk.networks.merge import group_by_module
-from aitk.tools.layout import ToolError, module_algo, read_network_tensors
+from aitk.tools.layout import ToolError, is_peft_keyed, module_algo, read_network_tensors
 
-__all__ = ["LoraInfo", "lora_info", "format_info", "info_command"]
+__all__ = ["PartInfo", "LoraInfo", "lora_info", "format_info", "info_command"]
 
 #: header values longer than this are shortened in the text report (--json prints them whole)
 SHOWN_VALUE_CHARS = 160
+
+
+@dataclass
+class PartInfo:
+    """One model part's modules in the file (the denoiser, a text encoder)."""
+
+    part: str  # unet, transformer, te (SD 1.x / 2.x CLIP), te1 (SDXL CLIP-L), te2 (SDXL OpenCLIP-G)
+    network_type: str
+    modules: int
+    ranks: dict[str, int] = field(default_factory=dict)
+    alphas: dict[str, int] = field(default_factory=dict)
+    #: text encoders: how many CLIP layers carry LoRA, and the module kinds (q_proj, fc1, ...)
+    layers: int = 0
+    targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +60,8 @@ class LoraInfo:
     dtypes: dict[str, int] = field(default_factory=dict)  # weight dtype -> tensors
     #: modules per key prefix (lora_unet, lora_te1, transformer, ...), when there is more than one
     components: dict[str, int] = field(default_factory=dict)
+    #: per key prefix, when there is more than one or a text encoder's: its figures
+    parts: dict[str, PartInfo] = field(default_factory=dict)
     #: keys of no LoRA / LoKr / LoHa / DoRA kind (shown so a foreign file's extras are not hidden)
     other_keys: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -59,13 +79,14 @@ def _arch_from_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
     for arch, target in ADAPTERS.items():
         module_name, class_name = target.split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
-        specs = {getattr(cls, "modelspec_architecture", ""), getattr(cls, "schnell_architecture", "")} - {""}
+        v_names = getattr(cls, "v_prediction_names", ("", ""))
+        specs = {getattr(cls, "modelspec_architecture", ""), getattr(cls, "schnell_architecture", ""), v_names[1]} - {""}
         if spec and spec in specs:
             return arch, f"header: modelspec.architecture = {spec}"
     for arch, target in ADAPTERS.items():
         module_name, class_name = target.split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
-        if version and version == getattr(cls, "base_model_version", None):
+        if version and version in (getattr(cls, "base_model_version", None), getattr(cls, "v_prediction_names", ("",))[0]):
             return arch, f"header: ss_base_model_version = {version}"
     return None
 
@@ -91,9 +112,14 @@ def _guess_arch(tensors: dict[str, torch.Tensor]) -> str:
         for width, arch in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
             if width in widths:
                 return arch
-        if has("lora_te2_", "transformer_blocks_1_", "transformer_blocks.1.", "add_embedding"):
+        if has("lora_te2_", "text_encoder_2.", "transformer_blocks_1_", "transformer_blocks.1.", "add_embedding"):
             return "sdxl"
         return "sd1"
+    if has("lora_te2_", "text_encoder_2."):
+        return "sdxl"
+    if has("lora_te_", "text_encoder."):  # a text-encoder-only file: CLIP-L (768) or OpenCLIP-H (1024)
+        widths = {int(t.shape[1]) for k, t in tensors.items() if "q_proj" in k and ("lora_down" in k or "lora_A" in k)}
+        return "sd2" if 1024 in widths else "sd1"
     return "unknown"
 
 
@@ -123,6 +149,61 @@ def _component(stem: str) -> str:
     return stem.split(".", 1)[0]
 
 
+#: key prefix -> part name ("text_encoder" is te1 beside a text_encoder_2, else te)
+_PART_NAMES = {
+    "lora_unet": "unet", "unet": "unet", "transformer": "transformer", "diffusion_model": "transformer",
+    "lora_te": "te", "lora_te1": "te1", "lora_te2": "te2", "text_encoder_2": "te2",
+}
+#: a CLIP module in a kohya stem or a diffusers path: its layer and kind (q_proj, fc1, ...)
+_CLIP_MODULE = re.compile(r"layers[._](\d+)[._](?:self_attn|mlp)[._](\w+)$")
+_CLIP_ORDER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def _clip_order(kind: str) -> tuple[int, str]:
+    return (_CLIP_ORDER.index(kind) if kind in _CLIP_ORDER else len(_CLIP_ORDER), kind)
+
+
+def _network_type(groups: list[dict[str, torch.Tensor]]) -> str:
+    algos = {module_algo(parts) for parts in groups}
+    if algos == {"lora"} and any(_is_conv(parts) for parts in groups):
+        return "locon"
+    return "+".join(sorted(algos)) or "none"
+
+
+def _count(values: list[str]) -> dict[str, int]:
+    return dict(collections.Counter(values).most_common())
+
+
+def _parts(weighted: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, PartInfo]:
+    by_component: dict[str, list[str]] = {}
+    for stem in weighted:
+        by_component.setdefault(_component(stem), []).append(stem)
+    out: dict[str, PartInfo] = {}
+    for component, stems in by_component.items():
+        part = _PART_NAMES.get(component, component)
+        if component == "text_encoder":
+            part = "te1" if "text_encoder_2" in by_component else "te"
+        layers: set[str] = set()
+        targets: dict[str, None] = {}
+        if part.startswith("te"):
+            for stem in stems:
+                found = _CLIP_MODULE.search(stem)
+                if found:
+                    layers.add(found.group(1))
+                    targets[found.group(2)] = None
+        out[component] = PartInfo(
+            part=part,
+            network_type=_network_type([weighted[s] for s in stems]),
+            modules=len(stems),
+            ranks=_count([_rank(weighted[s]) for s in stems]),
+            alphas=_count([f"{alphas[s]:g}" if s in alphas else "none" for s in stems]),
+            layers=len(layers),
+            targets=sorted(targets, key=_clip_order),
+        )
+    # the denoiser first, then te / te1 / te2
+    return dict(sorted(out.items(), key=lambda item: (item[1].part.startswith("te"), item[1].part)))
+
+
 def _hash_line(path: Path) -> str:
     from aitk.networks import metadata as md
 
@@ -147,20 +228,18 @@ def lora_info(path: str | Path) -> LoraInfo:
     groups, unknown = group_by_module(tensors)
     if unknown and not groups:
         raise ToolError(f"{path}: no LoRA / LoKr / LoHa / DoRA tensors in the file (e.g. keys {unknown[:3]})")
-    has_alpha = any(k.endswith(".alpha") for k in tensors)
-    first = {k.split(".", 1)[0] for k in tensors}
-    peft = not has_alpha and len(first) == 1 and any(".lora_A." in k for k in tensors)
     alphas: dict[str, float] = {}
-    if peft:
-        prefix = next(iter(first))
-        layout = f"diffusers / PEFT ({prefix}.<module>.lora_A / lora_B, alphas in lora_adapter_metadata)"
-        try:
-            cfg = _unprefixed_config(metadata, prefix)
-        except ValueError:
-            cfg = None
-        if cfg:
-            names = [s[len(prefix) + 1:] for s in groups]
-            alphas = {f"{prefix}.{n}": a for n, a in config_alphas(cfg, names).items()}
+    if is_peft_keyed(tensors):
+        prefixes = sorted(dict.fromkeys(s.split(".", 1)[0] for s in groups), key=lambda p: p.startswith("text_encoder"))
+        layout = f"diffusers / PEFT ({' / '.join(prefixes)}.<module>.lora_A / lora_B, alphas in lora_adapter_metadata)"
+        for prefix in prefixes:
+            try:
+                cfg = _unprefixed_config(metadata, prefix)
+            except ValueError:
+                cfg = None
+            if cfg:
+                names = [s[len(prefix) + 1:] for s in groups if s.startswith(prefix + ".")]
+                alphas.update({f"{prefix}.{n}": a for n, a in config_alphas(cfg, names).items()})
     else:
         kinds = sorted({module_algo(parts) for parts in groups.values()})
         tensor_names = "LyCORIS tensor names" if set(kinds) & {"lokr", "loha"} else (
@@ -168,15 +247,12 @@ def lora_info(path: str | Path) -> LoraInfo:
         layout = f"comfyui / kohya ({tensor_names}, .alpha per module)"
         alphas = {s: float(parts["alpha"].item()) for s, parts in groups.items() if "alpha" in parts}
     weighted = {s: parts for s, parts in groups.items() if set(parts) - {"alpha"}}
-    algos = {module_algo(parts) for parts in weighted.values()}
     conv = sum(_is_conv(parts) for parts in weighted.values())
-    if algos == {"lora"} and conv:
-        network_type = "locon"
-    else:
-        network_type = "+".join(sorted(algos)) or "none"
+    network_type = _network_type(list(weighted.values()))
     found = _arch_from_metadata(metadata)
     arch, source = found if found else (_guess_arch(tensors), "guessed from key names")
     components = collections.Counter(_component(s) for s in weighted)
+    parts = _parts(weighted, alphas)
     dtypes = collections.Counter(
         str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if not k.endswith(".alpha")
     )
@@ -189,12 +265,11 @@ def lora_info(path: str | Path) -> LoraInfo:
         network_type=network_type,
         modules=len(weighted),
         conv_modules=conv,
-        ranks=dict(collections.Counter(_rank(parts) for parts in weighted.values()).most_common()),
-        alphas=dict(collections.Counter(
-            f"{alphas[s]:g}" if s in alphas else "none" for s in weighted
-        ).most_common()),
+        ranks=_count([_rank(p) for p in weighted.values()]),
+        alphas=_count([f"{alphas[s]:g}" if s in alphas else "none" for s in weighted]),
         dtypes=dict(dtypes.most_common()),
         components=dict(components.most_common()) if len(components) > 1 else {},
+        parts=parts if len(parts) > 1 or any(p.part.startswith("te") for p in parts.values()) else {},
         other_keys=sorted(unknown),
         metadata=dict(sorted(metadata.items())),
         hash_check=_hash_line(p),
@@ -205,6 +280,17 @@ def _counts(values: dict[str, int], what: str) -> str:
     if len(values) == 1:
         return next(iter(values))
     return ", ".join(f"{v} ({n} {what if n != 1 else what.rstrip('s')})" for v, n in values.items())
+
+
+def _part_lines(parts: dict[str, PartInfo]) -> list[str]:
+    """"  lora_te1 (te1): 12 lora modules in 2 CLIP layers (q_proj, ..., fc2), rank 4, alpha 2"."""
+    lines = ["parts:"] if parts else []
+    for component, p in parts.items():
+        where = f" in {p.layers} CLIP layer{'s' if p.layers != 1 else ''} ({', '.join(p.targets)})" if p.layers else ""
+        alpha = _counts(p.alphas, "modules")
+        lines.append(f"  {component} ({p.part}): {p.modules} {p.network_type} modules{where}, "
+                     f"rank {_counts(p.ranks, 'modules')}, alpha {'none (scale 1)' if alpha == 'none' else alpha}")
+    return lines
 
 
 def format_info(info: LoraInfo) -> list[str]:
@@ -218,9 +304,10 @@ def format_info(info: LoraInfo) -> list[str]:
         f"layout:        {info.layout}",
         f"network type:  {info.network_type}",
         f"modules:       {info.modules}" + (f" ({info.conv_modules} kxk conv)" if info.conv_modules else "")
-        + (f"; by part: {_counts(info.components, 'modules')}" if info.components else ""),
+        + (f"; by part: {_counts(info.components, 'modules')}" if info.components and not info.parts else ""),
         f"rank:          {_counts(info.ranks, 'modules')}",
         f"alpha:         {alpha}",
+        *_part_lines(info.parts),
         f"dtype:         {_counts(info.dtypes, 'tensors')}",
         f"hash:          {info.hash_check}",
         *([f"other keys:    {len(info.other_keys)} of no network kind (e.g. {info.other_keys[:3]})"]

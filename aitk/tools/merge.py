@@ -1,16 +1,19 @@
 """`aitk merge --model BASE --lora FILE [--lora-2 FILE] --strength S --arch ARCH -o OUT`.
 
 Bakes network files into a base model's denoiser weights (aitk.networks.merge: LoRA, LoCon,
-DoRA, LoKr, LoHa, any layout aitk writes) and saves the result:
+DoRA, LoKr, LoHa, any layout aitk writes), and a file's text-encoder LoRA (SD 1.x / 2.x `lora_te_`,
+SDXL `lora_te1_` / `lora_te2_`, or diffusers' `text_encoder.` / `text_encoder_2.` keys) into the
+text encoders, at the same strength, as kohya's merge scripts do. It saves the result:
 
 - OUT a folder: a diffusers folder. Every file of the base folder is copied except the merged
-  denoiser's subfolder(s) (unet/, transformer/, transformer_2/), which are written from the
-  merged modules; so the scheduler, tokenizers, text encoders and VAE stay byte-identical.
+  parts' subfolders (unet/, transformer/, transformer_2/, and text_encoder/, text_encoder_2/ when
+  the file carries their LoRA), which are written from the merged modules; so the scheduler,
+  tokenizers, VAE and untouched encoders stay byte-identical. Merged text encoders keep the
+  precision the base stores them in (--dtype auto) or take --dtype.
   A hub id is resolved to its local (downloaded) snapshot first.
 - OUT a .safetensors file (SD 1.x / 2.x / SDXL from a single-file checkpoint): a copy of the
-  base checkpoint with the merged UNet weights replaced in place, under the original LDM key
-  names, which are found by running diffusers' own single-file key conversion over the key
-  names (so the inverse always agrees with how diffusers read the file).
+  base checkpoint with the merged weights replaced in place under their original key names
+  (aitk.tools.checkpoint_file).
 
 WAN 2.2 has two experts: --lora goes into the high-noise expert (transformer/), --lora-2 into
 the low-noise one (transformer_2/), the way the trainer writes one file per expert.
@@ -29,7 +32,16 @@ from typing import Any, TextIO
 
 import torch
 
-from aitk.tools.layout import ToolError, parse_network_file, read_network_tensors
+from aitk.networks.export import KOHYA_WEIGHT_NAMES
+from aitk.tools.checkpoint_file import LDM_UNET_PREFIX, save_single_file
+from aitk.tools.layout import (
+    NetworkFile,
+    ToolError,
+    modules_to_kohya,
+    parse_network_file,
+    read_network_tensors,
+    split_text_encoder_tensors,
+)
 
 __all__ = ["MergeResult", "merge_model", "merge_command"]
 
@@ -37,7 +49,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: adapter attributes that hold a denoiser, and the diffusers subfolder each is saved in
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
-LDM_UNET_PREFIX = "model.diffusion_model."
 #: written into a merged folder (and a single file's header) to say what was merged
 MERGE_RECORD = "aitk_merge.json"
 
@@ -48,6 +59,8 @@ class MergeResult:
     dtype: torch.dtype
     #: expert name -> merged module names
     merged: dict[str, list[str]] = field(default_factory=dict)
+    #: text encoder attribute (= its subfolder) -> merged module names
+    text_encoders: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _is_single_file(path: Path) -> bool:
@@ -118,21 +131,30 @@ def _replace(tmp: Path, output: Path) -> None:
     os.replace(tmp, output)
 
 
-def _save_folder(adapter: Any, base: Path, merged: dict[str, torch.nn.Module], output: Path, record: dict) -> None:
-    subfolders = {_denoiser_attr(adapter, m) for m in merged.values()}
+def _save_folder(
+    adapter: Any, base: Path, merged: dict[str, torch.nn.Module], encoders: dict[str, torch.nn.Module],
+    output: Path, record: dict, encoder_dtype: str,
+) -> None:
+    subfolders = {_denoiser_attr(adapter, m) for m in merged.values()} | set(encoders)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
 
     def skip(folder: str, names: list[str]) -> set[str]:
         if Path(folder) != base:
             return set()
-        # the merged denoisers are written below; hidden entries are caches of download tools
+        # the merged parts are written below; hidden entries are caches of download tools
         return {n for n in names if n in subfolders or n.startswith(".")}
 
     try:
         shutil.copytree(base, tmp, ignore=skip)  # follows the hub cache's symlinks: real files
         for module in merged.values():
             module.save_pretrained(tmp / _denoiser_attr(adapter, module), safe_serialization=True)
+        for name, module in encoders.items():
+            if encoder_dtype == "auto":
+                module.to(_first_float_dtype(sorted((base / name).glob("*.safetensors"))) or module.dtype)
+            else:
+                module.to(DTYPES[encoder_dtype])
+            module.save_pretrained(tmp / name, safe_serialization=True)
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _replace(tmp, output)
     except BaseException:
@@ -140,44 +162,35 @@ def _save_folder(adapter: Any, base: Path, merged: dict[str, torch.nn.Module], o
         raise
 
 
-def _ldm_unet_keys(unet: torch.nn.Module, keys: list[str]) -> dict[str, str]:
-    """diffusers UNet parameter name -> the checkpoint's key, by diffusers' own conversion run on
-    the key names (it only renames keys, so it maps each name onto the diffusers one)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+def _merge_text_encoders(adapter: Any, nf: NetworkFile, strength: float, path: str) -> dict[str, list[str]]:
+    """Merge the file's text-encoder LoRA into the adapter's encoders; {encoder: merged modules}.
 
-    return dict(convert_ldm_unet_checkpoint({k: k for k in keys}, dict(unet.config)))
+    The parsed modules are written out under kohya's stems (whatever the file's layout) and
+    matched against each encoder through `TextEncoderNaming.key_stem`, so the paths meet the
+    encoder with or without transformers' `text_model` level."""
+    from aitk.networks.merge import merge_network_file
+    from aitk.networks.text_encoders import text_encoder_namings
 
-
-def _save_single_file(adapter: Any, base: Path, names: list[str], output: Path, record: dict) -> None:
-    """The base checkpoint with each merged module's weight replaced (same key, shape, dtype)."""
-    import safetensors.torch
-    from safetensors import safe_open
-
-    unet = adapter.unet
-    with safe_open(str(base), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    mapping = _ldm_unet_keys(unet, list(tensors))
-    params = dict(unet.named_parameters())
-    for name in names:
-        key = mapping.get(f"{name}.weight")
-        if key is None or key not in tensors:
-            raise ToolError(
-                f"{base}: no checkpoint key holds the UNet weight {name}.weight; cannot write a single file"
+    namings = text_encoder_namings(adapter)
+    encoders = adapter.text_encoders()
+    merged: dict[str, list[str]] = {}
+    for name, modules in nf.text_encoders.items():
+        encoder = encoders.get(name)
+        if encoder is None:
+            raise ToolError(f"{path}: carries LoRA for {name}, which the base model did not load")
+        naming = namings[name]
+        tensors = modules_to_kohya(modules, naming.key_stem, KOHYA_WEIGHT_NAMES)
+        try:
+            merged[name] = merge_network_file(
+                encoder, (tensors, {}), strength=strength, key_for=naming.key_stem, strict=True
             )
-        original = tensors[key]
-        weight = params[f"{name}.weight"].detach().to("cpu")
-        if weight.numel() != original.numel():
-            raise ToolError(f"{base}: {key} has shape {tuple(original.shape)}, the merged weight {tuple(weight.shape)}")
-        tensors[key] = weight.reshape(original.shape).to(original.dtype).contiguous()
-    metadata[MERGE_RECORD] = json.dumps(record)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        _replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        except (KeyError, TypeError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ToolError(f"{path}: {name}: {message}") from None
+        except RuntimeError as exc:  # matmul / reshape: tensors of another encoder size
+            raise ToolError(f"{path}: its {name} tensors do not fit the base model's {name} (a file for "
+                            f"another model?): {exc}") from None
+    return merged
 
 
 def merge_model(
@@ -230,7 +243,7 @@ def merge_model(
     elif single:
         raise ToolError(
             f"-o {out}: a single-file output needs an SD / SDXL base that is itself a .safetensors checkpoint "
-            "(its UNet weights are replaced in place); give -o a folder to write a diffusers folder"
+            "(its weights are replaced in place); give -o a folder to write a diffusers folder"
         )
     try:
         dev = torch.device(device)
@@ -244,9 +257,10 @@ def merge_model(
         adapter = cls(ModelConfig(name_or_path=str(base), arch=arch, model_kwargs=kwargs), dev, load_dtype)
     except ValueError as exc:
         raise ToolError(str(exc)) from None
+    parsed: list[NetworkFile] = []
     for path, (tensors, metadata) in zip(loras, files):
         try:
-            parse_network_file(tensors, metadata, adapter, arch)
+            parsed.append(parse_network_file(tensors, metadata, adapter, arch))
         except ToolError as exc:
             raise ToolError(f"{path}: {exc}") from None
     try:
@@ -260,10 +274,12 @@ def merge_model(
         raise ToolError(f"--lora-2 given, but {model} has one denoiser")
     result = MergeResult(out, load_dtype)
     modules: dict[str, torch.nn.Module] = {}
-    for (expert, module), path, source in zip(experts, loras, files):
+    for (expert, module), path, (tensors, metadata) in zip(experts, loras, files):
+        denoiser, _ = split_text_encoder_tensors(tensors, adapter)
         try:
             names = merge_network_file(
-                module, source, strength=strength, prefix=adapter.lora_prefix, key_for=adapter.lora_key_stem,
+                module, (denoiser, metadata), strength=strength, prefix=adapter.lora_prefix,
+                key_for=adapter.lora_key_stem,
                 diffusers_prefix=adapter.diffusers_lora_prefix, strict=True,
             )
         except (KeyError, TypeError) as exc:
@@ -274,6 +290,11 @@ def merge_model(
                             f"another model or size?): {exc}") from None
         result.merged[expert] = names
         modules[expert] = module
+    for path, nf in zip(loras, parsed):
+        for encoder in nf.text_encoders:
+            adapter.text_encoders()[encoder].to(dev)
+        for encoder, names in _merge_text_encoders(adapter, nf, strength, path).items():
+            result.text_encoders.setdefault(encoder, []).extend(names)
     record = {
         "base": str(model),
         "arch": arch,
@@ -281,14 +302,16 @@ def merge_model(
         "dtype": str(load_dtype).removeprefix("torch."),
         "loras": [
             {"expert": e, "file": str(p), "modules": len(result.merged[e]),
+             "text_encoder_modules": {name: len(m) for name, m in nf.text_encoders.items()},
              "sshs_model_hash": src[1].get("sshs_model_hash")}
-            for (e, _), p, src in zip(experts, loras, files)
+            for (e, _), p, src, nf in zip(experts, loras, files, parsed)
         ],
     }
     if single:
-        _save_single_file(adapter, base, result.merged[experts[0][0]], out, record)
+        save_single_file(adapter, base, result.merged[experts[0][0]], result.text_encoders, out, MERGE_RECORD, record)
     else:
-        _save_folder(adapter, base, modules, out, record)
+        encoders = {name: adapter.text_encoders()[name] for name in result.text_encoders}
+        _save_folder(adapter, base, modules, encoders, out, record, dtype)
     return result
 
 
@@ -309,6 +332,8 @@ def merge_command(
     for expert, names in result.merged.items():
         where = "" if len(result.merged) == 1 and expert == "main" else f" ({expert} expert)"
         print(f"merged {len(names)} modules{where} at strength {strength:g}", file=out)
+    for encoder, names in result.text_encoders.items():
+        print(f"merged {len(names)} text-encoder modules into {encoder} at strength {strength:g}", file=out)
     if "high_noise" in result.merged and "low_noise" not in result.merged:
         print("note: only the high-noise expert was merged; give --lora-2 for the low-noise one", file=out)
     print(f"wrote {result.output} ({str(result.dtype).removeprefix('torch.')})", file=out)
