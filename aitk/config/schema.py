@@ -443,7 +443,9 @@ class SamplePrompt(Section):
     sample_steps: int | None = Field(None, ge=1)
     neg: str | None = None
     network_multiplier: float | None = None
-    ctrl_img: str | None = None
+    ctrl_img: str | None = Field(None, description="Control image: what Kontext edits, the first frame of I2V.")
+    num_frames: int | None = Field(None, ge=1, description="Video models: frames of this preview.")
+    fps: int | None = Field(None, ge=1, description="Video models: frame rate of this preview.")
 
     @field_validator("width", "height")
     @classmethod
@@ -462,18 +464,19 @@ class SampleConfig(Section):
     width: int = Field(512, description="Preview width (multiple of 8).")
     height: int = Field(512, description="Preview height (multiple of 8).")
     prompts: list[str] = Field(
-        default_factory=list, description="Preview prompts; inline flags --w --h --seed --cfg --steps --n."
+        default_factory=list, description="Preview prompts; inline flags (--w --seed --ctrl_img ...) override settings."
     )
     samples: list[SamplePrompt] = Field(default_factory=list, description="Preview prompts with their own settings.")
     neg: str = Field("", description="Negative prompt.")
-    seed: int = Field(42, description="Seed of the first preview.")
+    seed: int = Field(42, description="Seed of the first preview (-1: a new random seed every time).")
     walk_seed: bool = Field(False, description="Use seed + i for the i-th prompt.")
     guidance_scale: float = Field(7.0, description="Classifier-free guidance scale.")
     sample_steps: int = Field(20, ge=1, description="Denoising steps per preview.")
     num_frames: int = Field(1, ge=1, description="Video models: frames per preview.")
     fps: int = Field(16, ge=1, description="Video models: frame rate of previews.")
     network_multiplier: float = Field(1.0, description="LoRA strength used for previews.")
-    ctrl_img: str | None = Field(None, description="Control image for control models.")
+    ctrl_img: str | None = Field(None, description="Control image: what Kontext edits, the first frame of I2V.")
+    guidance_rescale: float = Field(0.0, ge=0.0, description="SD / SDXL previews: guidance rescale (0: off).")
 
     @field_validator("width", "height")
     @classmethod
@@ -498,7 +501,7 @@ class SampleConfig(Section):
                 _check_pixel_size(request.width)
                 _check_pixel_size(request.height)
             except (SamplePromptError, PydanticCustomError) as exc:
-                message = exc.message() if isinstance(exc, PydanticCustomError) else str(exc)
+                message = exc.message() if isinstance(exc, PydanticCustomError) else exc.problem
                 raise user_error(f"in {prompt!r}: {message}", key=key) from None
         return self
 

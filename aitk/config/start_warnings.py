@@ -37,6 +37,10 @@ def _process_warnings(index: int, process: ProcessConfig) -> Iterator[str]:
                f"weighted loss whatever timestep_type says; here timestep_type {train.timestep_type!r} wins. Fix: "
                "remove one of the two (timestep_type: weighted is what linear_timesteps does)")
     text_cached = process.train.cache_text_embeddings or any(d.cache_text_embeddings for d in process.datasets)
+    if train.unload_text_encoder and not text_cached and not train.train_text_encoder and not process.trigger_word:
+        yield (f"{render_path(where + ('train', 'unload_text_encoder'))}: there is no trigger_word, so every sample "
+               "trains on the blank prompt (captions are not used with unload_text_encoder). Fix: set trigger_word, "
+               "or remove unload_text_encoder to train on the captions")
     for j, dataset in enumerate(process.datasets):
         at = where + ("datasets", j)
         if text_cached and (dataset.shuffle_tokens or dataset.token_dropout_rate > 0):

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from aitk.config.prompts import AI_TOOLKIT_ONLY_FLAGS, preview_issues
 from aitk.models.archs import (
     CONTROL_ARCHS,
     DDPM_NOISE_SCHEDULERS,
@@ -34,7 +35,7 @@ from aitk.config.schema import (
     LoggingConfig,
     ModelConfig,
     ProcessConfig,
-    SampleConfig,
+    SamplePrompt,
     Section,
     TrainConfig,
 )
@@ -136,6 +137,28 @@ UNSUPPORTED: list[Unsupported] = [
                 "layer offloading in a full fine-tune (no network: section; offloading moves frozen weights "
                 "only, and here every denoiser weight trains: use a LoRA, or FSDP across GPUs)", FAILS),
     # datasets
+    # sample: previews asking for what the model's previews cannot take (aitk.config.prompts)
+    Unsupported(ProcessConfig, "sample", lambda v, s: "ctrl_img" in preview_issues(s),
+                "a preview control image (ctrl_img, --ctrl_img) on a model that takes none (flux_kontext edits it, "
+                "wan21_i2v / wan22_14b_i2v start from it)"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "num_frames" in preview_issues(s),
+                "video previews (num_frames above 1, --frames, --fps) on an image model",
+                "it is ignored; previews are images"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "negative" in preview_issues(s),
+                "a negative preview prompt (neg, --n) on FLUX, whose previews run without classifier-free guidance"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "prompt_2" in preview_issues(s),
+                "--p2 / --n2 (prompts of SDXL's second text encoder) other than on SDXL without cache_text_embeddings"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "guidance_rescale" in preview_issues(s),
+                "guidance rescale (guidance_rescale, --gr) on a model other than SD / SDXL"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "ai_toolkit_only" in preview_issues(s),
+                f"the preview flags {', '.join('--' + f for f in AI_TOOLKIT_ONLY_FLAGS)} (adapter scale, SDXL "
+                "refiner, custom-adapter values, Flex.2 control index)"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "no_first_frame" in preview_issues(s),
+                "a preview without a first frame on an image-to-video model (set sample.ctrl_img, the entry's "
+                "ctrl_img or --ctrl_img <image> in each prompt)", "those previews are skipped"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "no_control_image" in preview_issues(s),
+                "a flux_kontext preview without a control image to edit (set sample.ctrl_img, the entry's "
+                "ctrl_img or --ctrl_img <image> in each prompt)", "those previews render from the prompt alone"),
     # train
     # train_text_encoder (aitk/networks/text_encoders.py): a LoRA on SD / SDXL's CLIP encoders
     Unsupported(ProcessConfig, "train.train_text_encoder",
@@ -156,7 +179,7 @@ UNSUPPORTED: list[Unsupported] = [
                 "cannot follow a text encoder that trains, and caching releases it)",
                 f"{FAILS}; set cache_text_embeddings: false, or train_text_encoder: false"),
     Unsupported(ProcessConfig, "train.train_text_encoder",
-                lambda v, s: v is True and bool((s.train.model_extra or {}).get("unload_text_encoder")),
+                lambda v, s: v is True and s.train.unload_text_encoder,
                 "training the text encoder with train.unload_text_encoder (a text encoder that trains must stay "
                 "loaded)", f"{FAILS}; remove unload_text_encoder, or set train_text_encoder: false"),
     Unsupported(ProcessConfig, "train.noise_scheduler", _refused_for(NOISE_SCHEDULERS, DDPM_NOISE_SCHEDULERS),
@@ -197,7 +220,6 @@ AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
     (row.section, row.key): row
     for row in [
         Unsupported(ProcessConfig, "sqlite_db_path", _never, "the ai-toolkit UI database"),
-        Unsupported(TrainConfig, "unload_text_encoder", _truthy, "unloading the text encoder"),
         Unsupported(TrainConfig, "diff_output_preservation", _truthy,
                     "differential output preservation"),
         Unsupported(TrainConfig, "diff_output_preservation_multiplier", _never, ""),
@@ -208,7 +230,10 @@ AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
         Unsupported(DatasetConfig, "network_weight", lambda v, s: v not in (None, 1, 1.0),
                     "per-dataset network weights"),
         Unsupported(DatasetConfig, "controls", _truthy, "control inputs"),
-        Unsupported(SampleConfig, "guidance_rescale", _truthy, "guidance_rescale"),
+        Unsupported(SamplePrompt, "ctrl_idx", _is_set, "ctrl_idx (Flex.2's control index)"),
+        Unsupported(SamplePrompt, "ctrl_img_1", _is_set, "ctrl_img_1 (multi-image edit models; use ctrl_img)"),
+        Unsupported(SamplePrompt, "ctrl_img_2", _is_set, "ctrl_img_2 (multi-image edit models)"),
+        Unsupported(SamplePrompt, "ctrl_img_3", _is_set, "ctrl_img_3 (multi-image edit models)"),
     ]
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from aitk.config.loader import JobFileError, LoadedJob, load_job_file
 from aitk.config.support import render_path, unsupported_failures
@@ -21,6 +22,27 @@ def _local_checks(loaded: LoadedJob) -> list[str]:
                     f"{where}: folder {dataset.folder_path!r} does not exist here "
                     "(fine if it exists on the machine that trains)"
                 )
+        notes.extend(_missing_ctrl_image_notes(i, process))
+    return notes
+
+
+def _missing_ctrl_image_notes(index: int, process: Any) -> list[str]:
+    """A preview control image (ctrl_img, --ctrl_img) that is not a file here, naming its prompt."""
+    from aitk.config.prompts import build_preview_requests, missing_ctrl_images, request_key
+
+    if process.sample is None:
+        return []
+    requests = build_preview_requests(process.sample, process.trigger_word)
+    by_file: dict[str, list[int]] = {}
+    for j, path in missing_ctrl_images(requests, process.model.resolved_arch).items():
+        by_file.setdefault(path, []).append(j)
+    notes = []
+    for path, indices in by_file.items():  # one note per file, at its first preview
+        where = render_path(("config", "process", index, "sample", *request_key(process.sample, indices[0])))
+        named = ", ".join(repr(requests[j].prompt) for j in indices[:2])
+        more = f" and {len(indices) - 2} more" if len(indices) > 2 else ""
+        notes.append(f"{where}: control image {path!r} does not exist here (fine if it exists on the machine that "
+                     f"trains; else the run skips the previews that use it: {named}{more})")
     return notes
 
 

@@ -48,7 +48,7 @@ class PlanSettings:
     max_pixels_per_frame: int | None
     frames: int  # the largest num_frames of the datasets (1 = images)
     uses_controls: bool  # a dataset has control images (Kontext appends their tokens)
-    cache_text_embeddings: bool
+    cache_text_embeddings: bool  # or unload_text_encoder: either way the text encoders go before the first step
     cache_latents: bool
     low_vram: bool
     layer_offloading: bool
@@ -142,7 +142,8 @@ def settings_from_process(process: ProcessConfig) -> PlanSettings:
         max_pixels_per_frame=max((d.max_pixels_per_frame or 0 for d in datasets), default=0) or None,
         frames=max(d.num_frames for d in datasets),
         uses_controls=any(d.control_path for d in datasets),
-        cache_text_embeddings=train.cache_text_embeddings or any(d.cache_text_embeddings for d in datasets),
+        cache_text_embeddings=train.cache_text_embeddings or train.unload_text_encoder
+        or any(d.cache_text_embeddings for d in datasets),
         cache_latents=all(d.cache_latents or d.cache_latents_to_disk for d in datasets),
         low_vram=model.low_vram,
         layer_offloading=bool(_extra(model, "layer_offloading", False)),

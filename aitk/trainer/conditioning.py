@@ -4,7 +4,11 @@ and (with cache_text_embeddings) precomputed for every caption and kept on disk.
 When text-encoder networks train (train.train_text_encoder), every batch is encoded afresh with
 gradients and nothing is kept: the embeddings change with every step. The trained encoders are in
 train mode only while they encode (network dropout); previews and everything else see them in
-eval mode."""
+eval mode.
+
+With train.unload_text_encoder (ai-toolkit's low-memory mode) the trigger word, the blank prompt and
+the preview prompts are encoded once and kept; training samples are then conditioned on the trigger
+word (regularisation samples on the blank prompt) whatever their captions say."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from aitk.models.base import ModelAdapter, PromptEmbeds
 # Small datasets never re-encode a caption, while a large one with unique captions cannot grow
 # memory without bound.
 LRU_SIZE = 512
+BLANK_PROMPT = ""
 
 
 def _to_tensors(embeds: PromptEmbeds) -> dict[str, torch.Tensor]:
@@ -45,6 +50,9 @@ class PromptConditioner:
         self.encoding = encoding
         self._lru: OrderedDict[str, PromptEmbeds] = OrderedDict()
         self.trained_encoders: list[torch.nn.Module] = []  # set by `train_text_encoders`
+        self._kept: dict[str, PromptEmbeds] = {}  # encoded by `use_fixed_prompts`, never evicted
+        self.fixed_prompt: str | None = None  # unload_text_encoder: every training sample's prompt
+        self.encoders_released = False  # nothing can be encoded any more (set once they are freed)
 
     def train_text_encoders(self, encoders: list[torch.nn.Module]) -> None:
         """From now on encode with gradients through `encoders` (their networks train)."""
@@ -52,6 +60,25 @@ class PromptConditioner:
             raise ValueError("cached text embeddings cannot train the text encoder")
         self.trained_encoders = list(encoders)
         self._lru.clear()
+
+    def use_fixed_prompts(self, trigger_word: str | None, keep: list[str]) -> None:
+        """unload_text_encoder: from now on `for_batch` conditions every training sample on
+        `trigger_word` (on the blank prompt when there is none, and for regularisation samples).
+        Those and `keep` (the preview prompts) are encoded now, one per call as `__call__` does,
+        and kept for good: the text encoders go after this."""
+        self.fixed_prompt = trigger_word or BLANK_PROMPT
+        with self.encoding(), torch.no_grad():
+            for prompt in dict.fromkeys([BLANK_PROMPT, self.fixed_prompt, *keep]):
+                if prompt not in self._kept:
+                    self._kept[prompt] = self.adapter.encode_prompts([prompt])
+
+    def for_batch(self, captions: list[str], is_reg: torch.Tensor | None = None) -> PromptEmbeds:
+        """A training batch's conditioning: its captions', or with fixed prompts (see
+        `use_fixed_prompts`) the trigger word's, and the blank prompt's for `is_reg` samples."""
+        if self.fixed_prompt is None:
+            return self(captions)
+        regs = [bool(r) for r in is_reg] if is_reg is not None else [False] * len(captions)
+        return self([BLANK_PROMPT if reg else self.fixed_prompt for reg in regs])
 
     def precompute(self, captions: list[str], progress: Callable[[int], None] | None = None) -> int:
         """Encode every caption the text cache lacks; returns how many were encoded."""
@@ -68,6 +95,8 @@ class PromptConditioner:
         return len(missing)
 
     def _lookup(self, caption: str) -> PromptEmbeds | None:
+        if caption in self._kept:
+            return self._kept[caption]
         if caption in self._lru:
             self._lru.move_to_end(caption)
             return self._lru[caption]
@@ -101,11 +130,18 @@ class PromptConditioner:
         missing = [caption for caption, embeds in found.items() if embeds is None]
         # One caption per call: batched matmuls give slightly different rows for different batch
         # sizes, and which captions are uncached differs after a resume, so a resumed run would drift.
+        if missing and self.encoders_released:
+            raise RuntimeError(
+                f"the text encoders are released, yet {missing[0]!r} was not encoded before they went "
+                "(every prompt a step or a preview uses is encoded at set-up; this is a bug)"
+            )
         if missing:
             with self.encoding():
                 for caption in missing:
                     found[caption] = self.adapter.encode_prompts([caption])
         for caption, embeds in found.items():
+            if caption in self._kept:
+                continue
             self._lru[caption] = embeds
             self._lru.move_to_end(caption)
         while len(self._lru) > LRU_SIZE:

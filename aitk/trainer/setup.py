@@ -143,7 +143,8 @@ class TrainerSetup:
             )
             self.placement = place_adapter(
                 self.adapter, model_cfg,
-                text_cached=self._text_cache_wanted(), latents_cached=latents_cached,
+                text_cached=self._text_cache_wanted() or self.train_cfg.unload_text_encoder,
+                latents_cached=latents_cached,
                 device=self.session.device,
                 fully_trained=frozenset() if self.process.network else frozenset(self.adapter.trained_experts()),
                 sharded=self.session.fsdp is not None,
@@ -171,9 +172,16 @@ class TrainerSetup:
         return TextEmbeddingCache(folder, self.adapter.text_encoder_id(), log=self.log)
 
     def _cache_text_embeddings(self) -> None:
-        """Encode every caption a draw can produce, and the preview prompts, before training."""
+        """Encode every caption a draw can produce, and the preview prompts, before training (or
+        with unload_text_encoder alone, the prompts that replace the captions) and release the
+        text encoders."""
         if self.conditioner.text_cache is None:
+            if self.train_cfg.unload_text_encoder:
+                self._unload_text_encoders()
             return
+        if self.train_cfg.unload_text_encoder:  # ai-toolkit too uses the cached captions then
+            self.log("note: train.unload_text_encoder with cache_text_embeddings: steps use the cached caption "
+                     "embeddings, not the trigger word")
         captions = self.data.all_captions()
         if captions is None:
             self.log(
@@ -181,8 +189,7 @@ class TrainerSetup:
                 "for every draw, so captions are encoded as they come (kept in memory)"
             )
             return
-        prompts = {r.prompt for r in self.preview_requests} | {r.negative for r in self.preview_requests}
-        wanted = list(dict.fromkeys(captions + sorted(prompts)))
+        wanted = list(dict.fromkeys(captions + self._preview_prompts()))
         from tqdm import tqdm
 
         self._set_status(state="caching")
@@ -191,12 +198,38 @@ class TrainerSetup:
             encoded = self.conditioner.precompute(wanted, progress=bar.update)
         self.log(f"text-embedding cache: {encoded} captions encoded, {len(wanted) - encoded} reused")
         # Every prompt a step or a preview can ask for is cached: the text encoders can go.
+        freed = self._release_text_encoders()
+        if freed:
+            self.log(f"text encoders released after caching ({freed / 2**20:.0f} MiB of weights)")
+
+    def _unload_text_encoders(self) -> None:
+        """train.unload_text_encoder (ai-toolkit's): the trigger word (or the blank prompt), the
+        blank prompt and the preview prompts are encoded once; captions are not used after that."""
+        trigger = self.process.trigger_word
+        self.conditioner.use_fixed_prompts(trigger, self._preview_prompts())
+        freed = self._release_text_encoders()
+        prompt = f"the trigger word {trigger!r}" if trigger else "the blank prompt"
+        regs = " (regularisation samples: the blank prompt)" if trigger and any(
+            d.is_reg for d in self.process.datasets) else ""
+        released = (f"text encoders released ({freed / 2**20:.0f} MiB of weights)" if freed
+                    else "this model keeps its text encoders")
+        self.log(f"unload_text_encoder: every training sample is conditioned on {prompt} in place of its "
+                 f"caption{regs}; {released}")
+
+    def _release_text_encoders(self) -> int:
+        """Free the text encoders once every prompt a step or a preview can ask for is encoded;
+        returns the bytes of weights freed (0: this model keeps them)."""
         for name in self.adapter.text_encoders():
             self.placement.release(name)
         freed = self.adapter.release_text_encoders()
         if freed:
             self.text_encoders_released = True
-            self.log(f"text encoders released after caching ({freed / 2**20:.0f} MiB of weights)")
+            self.conditioner.encoders_released = True
+        return freed
+
+    def _preview_prompts(self) -> list[str]:
+        """Every prompt and negative prompt of the previews (sorted, once each)."""
+        return sorted({r.prompt for r in self.preview_requests} | {r.negative for r in self.preview_requests})
 
     def _cached_prompt_kwargs(self, request: Any) -> dict[str, Any]:
         return self.adapter.preview_prompt_kwargs(
