@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import base_process, build_tiny_model, deep_update, write_job  # noqa: E402
 
 from aitk.config.prompts import PreviewRequest  # noqa: E402
-from aitk.config.schema import FIRST_FRAME_ARCHS, DatasetConfig, ModelConfig, ProcessConfig  # noqa: E402
+from aitk.config.schema import DatasetConfig, ModelConfig, ProcessConfig  # noqa: E402
+from aitk.models.archs import FIRST_FRAME_ARCHS  # noqa: E402
 from aitk.models.base import ModelAdapter  # noqa: E402
 from aitk.models.registry import create_adapter  # noqa: E402
 from aitk.trainer.sampling import render_previews  # noqa: E402

@@ -39,8 +39,9 @@ def test_requests_apply_trigger_samples_and_walk_seed():
     )
     requests = preview_requests(cfg, "sks")
     assert [r.prompt for r in requests] == ["sks in the snow", "a sks portrait", "sks at night"]
-    # walk_seed adds the prompt's index to its seed (inline and per-sample seeds included)
-    assert [r.seed for r in requests] == [10, 101, 7]
+    # walk_seed adds the prompt's index to the section's seed; an inline --seed or a sample entry's
+    # own seed is used as written (ai-toolkit: the prompt's flags and the entry win, unwalked)
+    assert [r.seed for r in requests] == [10, 100, 5]
     assert [r.width for r in requests] == [320, 320, 256]
 
 

@@ -139,7 +139,7 @@ def _entry_overrides(item: Any) -> dict[str, Any]:
     overrides = {
         "width": item.width, "height": item.height, "seed": item.seed, "guidance_scale": item.guidance_scale,
         "steps": item.sample_steps, "negative": item.neg, "multiplier": item.network_multiplier,
-        "ctrl_img": item.ctrl_img, "num_frames": getattr(item, "num_frames", None), "fps": getattr(item, "fps", None),
+        "ctrl_img": item.ctrl_img, "num_frames": item.num_frames, "fps": item.fps,
     }
     return {k: v for k, v in overrides.items() if v is not None}
 
@@ -154,7 +154,7 @@ def build_preview_requests(sample: Any, trigger_word: str | None) -> list[Previe
         prompt="", width=sample.width, height=sample.height, seed=sample.seed,
         guidance_scale=sample.guidance_scale, steps=sample.sample_steps, negative=sample.neg or "",
         multiplier=sample.network_multiplier, num_frames=sample.num_frames, fps=sample.fps,
-        ctrl_img=sample.ctrl_img, guidance_rescale=getattr(sample, "guidance_rescale", 0.0) or 0.0,
+        ctrl_img=sample.ctrl_img, guidance_rescale=sample.guidance_rescale,
     )
     entries = [(text, {}) for text in sample.prompts] + [(s.prompt, _entry_overrides(s)) for s in sample.samples]
     requests = []
@@ -183,7 +183,7 @@ def request_key(sample: Any, index: int) -> tuple[str, int]:
 def preview_fields(arch: str) -> frozenset[str]:
     """The PreviewRequest settings `arch`'s previews use beyond prompt, size, seed, guidance scale,
     steps and LoRA strength (which all use)."""
-    from aitk.config.schema import FIRST_FRAME_ARCHS  # the schema imports this module
+    from aitk.models.archs import FIRST_FRAME_ARCHS
     from aitk.models.archs import CONTROL_ARCHS, data_facts
 
     fields = set()
@@ -202,7 +202,7 @@ def preview_fields(arch: str) -> frozenset[str]:
 
 def needs_first_frame(arch: str) -> bool:
     """Image-to-video models cannot preview without a first frame (ctrl_img)."""
-    from aitk.config.schema import FIRST_FRAME_ARCHS
+    from aitk.models.archs import FIRST_FRAME_ARCHS
 
     return arch in FIRST_FRAME_ARCHS
 

@@ -41,6 +41,9 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
 # `aitk validate` can say that control_path is unused elsewhere without importing a model.
 CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext"})
 
+#: image-to-video archs: their adapters' `i2v` (a test keeps the two in step)
+FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
+
 # Architectures whose denoiser has conv layers a network can wrap (network.conv; LoCon), so that
 # `aitk validate` can tell that conv alpha phases change nothing on the others.
 CONV_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})

@@ -349,7 +349,7 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
         first_frames (B, 3, H, W) in [-1, 1] (BatchContext.first_frames). When None, a one-frame
         clip (an image dataset) is its own first frame and its latents are the condition; a longer
         clip without first frames raises ValueError (the trainer's data gives them for every video
-        dataset of an I2V arch: aitk.config.schema.FIRST_FRAME_ARCHS).
+        dataset of an I2V arch: aitk.models.archs.FIRST_FRAME_ARCHS).
         """
         b, _, lat_frames, h, w = latents.shape
         if first_frames is None:

@@ -97,12 +97,12 @@ class WanPreviews:
 
             if not request.ctrl_img:
                 raise ValueError(
-                    f"{self.arch_names[0]} previews start from an image: set sample.ctrl_img (or ctrl_img "
-                    "of the sample entry) to the first frame's image file"
+                    f"{self.arch_names[0]} previews start from an image: set sample.ctrl_img, ctrl_img of the "
+                    "sample entry or --ctrl_img <image> in the prompt to the first frame's image file"
                 )
             path = Path(request.ctrl_img).expanduser()
             if not path.is_file():
-                raise ValueError(f"sample.ctrl_img: {request.ctrl_img!r} is not an image file")
+                raise ValueError(f"sample.ctrl_img of preview {request.prompt!r}: {request.ctrl_img!r} is not an image file")
             with Image.open(path) as image:
                 kwargs["image"] = image.convert("RGB")
         return kwargs

@@ -96,7 +96,7 @@ class Trainer(TrainerSetup, TrainerSaving):
                 noisy = self.adapter.make_noisy_batch(
                     latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
                 )
-            cond = self.conditioner(batch.captions)
+            cond = self.conditioner.for_batch(batch.captions, batch.is_reg)
             weights = batch.loss_multiplier.to(self.session.device)
             if noisy.loss_weights is not None:
                 weights = weights * noisy.loss_weights
@@ -265,8 +265,15 @@ class Trainer(TrainerSetup, TrainerSaving):
         only the main one keeps the pictures."""
         if not self.preview_requests or not (self.session.is_main or self.fsdp is not None):
             return
-        from aitk.trainer.sampling import render_previews
+        from aitk.trainer.sampling import preview_fields, render_previews, unrenderable_previews
 
+        skipped = getattr(self, "_previews_skipped", None)
+        if skipped is None:  # said once: previews that cannot render (a control image missing here...)
+            skipped = self._previews_skipped = unrenderable_previews(
+                self.preview_requests, self.process.model.resolved_arch
+            )
+            for index, why in skipped.items():
+                self.log(f"warning: preview {index} ({self.preview_requests[index].prompt!r}) is skipped: {why}")
         self._set_status(state="sampling")
         experts = list(self.adapter.experts().values())
         for module in experts:
@@ -293,6 +300,8 @@ class Trainer(TrainerSetup, TrainerSaving):
                     set_multiplier=self.network.set_multiplier,
                     extra_kwargs=self.adapter.preview_kwargs,
                     prompt_kwargs=self._cached_prompt_kwargs if self.text_encoders_released else None,
+                    skip=skipped,
+                    fields=preview_fields(self.process.model.resolved_arch),
                 )
             self.log(f"wrote {len(paths)} samples for step {step} in {time.perf_counter() - started:.1f} s")
             if self.wandb is not None:

@@ -2,49 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import random
+from collections.abc import Callable, Collection
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from aitk.config.prompts import PreviewRequest, parse_prompt
+from aitk.config.prompts import PreviewRequest, build_preview_requests, preview_fields, unrenderable_previews
 from aitk.config.schema import SampleConfig
 from aitk.fsutil import atomic_write_bytes
 
+__all__ = ["preview_fields", "preview_requests", "render_previews", "unrenderable_previews"]
+
+
 def preview_requests(cfg: SampleConfig, trigger_word: str | None) -> list[PreviewRequest]:
-    defaults = PreviewRequest(
-        prompt="",
-        width=cfg.width,
-        height=cfg.height,
-        seed=cfg.seed,
-        guidance_scale=cfg.guidance_scale,
-        steps=cfg.sample_steps,
-        negative=cfg.neg,
-        multiplier=cfg.network_multiplier,
-        num_frames=cfg.num_frames,
-        fps=cfg.fps,
-        ctrl_img=cfg.ctrl_img,
-    )
-    requests = [parse_prompt(p, defaults) for p in cfg.prompts]
-    for item in cfg.samples:
-        request = parse_prompt(item.prompt, defaults)
-        overrides = {
-            "width": item.width, "height": item.height, "seed": item.seed,
-            "guidance_scale": item.guidance_scale, "steps": item.sample_steps,
-            "negative": item.neg, "multiplier": item.network_multiplier, "ctrl_img": item.ctrl_img,
-        }
-        requests.append(replace(request, **{k: v for k, v in overrides.items() if v is not None}))
-    if trigger_word:
-        requests = [replace(r, prompt=r.prompt.replace("[trigger]", trigger_word)) for r in requests]
-    if cfg.walk_seed:
-        requests = [replace(r, seed=r.seed + i) for i, r in enumerate(requests)]
-    return requests
+    """The job's previews with their inline flags read (aitk.config.prompts.build_preview_requests)."""
+    return build_preview_requests(cfg, trigger_word)
 
 
 def _snap(size: int, multiple: int = 8) -> int:
     return max(multiple, size // multiple * multiple)
+
+
+def _optional_kwargs(request: PreviewRequest, fields: Collection[str], with_text: bool) -> dict[str, Any]:
+    """The request's settings only some families' pipelines take (SDXL's second prompts, SD's
+    guidance rescale), for a model whose previews use them (`fields`: preview_fields); elsewhere
+    `aitk validate` and the run's start say they are ignored. The second prompts go with the
+    prompt text (with cached embeddings the text encoders are gone)."""
+    wanted: dict[str, Any] = {"guidance_rescale": request.guidance_rescale or None}
+    if with_text:
+        wanted.update(prompt_2=request.prompt_2, negative_prompt_2=request.negative_2)
+    field_of = {"negative_prompt_2": "negative_2"}
+    return {k: v for k, v in wanted.items() if v is not None and field_of.get(k, k) in fields}
+
+
+def preview_seed(request: PreviewRequest) -> int:
+    """The request's seed; -1 (ai-toolkit's "random") draws a new one for every preview."""
+    return request.seed if request.seed >= 0 else random.randrange(2**32)
 
 
 def render_previews(
@@ -57,14 +52,19 @@ def render_previews(
     set_multiplier: Callable[[float], None],
     extra_kwargs: Callable[[PreviewRequest], dict[str, Any]] | None = None,
     prompt_kwargs: Callable[[PreviewRequest], dict[str, Any]] | None = None,
+    skip: Collection[int] = (),
+    fields: Collection[str] = (),
 ) -> list[Path]:
     """Render each request and write samples/<step:09d>_<i>.jpg (images) or .mp4 plus .webp
-    (videos) atomically.
+    (videos) atomically; the requests whose index is in `skip` are left out (unrenderable_previews:
+    the run says why once), the others keep their index. `fields` are the optional settings the
+    model's previews use (aitk.config.prompts.preview_fields of its arch).
 
     The pipeline stops at latents and `decode` (the model adapter's) turns them into images or
     frame lists, so the VAE decodes in its own precision whatever the training dtype.
-    `extra_kwargs` (the adapter's preview_kwargs) adds model-specific pipeline arguments;
-    `prompt_kwargs` gives the prompts as cached embeddings instead of text (text encoders freed).
+    `extra_kwargs` (the adapter's preview_kwargs) adds model-specific pipeline arguments (frames,
+    the control image); `prompt_kwargs` gives the prompts as cached embeddings instead of text
+    (text encoders freed).
     """
     from aitk.trainer.preview_files import jpeg_bytes, mp4_bytes, webp_bytes
 
@@ -73,8 +73,10 @@ def render_previews(
     written = []
     try:
         for index, request in enumerate(requests):
+            if index in skip:
+                continue
             set_multiplier(request.multiplier)
-            generator = torch.Generator(device="cpu").manual_seed(request.seed)
+            generator = torch.Generator(device="cpu").manual_seed(preview_seed(request))
             with torch.no_grad():
                 if prompt_kwargs is not None:
                     prompts = prompt_kwargs(request)
@@ -88,6 +90,7 @@ def render_previews(
                     guidance_scale=request.guidance_scale,
                     generator=generator,
                     output_type="latent",
+                    **_optional_kwargs(request, fields, with_text=prompt_kwargs is None),
                     **(extra_kwargs(request) if extra_kwargs is not None else {}),
                 )
                 latents = getattr(output, "images", None)
