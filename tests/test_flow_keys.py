@@ -320,6 +320,9 @@ def test_validate_is_clean_for_these_keys(
         "model": {"arch": arch}, "train": {"noise_scheduler": "flowmatch", **train},
         "sample": {"sample_every": 250, "sample_start_step": 500, "prompts": ["a shape"]},
     })
+    if arch == "flux_kontext":  # an edit model's previews start from a control image
+        image = next(p for p in sorted(shapes_dataset.iterdir()) if p.suffix in (".png", ".jpg"))
+        process["sample"]["prompts"] = [f"a shape --ctrl_img {image}"]
     assert validate_command([str(write_job(tmp_path / "job.yaml", "job", process))]) == 0
     out = capsys.readouterr()
     assert out.out.splitlines()[0] == f"OK {tmp_path / 'job.yaml'}" and "warning" not in out.out + out.err

@@ -19,9 +19,19 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0) -> Path:
     return tiny_common.build_once(folder, seed, marker, _sd15_pipeline)
 
 
+def _sd_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any) -> Any:
+    """An SD 1.x / 2.x pipeline of these parts, without the safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def _sd15_pipeline() -> Any:
     """The StableDiffusionPipeline `build_tiny_sd15` saves (torch's generator already seeded)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from transformers import CLIPTextModel
 
     unet = tiny_common.tiny_unet(
@@ -36,16 +46,7 @@ def _sd15_pipeline() -> Any:
     scheduler = PNDMScheduler(**tiny_common.SD_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
     # SD 1.5's own scheduler config carries these; previews derive DDIM/Euler from it.
     scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 TINY_SD2_VERSION = "1"  # bump when the SD 2 shapes below change
@@ -63,7 +64,7 @@ def build_tiny_sd2(folder: str | Path, variant: str = "768-v", seed: int = 0) ->
 
 def _sd2_pipeline(variant: str) -> Any:
     """The StableDiffusionPipeline `build_tiny_sd2` saves, laid out as stabilityai's SD 2 folders."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, PNDMScheduler
     from transformers import CLIPTextModel
 
     v_model = variant == "768-v"
@@ -94,13 +95,4 @@ def _sd2_pipeline(variant: str) -> Any:
             prediction_type="epsilon",
         )
         scheduler.register_to_config(clip_sample=False)
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)

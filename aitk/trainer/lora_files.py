@@ -78,6 +78,12 @@ def write_lora_files(
         from aitk.trainer.model_files import write_model_folders
 
         return write_model_folders(lora_paths(paths, step, network), network, save_cfg)
+    text_encoders: list = []
+    if network.text_encoders:  # SD / SDXL train_text_encoder: in the (only) denoiser network's file
+        from aitk.networks.text_encoders import text_encoder_namings
+
+        namings = text_encoder_namings(adapter)
+        text_encoders = [(te, namings[name]) for name, te in network.text_encoders.items()]
     written = []
     for (expert, handle), path in zip(network.items(), lora_paths(paths, step, network)):
         shown_expert = None if network.is_single else expert
@@ -91,6 +97,7 @@ def write_lora_files(
             diffusers_prefix=adapter.diffusers_lora_prefix,
             dtype=torch_dtype(save_cfg.dtype),
             metadata=lora_metadata(job, process, adapter, handle, shown_step, shown_expert),
+            text_encoders=text_encoders,
         )
         written.append(path)
     return written

@@ -99,35 +99,9 @@ class TrainerSaving:
                     return []
                 targets = lora_paths(self.paths, step, self.network)
                 return write_model_folders(targets, self.network, self.process.save, states=states)
-            if self.network.text_encoders:
-                return [self._save_lora_with_text_encoders(step, shown_step)]
             return write_lora_files(
                 self.paths, step, shown_step, self.network, self.job, self.process, self.adapter
             )
-
-    def _save_lora_with_text_encoders(self, step: int | None, shown_step: int) -> Path:
-        """SD 1.x / 2.x and SDXL with train_text_encoder: one file with the UNet's LoRA and each
-        text encoder's (kohya lora_te_ / lora_te1_ / lora_te2_ keys, or diffusers text_encoder.*)."""
-        from aitk.networks.export import save_lora
-        from aitk.networks.text_encoders import text_encoder_namings
-        from aitk.trainer.lora_files import lora_metadata, lora_paths
-        from aitk.trainer.session import torch_dtype
-
-        adapter, save_cfg = self.adapter, self.process.save
-        namings = text_encoder_namings(adapter)
-        path = lora_paths(self.paths, step, self.network)[0]
-        return save_lora(
-            path,
-            self.network.first,
-            save_format=save_cfg.save_format,
-            prefix=adapter.lora_prefix,
-            key_for=adapter.lora_key_stem,
-            weight_names=adapter.lora_weight_names,
-            diffusers_prefix=adapter.diffusers_lora_prefix,
-            dtype=torch_dtype(save_cfg.dtype),
-            metadata=lora_metadata(self.job, self.process, adapter, self.network.first, shown_step, None),
-            text_encoders=[(handle, namings[name]) for name, handle in self.network.text_encoders.items()],
-        )
 
     def _write_missing_final_files(self, finals: list[Path]) -> None:
         """A finished run whose final files are gone (e.g. deleted): the checkpoint has them."""
