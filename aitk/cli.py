@@ -17,7 +17,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from aitk.config.loader import JobFileError
     from aitk.data import DatasetError
     from aitk.models.registry import UnknownArchitectureError
-    from aitk.models.sd15 import ModelLoadError
+    from aitk.models.base import ModelLoadError
     from aitk.optim.factory import OptimizerConfigError
     from aitk.trainer.loop import TrainingAborted
     from aitk.config.prompts import SamplePromptError
@@ -120,7 +120,17 @@ def cmd_schedule_replay(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from aitk.demo import run_demo
 
-    return run_demo(Path(args.output), steps=args.steps)
+    return run_demo(Path(args.output), lambda job_file: main(["run", str(job_file)]), steps=args.steps)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from aitk.trainer.publish import publish_output_dir
+
+    result = publish_output_dir(
+        Path(args.output_dir), job_path=args.job, repo_id=args.repo_id, private=False if args.public else None,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    return EXIT_OK if result.state == "uploaded" else EXIT_FAILED
 
 
 def _ui_settings(args: argparse.Namespace):
@@ -201,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300)
     demo.set_defaults(func=cmd_demo)
 
+    push = sub.add_parser("push", help="upload a finished run to the Hugging Face Hub again (the retry "
+                          "command a failed push_to_hub prints; docs/outputs.md)")
+    push.add_argument("output_dir", help="the run's folder (<training_folder>/<name>)")
+    push.add_argument("--job", help="the job file: a .env next to it may hold HF_TOKEN (the job itself is "
+                      "read from <output_dir>/config.yaml, the job as run)")
+    push.add_argument("--repo-id", help="override save.hf_repo_id")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: save.hf_private)")
+    push.set_defaults(func=cmd_push)
+
     ui = sub.add_parser("ui", help="web UI: queue, run, watch and stop jobs from a browser (docs/ui.md)")
     ui.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1 without "
                     "AI_TOOLKIT_AUTH, all interfaces with it)")
@@ -223,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
-    known = {"run", "validate", "plan", "dataset", "schedule", "demo", "ui", "worker", "convert", "merge", "lora",
-             "-h", "--help"}
+    known = {"run", "validate", "plan", "dataset", "schedule", "demo", "push", "ui", "worker", "convert", "merge",
+             "lora", "-h", "--help"}
     if argv and argv[0] not in known:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_NAME = "aitk_demo"
@@ -98,9 +99,10 @@ meta:
 """
 
 
-def run_demo(output: Path, steps: int = 300) -> int:
-    from aitk.cli import main as cli_main
-    from aitk.models.tiny import build_tiny_sd15
+def run_demo(output: Path, run_job: Callable[[Path], int], steps: int = 300) -> int:
+    """Build the model and data, write the job file and train it with `run_job` (the CLI's
+    `aitk run`, handed in so that this module never imports the CLI); 0 when it finished."""
+    from aitk.models.sd import build_tiny_sd15
 
     output = output.resolve()
     model_dir = build_tiny_sd15(cache_dir() / "tiny-sd15")
@@ -114,7 +116,7 @@ def run_demo(output: Path, steps: int = 300) -> int:
     job_file = output / f"{DEMO_NAME}.yaml"
     job_file.write_text(demo_job_yaml(model_dir, data_dir, output, steps))
     print(f"demo: tiny SD 1.5 model in {model_dir}, {images} images in {data_dir}, job {job_file}")
-    code = cli_main(["run", str(job_file)])
+    code = run_job(job_file)
     if code != 0:
         return code
     loras = sorted(p.name for p in run_dir.glob("*.safetensors"))

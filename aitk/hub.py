@@ -10,18 +10,21 @@ Xet uploads and retries of the upload-mode query are the library's. What is ours
   instance_prompt, widget with the sample images) and a readable body;
 - errors: `HubUploadError` with a one-line reason a user can act on (no traceback).
 
-`python -m aitk.hub <output folder>` uploads a finished run again (the retry command printed when an
-upload at the end of training fails); see aitk/trainer/publish.py.
+`aitk push <output folder>` (aitk/cli.py) uploads a finished run again (the retry command printed
+when an upload at the end of training fails); see aitk/trainer/publish.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aitk.models.base import ModelAdapter
 
 __all__ = [
     "HubUploadError",
@@ -142,11 +145,16 @@ _HUB_LICENSES = frozenset(
         "gpl-3.0", "lgpl-3.0", "bsd-3-clause", "unlicense", "llama2", "llama3", "other",
     }
 )
-_FLUX_DEV_LICENSE = (
-    "other",
-    "flux-1-dev-non-commercial-license",
-    "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
-)
+def _card_facts(arch: str) -> type[ModelAdapter]:
+    """The adapter class of `arch`, whose card_* attributes say the card's tags and licence; the
+    interface's defaults (text-to-image, no family tags or licence) for an arch this version lacks."""
+    from aitk.models.base import ModelAdapter
+    from aitk.models.registry import UnknownArchitectureError, adapter_class
+
+    try:
+        return adapter_class(arch.lower())
+    except UnknownArchitectureError:
+        return ModelAdapter
 
 
 def _license_fields(info: CardInfo) -> dict[str, str]:
@@ -161,43 +169,7 @@ def _license_fields(info: CardInfo) -> dict[str, str]:
             return {"license": lic.lower()}
         slug = re.sub(r"[^a-z0-9]+", "-", lic.lower()).strip("-") or "custom"
         return {"license": "other", "license_name": slug}
-    arch, base = info.architecture.lower(), info.base_model.lower()
-    if arch.startswith("flux"):
-        if "schnell" in base:
-            return {"license": "apache-2.0"}
-        lic, name, link = _FLUX_DEV_LICENSE
-        return {"license": lic, "license_name": name, "license_link": link}
-    if arch.startswith("sdxl"):
-        return {"license": "openrail++"}
-    if arch.startswith(("sd1", "sd15")):
-        return {"license": "creativeml-openrail-m"}
-    if arch.startswith("sd2"):
-        return {"license": "openrail++"}
-    if arch.startswith("wan"):
-        return {"license": "apache-2.0"}
-    return {}
-
-
-def _pipeline_tag(arch: str) -> str:
-    arch = arch.lower()
-    if arch.startswith("wan"):
-        return "image-to-video" if "i2v" in arch else "text-to-video"
-    if arch == "flux_kontext":
-        return "image-to-image"
-    return "text-to-image"
-
-
-def _family_tags(arch: str) -> list[str]:
-    arch = arch.lower()
-    if arch.startswith("sdxl"):
-        return ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
-    if arch.startswith(("sd1", "sd15", "sd2")):
-        return ["stable-diffusion", "stable-diffusion-diffusers"]
-    if arch.startswith("flux"):
-        return ["flux"]
-    if arch.startswith("wan"):
-        return ["wan"]
-    return []
+    return _card_facts(info.architecture).card_license_fields(info.base_model)
 
 
 def _is_video(path: str) -> bool:
@@ -213,9 +185,10 @@ def model_card(info: CardInfo) -> str:
         front["base_model"] = info.base_model
     front.update(_license_fields(info))
     front["library_name"] = "diffusers"
-    front["pipeline_tag"] = _pipeline_tag(info.architecture)
+    facts = _card_facts(info.architecture)
+    front["pipeline_tag"] = facts.card_pipeline_tag
     # template:sd-lora is the tag the Hub's LoRA gallery uses to show the widget images
-    tags = ["lora", "diffusers", "template:sd-lora", "aitk", *_family_tags(info.architecture), *info.extra_tags]
+    tags = ["lora", "diffusers", "template:sd-lora", "aitk", *facts.card_tags, *info.extra_tags]
     front["tags"] = list(dict.fromkeys(t for t in tags if t))
     if info.trigger_word:
         front["instance_prompt"] = info.trigger_word
@@ -318,26 +291,3 @@ def upload_files(
         raise HubUploadError(_reason(exc, shown_endpoint)) from exc
     return str(url)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m aitk.hub OUTPUT_DIR [--job JOB_FILE] [--repo-id ID] [--public]`: upload a finished run."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m aitk.hub", description=main.__doc__)
-    parser.add_argument("output_dir", help="the run's folder (<training_folder>/<name>)")
-    parser.add_argument("--job", help="the job file: a .env next to it may hold HF_TOKEN (the job itself is "
-                        "read from <output_dir>/config.yaml, the job as run)")
-    parser.add_argument("--repo-id", help="override save.hf_repo_id")
-    parser.add_argument("--public", action="store_true", help="create the repo public (default: save.hf_private)")
-    args = parser.parse_args(argv)
-    from aitk.trainer.publish import publish_output_dir
-
-    result = publish_output_dir(
-        Path(args.output_dir), job_path=args.job, repo_id=args.repo_id, private=False if args.public else None,
-        log=lambda message: print(message, file=sys.stderr),
-    )
-    return 0 if result.state == "uploaded" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

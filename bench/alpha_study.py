@@ -129,7 +129,7 @@ def scaled_schedule(steps: int) -> dict[str, Any]:
 
 
 def write_job_file(workdir: Path, arm: str, seed: int, steps: int) -> Path:
-    from aitk.models.tiny import build_tiny_sd15
+    from aitk.models.sd import build_tiny_sd15
     from conftest import base_process, write_job
 
     model = build_tiny_sd15(workdir / "tiny-sd15")
@@ -243,7 +243,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        from aitk.models.tiny import build_tiny_sd15
+        from aitk.models.sd import build_tiny_sd15
 
         build_tiny_sd15(workdir / "tiny-sd15")  # once, before the workers look for it
         write_concept(workdir / "train", workdir / "heldout")

@@ -35,7 +35,7 @@ class BenchModel:
     denoiser_parameters: float
 
     def build_tiny(self, folder: Path) -> Path:
-        """Write the tiny random-init folder of this family (aitk.models.tiny*) to `folder`."""
+        """Write the tiny random-init folder of this family (its package's tiny builder) to `folder`."""
         import importlib
 
         module_name, function = self.tiny_builder.split(":")
@@ -45,13 +45,13 @@ class BenchModel:
 
 MODELS: tuple[BenchModel, ...] = (
     BenchModel("sd15", "SD 1.5", "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd1",
-               "aitk.models.tiny:build_tiny_sd15", None, 0.86e9),
+               "aitk.models.sd:build_tiny_sd15", None, 0.86e9),
     BenchModel("sdxl", "SDXL", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl",
-               "aitk.models.tiny_sdxl:build_tiny_sdxl", None, 2.57e9),
+               "aitk.models.sd:build_tiny_sdxl", None, 2.57e9),
     BenchModel("flux", "FLUX.1 dev", "flux_dev", "black-forest-labs/FLUX.1-dev", "flux",
-               "aitk.models.tiny_flux:build_tiny_flux", "dev", 11.9e9),
+               "aitk.models.flux:build_tiny_flux", "dev", 11.9e9),
     BenchModel("wan22", "WAN 2.2 T2V A14B", "wan22_t2v", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "wan22_14b",
-               "aitk.models.tiny_wan:build_tiny_wan", "22_t2v", 14.3e9),
+               "aitk.models.wan:build_tiny_wan", "22_t2v", 14.3e9),
 )
 
 

@@ -48,7 +48,7 @@ def job_file(folder: Path, checkpointing: bool) -> Path:
 def measure(checkpointing: bool) -> tuple[int, float, int]:
     """(step bytes above the loaded model, step seconds, UNet parameter bytes) of a real step."""
     from aitk.config.schema import ModelConfig
-    from aitk.models.sd15 import SD15Adapter
+    from aitk.models.sd import SD15Adapter
     from aitk.networks.build import build_network
     from aitk.plan.build import storage_bytes
     from aitk.plan.measure import allocator_peak

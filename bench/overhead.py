@@ -33,7 +33,7 @@ WARMUP = 10
 
 def make_job(workdir: Path, name: str, steps: int) -> Path:
     from aitk.demo import draw_dataset
-    from aitk.models.tiny import build_tiny_sd15
+    from aitk.models.sd import build_tiny_sd15
     from conftest import base_process, write_job
 
     model = build_tiny_sd15(workdir / "tiny-sd15")

@@ -43,6 +43,11 @@ ARCH_LABELS = {
     "wan21_i2v": "WAN 2.1 I2V (`wan21_i2v`)",
     "wan22_14b": "WAN 2.2 14B T2V (`wan22_14b`)",
     "wan22_14b_i2v": "WAN 2.2 14B I2V (`wan22_14b_i2v`)",
+    "chroma": "Chroma (`chroma`)",
+    "lumina2": "Lumina-Image 2.0 (`lumina2`)",
+    "sd3": "SD 3 / 3.5 (`sd3`)",
+    "zimage": "Z-Image (`zimage`)",
+    "qwen_image": "Qwen-Image (`qwen_image`)",
 }
 TYPE_LABELS = {"lora": "LoRA", "locon": "LoCon", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
 #: results that are expected to say "no": (network type, loader, layout, note); the tests assert

@@ -27,7 +27,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from aitk.models.tiny import build_tiny_sd15
+    from aitk.models.sd import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
@@ -43,17 +43,38 @@ def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_tiny_model(variant: str, root: Path) -> Path:
     """The tiny random-init model of a builder variant under `root` (built once per folder):
-    "sd15", "sdxl", FLUX's "dev" / "schnell" / "kontext", WAN's "t2v" / "i2v" / "22_t2v" / "22_i2v"."""
+    "sd15", "sdxl", FLUX's "dev" / "schnell" / "kontext", WAN's "t2v" / "i2v" / "22_t2v" / "22_i2v",
+    "qwen_image"."""
     if variant == "sd15":
-        from aitk.models.tiny import build_tiny_sd15 as build
+        from aitk.models.sd import build_tiny_sd15 as build
     elif variant == "sdxl":
-        from aitk.models.tiny_sdxl import build_tiny_sdxl as build
+        from aitk.models.sd import build_tiny_sdxl as build
     elif variant in ("dev", "schnell", "kontext"):
-        from aitk.models.tiny_flux import build_tiny_flux
+        from aitk.models.flux import build_tiny_flux
 
         return build_tiny_flux(root / f"flux_{variant}", variant)
+    elif variant == "chroma":
+        from aitk.models.chroma import build_tiny_chroma
+
+        return build_tiny_chroma(root / "chroma")
+    elif variant == "zimage":
+        from aitk.models.zimage import build_tiny_zimage
+
+        return build_tiny_zimage(root / "zimage")
+    elif variant == "qwen_image":
+        from aitk.models.qwen_image import build_tiny_qwen_image
+
+        return build_tiny_qwen_image(root / "qwen_image")
+    elif variant == "lumina2":
+        from aitk.models.lumina2 import build_tiny_lumina2
+
+        return build_tiny_lumina2(root / "lumina2")
+    elif variant in ("sd3_large", "sd3_medium"):
+        from aitk.models.sd3 import build_tiny_sd3
+
+        return build_tiny_sd3(root / variant, variant.removeprefix("sd3_"))
     else:
-        from aitk.models.tiny_wan import build_tiny_wan
+        from aitk.models.wan import build_tiny_wan
 
         return build_tiny_wan(root / f"wan_{variant}", variant)
     return build(root / variant)

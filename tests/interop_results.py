@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOADERS = ("diffusers load_lora_weights", "aitk loader (round trip)", "aitk merge")
 NETWORK_TYPES = ("lora", "locon", "dora", "lokr", "loha")
 #: the arch keys of aitk.models.archs that results are filed under (sd1 = SD 1.5)
-ARCHS = ("sd1", "sdxl", "flux", "flux_kontext", "wan21", "wan21_i2v", "wan22_14b", "wan22_14b_i2v")
+ARCHS = ("sd1", "sdxl", "flux", "flux_kontext", "wan21", "wan21_i2v", "wan22_14b", "wan22_14b_i2v", "zimage", "chroma", "sd3", "qwen_image", "lumina2")
 #: file layouts (save_format): comfyui and kohya are the same file
 LAYOUTS = ("comfyui", "diffusers")
 KEY_FIELDS = ("test", "arch", "network_type", "loader", "layout", "note")

@@ -26,20 +26,40 @@ SIZE = 64  # pixels per side: even latents for FLUX's 2x2 patches, whole blocks 
 
 def tiny_folder(root: Path, arch: str) -> Path:
     """The tiny model folder of `arch` (one per builder variant, built once)."""
+    if arch == "sd3":
+        from conftest import build_tiny_model
+
+        return build_tiny_model("sd3_medium", root)
     if arch.startswith("sd") and arch != "sdxl":
-        from aitk.models.tiny import build_tiny_sd15
+        from aitk.models.sd import build_tiny_sd15
 
         return build_tiny_sd15(root / "sd15")
     if arch == "sdxl":
-        from aitk.models.tiny_sdxl import build_tiny_sdxl
+        from aitk.models.sd import build_tiny_sdxl
 
         return build_tiny_sdxl(root / "sdxl")
     if arch.startswith("flux"):
-        from aitk.models.tiny_flux import build_tiny_flux
+        from aitk.models.flux import build_tiny_flux
 
         variant = "kontext" if arch == "flux_kontext" else "dev"
         return build_tiny_flux(root / f"flux_{variant}", variant)
-    from aitk.models.tiny_wan import build_tiny_wan
+    if arch == "chroma":
+        from conftest import build_tiny_model
+
+        return build_tiny_model("chroma", root)
+    if arch == "lumina2":
+        from conftest import build_tiny_model
+
+        return build_tiny_model("lumina2", root)
+    if arch == "zimage":
+        from conftest import build_tiny_model
+
+        return build_tiny_model("zimage", root)
+    if arch == "qwen_image":
+        from conftest import build_tiny_model
+
+        return build_tiny_model("qwen_image", root)
+    from aitk.models.wan import build_tiny_wan
 
     variant = {"wan21": "t2v", "wan21_i2v": "i2v", "wan22_14b": "22_t2v", "wan22_14b_i2v": "22_i2v"}[arch]
     return build_tiny_wan(root / f"wan_{variant}", variant)
@@ -134,8 +154,18 @@ def test_example_batch_has_the_trainers_shapes_and_runs_through_predict(loaded_a
         assert noisy.target.shape == real[0].target.shape
         assert tensor_extras(noisy.extra) == tensor_extras(real[0].extra)
         assert noisy.extra.get("expert", expert) == expert
-        assert cond.hidden_states.shape == real[1].hidden_states.shape
-        assert {k: v.shape for k, v in cond.extra.items()} == {k: v.shape for k, v in real[1].extra.items()}
+        # prompts that keep their own length (Qwen-Image: a batch pads to its longest, the mask says
+        # where) have no one length: the example holds the longest a batch can have
+        length, real_length = cond.hidden_states.shape[1], real[1].hidden_states.shape[1]
+        assert length == real_length or ("mask" in real[1].extra and length > real_length)
+
+        def at_real_length(shape: torch.Size) -> tuple[int, ...]:  # dim 1 of the tokens
+            return (shape[0], real_length, *shape[2:]) if len(shape) > 1 and shape[1] == length else tuple(shape)
+
+        assert at_real_length(cond.hidden_states.shape) == real[1].hidden_states.shape
+        assert {k: at_real_length(v.shape) for k, v in cond.extra.items()} == {
+            k: tuple(v.shape) for k, v in real[1].extra.items()
+        }
         with torch.no_grad():
             prediction = bound.predict(noisy, cond)
         assert prediction.shape == noisy.target.shape

@@ -19,10 +19,15 @@ CASES = {
     "flux": ("dev", 5e-3, "images", ".jpg"),
     "flux_schnell_assistant": ("schnell", 5e-3, "images", ".jpg"),
     "flux_kontext": ("kontext", 5e-3, "pairs", ".jpg"),
+    "chroma": ("chroma", 5e-3, "images", ".jpg"),
     "wan21": ("t2v", 1e-2, "images", ".mp4"),
     "wan21_i2v": ("i2v", 1e-2, "images", ".mp4"),
     "wan22_14b": ("22_t2v", 1e-2, "images", ".mp4"),
     "wan22_14b_i2v": ("22_i2v", 1e-2, "images", ".mp4"),
+    "sd3": ("sd3_medium", 5e-3, "images", ".jpg"),
+    "qwen_image": ("qwen_image", 5e-3, "images", ".jpg"),
+    "lumina2": ("lumina2", 5e-3, "images", ".jpg"),
+    "zimage": ("zimage", 5e-3, "images", ".jpg"),
 }
 
 

@@ -29,7 +29,7 @@ def _load(kind: str, folder: Path) -> Any:
     elif kind == "wan21":
         from aitk.models.wan import Wan21Adapter as cls
     else:
-        from aitk.models.sd15 import SD15Adapter as cls
+        from aitk.models.sd import SD15Adapter as cls
     adapter = cls(ModelConfig(name_or_path=str(folder), arch=kind), CPU, torch.float32)
     adapter.load()
     return adapter

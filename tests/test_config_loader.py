@@ -312,8 +312,8 @@ def test_no_network_means_a_full_fine_tune_without_warnings():
 def test_known_archs_are_quiet_and_an_unknown_arch_fails_at_start():
     for arch in ("sdxl", "flux", "flux_kontext", "wan21", "wan21_i2v", "wan22_14b", "wan22_14b_i2v"):
         assert load(MINIMAL.replace("runwayml/stable-diffusion-v1-5", f"x\n        arch: {arch}")).warnings == []
-    (warning,) = load(MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sd3")).warnings
-    assert "config.process[0].model.arch: architecture 'sd3'" in warning
+    (warning,) = load(MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: not_an_arch")).warnings
+    assert "config.process[0].model.arch: architecture 'not_an_arch'" in warning
     assert "fails at start" in warning and "wan22_14b" in warning
 
 
@@ -410,20 +410,19 @@ def test_validate_strict_fails_on_any_warning_and_plain_validate_on_a_refused_se
     assert validate_command([str(path)]) == 0
     assert validate_command([str(path)], strict=True) == 1
     assert "error: config.process[0].train.diff_output_preservation" in capsys.readouterr().err
-    refused = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: sd3")
+    refused = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "x\n        arch: not_an_arch")
     assert validate_command([str(write(tmp_path, refused))]) == 1
     assert "the run would stop at start" in capsys.readouterr().err
 
 
-def test_is_v3_means_sd3_and_stops_at_start_instead_of_loading_sd15(tmp_path):
+def test_is_v3_means_sd3_instead_of_sd15(tmp_path):
     from aitk.config.validate import validate_command
 
     text = MINIMAL.replace("runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-3.5-large\n        is_v3: true")
     loaded = load(text)
     assert loaded.job.config.process[0].model.resolved_arch == "sd3"
-    (warning,) = loaded.warnings
-    assert "model.is_v3" in warning and "fails at start" in warning and "unknown key" not in warning
-    assert validate_command([str(write(tmp_path, text))]) == 1
+    assert loaded.warnings == []
+    assert validate_command([str(write(tmp_path, text))]) == 0
 
 
 def test_start_up_warnings_about_the_job_are_validate_warnings_and_in_the_run_log(tmp_path, tiny_sd15, shapes_dataset):

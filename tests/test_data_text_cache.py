@@ -80,7 +80,7 @@ def _copy_dataset(src, dst):
 
 def test_training_encodes_each_caption_once_and_reuses_the_disk_cache(make_job, shapes_dataset, tmp_path, monkeypatch):
     from aitk.config.loader import load_job_file
-    from aitk.models.sd15 import SD15Adapter
+    from aitk.models.sd import SD15Adapter
     from aitk.trainer.loop import Trainer
 
     data = _copy_dataset(shapes_dataset, tmp_path / "data")

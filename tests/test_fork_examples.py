@@ -19,7 +19,7 @@ def localised(name: str, tmp_path: Path, model: Path, data: Path, ctrl: Path, st
 
 
 def test_wan22_i2v_video_example(tmp_path, shapes_dataset):
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
     from test_data_video_training import write_clip
 
     clips = tmp_path / "clips"
@@ -69,7 +69,7 @@ def test_wan22_i2v_video_example(tmp_path, shapes_dataset):
 
 
 def test_flux_readme_example(tmp_path, shapes_dataset):
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
 
     model = build_tiny_flux(tmp_path / "flux", "dev")
     path = localised("flux_alpha_scheduling.yaml", tmp_path, model, shapes_dataset, shapes_dataset, steps=4)

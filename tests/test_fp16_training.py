@@ -72,7 +72,7 @@ def _metrics(run_dir: Path, name: str) -> list[dict]:
 def test_fp16_steps_scale_the_loss_and_keep_fp32_master_weights(
     fp16_session, unscale_spy, make_job, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aitk.models.sd15 import SD15Adapter
+    from aitk.models.sd import SD15Adapter
 
     seen: dict[str, object] = {}
     predictions: list[torch.dtype] = []

@@ -188,7 +188,7 @@ def test_shard_units_are_the_adapters_blocks_or_the_named_classes() -> None:
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     from aitk.models.flux import FluxAdapter
-    from aitk.models.sd15 import SD15Adapter
+    from aitk.models.sd import SD15Adapter
     from aitk.trainer.errors import TrainingAborted
     from aitk.trainer.fsdp import shard_units
 
@@ -215,7 +215,7 @@ def test_shard_units_are_the_adapters_blocks_or_the_named_classes() -> None:
 @pytest.mark.slow
 def test_fsdp_tiny_flux_two_processes_train_like_one_process(shapes_dataset: Path, tmp_path: Path) -> None:
     """FLUX: double and single transformer blocks are the units (torchrun, train.fsdp: true)."""
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
 
     model = build_tiny_flux(tmp_path / "tiny-flux", "dev")
 

@@ -180,18 +180,18 @@ def test_a_failing_hub_is_a_warning_and_the_run_stays_complete(hub: FakeHub, tmp
     assert "500" in warning and "someone/shapes-lora" in warning
     assert "Traceback" not in warning and "\n" not in warning
     assert result.retry_command and result.retry_command in warning
-    assert result.retry_command.startswith("python -m aitk.hub ")
+    assert result.retry_command.startswith("python -m aitk push ")
     for path, data in before.items():  # nothing of the run was touched
         assert path.read_bytes() == data
     assert (run.output_dir / "README.md").is_file()
 
     # the printed retry command uploads the run once the hub is back
     hub.fail_status = None
-    from aitk.hub import main
+    from aitk.cli import main
 
     argv = [str(run.output_dir), "--job", str(run.job_path)]
-    assert result.retry_command.split()[3:] == argv
-    assert main(argv) == 0
+    assert result.retry_command.split()[4:] == argv
+    assert main(["push", *argv]) == 0
     assert hub.files["someone/shapes-lora"]["my_lora.safetensors"] == run.loras[0].read_bytes()
 
 

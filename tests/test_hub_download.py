@@ -58,7 +58,7 @@ def lora_bytes(seed: int) -> bytes:
 def test_a_hub_model_id_loads_through_the_adapter(hub: FakeHub, job_dir: Path, tiny_sd15: Path):
     from aitk.config.schema import ModelConfig
     from aitk.hub_files import prepare_job_downloads
-    from aitk.models.sd15 import SD15Adapter
+    from aitk.models.sd import SD15Adapter
 
     hub.add_folder("tester/tiny-sd15", tiny_sd15)
     gate(hub, "tester/tiny-sd15")
@@ -127,7 +127,7 @@ def test_assistant_lora_from_a_hub_repo(hub: FakeHub, job_dir: Path, tmp_path: P
     from aitk.config.schema import ModelConfig
     from aitk.hub_files import use_job_token
     from aitk.models.flux import ASSISTANT_ADAPTER, FluxAdapter
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
     from test_models_flux import _write_assistant
 
     model = build_tiny_flux(tmp_path / "flux-schnell", "schnell")

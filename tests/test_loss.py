@@ -1,4 +1,4 @@
-"""Diffusion loss, min-SNR weights and noise offset (aitk.trainer.loss)."""
+"""Diffusion loss (aitk.trainer.loss), min-SNR weights and noise offset (aitk.models.noise)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from aitk.trainer.loss import apply_noise_offset, diffusion_loss, min_snr_weights
+from aitk.models.noise import apply_noise_offset, min_snr_weights
+from aitk.trainer.loss import diffusion_loss
 
 PRED = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 ZERO = torch.zeros(2, 2)

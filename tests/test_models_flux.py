@@ -39,7 +39,7 @@ from aitk.models.flux import (  # noqa: E402
     unpack_latents,
 )
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, sample_sigmas  # noqa: E402
-from aitk.models.sd15 import ModelLoadError  # noqa: E402
+from aitk.models.sd import ModelLoadError  # noqa: E402
 from interop_results import record  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -50,7 +50,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="session")
 def flux_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
 
     root = tmp_path_factory.mktemp("flux-models")
     return {v: build_tiny_flux(root / f"tiny-flux-{v}", v) for v in ("dev", "schnell", "kontext")}

@@ -24,4 +24,4 @@ def test_every_arch_has_data_facts_and_legacy_flags_resolve():
     assert ModelConfig(name_or_path="x", is_flux=True).resolved_arch == "flux"
     assert ModelConfig(name_or_path="x", is_xl=True).resolved_arch == "sdxl"
     with pytest.raises(UnknownArchitectureError, match="use one of"):
-        adapter_class("sd3")
+        adapter_class("not_an_arch")

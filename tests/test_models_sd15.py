@@ -28,7 +28,7 @@ from ldm_convert import (  # noqa: E402
 
 from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from aitk.models.base import NoisyBatch, PromptEmbeds  # noqa: E402
-from aitk.models.sd15 import SD15Adapter, ModelLoadError  # noqa: E402
+from aitk.models.sd import SD15Adapter, ModelLoadError  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -28,9 +28,9 @@ from ldm_convert import convert_clip_to_ldm, convert_unet_to_ldm, convert_vae_to
 from aitk.config.loader import load_job_file  # noqa: E402
 from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from aitk.models.base import BatchContext, PromptEmbeds  # noqa: E402
-from aitk.models.sd15 import ModelLoadError  # noqa: E402
-from aitk.models.sdxl import POOLED, TIME_IDS, SDXLAdapter, sdxl_time_ids  # noqa: E402
-from aitk.models.tiny_sdxl import TE1_WIDTH, TE2_WIDTH  # noqa: E402
+from aitk.models.sd import ModelLoadError  # noqa: E402
+from aitk.models.sd import POOLED, TIME_IDS, SDXLAdapter, sdxl_time_ids  # noqa: E402
+from aitk.models.sd import TE1_WIDTH, TE2_WIDTH  # noqa: E402
 from aitk.trainer.loop import Trainer  # noqa: E402
 from interop_results import record  # noqa: E402
 
@@ -55,7 +55,7 @@ def parts(adapter: SDXLAdapter) -> dict[str, torch.nn.Module]:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from aitk.models.tiny_sdxl import build_tiny_sdxl
+    from aitk.models.sd import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
@@ -91,7 +91,7 @@ def test_the_registry_maps_sdxl_and_the_legacy_flag() -> None:
 
 
 def test_build_is_idempotent(tiny_sdxl: Path) -> None:
-    from aitk.models.tiny_sdxl import build_tiny_sdxl
+    from aitk.models.sd import build_tiny_sdxl
 
     before = (tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert build_tiny_sdxl(tiny_sdxl, seed=1) == tiny_sdxl

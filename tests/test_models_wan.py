@@ -37,7 +37,7 @@ STEM = re.compile(
 
 @pytest.fixture(scope="session")
 def wan_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     root = tmp_path_factory.mktemp("wan_models")
     return {arch: build_tiny_wan(root / variant, variant) for arch, variant in ARCH_VARIANT.items()}
@@ -151,7 +151,7 @@ def test_i2v_condition_matches_the_pipeline_and_changes_the_prediction(adapters,
     with pytest.raises(ValueError, match="do_i2v"):
         adapter.i2v_condition(latents, None)
     # the CLIP image embedding is the pipeline's encode_image of the same picture
-    from aitk.models.wan_previews import to_pil as _to_pil
+    from aitk.models.wan import to_pil as _to_pil
 
     picture = _to_pil(first)[0]
     torch.testing.assert_close(adapter.image_embeds([picture]), pipe.encode_image(picture, CPU))
@@ -315,7 +315,7 @@ def test_preview_kwargs(adapters, tmp_path):
 
 
 def test_load_errors_name_the_problem(wan_folders, tmp_path):
-    from aitk.models.sd15 import ModelLoadError
+    from aitk.models.sd import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="text-to-video"):
         make_adapter(wan_folders["wan21_i2v"], "wan21")
@@ -342,7 +342,7 @@ def test_preview_schedulers(adapters):
 
 
 def test_tiny_builder_is_idempotent(wan_folders):
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     folder = wan_folders["wan21"]
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"

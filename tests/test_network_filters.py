@@ -65,7 +65,7 @@ def test_an_ignore_matching_nothing_warns_and_ignores_nothing(sd_adapter):
 def test_flux_filters_written_as_upstream_writes_them(tmp_path_factory):
     from aitk.config.schema import ModelConfig
     from aitk.models.registry import create_adapter
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
 
     folder = build_tiny_flux(tmp_path_factory.mktemp("flux") / "flux", "dev")
 

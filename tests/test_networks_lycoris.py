@@ -381,8 +381,8 @@ def test_wan_original_names_merge_and_dora_in_diffusers(tmp_path):
     through merge with them, and a DoRA in the diffusers layout loads in WanPipeline exactly."""
     import diffusers
 
-    from aitk.models.tiny_wan import build_tiny_wan
-    from aitk.models.wan_keys import is_block_target, lora_key_stem
+    from aitk.models.wan import build_tiny_wan
+    from aitk.models.wan import is_block_target, lora_key_stem
     from aitk.networks.lora import eligible_modules
 
     folder = build_tiny_wan(tmp_path / "wan", "t2v")
@@ -436,7 +436,7 @@ TRAIN_NETS = {
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory) -> Path:
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("flux") / "flux_dev", "dev")
 

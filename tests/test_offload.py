@@ -132,11 +132,11 @@ def model_dir(case: str, root: Path, tiny_sd15: Path) -> Path:
     if case == "sd15":
         return tiny_sd15
     if case == "flux":
-        from aitk.models.tiny_flux import build_tiny_flux
+        from aitk.models.flux import build_tiny_flux
 
         path = root / "flux"
         return path if path.exists() else build_tiny_flux(path, "dev")
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     path = root / "wan22"
     return path if path.exists() else build_tiny_wan(path, "22_t2v")
@@ -314,7 +314,7 @@ def test_setup_never_holds_more_than_training_plus_one_block(case, offload_model
     from aitk.trainer.loop import Trainer
 
     if case == "sdxl":
-        from aitk.models.tiny_sdxl import build_tiny_sdxl
+        from aitk.models.sd import build_tiny_sdxl
 
         folder = offload_models / "sdxl"
         folder = folder if folder.exists() else build_tiny_sdxl(folder)

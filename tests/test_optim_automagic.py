@@ -441,7 +441,7 @@ def test_invalid_settings_are_refused():
 
 
 def test_wan22_experts_get_their_own_automagic_bounds(tmp_path, shapes_dataset):
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
     from test_training_experts import expert_job, metrics, train
 
     model = build_tiny_wan(tmp_path / "wan22", "22_t2v")

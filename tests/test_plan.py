@@ -18,13 +18,15 @@ CASES = {
     "sdxl": ("sdxl", "sdxl", 256, 1, 2),
     "flux": ("flux", "dev", 512, 1, 8),
     "flux_kontext": ("flux_kontext", "kontext", 512, 1, 4),
+    "chroma": ("chroma", "chroma", 512, 1, 8),
     "wan21": ("wan21", "t2v", 256, 17, 4),
     "wan21_i2v": ("wan21_i2v", "i2v", 256, 17, 4),
     "wan22_14b": ("wan22_14b", "22_t2v", 256, 17, 4),
     "wan22_14b_i2v": ("wan22_14b_i2v", "22_i2v", 256, 17, 4),
+    "zimage": ("zimage", "zimage", 256, 1, 8),
 }
 # every family with and without checkpointing; the variants (Kontext, I2V) once each
-RUNS = [(case, gc) for case in ("sd15", "sdxl", "flux", "wan21", "wan22_14b") for gc in (False, True)] + [
+RUNS = [(case, gc) for case in ("sd15", "sdxl", "flux", "chroma", "wan21", "wan22_14b", "zimage") for gc in (False, True)] + [
     ("flux_kontext", True), ("wan21_i2v", False), ("wan22_14b_i2v", True),
 ]
 

@@ -186,7 +186,9 @@ def test_preview_fields_match_the_pipelines_and_adapters():
     pipelines = {"sd1": "StableDiffusionPipeline", "sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                  "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline", "flux_kontext": "FluxKontextPipeline",
                  "wan21": "WanPipeline", "wan22_14b": "WanPipeline", "wan21_i2v": "WanImageToVideoPipeline",
-                 "wan22_14b_i2v": "WanImageToVideoPipeline"}
+                 "wan22_14b_i2v": "WanImageToVideoPipeline", "lumina2": "Lumina2Pipeline",
+                 "zimage": "ZImagePipeline", "qwen_image": "QwenImagePipeline",
+                 "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline"}
     assert set(pipelines) == set(ADAPTERS)
     for arch, name in pipelines.items():
         fields = preview_fields(arch)
@@ -293,7 +295,7 @@ def test_kontext_run_previews_edit_the_inline_control_image(tiny_models: Path, t
     from test_models_flux import _draw_pairs
 
     from aitk.config.loader import load_job_file
-    from aitk.models.flux import _kontext_preview_pipeline_class
+    from aitk.models.flux.kontext import _kontext_preview_pipeline_class
     from aitk.trainer.loop import Trainer
 
     data, controls = tmp_path / "pairs", tmp_path / "controls"
@@ -328,7 +330,7 @@ def test_wan_i2v_preview_starts_from_the_inline_first_frame(tiny_models: Path, t
                                                            monkeypatch: pytest.MonkeyPatch):
     from aitk.config.schema import ModelConfig
     from aitk.models.registry import create_adapter
-    from aitk.models.wan_previews import _i2v_preview_pipeline_class
+    from aitk.models.wan.previews import _i2v_preview_pipeline_class
 
     adapter = create_adapter(ModelConfig(name_or_path=str(build_tiny_model("i2v", tiny_models)), arch="wan21_i2v"),
                              torch.device("cpu"), torch.float32)

@@ -68,7 +68,7 @@ def test_unknown_qtype_stops_before_training(make_job):
 def test_quantized_flux_trains_and_its_lora_loads_into_the_unquantized_base(tmp_path, shapes_dataset):
     from diffusers import FluxPipeline
 
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
     from conftest import base_process, deep_update, write_job
 
     model = build_tiny_flux(tmp_path / "flux", "dev")

@@ -50,9 +50,9 @@ def test_a_sampler_the_model_cannot_use_is_named_with_what_runs_instead(tmp_path
 
     from aitk.config.schema import ModelConfig
     from aitk.models.registry import create_adapter
-    from aitk.models.tiny import build_tiny_sd15
-    from aitk.models.tiny_flux import build_tiny_flux
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.sd import build_tiny_sd15
+    from aitk.models.flux import build_tiny_flux
+    from aitk.models.wan import build_tiny_wan
 
     root = tmp_path_factory.mktemp("samplers")
     models = {"sd1": build_tiny_sd15(root / "sd"), "flux": build_tiny_flux(root / "flux", "dev"),
@@ -75,7 +75,7 @@ def test_the_run_says_which_sampler_previews_use(tmp_path, shapes_dataset):
     from conftest import base_process, deep_update, write_job
 
     from aitk.config.loader import load_job_file
-    from aitk.models.tiny_flux import build_tiny_flux
+    from aitk.models.flux import build_tiny_flux
     from aitk.trainer.loop import Trainer
 
     model = build_tiny_flux(tmp_path / "flux", "dev")

@@ -1,4 +1,4 @@
-"""Stable Diffusion 2.x on tiny SD 2-shaped models (aitk.models.tiny.build_tiny_sd2): selection by
+"""Stable Diffusion 2.x on tiny SD 2-shaped models (aitk.models.sd.build_tiny_sd2): selection by
 `arch: sd2` / `is_v2`, the prediction type from the model's scheduler, velocity targets, and a LoRA
 file that diffusers loads and that says SD 2 in its metadata (kohya's and the SAI spec's values)."""
 
@@ -16,8 +16,8 @@ from aitk.config.loader import load_job_file
 from aitk.config.schema import ModelConfig
 from aitk.models.base import NoisyBatch
 from aitk.models.registry import create_adapter
-from aitk.models.sd15 import SD2Adapter
-from aitk.models.tiny import build_tiny_sd2
+from aitk.models.sd import SD2Adapter
+from aitk.models.sd import build_tiny_sd2
 from aitk.trainer.loop import Trainer
 from conftest import base_process, deep_update, write_job
 

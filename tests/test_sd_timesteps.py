@@ -20,8 +20,8 @@ from conftest import base_process, build_tiny_model, deep_update, write_job  # n
 
 from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from aitk.models.archs import DDPM_NOISE_SCHEDULERS, DDPM_TIMESTEP_TYPES, NOISE_SCHEDULERS, TIMESTEP_TYPES  # noqa: E402
-from aitk.models.ddpm_timesteps import DDPMTimestepError  # noqa: E402
-from aitk.models.sd15 import SD15Adapter  # noqa: E402
+from aitk.models.sd.timesteps import DDPMTimestepError  # noqa: E402
+from aitk.models.sd import SD15Adapter  # noqa: E402
 
 DRAWS = 4000
 # KS distance allowed: the 0.1 % critical value for DRAWS samples plus the integer rounding of t
@@ -216,7 +216,7 @@ def test_the_run_refuses_flowmatch_on_sd_before_loading(make_job) -> None:
 
 def test_sdxl_trains_three_steps_with_sigmoid_timesteps(tmp_path_factory, shapes_dataset, monkeypatch) -> None:
     from aitk.config.loader import load_job_file
-    from aitk.models import ddpm_timesteps
+    from aitk.models.sd import timesteps as ddpm_timesteps
     from aitk.trainer.loop import Trainer
 
     drawn: list[tuple[str, torch.Tensor]] = []

@@ -14,18 +14,18 @@ from conftest import base_process, deep_update, write_job  # noqa: E402
 
 def build(arch: str, root: Path) -> Path:
     if arch == "sd1":
-        from aitk.models.tiny import build_tiny_sd15
+        from aitk.models.sd import build_tiny_sd15
 
         return build_tiny_sd15(root / "sd15")
     if arch == "sdxl":
-        from aitk.models.tiny_sdxl import build_tiny_sdxl
+        from aitk.models.sd import build_tiny_sdxl
 
         return build_tiny_sdxl(root / "sdxl")
     if arch == "flux":
-        from aitk.models.tiny_flux import build_tiny_flux
+        from aitk.models.flux import build_tiny_flux
 
         return build_tiny_flux(root / "flux", "dev")
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     return build_tiny_wan(root / "wan", "t2v")
 

@@ -51,9 +51,9 @@ NETS: dict[str, dict] = {
 # --- models and networks ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory, tiny_sd15: Path) -> dict[str, Path]:
-    from aitk.models.tiny_flux import build_tiny_flux
-    from aitk.models.tiny_sdxl import build_tiny_sdxl
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.flux import build_tiny_flux
+    from aitk.models.sd import build_tiny_sdxl
+    from aitk.models.wan import build_tiny_wan
 
     root = tmp_path_factory.mktemp("tool-models")
     flux = {arch: build_tiny_flux(root / arch, variant)
@@ -89,7 +89,7 @@ def _candidates(arch: str, module: torch.nn.Module, include_conv: bool) -> list[
         from aitk.models.flux import flux_lora_candidates
 
         return flux_lora_candidates(module)
-    from aitk.models.wan_keys import is_block_target
+    from aitk.models.wan import is_block_target
 
     return [n for n in eligible_modules(module) if is_block_target(n)]
 

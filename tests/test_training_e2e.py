@@ -164,7 +164,7 @@ def test_samples_are_written_with_inline_flags(make_job):
     "changes, key",
     [
         ({"train": {"train_unet": False}}, "config.process[0].train.train_unet"),
-        ({"model": {"arch": "sd3"}}, "config.process[0].model.arch"),
+        ({"model": {"arch": "not_an_arch"}}, "config.process[0].model.arch"),
         ({"train": {"noise_scheduler": "flowmatch"}}, "config.process[0].train.noise_scheduler"),
     ],
 )
@@ -177,10 +177,11 @@ def test_unsupported_settings_stop_the_run_before_loading(make_job, changes, key
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
-    from aitk.demo import DEMO_NAME, run_demo
+    from aitk.cli import main
+    from aitk.demo import DEMO_NAME
 
     monkeypatch.setenv("AITK_CACHE", str(tmp_path / "cache"))
-    assert run_demo(tmp_path / "demo_out", steps=6) == 0
+    assert main(["demo", "--output", str(tmp_path / "demo_out"), "--steps", "6"]) == 0
     run_dir = tmp_path / "demo_out" / DEMO_NAME
     assert (run_dir / f"{DEMO_NAME}.safetensors").is_file()
     assert len(list((run_dir / "samples").glob("*.jpg"))) == 2 * 4  # steps 0, 2, 4, 6
@@ -287,7 +288,7 @@ def test_resuming_with_another_rank_or_optimizer_is_refused_clearly(make_job):
 
 
 def test_a_failing_preview_is_a_warning_not_a_lost_run(make_job, monkeypatch):
-    from aitk.models.sd15 import SD15Adapter
+    from aitk.models.sd import SD15Adapter
 
     def broken(self, latents):
         raise RuntimeError("out of memory (simulated)")

@@ -19,14 +19,14 @@ BOUNDARY_T2V = 875.0
 
 @pytest.fixture(scope="module")
 def wan22(tmp_path_factory) -> Path:
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("wan22") / "m", "22_t2v")
 
 
 @pytest.fixture(scope="module")
 def wan21(tmp_path_factory) -> Path:
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("wan21") / "m", "t2v")
 

@@ -130,7 +130,7 @@ def test_every_metrics_line_has_the_spec_fields_and_a_stability(make_job, optimi
 
 
 def test_wan22_experts_follow_their_own_schedules(shapes_dataset, tmp_path):
-    from aitk.models.tiny_wan import build_tiny_wan
+    from aitk.models.wan import build_tiny_wan
 
     model = build_tiny_wan(tmp_path / "wan22", "22_t2v")
     schedule = {

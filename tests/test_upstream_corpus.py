@@ -28,8 +28,8 @@ from upstream_jobs import (
     read_job,
     run_job,
     tiny_assistant_lora,
+    tiny_recovery_adapter,
     tiny_variant,
-    tiny_wan_recovery_adapter,
     write_job,
 )
 
@@ -70,7 +70,8 @@ def warned_keys(text: str) -> list[tuple[str, str]]:
 def test_the_corpus_has_every_supported_family():
     assert len(CORPUS_FILES) >= 30
     variants = {tiny_variant(read_job(p)) for p in CORPUS_FILES}
-    assert variants == {"sd15", "sdxl", "dev", "schnell", "kontext", "t2v", "i2v", "22_t2v", "22_i2v"}
+    assert variants == {"sd15", "sdxl", "dev", "schnell", "kontext", "t2v", "i2v", "22_t2v", "22_i2v", "chroma",
+                        "zimage", "lumina2", "qwen_image", "sd3_large"}
     for path in CORPUS_FILES + UNSUPPORTED_FILES:
         assert path.read_text().startswith(("# Source: ", "# Variant users write: ")), path.name
 
@@ -240,7 +241,7 @@ def test_trains_three_steps_on_the_tiny_model(path: Path, tmp_path: Path, tiny_m
         steps=STEPS, keep_prompts=2,
         assistant_lora=tiny_assistant_lora(model, tiny_root / "assistant.safetensors")
         if process["model"].get("assistant_lora_path") else None,
-        recovery_adapter=tiny_wan_recovery_adapter(model, tiny_root / f"ara_{variant}.safetensors")
+        recovery_adapter=tiny_recovery_adapter(variant, model, tiny_root / f"ara_{variant}.safetensors")
         if "|" in qtype else None,
     )
     loaded, trainer, result = run_job(write_job(local, tmp_path / path.name))
@@ -249,8 +250,10 @@ def test_trains_three_steps_on_the_tiny_model(path: Path, tmp_path: Path, tiny_m
     metrics = result.output_dir / f"metrics_{loaded.job.config.name}.jsonl"
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
-    assert result.final_loras and all(p.is_file() for p in result.final_loras)
-    tensors = {k: v for p in result.final_loras for k, v in load_file(p).items()}
+    assert result.final_loras and all(p.exists() for p in result.final_loras)
+    # a full fine-tune (no network:) saves each denoiser as a diffusers folder
+    files = [f for p in result.final_loras for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
+    tensors = {k: v for p in files for k, v in load_file(p).items()}
     assert tensors and all(v.isfinite().all() for v in tensors.values())
     log = (result.output_dir / "log.txt").read_text()
     assert not [line for line in log.splitlines() if "samples for step" in line and "failed" in line]

@@ -77,7 +77,7 @@ def test_expert_facts_match_the_adapters():
         assert (arch in EXPERT_ARCHS) == two, arch
     process = parse_job_text(yaml.safe_dump(job("wan22_14b_i2v", {}))).job.config.process[0]
     assert trained_experts(process) == ["high_noise", "low_noise"]
-    from aitk.models.wan_previews import HIGH_NOISE, LOW_NOISE
+    from aitk.models.wan import HIGH_NOISE, LOW_NOISE
 
     assert EXPERT_ARCHS["wan22_14b"] == (HIGH_NOISE, LOW_NOISE)
     del torch

@@ -59,12 +59,22 @@ def tiny_variant(job: dict[str, Any]) -> str:
         return "kontext"
     if arch == "flux" or model.get("is_flux"):
         return "schnell" if "schnell" in name.lower() else "dev"
+    if arch == "chroma":
+        return "chroma"
+    if arch == "zimage":
+        return "zimage"
+    if arch == "qwen_image":
+        return "qwen_image"
+    if arch == "lumina2" or model.get("is_lumina2"):
+        return "lumina2"
     if arch == "wan22_14b_i2v":
         return "22_i2v"
     if arch == "wan22_14b":
         return "22_t2v"
     if arch in ("wan21", "wan21_i2v"):
         return "i2v" if arch == "wan21_i2v" or "i2v" in name.lower() else "t2v"
+    if arch == "sd3" or (not arch and model.get("is_v3")):
+        return "sd3_medium" if "medium" in name.lower() else "sd3_large"
     if arch == "sdxl" or model.get("is_xl"):
         return "sdxl"
     return "sd15"
@@ -190,10 +200,47 @@ def copy_folder(source: Path, target: Path) -> Path:
 
 
 def tiny_assistant_lora(model: Path, path: Path) -> Path:
-    """A stand-in for ostris/FLUX.1-schnell-training-adapter made for the tiny schnell transformer."""
+    """A stand-in for the training adapter the job names (ostris/FLUX.1-schnell-training-adapter,
+    ostris/zimage_turbo_training_adapter) made for the tiny model's transformer; one file per family
+    next to `path`."""
+    import json
+
+    from aitk.models.tiny_common import MARKER_NAME
+
+    arch = json.loads((model / MARKER_NAME).read_text()).get("arch", "flux")
+    path = path.with_name(f"{path.stem}_{arch}{path.suffix}")
+    if path.exists():
+        return path
+    if arch == "zimage":
+        from test_models_zimage import write_assistant
+
+        return write_assistant(model, path)
     from test_models_flux import _write_assistant
 
-    return path if path.exists() else _write_assistant(model, path, "comfyui")
+    return _write_assistant(model, path, "comfyui")
+
+
+def tiny_recovery_adapter(variant: str, model: Path, path: Path) -> Path:
+    """A recovery adapter for the tiny model of `variant` (WAN's, or Qwen-Image's)."""
+    if variant == "qwen_image":
+        return tiny_qwen_image_recovery_adapter(model, path)
+    return tiny_wan_recovery_adapter(model, path)
+
+
+def tiny_qwen_image_recovery_adapter(model: Path, path: Path) -> Path:
+    """A recovery adapter for the tiny Qwen-Image transformer in ComfyUI key names, covering the
+    default LoRA targets (ai-toolkit's Qwen-Image adapters cover the transformer blocks)."""
+    if path.exists():
+        return path
+    from diffusers import QwenImageTransformer2DModel
+
+    from aitk.models.qwen_image import qwen_image_lora_candidates
+    from test_recovery_adapter import write_recovery_file
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(str(model), subfolder="transformer")
+    write_recovery_file(transformer, path, qwen_image_lora_candidates(transformer),
+                        stem=lambda name: f"diffusion_model.{name}", weights=("lora_A", "lora_B"))
+    return path
 
 
 def tiny_wan_recovery_adapter(model: Path, path: Path) -> Path:
@@ -203,7 +250,7 @@ def tiny_wan_recovery_adapter(model: Path, path: Path) -> Path:
     from diffusers import WanTransformer3DModel
     from torch import nn
 
-    from aitk.models.wan_keys import is_block_target, lora_key_stem
+    from aitk.models.wan import is_block_target, lora_key_stem
     from test_recovery_adapter import write_recovery_file
 
     transformer = WanTransformer3DModel.from_pretrained(str(model), subfolder="transformer")

@@ -310,6 +310,7 @@ class ModelConfig(Section):
     is_xl: bool = Field(False, description="Legacy flag: arch sdxl.")
     is_v2: bool = Field(False, description="Legacy flag: arch sd2.")
     is_v3: bool = Field(False, description="Legacy flag: arch sd3 (SD 3 / 3.5).")
+    is_lumina2: bool = Field(False, description="Legacy flag: arch lumina2 (Lumina-Image 2.0).")
     is_v_pred: bool = Field(False, description="The model predicts v instead of noise.")
     quantize: bool = Field(False, description="Quantize the denoiser.")
     qtype: str | None = Field(None, description="Quantization type.")
@@ -332,6 +333,12 @@ class ModelConfig(Section):
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Model-specific options.")
     dtype: str | None = Field(None, description="Precision the model is loaded in.")
     vae_path: str | None = Field(None, description="A different VAE (hub id, folder or file).")
+    extras_name_or_path: str | None = Field(
+        None,
+        description="Where the parts besides the denoiser (VAE, text encoders, tokenizers, scheduler) come from "
+        "when name_or_path holds the transformer only (a transformer folder, hub repo or .safetensors file); "
+        "default: name_or_path. Z-Image.",
+    )
 
     @property
     def resolved_arch(self) -> str:
@@ -346,6 +353,8 @@ class ModelConfig(Section):
             return "sdxl"
         if self.is_v3:
             return "sd3"
+        if self.is_lumina2:
+            return "lumina2"
         if self.is_v2:
             return "sd2"
         return "sd1"

@@ -20,10 +20,13 @@ from pydantic import BaseModel
 
 from aitk.config.prompts import AI_TOOLKIT_ONLY_FLAGS, preview_issues
 from aitk.models.archs import (
+    ASSISTANT_LORA_ARCHS,
     CONTROL_ARCHS,
     DDPM_NOISE_SCHEDULERS,
     DDPM_TIMESTEP_TYPES,
+    EXTRAS_PATH_ARCHS,
     FLOW_NOISE_SCHEDULERS,
+    MASKED_ATTENTION_ARCHS,
     NOISE_SCHEDULERS,
     TIMESTEP_TYPES,
     supported_archs,
@@ -111,13 +114,19 @@ def _refused_for(table: dict[str, tuple[str, ...]], accepted: tuple[str, ...]) -
     return active
 
 
+def _unmasked_backend(train: Any) -> str | None:
+    """The attention backend the job asks for when it takes no attention mask, else None."""
+    from aitk.models.attention import MASKED_BACKENDS, requested
+
+    asked = requested(train)
+    return asked[0] if asked is not None and asked[0] not in MASKED_BACKENDS else None
+
+
 UNSUPPORTED: list[Unsupported] = [
     # network
     # model
     Unsupported(ModelConfig, "arch", lambda v, s: v is not None and s.resolved_arch not in SUPPORTED_ARCHS,
                 "architecture {value}", UNKNOWN_ARCH),
-    Unsupported(ModelConfig, "is_v3", lambda v, s: v is True and not s.arch and s.resolved_arch not in SUPPORTED_ARCHS,
-                "is_v3 (Stable Diffusion 3 / 3.5, model.arch sd3)", UNKNOWN_ARCH),
     Unsupported(ModelConfig, "qtype", lambda v, s: v is not None and "|" in v and not s.quantize,
                 "an accuracy recovery adapter without model.quantize: true",
                 "it is not loaded (set model.quantize: true to quantize and add it)"),
@@ -127,8 +136,18 @@ UNSUPPORTED: list[Unsupported] = [
                 "control images (datasets[].control_path) on a model that does not take them (edit models "
                 "such as flux_kontext do)", "they are loaded but not used"),
     Unsupported(ModelConfig, "assistant_lora_path",
-                lambda v, s: v is not None and s.resolved_arch not in ("flux", "flux_kontext"),
-                "an assistant LoRA on this model (FLUX only)", IGNORED),
+                lambda v, s: v is not None and s.resolved_arch not in ASSISTANT_LORA_ARCHS,
+                f"an assistant LoRA on this model (only {', '.join(sorted(ASSISTANT_LORA_ARCHS))} load one)", IGNORED),
+    Unsupported(ModelConfig, "extras_name_or_path",
+                lambda v, s: v is not None and s.resolved_arch in SUPPORTED_ARCHS
+                and s.resolved_arch not in EXTRAS_PATH_ARCHS,
+                f"extras_name_or_path on this model (only {', '.join(sorted(EXTRAS_PATH_ARCHS))} read it; the "
+                "other families load every part from name_or_path)", IGNORED),
+    Unsupported(ProcessConfig, "train", lambda v, s: s.model.resolved_arch in MASKED_ATTENTION_ARCHS
+                and _unmasked_backend(v) is not None,
+                "an attention kernel without an attention mask on a model that masks its text's padding "
+                "(train.attention_backend / xformers: use native, _native_efficient, _native_cudnn or xformers)",
+                FAILS),
     Unsupported(ProcessConfig, "train.bypass_guidance_embedding",
                 lambda v, s: v is True and s.model.resolved_arch not in ("flux", "flux_kontext"),
                 "bypass_guidance_embedding on a model without a guidance embedding (only FLUX.1 dev, Kontext "

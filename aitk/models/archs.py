@@ -7,16 +7,21 @@ from __future__ import annotations
 
 # arch key -> "module:Class"; modules are imported lazily so a job loads only its own family.
 ADAPTERS: dict[str, str] = {
-    "sd1": "aitk.models.sd15:SD15Adapter",
-    "sd15": "aitk.models.sd15:SD15Adapter",
-    "sd2": "aitk.models.sd15:SD2Adapter",
-    "sdxl": "aitk.models.sdxl:SDXLAdapter",
+    "sd1": "aitk.models.sd:SD15Adapter",
+    "sd15": "aitk.models.sd:SD15Adapter",
+    "sd2": "aitk.models.sd:SD2Adapter",
+    "sdxl": "aitk.models.sd:SDXLAdapter",
     "flux": "aitk.models.flux:FluxAdapter",
     "flux_kontext": "aitk.models.flux:FluxKontextAdapter",
+    "chroma": "aitk.models.chroma:ChromaAdapter",
     "wan21": "aitk.models.wan:Wan21Adapter",
     "wan21_i2v": "aitk.models.wan:Wan21I2VAdapter",
     "wan22_14b": "aitk.models.wan:Wan22Adapter",
     "wan22_14b_i2v": "aitk.models.wan:Wan22I2VAdapter",
+    "sd3": "aitk.models.sd3:SD3Adapter",
+    "zimage": "aitk.models.zimage:ZImageAdapter",
+    "qwen_image": "aitk.models.qwen_image:QwenImageAdapter",
+    "lumina2": "aitk.models.lumina2:Lumina2Adapter",
 }
 
 
@@ -30,10 +35,15 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
     "sdxl": (64, None),
     "flux": (16, None),
     "flux_kontext": (16, None),
+    "chroma": (32, None),  # ai-toolkit buckets Chroma by 32 px
     "wan21": (16, "4k+1"),
     "wan21_i2v": (16, "4k+1"),
     "wan22_14b": (16, "4k+1"),
     "wan22_14b_i2v": (16, "4k+1"),
+    "sd3": (16, None),
+    "zimage": (16, None),
+    "qwen_image": (32, None),  # ai-toolkit buckets Qwen-Image by 32 px
+    "lumina2": (16, None),
 }
 
 
@@ -44,9 +54,21 @@ CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext"})
 #: image-to-video archs: their adapters' `i2v` (a test keeps the two in step)
 FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
 
+# Architectures whose attention masks the text's padding: attention kernels without a mask are refused
+# (aitk.models.attention.MASKED_BACKENDS lists the ones that take it).
+MASKED_ATTENTION_ARCHS: frozenset[str] = frozenset({"chroma"})
+
 # Architectures whose denoiser has conv layers a network can wrap (network.conv; LoCon), so that
 # `aitk validate` can tell that conv alpha phases change nothing on the others.
 CONV_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})
+
+# Architectures whose adapter loads model.assistant_lora_path (aitk.models.assistant: a training
+# adapter on while training, off for previews), so `aitk validate` can say it is ignored elsewhere.
+ASSISTANT_LORA_ARCHS: frozenset[str] = frozenset({"flux", "flux_kontext", "zimage"})
+
+# Architectures whose adapter reads model.extras_name_or_path (the parts besides a transformer-only
+# model), so `aitk validate` can say it is ignored elsewhere.
+EXTRAS_PATH_ARCHS: frozenset[str] = frozenset({"zimage", "qwen_image"})
 
 # Architectures with two experts (one network each): arch -> the expert names, in training order.
 EXPERT_ARCHS: dict[str, tuple[str, ...]] = {
@@ -61,7 +83,7 @@ EXPERT_ARCHS: dict[str, tuple[str, ...]] = {
 # flow-matching one, which this version does not do. FLUX and WAN train flow matching only.
 DDPM_NOISE_SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "pndm", "lms", "euler", "euler_a")
 FLOW_NOISE_SCHEDULERS: tuple[str, ...] = ("flowmatch",)
-#: train.timestep_type values the DDPM objective draws (aitk/models/ddpm_timesteps.py)
+#: train.timestep_type values the DDPM objective draws (aitk/models/sd/timesteps.py)
 DDPM_TIMESTEP_TYPES: tuple[str, ...] = ("uniform", "linear", "sigmoid", "shift", "lognorm", "lognorm_blend")
 
 _DDPM_ARCHS = ("sd1", "sd15", "sd2", "sdxl")
@@ -71,6 +93,15 @@ NOISE_SCHEDULERS: dict[str, tuple[str, ...]] = {
 }
 #: arch -> the train.timestep_type values it accepts; families not listed check theirs when training starts
 TIMESTEP_TYPES: dict[str, tuple[str, ...]] = {arch: DDPM_TIMESTEP_TYPES for arch in _DDPM_ARCHS}
+
+
+#: architectures upstream trains that this version does not, with their names for messages (the
+#: plan says so in one line); a family that lands in ADAPTERS wins over its row here
+UNSUPPORTED_ARCH_LABELS: dict[str, str] = {
+    "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit", "qwen_image_edit_plus": "Qwen-Image-Edit-Plus",
+    "hidream": "HiDream", "chroma": "Chroma", "lumina2": "Lumina 2", "sd3": "Stable Diffusion 3", "omnigen2": "OmniGen2",
+    "flex1": "Flex.1", "flex2": "Flex.2", "wan22_5b": "WAN 2.2 5B", "zimage": "Z-Image",
+}
 
 
 def supported_archs() -> list[str]:

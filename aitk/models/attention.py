@@ -53,6 +53,10 @@ def normalise(name: str) -> str:
     return ALIASES.get(lowered, lowered)
 
 
+#: dispatcher backends that honour an attention mask (models that mask padding need one of these)
+MASKED_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn", "xformers")
+
+
 def requested(train_cfg: Any) -> tuple[str, str] | None:
     """(backend, the job key that asked for it) or None when the job leaves attention alone."""
     if train_cfg.attention_backend:

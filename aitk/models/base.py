@@ -18,6 +18,10 @@ import torch
 from aitk.config.schema import ModelConfig, TrainConfig
 
 
+class ModelLoadError(RuntimeError):
+    """A model (or a part named in model.*) that cannot be loaded; the message names the key and the fix."""
+
+
 def release_modules(owner: Any, names: list[str]) -> int:
     """Set each attribute of `owner` named in `names` to None; returns the bytes of weights freed."""
     import gc
@@ -87,10 +91,21 @@ class PromptEmbeds:
 
     @staticmethod
     def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
+        """One batch of `items`. Embeddings of different token counts (Qwen-Image pads each prompt
+        only to its own length) are right-padded with zeros to the longest, together with the
+        extras that run along the tokens (dim 1 as long as the item's hidden states: a mask's
+        zeros then mark the padding)."""
         keys = items[0].extra.keys()
+        longest = max(i.hidden_states.shape[1] for i in items) if items[0].hidden_states.ndim > 1 else 0
+
+        def padded(t: torch.Tensor, length: int) -> torch.Tensor:
+            if t.ndim < 2 or t.shape[1] != length or length == longest:
+                return t
+            return torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, longest - length))
+
         return PromptEmbeds(
-            torch.cat([i.hidden_states for i in items]),
-            {k: torch.cat([i.extra[k] for i in items]) for k in keys},
+            torch.cat([padded(i.hidden_states, i.hidden_states.shape[1]) for i in items]),
+            {k: torch.cat([padded(i.extra[k], i.hidden_states.shape[1]) for i in items]) for k in keys},
         )
 
 
@@ -177,6 +192,28 @@ class ModelAdapter(ABC):
     #: ss_base_model_version / modelspec.architecture metadata values
     base_model_version: str = ""
     modelspec_architecture: str = ""
+    #: modelspec.implementation: where the model's reference code lives
+    modelspec_implementation: str = "diffusers"
+    #: component configs of a single-file checkpoint when model.model_kwargs.config is unset (the
+    #: adapter and `aitk plan` read them); None: this family loads folders and hub ids only
+    default_config_repo: str | None = None
+    #: the Hub model card (aitk.hub): its pipeline_tag, the family's tags, and the base model's
+    #: licence as front-matter fields (license, license_name, license_link); empty: none written
+    card_pipeline_tag: str = "text-to-image"
+    card_tags: tuple[str, ...] = ()
+    card_license: Mapping[str, str] = {}
+
+    @classmethod
+    def card_license_fields(cls, base_model: str) -> dict[str, str]:
+        """The model card's licence fields for a LoRA of `base_model` (a hub id or path): the
+        family's `card_license` unless a family's models differ (FLUX.1 schnell from dev)."""
+        return dict(cls.card_license)
+
+    @classmethod
+    def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a network file whose header names no architecture was trained on this model,
+        judged by its key names and shapes (`aitk lora info`'s guess). Default: never."""
+        return False
 
     def __init__(self, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.model_cfg = model_cfg

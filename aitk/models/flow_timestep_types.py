@@ -1,5 +1,5 @@
 """ai-toolkit's flow-matching timestep types beyond the basic shapes, for FLUX
-(aitk.models.flow_matching) and WAN (aitk.models.wan_flow) alike.
+(aitk.models.flow_matching) and WAN (aitk.models.wan.flow) alike.
 
 - flux_shift, lumina2_shift: ai-toolkit draws both exactly as "shift": uniform sigmas through the
   scheduler's time shift, resolution dependent where the scheduler shifts dynamically (FLUX: mu

@@ -1,4 +1,4 @@
-"""Parts the tiny model builders (tiny.py, tiny_sdxl.py, tiny_flux.py, tiny_wan.py) share.
+"""Parts the tiny model builders (each family's tiny*.py: sd/tiny.py, flux/tiny.py, ...) share.
 
 The folder's version marker, the offline CLIP and T5-family tokenizers, the small CLIP text
 encoder, 8x-downscale AutoencoderKL and two-level UNet configurations, and writing the folder.
@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from aitk.models.sd15 import DEFAULT_NOISE_SCHEDULE
 
 #: the file in a built folder that records what was built (its version and options)
 MARKER_NAME = "aitk_tiny.json"
@@ -24,9 +23,6 @@ MARKER_NAME = "aitk_tiny.json"
 PRINTABLE = string.ascii_letters + string.digits + string.punctuation
 #: CLIP's context length; the tiny CLIP text encoders have as many positions
 CLIP_MAX_LENGTH = 77
-#: the DDPM noise schedule SD 1.x and SDXL share (both models' scheduler configs), so the tiny
-#: models train and preview with the real schedule
-SD_NOISE_SCHEDULE: dict[str, Any] = DEFAULT_NOISE_SCHEDULE
 
 
 def is_built(folder: Path, **expected: object) -> bool:

@@ -93,14 +93,6 @@ def _text(v: Any) -> str:
         return str(v)
 
 
-def _default_implementation(architecture: str) -> str:
-    if architecture.startswith("stable-diffusion"):
-        return "https://github.com/Stability-AI/generative-models"
-    if architecture.startswith("flux"):
-        return "https://github.com/black-forest-labs/flux"
-    return "diffusers"
-
-
 def _mixed_precision(dtype: Any) -> str:
     """kohya's ss_mixed_precision vocabulary: fp16 / bf16 / no."""
     d = str(dtype).lower()
@@ -224,7 +216,7 @@ def lora_metadata(
         **_settings_keys(training_settings or {}),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": str(architecture),
-        "modelspec.implementation": implementation or _default_implementation(str(architecture)),
+        "modelspec.implementation": implementation or "diffusers",
         "modelspec.title": str(name),
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": when.isoformat(),

@@ -20,7 +20,7 @@ from aitk.plan.settings import PlanSettings
 from aitk.plan.step import StepTrace
 from aitk.plan.tracker import ACTIVATIONS, GRADIENTS, WORKSPACE
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass

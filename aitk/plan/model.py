@@ -14,7 +14,7 @@ from aitk.plan import build
 from aitk.plan.settings import PlanSettings
 from aitk.plan.sources import ModelSpec
 
-ENCODER_PARTS = ("text_encoder", "text_encoder_2", "image_encoder")
+ENCODER_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
 
 @dataclass

@@ -12,14 +12,6 @@ from aitk.plan.report import MemoryPlan
 from aitk.plan.settings import PlanSettings, largest_bucket, settings_from_process
 from aitk.plan.sources import ModelSpec, model_spec
 
-#: architectures users ask for that this version cannot train (the plan says so in one line)
-KNOWN_UNSUPPORTED = {
-    "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit", "qwen_image_edit_plus": "Qwen-Image-Edit-Plus",
-    "hidream": "HiDream", "chroma": "Chroma", "lumina2": "Lumina 2", "sd3": "Stable Diffusion 3", "omnigen2": "OmniGen2",
-    "flex1": "Flex.1", "flex2": "Flex.2", "wan22_5b": "WAN 2.2 5B", "zimage": "Z-Image",
-}
-
-
 def _load_job(job: str | Path | JobFile) -> tuple[JobFile, str]:
     if isinstance(job, JobFile):
         return job, job.config.name
@@ -36,11 +28,11 @@ def _load_job(job: str | Path | JobFile) -> tuple[JobFile, str]:
 
 
 def _check_arch(settings: PlanSettings) -> None:
-    from aitk.models.archs import ADAPTERS, supported_archs
+    from aitk.models.archs import ADAPTERS, UNSUPPORTED_ARCH_LABELS, supported_archs
 
     if settings.arch in ADAPTERS:
         return
-    label = KNOWN_UNSUPPORTED.get(settings.arch, settings.arch)
+    label = UNSUPPORTED_ARCH_LABELS.get(settings.arch, settings.arch)
     raise PlanInputError(
         f"model.arch {settings.arch!r} ({label}) is not supported by this version, so there is nothing to "
         f"plan; supported: {', '.join(supported_archs())}"
@@ -51,7 +43,7 @@ def _tokenizer_lengths(name_or_path: str) -> dict[str, int]:
     """model_max_length of a local folder's tokenizers (the tiny test models use short ones)."""
     folder = Path(name_or_path).expanduser()
     lengths: dict[str, int] = {}
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         config = folder / name / "tokenizer_config.json"
         if config.is_file():
             try:

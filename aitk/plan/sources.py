@@ -19,15 +19,11 @@ if TYPE_CHECKING:
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: parts of a pipeline folder the plan builds (denoisers, text encoders, VAE, image encoder)
-PLANNED_PARTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "vae", "image_encoder")
+PLANNED_PARTS = (
+    "unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "image_encoder",
+)
 DENOISER_PARTS = ("unet", "transformer", "transformer_2")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".sft", ".pt", ".gguf")
-#: SD-family single files take their part configs from these repos (as the adapters do)
-SINGLE_FILE_CONFIG_REPOS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
 
 
 @dataclass(frozen=True)
@@ -128,6 +124,16 @@ def _from_folder(folder: Path, label: str) -> ModelSpec:
     return ModelSpec(label, f"the configs in {folder}", parts, float(ratio) if ratio else None)
 
 
+def _default_config_repo(arch: str) -> str | None:
+    """Where `arch`'s adapter takes a single file's part configs from (None: it loads folders only)."""
+    from aitk.models.registry import UnknownArchitectureError, adapter_class
+
+    try:
+        return adapter_class(arch).default_config_repo
+    except UnknownArchitectureError:
+        return None
+
+
 def model_spec(name_or_path: str, arch: str, model_kwargs: dict[str, Any] | None = None) -> ModelSpec:
     """The part configs of `name_or_path` (a folder, a hub id, or an SD-family single file)."""
     from aitk.models.common import could_be_hub_id
@@ -139,7 +145,8 @@ def model_spec(name_or_path: str, arch: str, model_kwargs: dict[str, Any] | None
                 f"model.name_or_path: file {name_or_path!r} does not exist; give an existing file, a "
                 "diffusers folder or a hub id"
             )
-        config = str((model_kwargs or {}).get("config") or SINGLE_FILE_CONFIG_REPOS.get(arch, ""))
+        # a single file's part configs come from the repo its adapter names (as loading does)
+        config = str((model_kwargs or {}).get("config") or _default_config_repo(arch) or "")
         if not config:
             raise PlanInputError(
                 f"model.name_or_path: {name_or_path!r} is a single file; for model.arch {arch!r} aitk plans "

@@ -194,7 +194,7 @@ def _kohya_segmentations(body: str, vocabulary: frozenset[str]) -> list[str]:
 @functools.cache
 def _wan_originals() -> dict[str, str]:
     """WAN's original layer path (inside a block: "self_attn.q") -> diffusers path ("attn1.to_q")."""
-    from aitk.models import wan_keys
+    from aitk.models.wan import keys as wan_keys
 
     inner = {orig: diff for diff, orig in wan_keys._BLOCK_NAMES.items()}
     other = {orig: diff for diff, orig in wan_keys._OTHER_NAMES.items()}
@@ -237,6 +237,9 @@ def _candidates(adapter: Any, stem: str) -> list[str]:
     """Module paths that might give `stem` (checked against lora_key_stem by the caller)."""
     prefix: str = adapter.lora_prefix
     out: list[str] = []
+    inverse = getattr(adapter, "lora_module_for_stem", None)  # a family's own naming (Lumina 2)
+    if inverse is not None and (found := inverse(stem)):
+        out.append(found)
     if prefix.endswith(".") and stem.startswith(prefix):
         rest = stem[len(prefix):]
         out.append(rest)  # FLUX: transformer.<path>
@@ -273,6 +276,7 @@ def _example_stem(adapter: Any) -> str:
         example = "transformer_blocks.0.attn.to_q"
     else:
         example = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    example = getattr(adapter, "lora_example_module", example)
     return adapter.lora_key_stem(example)
 
 

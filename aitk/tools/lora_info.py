@@ -92,35 +92,22 @@ def _arch_from_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
 
 
 def _guess_arch(tensors: dict[str, torch.Tensor]) -> str:
-    """An architecture guess from key names (and the cross-attention width for SD families)."""
-    keys = list(tensors)
+    """The architectures whose adapter recognises the file's key names and shapes
+    (ModelAdapter.matches_lora_keys), "unknown" when none does."""
+    from aitk.models.archs import ADAPTERS
+    from aitk.models.registry import adapter_class
 
-    def has(*fragments: str) -> bool:
-        return any(f in k for k in keys for f in fragments)
-
-    if has("diffusion_model.blocks.", "lora_unet_blocks_", "transformer.blocks."):
-        if has("k_img", "add_k_proj"):
-            return "wan21_i2v"
-        return "wan21 / wan22_14b (WAN 2.1 and 2.2 files share their naming)"
-    if has("single_transformer_blocks", "lora_unet_double_blocks", "lora_unet_single_blocks"):
-        return "flux"
-    if has("lora_unet_", "unet."):
-        widths = {
-            int(t.shape[1]) for k, t in tensors.items()
-            if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k) and t.dim() == 2
-        }
-        for width, arch in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
-            if width in widths:
-                return arch
-        if has("lora_te2_", "text_encoder_2.", "transformer_blocks_1_", "transformer_blocks.1.", "add_embedding"):
-            return "sdxl"
-        return "sd1"
-    if has("lora_te2_", "text_encoder_2."):
-        return "sdxl"
-    if has("lora_te_", "text_encoder."):  # a text-encoder-only file: CLIP-L (768) or OpenCLIP-H (1024)
-        widths = {int(t.shape[1]) for k, t in tensors.items() if "q_proj" in k and ("lora_down" in k or "lora_A" in k)}
-        return "sd2" if 1024 in widths else "sd1"
-    return "unknown"
+    matches: list[str] = []
+    seen: set[type] = set()
+    for arch in ADAPTERS:  # an adapter serving several names (aliases) is named once, by its first
+        cls = adapter_class(arch)
+        if cls not in seen:
+            seen.add(cls)
+            if cls.matches_lora_keys(tensors):
+                matches.append(arch)
+    if len(matches) > 1:
+        return f"{' / '.join(matches)} (their files share one naming)"
+    return matches[0] if matches else "unknown"
 
 
 def _rank(parts: dict[str, torch.Tensor]) -> str:

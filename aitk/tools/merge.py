@@ -208,7 +208,7 @@ def merge_model(
     """Merge `loras` (one per expert, in the model's expert order) into `model` and save to `output`."""
     from aitk.config.schema import ModelConfig
     from aitk.models.registry import UnknownArchitectureError, adapter_class
-    from aitk.models.sd15 import ModelLoadError
+    from aitk.models.base import ModelLoadError
     from aitk.networks.merge import merge_network_file
 
     out = Path(output).expanduser()

@@ -50,6 +50,7 @@ def lora_metadata(
         conv_alpha=handle.conv_alpha,
         base_model_version=adapter.base_model_version,
         architecture=adapter.modelspec_architecture,
+        implementation=adapter.modelspec_implementation,
         resolution=(resolution, resolution),
         training_settings=process.train.model_dump(mode="json")
         | {"network": net_cfg.model_dump(mode="json") if net_cfg else None},

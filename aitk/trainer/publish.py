@@ -142,7 +142,7 @@ def card_info(
 
 
 def _retry_command(output_dir: Path, job_path: Path | None) -> str:
-    command = f"python -m aitk.hub {shlex.quote(str(output_dir))}"
+    command = f"python -m aitk push {shlex.quote(str(output_dir))}"
     if job_path is not None:
         command += f" --job {shlex.quote(str(job_path))}"
     return command

@@ -145,6 +145,13 @@ def _video_sample(frames: int, ctrl: bool = False) -> dict[str, Any]:
 def _build() -> dict[str, dict[str, Any]]:
     flux_train = {"noise_scheduler": "flowmatch", "timestep_type": "sigmoid"}
     wan_dataset = {"num_frames": 33, "max_pixels_per_frame": 262144, "shrink_video_to_frames": True}
+    # Z-Image's presets: upstream's UI defaults for it (qfloat8 transformer and text encoder, low VRAM)
+    zimage_train = {"noise_scheduler": "flowmatch", "timestep_type": "weighted"}
+    zimage_model = {"quantize": True, "qtype": "qfloat8", "quantize_te": True, "low_vram": True}
+    # upstream's train_lora_qwen_image_24gb.yaml (its UI preset trains with timestep_type weighted)
+    qwen_train = {"noise_scheduler": "flowmatch", "timestep_type": "weighted", "cache_text_embeddings": True}
+    qwen_model = {"quantize": True, "quantize_te": True, "qtype_te": "qfloat8", "low_vram": True}
+    ara = "ostris/accuracy_recovery_adapters/"
     presets = {
         "sd15": ("SD 1.5", "Stable Diffusion 1.5: fast, small, 512 px.", _job(
             arch="sd1", model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=[512], rank=16,
@@ -177,6 +184,64 @@ def _build() -> dict[str, dict[str, Any]]:
             steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
             sample={**_image_sample(768, "flowmatch", 4.0, 20), "ctrl_img": ""}, train_extra=flux_train,
             model_extra={"quantize": True}, dataset_extra={"control_path": ""},
+        )),
+        "chroma": ("Chroma", "Chroma1-Base (FLUX-derived, T5 only, true CFG previews), 512-1024 px buckets, "
+                   "quantized base, EMA: upstream's 24 GB example.", _job(
+            arch="chroma", model="lodestones/Chroma1-Base", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 25), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "ema_config": {"use_ema": True, "ema_decay": 0.99}},
+            model_extra={"quantize": True},
+        )),
+        "sd35_large": ("SD 3.5 Large", "Stable Diffusion 3.5 Large (8B MMDiT, three text encoders), 1024 px, "
+                       "quantized base: upstream's 24 GB example.", _job(
+            arch="sd3", model="stabilityai/stable-diffusion-3.5-large", resolution=[1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 25), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "linear",
+                         "ema_config": {"use_ema": True, "ema_decay": 0.99}},
+            model_extra={"quantize": True},
+        )),
+        "lumina2": ("Lumina-Image 2.0", "Lumina-Image 2.0 (2.6B, Gemma-2 text encoder), 512-1024 px buckets, "
+                    "quantized text encoder, EMA: upstream's 24 GB example.", _job(
+            arch="lumina2", model="Alpha-VLLM/Lumina-Image-2.0", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 25), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "lumina2_shift",
+                         "ema_config": {"use_ema": True, "ema_decay": 0.99}},
+            model_extra={"quantize_te": True},
+        )),
+        "zimage_turbo": ("Z-Image Turbo", "Z-Image Turbo (6B, Qwen3 text encoder) with its training adapter (on "
+                         "while training, off for previews: the LoRA keeps the 8-step distillation), quantized, "
+                         "low VRAM: upstream's 24 GB preset.", _job(
+            arch="zimage", model="Tongyi-MAI/Z-Image-Turbo", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample=_image_sample(1024, "flowmatch", 1.0, 9), train_extra=zimage_train,
+            model_extra={**zimage_model, "assistant_lora_path":
+                         "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors"},
+        )),
+        "zimage_deturbo": ("Z-Image De-Turbo", "Z-Image De-Turbo (de-distilled Turbo transformer; VAE and text "
+                           "encoder from Z-Image Turbo): trains without an adapter, previews with guidance 3 in "
+                           "25 steps, quantized, low VRAM: upstream's 24 GB preset.", _job(
+            arch="zimage", model="ostris/Z-Image-De-Turbo", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=zimage_train,
+            model_extra={**zimage_model, "extras_name_or_path": "Tongyi-MAI/Z-Image-Turbo"},
+        )),
+        "qwen_image": ("Qwen-Image", "Qwen-Image (20B MMDiT, Qwen2.5-VL text encoder): 3-bit base with "
+                       "its accuracy-recovery adapter, cached text embeddings, low VRAM: upstream's 24 GB "
+                       "example.", _job(
+            arch="qwen_image", model="Qwen/Qwen-Image", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=qwen_train,
+            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_torchao_uint3.safetensors"},
+        )),
+        "qwen_image_2512": ("Qwen-Image-2512", "Qwen-Image-2512 (the December 2025 weights, same architecture), "
+                            "set up as the Qwen-Image preset with the 2512 recovery adapter.", _job(
+            arch="qwen_image:2512", model="Qwen/Qwen-Image-2512", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=qwen_train,
+            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_2512_torchao_uint3.safetensors"},
         )),
         "wan21": ("WAN 2.1 T2V 1.3B", "WAN 2.1 text to video (1.3B), 33-frame clips.", _job(
             arch="wan21", model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", resolution=[512], rank=32,

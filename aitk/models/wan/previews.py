@@ -1,8 +1,8 @@
 """WAN previews: the diffusers pipeline over the live modules, preview arguments, decoding.
 
-A mixin of aitk.models.wan.Wan21Adapter (kept apart so the adapter stays readable): it reads
-the adapter's parts (tokenizer, text encoder, VAE, scheduler, experts, image encoder) and facts
-(i2v, flow shift, boundary ratio, frame rule).
+A mixin of aitk.models.wan.adapter.Wan21Adapter (kept apart so the adapter stays readable): it
+reads the adapter's parts (tokenizer, text encoder, VAE, scheduler, experts, image encoder) and
+facts (i2v, flow shift, boundary ratio, frame rule).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from aitk.models.wan_flow import NUM_TRAIN_TIMESTEPS
+from aitk.models.wan.flow import NUM_TRAIN_TIMESTEPS
 
 HIGH_NOISE = "high_noise"
 LOW_NOISE = "low_noise"

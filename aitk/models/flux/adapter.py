@@ -19,8 +19,8 @@ models; `predict` packs them into 2x2-patch tokens with the ids FluxPipeline bui
 - model.assistant_lora_path: a LoRA (any format FluxPipeline.lora_state_dict reads) loaded by
   diffusers as the peft adapter "assistant": active while training, switched off inside
   `preview_context()`, never part of the trained network or the saved file.
-- Kontext (FluxKontextAdapter): each sample's control image is VAE-encoded, packed and appended
-  to the image tokens with ids whose first axis is 1 (as FluxKontextPipeline does); only the
+- Kontext (FluxKontextAdapter, aitk.models.flux.kontext): each sample's control image is
+  VAE-encoded, packed and appended to the image tokens with ids whose first axis is 1; only the
   target tokens are predicted and compared.
 
 LoRA files (save_format comfyui / kohya): `transformer.<module path>.lora_A.weight`,
@@ -31,8 +31,7 @@ same names (docs/lora-formats.md).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,64 +40,20 @@ import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
-from aitk.models.sd15 import ModelLoadError
+from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.flux.keys import flux_lora_candidates, is_flux_lora
+from aitk.models.flux.latents import (
+    FluxInputError,
+    encode_flux_latents,
+    image_ids,
+    image_seq_shift,
+    pack_latents,
+    unpack_latents,
+)
 
 ASSISTANT_ADAPTER = "assistant"
 SINGLE_FILE_SUFFIXES = {".safetensors", ".sft", ".ckpt"}
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-#: Linear layers a LoRA wraps by default, relative to each double / single transformer block:
-#: attention projections and feed-forward layers; the AdaLN modulation linears stay frozen.
-DOUBLE_BLOCK_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-)
-SINGLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
-
-
-class FluxInputError(ValueError):
-    """A batch or setting this FLUX model cannot train on (e.g. Kontext without controls)."""
-
-
-def flux_lora_candidates(transformer: torch.nn.Module) -> list[str]:
-    """Default LoRA targets of a FluxTransformer2DModel, in model order."""
-    from aitk.networks.lora import eligible_modules
-
-    wanted: set[str] = set()
-    for i in range(len(transformer.transformer_blocks)):
-        wanted.update(f"transformer_blocks.{i}.{t}" for t in DOUBLE_BLOCK_TARGETS)
-    for i in range(len(transformer.single_transformer_blocks)):
-        wanted.update(f"single_transformer_blocks.{i}.{t}" for t in SINGLE_BLOCK_TARGETS)
-    return [name for name in eligible_modules(transformer) if name in wanted]
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens of 2x2 patches (FluxPipeline's layout)."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise FluxInputError(f"FLUX latents need an even height and width, got {h}x{w}")
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
-    """Inverse of `pack_latents` for an image of height x width pixels."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._unpack_latents(tokens, height, width, vae_scale_factor)
-
-
-def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype, first: float = 0.0) -> torch.Tensor:
-    """Position ids (h/2 * w/2, 3) of packed latents of h x w; `first` fills axis 0 (1 = Kontext's
-    reference image)."""
-    from diffusers import FluxPipeline
-
-    ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
-    if first:
-        ids[..., 0] = first
-    return ids
 
 
 @contextmanager
@@ -115,47 +70,6 @@ def guidance_embedding_bypassed(transformer: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def encode_flux_latents(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Pixels in [-1, 1] -> FLUX's normalized latents, encoded in fp32 (the VAE's mode)."""
-    latents = common.encode_mode(vae, pixels, device)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-
-@functools.cache
-def _kontext_preview_pipeline_class() -> type:
-    """FluxKontextPipeline that encodes the control image as training does.
-
-    diffusers casts the control image to the transformer's dtype before the VAE sees it, which
-    fails (bf16 / fp16 input, fp32 VAE) and would round the pixels; here the image is encoded
-    from the pipeline's fp32 pixels first and handed on as latents, which the pipeline then casts
-    to the transformer's dtype, exactly as training's control latents are.
-    """
-    from diffusers import FluxKontextPipeline
-
-    class FluxKontextPreviewPipeline(FluxKontextPipeline):
-        def prepare_latents(self, image: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
-            if image is not None and image.shape[1] != self.latent_channels:
-                image = encode_flux_latents(self.vae, image, self.vae.device)
-            return super().prepare_latents(image, *args, **kwargs)
-
-    return FluxKontextPreviewPipeline
-
-
-def image_seq_shift(num_tokens: int, scheduler_config: Any) -> float:
-    """FluxPipeline's mu for an image of `num_tokens` packed tokens (resolution-dependent shift)."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    return float(
-        calculate_shift(
-            num_tokens,
-            scheduler_config.get("base_image_seq_len", 256),
-            scheduler_config.get("max_image_seq_len", 4096),
-            scheduler_config.get("base_shift", 0.5),
-            scheduler_config.get("max_shift", 1.15),
-        )
-    )
-
-
 class FluxAdapter(ModelAdapter):
     arch_names = ("flux",)
     text_encoder_names = ("text_encoder", "text_encoder_2")
@@ -168,9 +82,17 @@ class FluxAdapter(ModelAdapter):
     modelspec_architecture = "flux-1-dev/lora"
     #: modelspec architecture when the loaded transformer has no guidance embedding
     schnell_architecture = "flux-1-schnell/lora"
+    modelspec_implementation = "https://github.com/black-forest-labs/flux"
     model_label = "FLUX.1"
     pipeline_name = "FluxPipeline"
     denoiser_names = ("transformer",)
+    card_tags = ("flux",)
+    # the dev models' licence; schnell's is Apache 2.0 (card_license_fields)
+    card_license = {
+        "license": "other",
+        "license_name": "flux-1-dev-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    }
 
     transformer: Any
     vae: Any
@@ -179,6 +101,16 @@ class FluxAdapter(ModelAdapter):
     text_encoder_2: Any
     tokenizer_2: Any
     scheduler_config: Any
+
+    @classmethod
+    def card_license_fields(cls, base_model: str) -> dict[str, str]:
+        if "schnell" in base_model.lower():
+            return {"license": "apache-2.0"}
+        return super().card_license_fields(base_model)
+
+    @classmethod
+    def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        return is_flux_lora(tensors)
 
     # --- loading -------------------------------------------------------------------------
     def load(self) -> None:
@@ -392,7 +324,7 @@ class FluxAdapter(ModelAdapter):
     ) -> NoisyBatch:
         from aitk.models.flow_matching import noisy_and_target, sample_sigmas
         from aitk.models.flow_timestep_types import weighted_loss
-        from aitk.trainer.loss import apply_noise_offset
+        from aitk.models.noise import apply_noise_offset
 
         self.check_train_settings(train_cfg)
         b, _, h, w = latents.shape
@@ -519,56 +451,3 @@ class FluxAdapter(ModelAdapter):
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         pixels = self.vae.decode(latents).sample
         return common.pixels_to_pil(pixels, self.vae_scale_factor * 2)
-
-
-class FluxKontextAdapter(FluxAdapter):
-    """FLUX.1 Kontext: image editing; trained on (control image, target image, caption) triples."""
-
-    arch_names = ("flux_kontext",)
-    uses_controls = True
-    modelspec_architecture = "flux-1-kontext-dev/lora"
-    model_label = "FLUX.1 Kontext"
-    pipeline_name = "FluxKontextPipeline"
-    step_auxiliary_names = ("vae",)  # encodes each batch's control images
-
-    def _pipeline_class(self) -> type:
-        return _kontext_preview_pipeline_class()
-
-    def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
-        if context is None or context.controls is None:
-            raise FluxInputError(
-                "flux_kontext trains on image pairs but this batch has no control images: set the "
-                "dataset's control_path to the folder of control (input) images, one per training "
-                "image with the same file name"
-            )
-        if context.controls.shape[0] != latents.shape[0]:
-            raise FluxInputError(
-                f"{context.controls.shape[0]} control images for a batch of {latents.shape[0]} latents"
-            )
-        return {"control_latents": self.encode_images(context.controls).to(self.dtype)}
-
-    def _reference_tokens(self, batch: NoisyBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        control = batch.extra.get("control_latents")
-        if control is None:
-            raise FluxInputError(
-                "flux_kontext: NoisyBatch.extra has no control_latents (make the batch with make_noisy_batch)"
-            )
-        h, w = control.shape[-2:]
-        return pack_latents(control), image_ids(h, w, control.device, self.dtype, first=1.0)
-
-    def preview_kwargs(self, request: Any) -> dict[str, Any]:
-        kwargs = super().preview_kwargs(request)
-        height, width = self._preview_size or (request.height, request.width)
-        # The pipeline otherwise resizes to ~1 MP (max_area) and snaps the control image to its
-        # preferred resolutions; previews keep the requested size, as training keeps the bucket.
-        kwargs.update(max_area=height * width, _auto_resize=False)
-        if request.ctrl_img:
-            from PIL import Image
-
-            path = Path(request.ctrl_img).expanduser()
-            if not path.is_file():
-                raise FluxInputError(f"sample ctrl_img: {request.ctrl_img!r} is not a file")
-            with Image.open(path) as image:
-                # like the training pairs, the control image has the target's size
-                kwargs["image"] = image.convert("RGB").resize((width, height), Image.BICUBIC)
-        return kwargs

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from aitk.models import tiny_common
+# the real DDPM schedule, so the tiny models train and preview as SD does
+from aitk.models.sd.adapter import DEFAULT_NOISE_SCHEDULE
 
 TINY_SDXL_VERSION = "2"  # bump when the shapes below change, so cached folders are rebuilt
 
@@ -60,7 +62,7 @@ def _sdxl_pipeline() -> Any:
     # SDXL's second tokenizer pads with "!" (OpenCLIP's habit) instead of the end token
     tokenizer_2 = tiny_common.clip_tokenizer(pad_token="!")
     scheduler = EulerDiscreteScheduler(
-        **tiny_common.SD_NOISE_SCHEDULE, timestep_spacing="leading", prediction_type="epsilon"
+        **DEFAULT_NOISE_SCHEDULE, timestep_spacing="leading", prediction_type="epsilon"
     )
     # SDXL's own scheduler config carries these; previews derive DDIM/PNDM from it.
     scheduler.register_to_config(

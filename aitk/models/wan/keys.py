@@ -9,8 +9,13 @@ ComfyUI loads WAN LoRAs only under the original checkpoint names
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 PREFIX = "diffusion_model."
+#: key fragments of WAN's transformer blocks in network files: original, kohya and diffusers names
+BLOCK_KEY_FRAGMENTS = ("diffusion_model.blocks.", "lora_unet_blocks_", "transformer.blocks.")
+#: key fragments of 2.1 I2V's image attention (original and diffusers names)
+IMAGE_ATTENTION_FRAGMENTS = ("k_img", "add_k_proj")
 
 # Inside a transformer block: diffusers path -> original path.
 _BLOCK_NAMES = {
@@ -70,3 +75,16 @@ def is_block_target(module_name: str) -> bool:
     """An attention or FFN linear layer of a transformer block (the default LoRA targets)."""
     m = _BLOCK.match(module_name)
     return bool(m) and m.group(2) in _BLOCK_NAMES
+
+
+def lora_file_kind(keys: Iterable[str]) -> str | None:
+    """For a network file's keys: "image_attention" when WAN blocks with 2.1 I2V's image attention
+    are named, "blocks" for WAN blocks without it, None when no WAN block is named."""
+    keys = list(keys)
+
+    def has(fragments: tuple[str, ...]) -> bool:
+        return any(f in k for k in keys for f in fragments)
+
+    if not has(BLOCK_KEY_FRAGMENTS):
+        return None
+    return "image_attention" if has(IMAGE_ATTENTION_FRAGMENTS) else "blocks"

@@ -16,7 +16,7 @@ import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models.base import BatchContext, NoisyBatch, PromptEmbeds
-from aitk.models.sd15 import SD15Adapter
+from aitk.models.sd.adapter import SD15Adapter
 
 # Component configs of a single-file checkpoint when no local config folder is given.
 SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -66,6 +66,8 @@ class SDXLAdapter(SD15Adapter):
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     model_label = "Stable Diffusion XL"
     default_config_repo = SDXL_CONFIG_REPO
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+    card_license = {"license": "openrail++"}
     folder_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
 
     tokenizer_2: Any

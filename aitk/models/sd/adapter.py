@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from aitk.config.schema import TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
 
 # Used for the component configs of a single-file checkpoint when no local config folder is given.
 DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -27,10 +28,6 @@ DEFAULT_NOISE_SCHEDULE: dict[str, Any] = dict(
 CLIP_TOKENS = 77
 
 
-class ModelLoadError(RuntimeError):
-    pass
-
-
 class SD15Adapter(ModelAdapter):
     arch_names = ("sd1", "sd15")
     text_encoder_names = ("text_encoder",)
@@ -39,10 +36,12 @@ class SD15Adapter(ModelAdapter):
     lora_prefix = "lora_unet"
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     #: the model family in load errors
     model_label = "Stable Diffusion"
-    #: component configs of a single-file checkpoint when model.model_kwargs.config is unset
     default_config_repo = DEFAULT_CONFIG_REPO
+    card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
+    card_license: Mapping[str, str] = {"license": "creativeml-openrail-m"}
     #: subfolders of a diffusers folder of this model (named in load errors)
     folder_parts: tuple[str, ...] = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
@@ -51,6 +50,12 @@ class SD15Adapter(ModelAdapter):
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
+
+    @classmethod
+    def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        from aitk.models.sd.keys import sd_lora_variant
+
+        return sd_lora_variant(tensors) in cls.arch_names
 
     # --- loading -------------------------------------------------------------------------
     def load(self) -> None:
@@ -258,8 +263,8 @@ class SD15Adapter(ModelAdapter):
         generator: torch.Generator | None,
         context: BatchContext | None = None,
     ) -> NoisyBatch:
-        from aitk.models.ddpm_timesteps import draw_timesteps
-        from aitk.trainer.loss import apply_noise_offset, min_snr_weights
+        from aitk.models.sd.timesteps import draw_timesteps
+        from aitk.models.noise import apply_noise_offset, min_snr_weights
 
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
@@ -346,6 +351,7 @@ class SD2Adapter(SD15Adapter):
     modelspec_architecture = "stable-diffusion-v2-512/lora"
     #: the same for the 768 v-prediction model
     v_prediction_names = ("sd_v2_v", "stable-diffusion-v2-768-v/lora")
+    card_license = {"license": "openrail++"}
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from aitk.models import tiny_common
+# the real DDPM schedule, so the tiny models train and preview as SD does
+from aitk.models.sd.adapter import DEFAULT_NOISE_SCHEDULE
 
 TINY_SD15_VERSION = "2"  # bump when the shapes below change, so cached folders are rebuilt
 
@@ -43,7 +45,7 @@ def _sd15_pipeline() -> Any:
     vae = tiny_common.tiny_autoencoder_kl(latent_channels=4)
     text_encoder = CLIPTextModel(tiny_common.clip_text_config())
     tokenizer = tiny_common.clip_tokenizer()
-    scheduler = PNDMScheduler(**tiny_common.SD_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+    scheduler = PNDMScheduler(**DEFAULT_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
     # SD 1.5's own scheduler config carries these; previews derive DDIM/Euler from it.
     scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
     return _sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
@@ -86,12 +88,12 @@ def _sd2_pipeline(variant: str) -> Any:
     tokenizer = tiny_common.clip_tokenizer(pad_token="!")  # OpenCLIP pads with "!"
     if v_model:
         scheduler = DDIMScheduler(
-            **tiny_common.SD_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+            **DEFAULT_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
             prediction_type="v_prediction",
         )
     else:
         scheduler = PNDMScheduler(
-            **tiny_common.SD_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False,
+            **DEFAULT_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False,
             prediction_type="epsilon",
         )
         scheduler.register_to_config(clip_sample=False)

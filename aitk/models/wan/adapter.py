@@ -7,7 +7,7 @@ low-noise expert, switched at `boundary_ratio` * 1000), and for 2.1 I2V a CLIP v
 
 Objective (rectified flow, as WAN was trained; aitk.models.flow_matching's, shared with FLUX):
 noisy = (1 - sigma) * latents + sigma * noise, target = noise - latents, timestep = sigma * 1000.
-The draws (aitk.models.wan_flow) have FLUX's shapes but can be confined exactly to one expert's
+The draws (aitk.models.wan.flow) have FLUX's shapes but can be confined exactly to one expert's
 range; WAN's default timestep_type is "shift" with the model's flow shift.
 
 model.model_kwargs:
@@ -19,6 +19,7 @@ model.model_kwargs:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,12 @@ import torch
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, noisy_and_target
 from aitk.models.flow_timestep_types import weighted_loss
-from aitk.models.sd15 import ModelLoadError
-from aitk.models.wan_flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
-from aitk.models.wan_keys import is_block_target, lora_key_stem
-from aitk.models.wan_previews import HIGH_NOISE, LOW_NOISE, MAIN, WanPreviews, to_pil
+from aitk.models.wan.flow import DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, FlowTimesteps
+from aitk.models.wan.keys import is_block_target, lora_file_kind, lora_key_stem
+from aitk.models.wan.previews import HIGH_NOISE, LOW_NOISE, MAIN, WanPreviews, to_pil
 
 DEFAULT_TEXT_LENGTH = 512  # WAN's umT5 context length (WanPipeline's max_sequence_length)
 DEFAULT_SCHEDULER_CLASS = "UniPCMultistepScheduler"
@@ -49,6 +49,9 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
     modelspec_architecture = "wan-2.1-t2v/lora"
     denoiser_names = ("transformer", "transformer_2")
     keeps_fp32_modules = True  # loaded with torch_dtype: diffusers keeps WAN's norms / time embedding fp32
+    card_pipeline_tag = "text-to-video"
+    card_tags = ("wan",)
+    card_license = {"license": "apache-2.0"}
 
     #: the transformer takes first-frame conditioning channels (I2V)
     i2v: bool = False
@@ -66,6 +69,12 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
     scheduler: Any
     image_encoder: Any = None
     image_processor: Any = None
+
+    @classmethod
+    def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        # 2.1 I2V's files name its image attention; the other WAN models' files share one naming
+        kind = lora_file_kind(tensors)
+        return kind is not None and (kind == "image_attention") == cls.uses_image_encoder
 
     def __init__(self, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(model_cfg, device, dtype)
@@ -433,7 +442,7 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
         """Flow-matching inputs. With `context.expert` set (2.2) every timestep lies in that
         expert's range; without, one expert is picked for the whole batch (among the trained
         ones). NoisyBatch.extra: "expert", and for I2V "condition" / "image_embeds"."""
-        from aitk.trainer.loss import apply_noise_offset
+        from aitk.models.noise import apply_noise_offset
 
         if train_cfg.min_snr_gamma:
             raise FlowMatchingConfigError(
@@ -504,6 +513,7 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
 class Wan21I2VAdapter(Wan21Adapter):
     arch_names = ("wan21_i2v",)
     modelspec_architecture = "wan-2.1-i2v/lora"
+    card_pipeline_tag = "image-to-video"
     i2v = True
     uses_image_encoder = True
     auxiliary_names = ("vae", "image_encoder")
@@ -523,6 +533,7 @@ class Wan22I2VAdapter(Wan21Adapter):
     arch_names = ("wan22_14b_i2v",)
     base_model_version = "wan_2.2"
     modelspec_architecture = "wan-2.2-i2v-14b/lora"
+    card_pipeline_tag = "image-to-video"
     i2v = True
     step_auxiliary_names = ("vae",)  # encodes the first frames' latent condition
     two_experts = True
