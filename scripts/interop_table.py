@@ -48,6 +48,19 @@ ARCH_LABELS = {
     "sd3": "SD 3 / 3.5 (`sd3`)",
     "zimage": "Z-Image (`zimage`)",
     "qwen_image": "Qwen-Image (`qwen_image`)",
+    "qwen_image_edit": "Qwen-Image-Edit (`qwen_image_edit`)",
+    "qwen_image_edit_plus": "Qwen-Image-Edit-2509 (`qwen_image_edit_plus`)",
+    "pixart": "PixArt-alpha (`pixart`)",
+    "pixart_sigma": "PixArt-Sigma (`pixart_sigma`)",
+    "auraflow": "AuraFlow (`auraflow`)",
+    "cogview4": "CogView4 (`cogview4`)",
+    "ernie_image": "ERNIE-Image (`ernie_image`)",
+    "krea2": "Krea 2 (`krea2`)",
+    "flex2": "Flex.2 (`flex2`)",
+    "hidream": "HiDream-I1 (`hidream`)",
+    "flux2": "FLUX.2 dev (`flux2`)",
+    "flux2_klein_4b": "FLUX.2 Klein base 4B (`flux2_klein_4b`)",
+    "flux2_klein_9b": "FLUX.2 Klein base 9B (`flux2_klein_9b`)",
 }
 TYPE_LABELS = {"lora": "LoRA", "locon": "LoCon", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
 #: results that are expected to say "no": (network type, loader, layout, note); the tests assert

@@ -41,6 +41,25 @@ def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+#: model.arch -> the tiny builder variant (build_tiny_model) that stands in for its model; every
+#: registered arch has one (tests/test_adapter_bind.py checks)
+TINY_VARIANT_OF_ARCH: dict[str, str] = {
+    "sd1": "sd15", "sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl",
+    "flux": "dev", "flux_kontext": "kontext", "flex2": "flex2", "chroma": "chroma",
+    "flux2": "flux2_dev", "flux2_klein_4b": "flux2_klein_4b", "flux2_klein_9b": "flux2_klein_9b",
+    "wan21": "t2v", "wan21_i2v": "i2v", "wan22_14b": "22_t2v", "wan22_14b_i2v": "22_i2v",
+    "sd3": "sd3_medium", "zimage": "zimage", "lumina2": "lumina2", "hidream": "hidream",
+    "qwen_image": "qwen_image", "qwen_image_edit": "qwen_image_edit", "qwen_image_edit_plus": "qwen_image_edit_plus",
+    "pixart": "pixart_alpha", "pixart_sigma": "pixart_sigma", "auraflow": "auraflow",
+    "cogview4": "cogview4", "krea2": "krea2", "ernie_image": "ernie_image",
+}
+
+
+def build_tiny_model_for(arch: str, root: Path) -> Path:
+    """The tiny model folder standing in for `arch`'s model under `root`."""
+    return build_tiny_model(TINY_VARIANT_OF_ARCH[arch], root)
+
+
 def build_tiny_model(variant: str, root: Path) -> Path:
     """The tiny random-init model of a builder variant under `root` (built once per folder):
     "sd15", "sdxl", FLUX's "dev" / "schnell" / "kontext", WAN's "t2v" / "i2v" / "22_t2v" / "22_i2v",
@@ -57,10 +76,18 @@ def build_tiny_model(variant: str, root: Path) -> Path:
         from aitk.models.chroma import build_tiny_chroma
 
         return build_tiny_chroma(root / "chroma")
+    elif variant == "flex2":
+        from aitk.models.flex2 import build_tiny_flex2
+
+        return build_tiny_flex2(root / "flex2")
     elif variant == "zimage":
         from aitk.models.zimage import build_tiny_zimage
 
         return build_tiny_zimage(root / "zimage")
+    elif variant in ("qwen_image_edit", "qwen_image_edit_plus"):
+        from aitk.models.qwen_image_edit import build_tiny_qwen_image_edit
+
+        return build_tiny_qwen_image_edit(root / variant, variant.removeprefix("qwen_image_"))
     elif variant == "qwen_image":
         from aitk.models.qwen_image import build_tiny_qwen_image
 
@@ -69,6 +96,34 @@ def build_tiny_model(variant: str, root: Path) -> Path:
         from aitk.models.lumina2 import build_tiny_lumina2
 
         return build_tiny_lumina2(root / "lumina2")
+    elif variant == "hidream":
+        from aitk.models.hidream import build_tiny_hidream
+
+        return build_tiny_hidream(root / "hidream")
+    elif variant in ("flux2_dev", "flux2_klein_4b", "flux2_klein_9b"):
+        from aitk.models.flux2 import build_tiny_flux2
+
+        return build_tiny_flux2(root / variant, variant.removeprefix("flux2_"))
+    elif variant in ("krea2", "krea2_turbo"):
+        from aitk.models.krea2 import build_tiny_krea2
+
+        return build_tiny_krea2(root / variant, "turbo" if variant == "krea2_turbo" else "raw")
+    elif variant == "cogview4":
+        from aitk.models.cogview4 import build_tiny_cogview4
+
+        return build_tiny_cogview4(root / "cogview4")
+    elif variant == "ernie_image":
+        from aitk.models.ernie_image import build_tiny_ernie_image
+
+        return build_tiny_ernie_image(root / "ernie_image")
+    elif variant in ("pixart_alpha", "pixart_sigma"):
+        from aitk.models.pixart import build_tiny_pixart
+
+        return build_tiny_pixart(root / variant, variant.removeprefix("pixart_"))
+    elif variant == "auraflow":
+        from aitk.models.auraflow import build_tiny_auraflow
+
+        return build_tiny_auraflow(root / "auraflow")
     elif variant in ("sd3_large", "sd3_medium"):
         from aitk.models.sd3 import build_tiny_sd3
 

@@ -26,43 +26,16 @@ SIZE = 64  # pixels per side: even latents for FLUX's 2x2 patches, whole blocks 
 
 def tiny_folder(root: Path, arch: str) -> Path:
     """The tiny model folder of `arch` (one per builder variant, built once)."""
-    if arch == "sd3":
-        from conftest import build_tiny_model
+    from conftest import TINY_VARIANT_OF_ARCH, build_tiny_model_for
 
-        return build_tiny_model("sd3_medium", root)
-    if arch.startswith("sd") and arch != "sdxl":
-        from aitk.models.sd import build_tiny_sd15
+    assert arch in TINY_VARIANT_OF_ARCH, f"{arch}: add its tiny builder variant to tests/conftest.py TINY_VARIANT_OF_ARCH"
+    return build_tiny_model_for(arch, root)
 
-        return build_tiny_sd15(root / "sd15")
-    if arch == "sdxl":
-        from aitk.models.sd import build_tiny_sdxl
 
-        return build_tiny_sdxl(root / "sdxl")
-    if arch.startswith("flux"):
-        from aitk.models.flux import build_tiny_flux
+def test_every_arch_has_a_tiny_model():
+    from conftest import TINY_VARIANT_OF_ARCH
 
-        variant = "kontext" if arch == "flux_kontext" else "dev"
-        return build_tiny_flux(root / f"flux_{variant}", variant)
-    if arch == "chroma":
-        from conftest import build_tiny_model
-
-        return build_tiny_model("chroma", root)
-    if arch == "lumina2":
-        from conftest import build_tiny_model
-
-        return build_tiny_model("lumina2", root)
-    if arch == "zimage":
-        from conftest import build_tiny_model
-
-        return build_tiny_model("zimage", root)
-    if arch == "qwen_image":
-        from conftest import build_tiny_model
-
-        return build_tiny_model("qwen_image", root)
-    from aitk.models.wan import build_tiny_wan
-
-    variant = {"wan21": "t2v", "wan21_i2v": "i2v", "wan22_14b": "22_t2v", "wan22_14b_i2v": "22_i2v"}[arch]
-    return build_tiny_wan(root / f"wan_{variant}", variant)
+    assert set(TINY_VARIANT_OF_ARCH) == set(ADAPTERS)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,20 @@ CASES = {
     "wan22_14b_i2v": ("22_i2v", 1e-2, "images", ".mp4"),
     "sd3": ("sd3_medium", 5e-3, "images", ".jpg"),
     "qwen_image": ("qwen_image", 5e-3, "images", ".jpg"),
+    "qwen_image_edit": ("qwen_image_edit", 5e-3, "pairs", ".jpg"),
+    "qwen_image_edit_plus": ("qwen_image_edit_plus", 5e-3, "pairs", ".jpg"),
     "lumina2": ("lumina2", 5e-3, "images", ".jpg"),
     "zimage": ("zimage", 5e-3, "images", ".jpg"),
+    "flex2": ("flex2", 5e-3, "pairs", ".jpg"),  # control images as Flex.2's control input
+    "pixart": ("pixart_alpha", 5e-3, "images", ".jpg"),
+    "pixart_sigma": ("pixart_sigma", 5e-3, "images", ".jpg"),
+    "auraflow": ("auraflow", 5e-3, "images", ".jpg"),
+    "cogview4": ("cogview4", 5e-3, "images", ".jpg"),
+    "ernie_image": ("ernie_image", 5e-3, "images", ".jpg"),
+    "krea2": ("krea2", 5e-3, "images", ".jpg"),
+    "hidream": ("hidream", 5e-3, "images", ".jpg"),
+    "flux2": ("flux2_dev", 5e-3, "images", ".jpg"),
+    "flux2_klein_4b": ("flux2_klein_4b", 5e-3, "images", ".jpg"),
 }
 
 

@@ -8,7 +8,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,25 +24,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's job builders
 
-from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
-from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds  # noqa: E402
+from aitk.config.schema import TrainConfig  # noqa: E402
+from aitk.models.base import ModelLoadError, PromptEmbeds  # noqa: E402
 from aitk.models.chroma import MASK_KEY, ChromaAdapter  # noqa: E402
 from aitk.models.flow_matching import FlowMatchingConfigError, sample_sigmas  # noqa: E402
 from aitk.models.flux import FluxInputError, flux_lora_candidates, image_seq_shift  # noqa: E402
-from conftest import base_process, build_tiny_model, deep_update, write_job  # noqa: E402
+import family_checks as family  # noqa: E402
+from conftest import build_tiny_model  # noqa: E402
 from interop_results import record  # noqa: E402
+from upstream_jobs import extras_on_path  # noqa: E402, F401 - autouse fixture: torchao for model.quantize
 
 CPU = torch.device("cpu")
 PROMPT = "a red circle, shp style"
-
-
-@pytest.fixture(autouse=True)
-def _extras(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchao (model.quantize) lives outside site-packages (Makefile)."""
-    from aitk.extras import extras_dir
-
-    if extras_dir().is_dir():
-        monkeypatch.syspath_prepend(str(extras_dir()))
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_adapter(folder: Path | str, **model_fields: Any) -> ChromaAdapter:
-    adapter = ChromaAdapter(ModelConfig(name_or_path=str(folder), arch="chroma", **model_fields), CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(ChromaAdapter, folder, "chroma", **model_fields)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +52,7 @@ def chroma(model_dir: Path) -> ChromaAdapter:
     return make_adapter(model_dir)
 
 
-def _batch(adapter: ChromaAdapter, seed: int = 0, **train: Any) -> NoisyBatch:
-    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    latents = adapter.encode_images(pixels)
-    return adapter.make_noisy_batch(latents, TrainConfig(**train), torch.Generator().manual_seed(seed))
+_batch = family.noisy_batch
 
 
 # --- text and its mask -----------------------------------------------------------------------------
@@ -243,27 +229,17 @@ def test_a_single_file_and_upstreams_hub_names_load_with_the_extras_folder(
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "chroma"},
         # overfit a few images: 30 steps lower the loss clearly at this size
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "gradient_checkpointing": True},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
         "sample": {"sample_every": 1000, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.0,
                    "neg": "", "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+    }, changes)
 
 
-def _train(job: Path) -> tuple[Any, Any, list[float]]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    result = trainer.run()
-    assert result.state == "completed"
-    lines = (result.output_dir / f"metrics_{loaded.job.config.name}.jsonl").read_text().splitlines()
-    return trainer, result, [json.loads(line)["loss"] for line in lines]
+_train = family.train_to_the_end
 
 
 def _render(pipe: Any, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -277,15 +253,9 @@ def _diffusers_diff(trainer: Any, model: Path, lora: Path) -> tuple[float, float
     same prompt embeddings (boolean masks, so both pipelines mask as training does)."""
     from diffusers import ChromaPipeline
 
-    adapter = trainer.adapter
-    adapter.denoiser().eval()
-    embeds = adapter.preview_prompt_kwargs(adapter.encode_prompts([PROMPT]), adapter.encode_prompts([""]))
-    ours = _render(adapter.sample_pipeline(), embeds)
-    fresh = ChromaPipeline.from_pretrained(model)
-    base = _render(fresh, embeds)
-    fresh.load_lora_weights(str(lora))
-    theirs = _render(fresh, embeds)
-    return float((ours - theirs).abs().max()), float((ours - base).abs().max())
+    embeds = trainer.adapter.preview_prompt_kwargs(trainer.adapter.encode_prompts([PROMPT]),
+                                                   trainer.adapter.encode_prompts([""]))
+    return family.diffusers_lora_diff(trainer.adapter, ChromaPipeline, model, lora, lambda p: _render(p, embeds))
 
 
 @pytest.fixture(scope="module")
@@ -297,14 +267,8 @@ def lora_run(model_dir: Path, shapes_dataset: Path, tmp_path_factory: pytest.Tem
 def test_lora_trains_and_loads_exactly_in_diffusers(lora_run: tuple, model_dir: Path) -> None:
     trainer, result, losses, _ = lora_run
     assert len(losses) == 30 and np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    parts = ("lora_A.weight", "lora_B.weight", "alpha")
-    assert set(tensors) == {f"transformer.{m}.{part}" for m in wrapped for part in parts}
-    assert all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "chroma/lora" and meta["ss_base_model_version"] == "chroma"
+    family.check_lora_file(trainer, result.final_lora, "chroma/lora", "chroma", prefix="transformer.",
+                           weight_names=("lora_A", "lora_B"))
     diff, effect = _diffusers_diff(trainer, model_dir, result.final_lora)
     record("chroma", "lora", "diffusers load_lora_weights", diff < 1e-4, diff)
     assert effect > 1e-3 and diff < 1e-4, (diff, effect)
@@ -335,20 +299,12 @@ def test_tools_know_chroma_files(lora_run: tuple, model_dir: Path) -> None:
 def _round_trip(trainer: Any, model_dir: Path, lora: Path, kind: str) -> float:
     """Max |trainer's prediction - a fresh model's with the file loaded by our own loader| (a network
     of the same configuration, another seed and alpha: the file's weights and alphas must win)."""
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     adapter, net = trainer.adapter, trainer.process.network
     batch = _batch(adapter, seed=2)
     cond = adapter.encode_prompts([PROMPT, "x"])
-    fresh = make_adapter(model_dir)
-    handle = build_network(fresh.transformer, network_type=net.type, dora=net.dora, linear_rank=net.linear_rank,
-                           linear_alpha=1.0, candidates=fresh.network_candidates(False), seed=9,
-                           lokr_factor=net.lokr_factor, lokr_full_rank=net.lokr_full_rank)
-    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
+    diff = family.loader_round_trip_diff(adapter, make_adapter(model_dir), lora, batch, cond, network_type=net.type,
+                                         dora=net.dora, linear_rank=net.linear_rank, lokr_factor=net.lokr_factor,
+                                         lokr_full_rank=net.lokr_full_rank)
     layout = "diffusers" if trainer.process.save.save_format == "diffusers" else "comfyui"
     record("chroma", kind, "aitk loader (round trip)", diff < 1e-5, diff, layout=layout)
     return diff

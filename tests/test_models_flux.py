@@ -8,13 +8,11 @@ Everything runs offline on CPU in fp32 with 64 px images.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -25,10 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's job builders
 
-from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
+from aitk.config.schema import TrainConfig  # noqa: E402
 from aitk.models.base import BatchContext, NoisyBatch, PromptEmbeds  # noqa: E402
 from aitk.models.flux import (  # noqa: E402
-    ASSISTANT_ADAPTER,
     FluxAdapter,
     FluxInputError,
     FluxKontextAdapter,
@@ -40,6 +37,7 @@ from aitk.models.flux import (  # noqa: E402
 )
 from aitk.models.flow_matching import SIGMA_MIN, FlowMatchingConfigError, sample_sigmas  # noqa: E402
 from aitk.models.sd import ModelLoadError  # noqa: E402
+import family_checks as family  # noqa: E402
 from interop_results import record  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -57,10 +55,8 @@ def flux_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def make_adapter(folder: Path, arch: str = "flux", **model_fields: Any) -> FluxAdapter:
-    cls = FluxKontextAdapter if arch == "flux_kontext" else FluxAdapter
-    adapter = cls(ModelConfig(name_or_path=str(folder), arch=arch, **model_fields), CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(FluxKontextAdapter if arch == "flux_kontext" else FluxAdapter, folder, arch,
+                               **model_fields)
 
 
 @pytest.fixture(scope="session")
@@ -76,17 +72,6 @@ def schnell(flux_models: dict[str, Path]) -> FluxAdapter:
 @pytest.fixture(scope="session")
 def kontext(flux_models: dict[str, Path]) -> FluxKontextAdapter:
     return make_adapter(flux_models["kontext"], "flux_kontext")  # type: ignore[return-value]
-
-
-def _pixels(seed: int, b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def _randomize(handle: Any, seed: int, std: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 ASSISTANT_MODULES = [
@@ -105,7 +90,7 @@ def _write_assistant(model: Path, path: Path, save_format: str) -> Path:
 
     transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
     handle = inject_network(transformer, linear_rank=2, linear_alpha=4, candidates=ASSISTANT_MODULES, seed=3)
-    _randomize(handle, seed=4)
+    family.randomize(handle, seed=4)
     return save_lora(path, handle, save_format=save_format, prefix="transformer.", diffusers_prefix="transformer",
                      dtype=torch.float32, weight_names=("lora_A", "lora_B"))
 
@@ -175,15 +160,15 @@ def test_encode_prompts_is_the_pipeline_encoding(dev: FluxAdapter) -> None:
     hidden, pooled, _ = dev.sample_pipeline().encode_prompt(prompt=["a blue square"], max_sequence_length=32)
     torch.testing.assert_close(embeds.hidden_states[1:], hidden)
     torch.testing.assert_close(embeds.extra["pooled"][1:], pooled)
-    latents = dev.encode_images(_pixels(1))
-    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, dev.encode_images(_pixels(1)))
+    latents = dev.encode_images(family.pixels(1))
+    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, dev.encode_images(family.pixels(1)))
 
 
 # --- the objective -----------------------------------------------------------------------------
 
 
 def test_noisy_latents_and_target_follow_rectified_flow(dev: FluxAdapter) -> None:
-    latents = dev.encode_images(_pixels(2))
+    latents = dev.encode_images(family.pixels(2))
     cfg = TrainConfig(timestep_type="linear")
     a = dev.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(5))
     b = dev.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(5))
@@ -273,7 +258,7 @@ def _capture_guidance(adapter: FluxAdapter, batch: NoisyBatch, cond: PromptEmbed
 def test_dev_trains_with_guidance_and_schnell_without(
     dev: FluxAdapter, schnell: FluxAdapter, flux_models: dict[str, Path]
 ) -> None:
-    latents = dev.encode_images(_pixels(3))
+    latents = dev.encode_images(family.pixels(3))
     for adapter, want in ((dev, 1.0), (schnell, None)):
         batch = adapter.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(2))
         guidance, out = _capture_guidance(adapter, batch, adapter.encode_prompts(["a", "b"]))
@@ -291,16 +276,17 @@ def test_dev_trains_with_guidance_and_schnell_without(
 
 
 def test_kontext_control_tokens_condition_but_are_not_predicted(kontext: FluxKontextAdapter) -> None:
-    latents = kontext.encode_images(_pixels(4))
+    latents = kontext.encode_images(family.pixels(4))
     cond = kontext.encode_prompts(["make it red", "make it blue"])
     gen = torch.Generator().manual_seed(6)
-    batch = kontext.make_noisy_batch(latents, TrainConfig(), gen, BatchContext(controls=_pixels(7)))
+    batch = kontext.make_noisy_batch(latents, TrainConfig(), gen, BatchContext(controls=family.pixels(7)))
     control = batch.extra["control_latents"]
     assert control.shape == latents.shape
-    torch.testing.assert_close(control, kontext.encode_images(_pixels(7)))
+    torch.testing.assert_close(control, kontext.encode_images(family.pixels(7)))
     with torch.no_grad():
         pred = kontext.predict(batch, cond)
-        other = kontext.predict(dataclasses.replace(batch, extra={"control_latents": kontext.encode_images(_pixels(8))}), cond)
+        other_control = {"control_latents": kontext.encode_images(family.pixels(8))}
+        other = kontext.predict(dataclasses.replace(batch, extra=other_control), cond)
         # the full sequence the transformer sees: image tokens, then control tokens with id[0] = 1
         tokens = torch.cat([pack_latents(batch.noisy_latents), pack_latents(control)], dim=1)
         ids = torch.cat([image_ids(8, 8, CPU, torch.float32), image_ids(8, 8, CPU, torch.float32, first=1.0)])
@@ -323,41 +309,18 @@ def test_kontext_control_tokens_condition_but_are_not_predicted(kontext: FluxKon
 def test_assistant_is_active_in_training_and_off_in_previews(
     flux_models: dict[str, Path], schnell: FluxAdapter, tmp_path: Path, save_format: str
 ) -> None:
-    from aitk.networks.lora import inject_network
-
     path = _write_assistant(flux_models["schnell"], tmp_path / "assistant.safetensors", save_format)
     helped = make_adapter(flux_models["schnell"], assistant_lora_path=str(path))
     assert helped.has_assistant
-    latents = helped.encode_images(_pixels(5))
+    latents = helped.encode_images(family.pixels(5))
     batch = helped.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(9))
     cond = helped.encode_prompts(["a", "b"])
-    # a trained network on top: it wraps the assistant's layers too, and only its own train
-    network = inject_network(helped.transformer, linear_rank=4, linear_alpha=4, seed=0,
-                             candidates=helped.network_candidates(False))
-    _randomize(network, seed=11, std=0.05)
-    trainable = {id(p) for p in network.trainable_parameters()}
-    assert all(p.requires_grad == (id(p) in trainable) for p in helped.transformer.parameters())
-
-    # the reference: the plain model with the same assistant injected by hand, then the network
-    reference = make_adapter(flux_models["schnell"])
-    by_hand = inject_network(reference.transformer, linear_rank=2, linear_alpha=4, candidates=ASSISTANT_MODULES,
-                             seed=3, adapter_name="by_hand")
-    _randomize(by_hand, seed=4)
-    ref_net = inject_network(reference.transformer, linear_rank=4, linear_alpha=4, seed=0,
-                             candidates=reference.network_candidates(False))
-    _randomize(ref_net, seed=11, std=0.05)
-    with torch.no_grad():
-        with_assistant = helped.predict(batch, cond)
-        torch.testing.assert_close(with_assistant, reference.predict(batch, cond), rtol=1e-5, atol=1e-5)
-        by_hand.set_multiplier(0.0)
-        without = reference.predict(batch, cond)
-        assert (with_assistant - without).abs().max() > 1e-3  # the assistant changes training
-        with helped.preview_context():
-            assert torch.equal(helped.predict(batch, cond), without)
-        assert torch.equal(helped.predict(batch, cond), with_assistant)  # back on afterwards
-    assert all(p.requires_grad == (id(p) in trainable) for p in helped.transformer.parameters())
-    layer = dict(helped.transformer.named_modules())["transformer_blocks.0.norm1.linear"]
-    assert ASSISTANT_ADAPTER in layer.active_adapters
+    # a trained network on top wraps the assistant's layers too; the reference: the plain model
+    # with the same assistant injected by hand
+    family.check_assistant_on_in_training_off_in_previews(
+        helped, make_adapter(flux_models["schnell"]), batch, cond, ASSISTANT_MODULES,
+        "transformer_blocks.0.norm1.linear",
+    )
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -381,55 +344,28 @@ def _draw_pairs(folder: Path, controls: Path) -> None:
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, arch: str, **changes: Any) -> Path:
-    from conftest import base_process, deep_update, write_job
-
     dataset = changes.pop("dataset", None)
-    process = base_process(model_dir, data, tmp_path / "out")
-    process = deep_update(process, {
-        "model": {"name_or_path": str(model_dir), "arch": arch},
+    return family.write_job(tmp_path, name, model_dir, data, {
+        "model": {"arch": arch},
         # overfit two images: 30 steps lower the loss by about 15% at this size
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "timestep_type": "linear"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
-        "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 3.5,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    process = deep_update(process, changes)
-    if dataset:
-        process["datasets"][0].update(dataset)
-    return write_job(tmp_path / f"{name}.yaml", name, process)
+    }, changes, dataset=dataset)
 
 
-def _train(job_path: Path, **kwargs: Any) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job_path)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0], **kwargs)
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+_train = family.train
+_losses = family.losses
 
 
 def _check_run(trainer: Any, result: Any, name: str, architecture: str) -> dict[str, torch.Tensor]:
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, name)
-    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
-    assert last < 0.9 * first, (first, last)
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    want = {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want  # the trained network only, PEFT names with a per-module alpha
-    assert all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
+    family.check_falling_loss_and_previews(result, name, window=8)
+    # the trained network only, PEFT names with a per-module alpha
+    tensors = family.check_lora_file(trainer, result.final_lora, architecture, "flux1", prefix="transformer.",
+                                     weight_names=("lora_A", "lora_B"))
     with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == "flux1"
-    assert "lora_adapter_metadata" not in meta  # diffusers refuses .alpha keys together with it
+        assert "lora_adapter_metadata" not in f.metadata()  # diffusers refuses .alpha keys together with it
     return tensors
 
 
@@ -443,19 +379,12 @@ def _render(pipe: Any, **kwargs: Any) -> torch.Tensor:
 def _check_diffusers_load(trainer: Any, result: Any, model: Path, pipeline_name: str, **kwargs: Any) -> None:
     import diffusers
 
-    adapter = trainer.adapter
-    adapter.denoiser().eval()
-    with adapter.preview_context():
-        ours = _render(adapter.sample_pipeline(), **kwargs)
-    fresh = getattr(diffusers, pipeline_name).from_pretrained(model)
-    base = _render(fresh, **kwargs)
-    fresh.load_lora_weights(str(result.final_lora))
-    theirs = _render(fresh, **kwargs)
-    assert (ours - base).abs().max() > 1e-3  # the LoRA changes the output, so the check can fail
-    record(trainer.adapter.arch_names[0], "lora", "diffusers load_lora_weights",
-           (max_diff := float((ours - theirs).abs().max())) < 1e-4, max_diff,
+    max_diff, effect = family.diffusers_lora_diff(trainer.adapter, getattr(diffusers, pipeline_name), model,
+                                                  result.final_lora, lambda pipe: _render(pipe, **kwargs))
+    assert effect > 1e-3  # the LoRA changes the output, so the check can fail
+    record(trainer.adapter.arch_names[0], "lora", "diffusers load_lora_weights", max_diff < 1e-4, max_diff,
            note="schnell" if not trainer.adapter.has_guidance else "")
-    assert (ours - theirs).abs().max() < 1e-4
+    assert max_diff < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -530,7 +459,7 @@ def test_kohya_reader_takes_peft_weight_names(dev: FluxAdapter) -> None:
 
     transformer = FluxTransformer2DModel.from_config(dev.transformer.config)
     handle = inject_network(transformer, linear_rank=2, linear_alpha=3, candidates=flux_lora_candidates(transformer))
-    _randomize(handle, seed=1)
+    family.randomize(handle, seed=1)
     tensors = network_to_kohya(handle, prefix="transformer.", dtype=torch.float32, weight_names=("lora_A", "lora_B"))
     assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in tensors
     state, alphas = kohya_to_network_state(handle, tensors, prefix="transformer.")

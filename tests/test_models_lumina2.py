@@ -8,7 +8,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's job builders
 
 from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
-from aitk.models.base import ModelLoadError, NoisyBatch  # noqa: E402
+from aitk.models.base import ModelLoadError  # noqa: E402
 from aitk.models.flow_matching import FlowMatchingConfigError, sample_sigmas, time_shift  # noqa: E402
 from aitk.models.lumina2 import (  # noqa: E402
     SCHEDULER_SHIFT,
@@ -37,20 +36,13 @@ from aitk.models.lumina2 import (  # noqa: E402
     lora_key_stem,
     module_for_stem,
 )
-from conftest import base_process, build_tiny_model, deep_update, write_job  # noqa: E402
+import family_checks as family  # noqa: E402
+from conftest import build_tiny_model  # noqa: E402
 from interop_results import record  # noqa: E402
+from upstream_jobs import extras_on_path  # noqa: E402, F401 - autouse fixture: torchao for model.quantize
 
 CPU = torch.device("cpu")
 PROMPT = "a red circle, shp style"
-
-
-@pytest.fixture(autouse=True)
-def _extras(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchao (model.quantize) and bitsandbytes live outside site-packages (Makefile)."""
-    from aitk.extras import extras_dir
-
-    if extras_dir().is_dir():
-        monkeypatch.syspath_prepend(str(extras_dir()))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +51,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_adapter(folder: Path | str, **model_fields: Any) -> Lumina2Adapter:
-    adapter = Lumina2Adapter(ModelConfig(name_or_path=str(folder), arch="lumina2", **model_fields), CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(Lumina2Adapter, folder, "lumina2", **model_fields)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +59,7 @@ def lumina(model_dir: Path) -> Lumina2Adapter:
     return make_adapter(model_dir)
 
 
-def _batch(adapter: Lumina2Adapter, seed: int = 0, **train: Any) -> NoisyBatch:
-    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    latents = adapter.encode_images(pixels)
-    return adapter.make_noisy_batch(latents, TrainConfig(**train), torch.Generator().manual_seed(seed))
+_batch = family.noisy_batch
 
 
 # --- the tiny model and loading --------------------------------------------------------------------
@@ -253,26 +240,16 @@ def test_lora_files_are_recognised_by_their_keys() -> None:
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "lumina2"},
         "train": {"steps": 12, "batch_size": 2, "lr": 5e-3, "timestep_type": "lumina2_shift"},
         "network": {"type": "lora", "linear": 4, "linear_alpha": 8},
         "sample": {"sample_every": 1000, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.0,
                    "neg": "", "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+    }, changes)
 
 
-def _train(job: Path) -> tuple[Any, Any, list[float]]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    result = trainer.run()
-    assert result.state == "completed"
-    lines = (result.output_dir / f"metrics_{loaded.job.config.name}.jsonl").read_text().splitlines()
-    return trainer, result, [json.loads(line)["loss"] for line in lines]
+_train = family.train_to_the_end
 
 
 def _render(pipe: Any, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -290,15 +267,8 @@ def _diffusers_diff(trainer: Any, model: Path, lora: Path) -> tuple[float, float
     classifier-free guidance from the same prompt embeddings."""
     from diffusers import Lumina2Pipeline
 
-    adapter = trainer.adapter
-    adapter.denoiser().eval()
-    embeds = _embeds(adapter)
-    ours = _render(adapter.sample_pipeline(), embeds)
-    fresh = Lumina2Pipeline.from_pretrained(model)
-    base = _render(fresh, embeds)
-    fresh.load_lora_weights(str(lora))
-    theirs = _render(fresh, embeds)
-    return float((ours - theirs).abs().max()), float((ours - base).abs().max())
+    embeds = _embeds(trainer.adapter)
+    return family.diffusers_lora_diff(trainer.adapter, Lumina2Pipeline, model, lora, lambda p: _render(p, embeds))
 
 
 @pytest.fixture(scope="module")

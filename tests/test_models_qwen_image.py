@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
@@ -34,6 +33,7 @@ from aitk.models.qwen_image import (
     training_sigmas,
     unpack_latents,
 )
+import family_checks as family
 from conftest import base_process, deep_update, write_job
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
@@ -50,19 +50,12 @@ def qwen_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_adapter(folder: Path | str, **model_fields: Any) -> QwenImageAdapter:
-    config = ModelConfig(name_or_path=str(folder), arch="qwen_image", **model_fields)
-    adapter = QwenImageAdapter(config, CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(QwenImageAdapter, folder, "qwen_image", **model_fields)
 
 
 @pytest.fixture(scope="session")
 def qwen(qwen_model: Path) -> QwenImageAdapter:
     return make_adapter(qwen_model)
-
-
-def _pixels(seed: int, b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -113,7 +106,7 @@ def test_encode_prompts_is_the_pipeline_encoding_and_batches_with_a_mask(qwen: Q
     torch.testing.assert_close(batch.hidden_states, both, rtol=1e-5, atol=1e-5)
     assert torch.equal(batch.extra["mask"], both_mask)
     # the padded batch predicts what each prompt gives alone
-    latents = qwen.encode_images(_pixels(1))
+    latents = qwen.encode_images(family.pixels(1))
     noisy = qwen.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = qwen.predict(noisy, batch)
@@ -134,16 +127,16 @@ def test_latents_and_tokens_are_the_pipelines(qwen: QwenImageAdapter) -> None:
     assert torch.equal(QwenImagePipeline._unpack_latents(tokens, 64, 48, 8)[:, :, 0], latents)
     with pytest.raises(QwenImageInputError, match="even"):
         pack_latents(torch.zeros(1, 16, 7, 8))
-    encoded = qwen.encode_images(_pixels(1))
-    raw = qwen.vae.encode(_pixels(1).unsqueeze(2)).latent_dist.mode()[:, :, 0]
+    encoded = qwen.encode_images(family.pixels(1))
+    raw = qwen.vae.encode(family.pixels(1).unsqueeze(2)).latent_dist.mode()[:, :, 0]
     cfg = qwen.vae.config
     want = (raw - torch.tensor(cfg.latents_mean).view(1, 16, 1, 1)) / torch.tensor(cfg.latents_std).view(1, 16, 1, 1)
-    assert encoded.shape == (2, 16, 8, 8) and torch.equal(encoded, qwen.encode_images(_pixels(1)))
+    assert encoded.shape == (2, 16, 8, 8) and torch.equal(encoded, qwen.encode_images(family.pixels(1)))
     torch.testing.assert_close(encoded, want)
 
 
 def test_predict_is_the_velocity_the_pipeline_steps_with(qwen: QwenImageAdapter) -> None:
-    latents = qwen.encode_images(_pixels(2, b=1, h=64, w=96))
+    latents = qwen.encode_images(family.pixels(2, b=1, h=64, w=96))
     cond = qwen.encode_prompts(["a red circle"])
     noisy = qwen.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -160,7 +153,7 @@ def test_predict_is_the_velocity_the_pipeline_steps_with(qwen: QwenImageAdapter)
 
 
 def test_noisy_batch_is_rectified_flow(qwen: QwenImageAdapter) -> None:
-    latents = qwen.encode_images(_pixels(3))
+    latents = qwen.encode_images(family.pixels(3))
     cfg = TrainConfig(timestep_type="linear")
     a = qwen.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(5))
     b = qwen.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(5))
@@ -275,29 +268,17 @@ def test_load_errors_name_the_key(tmp_path: Path, qwen_model: Path) -> None:
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "qwen_image"},
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "timestep_type": "weighted", "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
-        "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 3.0,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+    }, changes)
 
 
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+_train = family.train
+_losses = family.losses
 
 
 def _render(pipe: Any) -> torch.Tensor:
@@ -310,18 +291,9 @@ def _render(pipe: Any) -> torch.Tensor:
 def _diffusers_diff(trainer: Any, model: Path, lora: Path) -> tuple[float, float]:
     """(max |ours - diffusers with the file loaded|, max |ours - the plain model|): the trainer's
     own preview pipeline against QwenImagePipeline.load_lora_weights on a fresh pipeline."""
-    import warnings
-
     from diffusers import QwenImagePipeline
 
-    trainer.adapter.denoiser().eval()
-    ours = _render(trainer.adapter.sample_pipeline())
-    fresh = QwenImagePipeline.from_pretrained(model)
-    base = _render(fresh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on DoRA
-        fresh.load_lora_weights(str(lora))
-    return float((ours - _render(fresh)).abs().max()), float((ours - base).abs().max())
+    return family.diffusers_lora_diff(trainer.adapter, QwenImagePipeline, model, lora, _render)
 
 
 @pytest.fixture(scope="module")
@@ -332,34 +304,15 @@ def lora_run(qwen_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.Te
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "qlora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    assert wrapped == trainer.adapter.network_candidates(False)
-    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_down.weight", "lora_up.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"diffusion_model.{m}.alpha"].item() == 16.0 for m in wrapped)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "qwen-image/lora" and meta["ss_base_model_version"] == "qwen_image"
+    family.check_falling_loss_and_previews(result, "qlora")
+    assert trainer.network.wrapped_module_names() == trainer.adapter.network_candidates(False)
+    family.check_lora_file(trainer, result.final_lora, "qwen-image/lora", "qwen_image", prefix="diffusion_model.",
+                           weight_names=("lora_down", "lora_up"))
 
 
 def test_lora_loads_exactly_in_diffusers_in_both_layouts(lora_run: tuple, qwen_model: Path) -> None:
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    converted = tmp / "qlora_diffusers.safetensors"
-    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "qwen_image", "-o", converted)
-    assert code == 0, err
-    assert all(k.startswith("transformer.") for k in load_file(str(converted)))
-    back = tmp / "qlora_back.safetensors"
-    assert aitk("convert", converted, "--to", "comfyui", "--arch", "qwen_image", "-o", back)[0] == 0
-    original = load_file(str(result.final_lora))
-    assert load_file(str(back)).keys() == original.keys()
-    assert all(torch.equal(v, original[k]) for k, v in load_file(str(back)).items())
+    converted = family.diffusers_layout_round_trip(result.final_lora, "qwen_image", tmp)
     for layout, path in (("comfyui", result.final_lora), ("diffusers", converted)):
         diff, effect = _diffusers_diff(trainer, qwen_model, path)
         record("qwen_image", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout=layout)
@@ -386,7 +339,7 @@ def test_merge_and_lora_info_know_qwen_image(lora_run: tuple, qwen_model: Path) 
     assert code == 0, err
     merged = QwenImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
+    batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"]), adapter.encode_prompts(["a blue square"])])
     with torch.no_grad():
         live = adapter.predict(batch, cond)
@@ -414,9 +367,6 @@ def test_dora_saved_for_diffusers_loads_exactly(qwen_model: Path, shapes_dataset
 
 
 def test_lokr_trains_in_comfyui_names_and_round_trips(qwen_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     job = _job(tmp_path, "qlokr", qwen_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
                network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
     trainer, result = _train(job)
@@ -425,17 +375,10 @@ def test_lokr_trains_in_comfyui_names_and_round_trips(qwen_model: Path, shapes_d
     assert tensors and all(k.startswith("diffusion_model.transformer_blocks.") for k in tensors)
     assert any(k.endswith(".lokr_w1") for k in tensors)
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
+    batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-    fresh = make_adapter(qwen_model)
-    handle = build_network(fresh.transformer, network_type="lokr", linear_rank=2, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False))
-    load_network_file(handle, result.final_lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - live).abs().max())
+    diff = family.loader_round_trip_diff(adapter, make_adapter(qwen_model), result.final_lora, batch, cond,
+                                         network_type="lokr", linear_rank=2)
     record("qwen_image", "lokr", "aitk loader (round trip)", diff < 1e-5, diff)
     assert diff < 1e-5
 

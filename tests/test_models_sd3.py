@@ -9,9 +9,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import math
 import sys
@@ -30,7 +27,9 @@ from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from aitk.models.base import ModelLoadError, PartConfigs  # noqa: E402
 from aitk.models.flow_matching import FlowMatchingConfigError  # noqa: E402
 from aitk.models.sd3 import SD3Adapter, SD3InputError, build_tiny_sd3, sd3_lora_candidates  # noqa: E402
+import family_checks as family  # noqa: E402
 from interop_results import record  # noqa: E402
+from test_tools import aitk  # noqa: E402
 
 CPU = torch.device("cpu")
 PROMPT = "a red circle, shp style"
@@ -46,9 +45,7 @@ def sd3_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def make_adapter(folder: Path, **model_fields: Any) -> SD3Adapter:
-    adapter = SD3Adapter(ModelConfig(name_or_path=str(folder), arch="sd3", **model_fields), CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(SD3Adapter, folder, "sd3", **model_fields)
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +56,6 @@ def large(sd3_models: dict[str, Path]) -> SD3Adapter:
 @pytest.fixture(scope="session")
 def medium(sd3_models: dict[str, Path]) -> SD3Adapter:
     return make_adapter(sd3_models["medium"])
-
-
-def _pixels(seed: int, b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 # --- the tiny models and loading ---------------------------------------------------------------
@@ -140,15 +133,15 @@ def test_encode_prompts_is_the_pipeline_encoding(medium: SD3Adapter) -> None:
     )
     torch.testing.assert_close(embeds.hidden_states[1:], hidden)
     torch.testing.assert_close(embeds.extra["pooled"][1:], pooled)
-    latents = medium.encode_images(_pixels(1))
-    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, medium.encode_images(_pixels(1)))
+    latents = medium.encode_images(family.pixels(1))
+    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, medium.encode_images(family.pixels(1)))
 
 
 # --- the objective -----------------------------------------------------------------------------
 
 
 def test_rectified_flow_with_sd3_shift_and_raw_timesteps(large: SD3Adapter) -> None:
-    latents = large.encode_images(_pixels(2))
+    latents = large.encode_images(family.pixels(2))
     linear = large.make_noisy_batch(latents, TrainConfig(timestep_type="linear"), torch.Generator().manual_seed(5))
     again = large.make_noisy_batch(latents, TrainConfig(timestep_type="linear"), torch.Generator().manual_seed(5))
     assert torch.equal(linear.noisy_latents, again.noisy_latents) and torch.equal(linear.timesteps, again.timesteps)
@@ -214,33 +207,22 @@ def test_min_snr_gamma_and_unknown_timestep_types_are_refused(large: SD3Adapter)
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    from conftest import base_process, deep_update, write_job
-
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
-        "model": {"name_or_path": str(model_dir), "arch": "sd3"},
+    return family.write_job(tmp_path, name, model_dir, data, {
+        "model": {"arch": "sd3"},
         "train": {"steps": 12, "batch_size": 2, "lr": 5e-3, "timestep_type": "linear", "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
-        "save": {"save_every": 1000},
         "sample": {"sample_every": 1000, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.0,
                    "prompts": ["a red circle, [trigger] style"], "neg": "blurry", "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+    }, changes)
 
 
 def _train(job_path: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job_path)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    result = trainer.run()
+    trainer, result = family.train(job_path)
     assert result.state == "completed"
     return trainer, result
 
 
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+_losses = family.losses
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -269,31 +251,12 @@ def _fresh(folder: Path) -> Any:
 
 def _diffusers_load(trainer: Any, model: Path, lora: Path, kind: str, note: str) -> float:
     """diffusers' load_lora_weights on a fresh pipeline against the trainer's own pipeline."""
-    import warnings
+    from diffusers import StableDiffusion3Pipeline
 
-    ours, fresh = _ours(trainer), _fresh(model)
-    base = _render(fresh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on DoRA
-        fresh.load_lora_weights(str(lora))
-    diff = float((_render(fresh) - ours).abs().max())
-    assert (ours - base).abs().max() > 1e-3  # the network changes the output, so the check can fail
+    diff, effect = family.diffusers_lora_diff(trainer.adapter, StableDiffusion3Pipeline, model, lora, _render)
+    assert effect > 1e-3  # the network changes the output, so the check can fail
     record("sd3", kind, "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers", note=note)
     return diff
-
-
-def aitk(*argv: Any) -> tuple[int, str, str]:
-    """A tool command through a parser built as aitk/cli.py builds it; (exit code, stdout, stderr)."""
-    from aitk.tools.commands import add_tool_commands
-
-    parser = argparse.ArgumentParser(prog="aitk")
-    add_tool_commands(parser.add_subparsers(dest="command", required=True))
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        args = parser.parse_args([str(a) for a in argv])
-        code = args.func(args)
-    assert "Traceback" not in err.getvalue()
-    return code, out.getvalue(), err.getvalue()
 
 
 def _merge_matches(trainer: Any, model: Path, lora: Path, kind: str, tmp_path: Path, note: str) -> None:
@@ -323,14 +286,11 @@ def test_lora_trains_and_its_files_load_in_diffusers_comfyui_layout_and_tools(
     trainer, result = _train(_job(tmp_path, "large", model, shapes))
     losses = _losses(result, "large")
     assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
-    tensors = load_file(str(result.final_lora))
     wrapped = trainer.network.wrapped_module_names()
     assert set(wrapped) == set(sd3_lora_candidates(trainer.adapter.transformer))
-    assert set(tensors) == {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
-    meta = _header(result.final_lora)
-    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
-    assert meta["ss_base_model_version"] == "sd_3" and "lora_adapter_metadata" not in meta
+    tensors = family.check_lora_file(trainer, result.final_lora, "stable-diffusion-3-5-large/lora", "sd_3",
+                                     prefix="transformer.", weight_names=("lora_A", "lora_B"))
+    assert "lora_adapter_metadata" not in _header(result.final_lora)
 
     with pytest.raises(ValueError, match="lora"):  # diffusers' SD 3 loader takes PEFT keys only
         _fresh(model).load_lora_weights(str(result.final_lora))

@@ -14,17 +14,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
 from aitk.models.zimage import TRAIN_SHIFT, ZImageAdapter, ZImageInputError, build_tiny_zimage
-from conftest import base_process, deep_update, write_job
+import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
@@ -43,25 +41,12 @@ def zimage_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_adapter(folder: Path | str, **model_fields: Any) -> ZImageAdapter:
-    adapter = ZImageAdapter(ModelConfig(name_or_path=str(folder), arch="zimage", **model_fields), CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(ZImageAdapter, folder, "zimage", **model_fields)
 
 
 @pytest.fixture(scope="session")
 def turbo(zimage_model: Path) -> ZImageAdapter:
     return make_adapter(zimage_model)
-
-
-def _pixels(seed: int, b: int = 2) -> torch.Tensor:
-    return torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def _randomize(handle: Any, seed: int, std: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def write_assistant(model: Path, path: Path) -> Path:
@@ -74,7 +59,7 @@ def write_assistant(model: Path, path: Path) -> Path:
 
     transformer = ZImageTransformer2DModel.from_pretrained(model, subfolder="transformer")
     handle = inject_network(transformer, linear_rank=2, linear_alpha=4, candidates=ASSISTANT_MODULES, seed=3)
-    _randomize(handle, seed=4)
+    family.randomize(handle, seed=4)
     return save_lora(path, handle, save_format="comfyui", prefix="diffusion_model.", dtype=torch.float32,
                      weight_names=("lora_A", "lora_B"))
 
@@ -145,8 +130,8 @@ def test_encode_prompts_is_the_pipeline_encoding(turbo: ZImageAdapter, zimage_mo
 
 
 def test_noisy_batch_is_rectified_flow_with_the_fixed_shift(turbo: ZImageAdapter) -> None:
-    latents = turbo.encode_images(_pixels(1))
-    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, turbo.encode_images(_pixels(1)))
+    latents = turbo.encode_images(family.pixels(1))
+    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, turbo.encode_images(family.pixels(1)))
     a = turbo.make_noisy_batch(latents, TrainConfig(timestep_type="shift"), torch.Generator().manual_seed(5))
     s = (a.timesteps / 1000).view(-1, 1, 1, 1)
     noise = (a.noisy_latents - (1 - s) * latents) / s
@@ -297,71 +282,33 @@ def test_load_errors_name_the_key(tmp_path: Path, zimage_model: Path) -> None:
 def test_assistant_is_on_in_training_and_off_in_previews(
     turbo: ZImageAdapter, zimage_model: Path, tmp_path: Path
 ) -> None:
-    from aitk.models.assistant import ASSISTANT_ADAPTER
-    from aitk.networks.lora import inject_network
-
     path = write_assistant(zimage_model, tmp_path / "assistant.safetensors")
     helped = make_adapter(zimage_model, assistant_lora_path=str(path))
     assert helped.has_assistant
-    latents = helped.encode_images(_pixels(5))
+    latents = helped.encode_images(family.pixels(5))
     batch = helped.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(9))
     cond = helped.encode_prompts(["a red circle"])
-    cond = PromptEmbeds.cat([cond, cond])
-    network = inject_network(helped.transformer, linear_rank=4, linear_alpha=4, seed=0,
-                             candidates=helped.network_candidates(False))
-    _randomize(network, seed=11, std=0.05)
-    trainable = {id(p) for p in network.trainable_parameters()}
-    assert all(p.requires_grad == (id(p) in trainable) for p in helped.transformer.parameters())
-
-    # the reference: the plain model with the same LoRA injected by hand, then the network
-    reference = make_adapter(zimage_model)
-    by_hand = inject_network(reference.transformer, linear_rank=2, linear_alpha=4, candidates=ASSISTANT_MODULES,
-                             seed=3, adapter_name="by_hand")
-    _randomize(by_hand, seed=4)
-    ref_net = inject_network(reference.transformer, linear_rank=4, linear_alpha=4, seed=0,
-                             candidates=reference.network_candidates(False))
-    _randomize(ref_net, seed=11, std=0.05)
-    with torch.no_grad():
-        with_assistant = helped.predict(batch, cond)
-        torch.testing.assert_close(with_assistant, reference.predict(batch, cond), rtol=1e-5, atol=1e-5)
-        by_hand.set_multiplier(0.0)
-        without = reference.predict(batch, cond)
-        assert (with_assistant - without).abs().max() > 1e-3  # the assistant changes training
-        with helped.preview_context():
-            torch.testing.assert_close(helped.predict(batch, cond), without, rtol=1e-6, atol=1e-6)
-        assert torch.equal(helped.predict(batch, cond), with_assistant)  # back on afterwards
-    assert all(p.requires_grad == (id(p) in trainable) for p in helped.transformer.parameters())
-    layer = dict(helped.transformer.named_modules())["noise_refiner.0.feed_forward.w1"]
-    assert ASSISTANT_ADAPTER in layer.active_adapters
+    family.check_assistant_on_in_training_off_in_previews(
+        helped, make_adapter(zimage_model), batch, PromptEmbeds.cat([cond, cond]), ASSISTANT_MODULES,
+        "noise_refiner.0.feed_forward.w1", preview_tol=1e-6,
+    )
 
 
 # --- end to end --------------------------------------------------------------------------------
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "zimage"},
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "timestep_type": "weighted", "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
-        "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 1.0,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+    }, changes)
 
 
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+_train = family.train
+_losses = family.losses
 
 
 def _render(pipe: Any) -> torch.Tensor:
@@ -372,37 +319,21 @@ def _render(pipe: Any) -> torch.Tensor:
 
 def _diffusers_diff(adapter: ZImageAdapter, model: Path, lora: Path) -> tuple[float, float]:
     """(max |ours - diffusers with the file loaded|, max |ours - the plain model|): the adapter's
-    own preview pipeline (guidance 1 = none) against ZImagePipeline.load_lora_weights."""
-    import warnings
-
+    own preview pipeline (guidance 0 -> max(0, 0 - 1): none either way) against
+    ZImagePipeline.load_lora_weights."""
     from diffusers import ZImagePipeline
 
-    adapter.denoiser().eval()
-    with adapter.preview_context():
-        ours = _render(adapter.sample_pipeline())  # guidance 0 -> max(0, 0 - 1): none either way
-    fresh = ZImagePipeline.from_pretrained(model)
-    base = _render(fresh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on DoRA
-        fresh.load_lora_weights(str(lora))
-    return float((ours - _render(fresh)).abs().max()), float((ours - base).abs().max())
+    return family.diffusers_lora_diff(adapter, ZImagePipeline, model, lora, _render)
 
 
 def _round_trip(adapter: ZImageAdapter, model: Path, lora: Path, kind: str, **network: Any) -> ZImageAdapter:
     """A fresh model with the file read into a fresh network of the same shape (other seed, other
     alphas) by aitk's own loader; asserts it predicts as `adapter` and records the check."""
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     fresh = make_adapter(model)
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
+    latents = adapter.encode_images(family.pixels(3))
+    batch = adapter.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(2))
     cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    handle = build_network(fresh.transformer, network_type=kind, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False), **network)
-    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
+    diff = family.loader_round_trip_diff(adapter, fresh, lora, batch, cond, network_type=kind, **network)
     record("zimage", kind, "aitk loader (round trip)", diff < 1e-5, diff,
            layout="diffusers" if next(iter(load_file(str(lora)))).startswith("transformer.") else "comfyui")
     assert diff < 1e-5, (kind, diff)
@@ -417,33 +348,15 @@ def lora_run(zimage_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "zlora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    assert wrapped == trainer.adapter.network_candidates(False)
-    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"diffusion_model.{m}.alpha"].item() == 16.0 for m in wrapped)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "z-image/lora" and meta["ss_base_model_version"] == "zimage"
+    family.check_falling_loss_and_previews(result, "zlora")
+    assert trainer.network.wrapped_module_names() == trainer.adapter.network_candidates(False)
+    family.check_lora_file(trainer, result.final_lora, "z-image/lora", "zimage", prefix="diffusion_model.",
+                           weight_names=("lora_A", "lora_B"))
 
 
 def test_lora_loads_exactly_in_diffusers_in_both_layouts(lora_run: tuple, zimage_model: Path) -> None:
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    converted = tmp / "zlora_diffusers.safetensors"
-    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "zimage", "-o", converted)
-    assert code == 0, err
-    back = tmp / "zlora_back.safetensors"
-    assert aitk("convert", converted, "--to", "comfyui", "--arch", "zimage", "-o", back)[0] == 0
-    original = load_file(str(result.final_lora))
-    assert load_file(str(back)).keys() == original.keys()
-    assert all(torch.equal(v, original[k]) for k, v in load_file(str(back)).items())
+    converted = family.diffusers_layout_round_trip(result.final_lora, "zimage", tmp)
     for layout, path in (("comfyui", result.final_lora), ("diffusers", converted)):
         diff, effect = _diffusers_diff(trainer.adapter, zimage_model, path)
         record("zimage", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout=layout)
@@ -470,7 +383,7 @@ def test_merge_round_trip_and_lora_info_know_zimage(lora_run: tuple, zimage_mode
                         "-o", tmp / "merged", "--dtype", "float32")
     assert code == 0, err
     merged = ZImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
-    batch = trainer.adapter.make_noisy_batch(trainer.adapter.encode_images(_pixels(2)), TrainConfig(),
+    batch = trainer.adapter.make_noisy_batch(trainer.adapter.encode_images(family.pixels(2)), TrainConfig(),
                                              torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([trainer.adapter.encode_prompts(["a red circle"])] * 2)
     with torch.no_grad():

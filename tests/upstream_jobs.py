@@ -63,8 +63,26 @@ def tiny_variant(job: dict[str, Any]) -> str:
         return "chroma"
     if arch == "zimage":
         return "zimage"
+    if arch == "flex2":
+        return "flex2"
+    if arch in ("pixart", "pixart_sigma") or model.get("is_pixart") or model.get("is_pixart_sigma"):
+        return "pixart_sigma" if arch == "pixart_sigma" or model.get("is_pixart_sigma") else "pixart_alpha"
+    if arch == "auraflow" or model.get("is_auraflow"):
+        return "auraflow"
     if arch == "qwen_image":
         return "qwen_image"
+    if arch in ("qwen_image_edit", "qwen_image_edit_plus"):
+        return arch
+    if arch == "cogview4":
+        return "cogview4"
+    if arch == "ernie_image":
+        return "ernie_image"
+    if arch == "krea2":
+        return "krea2_turbo" if "turbo" in name.lower() else "krea2"
+    if arch in ("flux2", "flux2_klein_4b", "flux2_klein_9b"):
+        return "flux2_dev" if arch == "flux2" else arch
+    if arch == "hidream":
+        return "hidream"
     if arch == "lumina2" or model.get("is_lumina2"):
         return "lumina2"
     if arch == "wan22_14b_i2v":
@@ -148,7 +166,9 @@ def localise(
         model_section["qtype"] = f"{qtype.split('|', 1)[0]}|{recovery_adapter}"
     for dataset in process["datasets"]:
         dataset["folder_path"] = str(data)
-        if dataset.get("control_path"):
+        if isinstance(dataset.get("control_path"), list):  # a list of control folders keeps its length
+            dataset["control_path"] = [str(controls)] * len(dataset["control_path"])
+        elif dataset.get("control_path"):
             dataset["control_path"] = str(controls)
     train = process.setdefault("train", {})
     train["steps"] = steps
@@ -157,6 +177,9 @@ def localise(
     scheduler_params = train.get("lr_scheduler_params") or {}
     if scheduler_params.get("warmup_steps"):
         scheduler_params["warmup_steps"] = min(scheduler_params["warmup_steps"], steps // 2)
+    model_kwargs = model_section.get("model_kwargs") or {}
+    if model_kwargs.get("llama_model_path"):  # HiDream's Llama: the tiny model holds one (text_encoder_4/)
+        model_kwargs["llama_model_path"] = str(model)
     kwargs = (process.get("network") or {}).get("network_kwargs") or {}
     for key in ("only_if_contains", "ignore_if_contains"):
         if kwargs.get(key):
@@ -222,7 +245,7 @@ def tiny_assistant_lora(model: Path, path: Path) -> Path:
 
 def tiny_recovery_adapter(variant: str, model: Path, path: Path) -> Path:
     """A recovery adapter for the tiny model of `variant` (WAN's, or Qwen-Image's)."""
-    if variant == "qwen_image":
+    if variant in ("qwen_image", "qwen_image_edit", "qwen_image_edit_plus"):  # the edit models: the same transformer
         return tiny_qwen_image_recovery_adapter(model, path)
     return tiny_wan_recovery_adapter(model, path)
 

@@ -46,6 +46,9 @@ INLINE_FLAGS: tuple[InlineFlag, ...] = (
     InlineFlag(("frames", "num_frames"), "num_frames", "int", "frames of a video preview"),
     InlineFlag(("fps",), "fps", "int", "frame rate of a video preview"),
     InlineFlag(("ctrl_img",), "ctrl_img", "text", "control image: what Kontext edits, the first frame of I2V"),
+    InlineFlag(("ctrl_img_1",), "ctrl_img_1", "text", "first control image of a multi-image edit model"),
+    InlineFlag(("ctrl_img_2",), "ctrl_img_2", "text", "second control image of a multi-image edit model"),
+    InlineFlag(("ctrl_img_3",), "ctrl_img_3", "text", "third control image of a multi-image edit model"),
     InlineFlag(("a",), None, "float", "adapter conditioning scale (T2I / IP adapters)"),
     InlineFlag(("ref",), None, "float", "where the SDXL refiner takes over"),
     InlineFlag(("ev", "extra_values"), None, "floats", "extra values of a custom adapter"),
@@ -86,13 +89,18 @@ class PreviewRequest:
     prompt_2: str | None = None  # SDXL: the second text encoder's prompt (default: prompt)
     negative_2: str | None = None  # SDXL: the second text encoder's negative prompt
     guidance_rescale: float = 0.0  # SD / SDXL: rescale of the guided prediction (0: off)
+    # multi-image edit models (Qwen-Image-Edit-2509): the numbered control images; ctrl_img, when
+    # given, is the first (as ai-toolkit: ctrl_img_1 is read only without it)
+    ctrl_img_1: str | None = None
+    ctrl_img_2: str | None = None
+    ctrl_img_3: str | None = None
     #: the inline flags the prompt text gave (first spellings), e.g. ("w", "ctrl_img")
     flags: tuple[str, ...] = field(default=(), compare=False)
 
 
 def _value(flag: InlineFlag, written: str, raw: str, text: str) -> Any:
     if flag.kind == "text":
-        if flag.field == "ctrl_img" and not raw:
+        if flag.field is not None and flag.field.startswith("ctrl_img") and not raw:
             raise SamplePromptError(text, f"--{written} needs an image file path, e.g. --{written} /data/first.jpg")
         return raw
     try:
@@ -140,6 +148,7 @@ def _entry_overrides(item: Any) -> dict[str, Any]:
         "width": item.width, "height": item.height, "seed": item.seed, "guidance_scale": item.guidance_scale,
         "steps": item.sample_steps, "negative": item.neg, "multiplier": item.network_multiplier,
         "ctrl_img": item.ctrl_img, "num_frames": item.num_frames, "fps": item.fps,
+        "ctrl_img_1": item.ctrl_img_1, "ctrl_img_2": item.ctrl_img_2, "ctrl_img_3": item.ctrl_img_3,
     }
     return {k: v for k, v in overrides.items() if v is not None}
 
@@ -184,7 +193,7 @@ def preview_fields(arch: str) -> frozenset[str]:
     """The PreviewRequest settings `arch`'s previews use beyond prompt, size, seed, guidance scale,
     steps and LoRA strength (which all use)."""
     from aitk.models.archs import FIRST_FRAME_ARCHS
-    from aitk.models.archs import CONTROL_ARCHS, data_facts
+    from aitk.models.archs import CONTROL_ARCHS, MULTI_CONTROL_PREVIEW_ARCHS, data_facts
 
     fields = set()
     if arch not in FLUX_ARCHS:
@@ -197,7 +206,20 @@ def preview_fields(arch: str) -> frozenset[str]:
         fields |= {"num_frames", "fps"}
     if arch in CONTROL_ARCHS | FIRST_FRAME_ARCHS:
         fields.add("ctrl_img")
+    if arch in MULTI_CONTROL_PREVIEW_ARCHS:
+        fields.add("ctrl_img_n")  # ctrl_img_1 .. ctrl_img_3
     return frozenset(fields)
+
+
+def preview_control_images(request: PreviewRequest, arch: str) -> list[str]:
+    """The control image paths `arch`'s preview of `request` reads, in order: ctrl_img (else
+    ctrl_img_1), then ctrl_img_2 and ctrl_img_3 on multi-image edit models."""
+    used = preview_fields(arch)
+    if "ctrl_img" not in used:
+        return []
+    first = request.ctrl_img or (request.ctrl_img_1 if "ctrl_img_n" in used else None)
+    more = [request.ctrl_img_2, request.ctrl_img_3] if "ctrl_img_n" in used else []
+    return [path for path in (first, *more) if path]
 
 
 def needs_first_frame(arch: str) -> bool:
@@ -213,6 +235,8 @@ def _issues(requests: list[PreviewRequest], arch: str, text_cached: bool) -> set
     for request in requests:
         if request.ctrl_img and "ctrl_img" not in used:
             issues.add("ctrl_img")
+        if (request.ctrl_img_1 or request.ctrl_img_2 or request.ctrl_img_3) and "ctrl_img_n" not in used:
+            issues.add("ctrl_img_n")
         if (request.num_frames > 1 or {"frames", "fps"} & set(request.flags)) and "num_frames" not in used:
             issues.add("num_frames")
         if (request.negative or request.negative_2) and "negative" not in used:
@@ -223,15 +247,16 @@ def _issues(requests: list[PreviewRequest], arch: str, text_cached: bool) -> set
             issues.add("guidance_rescale")
         if set(AI_TOOLKIT_ONLY_FLAGS) & set(request.flags):
             issues.add("ai_toolkit_only")
-        if not request.ctrl_img and "ctrl_img" in used:
+        if not preview_control_images(request, arch) and "ctrl_img" in used:
             issues.add("no_first_frame" if needs_first_frame(arch) else "no_control_image")
     return issues
 
 
 def preview_issues(process: Any) -> frozenset[str]:
     """What the process's previews ask for that its model cannot do (schema.ProcessConfig; names
-    used by aitk.config.support's rows): a PreviewRequest field the model does not use, the
-    "ai_toolkit_only" flags, "no_first_frame" (I2V) or "no_control_image" (Kontext)."""
+    used by aitk.config.support's rows): a PreviewRequest field the model does not use
+    ("ctrl_img_n": ctrl_img_1..3), the "ai_toolkit_only" flags, "no_first_frame" (I2V) or
+    "no_control_image" (Kontext, the edit models)."""
     from aitk.models.archs import ADAPTERS
 
     sample, arch = process.sample, process.model.resolved_arch
@@ -242,14 +267,14 @@ def preview_issues(process: Any) -> frozenset[str]:
 
 
 def missing_ctrl_images(requests: list[PreviewRequest], arch: str) -> dict[int, str]:
-    """index -> the control image path of each request whose file does not exist here, on a
-    model whose previews use it."""
-    if "ctrl_img" not in preview_fields(arch):
-        return {}
-    return {
-        i: r.ctrl_img for i, r in enumerate(requests)
-        if r.ctrl_img and not Path(r.ctrl_img).expanduser().is_file()
-    }
+    """index -> the first control image path of each request whose file does not exist here, on
+    a model whose previews use it."""
+    missing = {}
+    for i, request in enumerate(requests):
+        absent = [p for p in preview_control_images(request, arch) if not Path(p).expanduser().is_file()]
+        if absent:
+            missing[i] = absent[0]
+    return missing
 
 
 def unrenderable_previews(requests: list[PreviewRequest], arch: str) -> dict[int, str]:

@@ -154,7 +154,10 @@ class DatasetConfig(Section):
     num_workers: int = Field(0, ge=0, description="Threads that load the samples of a batch in parallel (0: one after another).")
     is_reg: bool = Field(False, description="A regularisation dataset.")
     loss_multiplier: float = Field(1.0, ge=0.0, description="Weight of this dataset's loss.")
-    control_path: str | None = Field(None, description="Folder of control images (control models).")
+    control_path: str | list[str] | None = Field(
+        None, description="Folder of control images (edit models); a list of folders gives each image several "
+        "(Qwen-Image-Edit-2509: up to 3), matched by file name."
+    )
     mask_path: str | None = Field(None, description="Folder of loss masks.")
     num_frames: int = Field(1, ge=1, description="Frames per sample; more than 1 = video.")
     shrink_video_to_frames: bool = Field(True, description="Sample num_frames evenly over each video.")
@@ -173,9 +176,26 @@ class DatasetConfig(Section):
             _check_pixel_size(v)
         return value
 
+    @field_validator("control_path")
+    @classmethod
+    def _control_folders_named(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise user_error(
+                f"{value!r} is not valid; give a folder of control images or a list of folders, e.g. "
+                "[/data/ctrl_a, /data/ctrl_b], or remove the key"
+            )
+        return value
+
     @property
     def resolutions(self) -> list[int]:
         return [self.resolution] if isinstance(self.resolution, int) else list(self.resolution)
+
+    @property
+    def control_folders(self) -> list[str]:
+        """control_path as a list (empty: none); the order is the control images' order."""
+        if not self.control_path:
+            return []
+        return [self.control_path] if isinstance(self.control_path, str) else list(self.control_path)
 
 
 class EmaConfig(Section):
@@ -370,6 +390,9 @@ class SamplePrompt(Section):
     neg: str | None = None
     network_multiplier: float | None = None
     ctrl_img: str | None = Field(None, description="Control image: what Kontext edits, the first frame of I2V.")
+    ctrl_img_1: str | None = Field(None, description="Multi-image edit models: the first control image (without ctrl_img).")
+    ctrl_img_2: str | None = Field(None, description="Multi-image edit models: the second control image.")
+    ctrl_img_3: str | None = Field(None, description="Multi-image edit models: the third control image.")
     num_frames: int | None = Field(None, ge=1, description="Video models: frames of this preview.")
     fps: int | None = Field(None, ge=1, description="Video models: frame rate of this preview.")
 

@@ -27,7 +27,9 @@ from aitk.models.archs import (
     EXTRAS_PATH_ARCHS,
     FLOW_NOISE_SCHEDULERS,
     MASKED_ATTENTION_ARCHS,
+    NO_DIFFUSERS_CLASS_ARCHS,
     NOISE_SCHEDULERS,
+    OPTIONAL_CONTROL_ARCHS,
     TIMESTEP_TYPES,
     supported_archs,
 )
@@ -57,6 +59,11 @@ TEXT_ENCODER_NETWORK_TYPES: tuple[str, ...] = ("lora", "locon", "dora")
 IGNORED = "it is ignored"
 FAILS = "the run fails at start"
 UNKNOWN_ARCH = f"{FAILS}; use one of {', '.join(sorted(SUPPORTED_ARCHS))}"
+NO_DIFFUSERS_CLASS = (
+    f"{FAILS} (not supported: no diffusers model class; upstream runs its own copy of the model's code, and "
+    f"this version loads every model through diffusers, whose 0.42 release has none for it); use one of "
+    f"{', '.join(sorted(SUPPORTED_ARCHS))}"
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,13 @@ def _refused_for(table: dict[str, tuple[str, ...]], accepted: tuple[str, ...]) -
     return active
 
 
+def _flex2_option_problems(model: Any) -> list[str]:
+    """What is wrong with a Flex.2 job's model_kwargs options (aitk.models.flex2.options)."""
+    from aitk.models.flex2.options import option_problems
+
+    return option_problems(model.model_kwargs)
+
+
 def _unmasked_backend(train: Any) -> str | None:
     """The attention backend the job asks for when it takes no attention mask, else None."""
     from aitk.models.attention import MASKED_BACKENDS, requested
@@ -125,8 +139,13 @@ def _unmasked_backend(train: Any) -> str | None:
 UNSUPPORTED: list[Unsupported] = [
     # network
     # model
-    Unsupported(ModelConfig, "arch", lambda v, s: v is not None and s.resolved_arch not in SUPPORTED_ARCHS,
-                "architecture {value}", UNKNOWN_ARCH),
+    Unsupported(ModelConfig, "arch", lambda v, s: v is not None and s.resolved_arch not in SUPPORTED_ARCHS
+                and s.resolved_arch not in NO_DIFFUSERS_CLASS_ARCHS, "architecture {value}", UNKNOWN_ARCH),
+    Unsupported(ModelConfig, "arch", lambda v, s: v is not None and s.resolved_arch in NO_DIFFUSERS_CLASS_ARCHS
+                and s.resolved_arch not in SUPPORTED_ARCHS, "architecture {value}", NO_DIFFUSERS_CLASS),
+    Unsupported(ModelConfig, "model_kwargs", lambda v, s: s.resolved_arch == "flex2" and bool(_flex2_option_problems(s)),
+                "Flex.2 training options outside their range ({value}: each chance is a number from 0 to 1, "
+                "do_random_inpainting / random_blur_mask / random_dialate_mask are true or false)", FAILS),
     Unsupported(ModelConfig, "qtype", lambda v, s: v is not None and "|" in v and not s.quantize,
                 "an accuracy recovery adapter without model.quantize: true",
                 "it is not loaded (set model.quantize: true to quantize and add it)"),
@@ -149,9 +168,9 @@ UNSUPPORTED: list[Unsupported] = [
                 "(train.attention_backend / xformers: use native, _native_efficient, _native_cudnn or xformers)",
                 FAILS),
     Unsupported(ProcessConfig, "train.bypass_guidance_embedding",
-                lambda v, s: v is True and s.model.resolved_arch not in ("flux", "flux_kontext"),
-                "bypass_guidance_embedding on a model without a guidance embedding (only FLUX.1 dev, Kontext "
-                "and Flex.1, model.arch flux / flux_kontext, have one: remove the key)", FAILS),
+                lambda v, s: v is True and s.model.resolved_arch not in ("flux", "flux_kontext", "flex2"),
+                "bypass_guidance_embedding on a model without a guidance embedding (only FLUX.1 dev, Kontext, "
+                "Flex.1 and Flex.2, model.arch flux / flux_kontext / flex2, have one: remove the key)", FAILS),
     Unsupported(ProcessConfig, "model.layer_offloading", lambda v, s: v is True and s.network is None,
                 "layer offloading in a full fine-tune (no network: section; offloading moves frozen weights "
                 "only, and here every denoiser weight trains: use a LoRA, or FSDP across GPUs)", FAILS),
@@ -160,6 +179,9 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(ProcessConfig, "sample", lambda v, s: "ctrl_img" in preview_issues(s),
                 "a preview control image (ctrl_img, --ctrl_img) on a model that takes none (flux_kontext edits it, "
                 "wan21_i2v / wan22_14b_i2v start from it)"),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "ctrl_img_n" in preview_issues(s),
+                "numbered preview control images (ctrl_img_1 .. ctrl_img_3, --ctrl_img_1 ..) on a model that reads "
+                "one (qwen_image_edit_plus reads up to three; give the one image as ctrl_img)"),
     Unsupported(ProcessConfig, "sample", lambda v, s: "num_frames" in preview_issues(s),
                 "video previews (num_frames above 1, --frames, --fps) on an image model",
                 "it is ignored; previews are images"),
@@ -175,7 +197,8 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(ProcessConfig, "sample", lambda v, s: "no_first_frame" in preview_issues(s),
                 "a preview without a first frame on an image-to-video model (set sample.ctrl_img, the entry's "
                 "ctrl_img or --ctrl_img <image> in each prompt)", "those previews are skipped"),
-    Unsupported(ProcessConfig, "sample", lambda v, s: "no_control_image" in preview_issues(s),
+    Unsupported(ProcessConfig, "sample", lambda v, s: "no_control_image" in preview_issues(s)
+                and s.model.resolved_arch not in OPTIONAL_CONTROL_ARCHS,
                 "a flux_kontext preview without a control image to edit (set sample.ctrl_img, the entry's "
                 "ctrl_img or --ctrl_img <image> in each prompt)", "those previews render from the prompt alone"),
     # train
@@ -248,11 +271,10 @@ AI_TOOLKIT_KEYS: dict[tuple[type[Section], str], Unsupported] = {
         Unsupported(DatasetConfig, "mask_min_value", _never, ""),
         Unsupported(DatasetConfig, "network_weight", lambda v, s: v not in (None, 1, 1.0),
                     "per-dataset network weights"),
-        Unsupported(DatasetConfig, "controls", _truthy, "control inputs"),
+        Unsupported(DatasetConfig, "controls", _truthy,
+                    "control images generated while training (depth / line / pose / inpaint; give your own with "
+                    "control_path)"),
         Unsupported(SamplePrompt, "ctrl_idx", _is_set, "ctrl_idx (Flex.2's control index)"),
-        Unsupported(SamplePrompt, "ctrl_img_1", _is_set, "ctrl_img_1 (multi-image edit models; use ctrl_img)"),
-        Unsupported(SamplePrompt, "ctrl_img_2", _is_set, "ctrl_img_2 (multi-image edit models)"),
-        Unsupported(SamplePrompt, "ctrl_img_3", _is_set, "ctrl_img_3 (multi-image edit models)"),
     ]
 }
 

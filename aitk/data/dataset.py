@@ -91,8 +91,8 @@ class DatasetScan:
                 f"  masks: {self.used - len(self.without_mask)} of {self.used} images have a mask "
                 f"in {self.cfg.mask_path}"
             )
-        if self.cfg.control_path:
-            lines.append(f"  control images: from {self.cfg.control_path}")
+        if self.cfg.control_folders:
+            lines.append(f"  control images: from {', '.join(self.cfg.control_folders)}")
         return lines
 
     def unusable_message(self) -> str:
@@ -111,6 +111,36 @@ def _aux_folder(value: str | None, key: str, label: str) -> Path | None:
         what = "does not exist" if not folder.exists() else "is not a folder"
         raise DatasetError(f"{label}: {key} {folder} {what} - set {key} to a folder of images, or remove it")
     return folder
+
+
+def _control_folders(cfg: DatasetConfig, label: str) -> list[Path]:
+    """The dataset's control folders (control_path: one folder or a list), each checked."""
+    many = len(cfg.control_folders) > 1
+    keys = [f"control_path[{i}]" if many else "control_path" for i in range(len(cfg.control_folders))]
+    folders = [_aux_folder(value, key, label) for value, key in zip(cfg.control_folders, keys)]
+    return [folder for folder in folders if folder is not None]
+
+
+def _control_files(
+    record: ImageRecord, folders: list[tuple[Path, dict[str, Path]]], log: Callable[[str], None]
+) -> tuple[Path, ...] | str:
+    """The image's control file in each control folder (same file stem), or why it is skipped."""
+    found = []
+    for folder, files in folders:
+        control = files.get(record.path.stem)
+        if control is None:
+            return f"no control image (no file named {record.path.stem}.<image extension> in {folder})"
+        try:
+            size = probe_image(control)
+        except ValueError as exc:
+            return f"bad control image ({control.name}: {exc})"
+        if _aspect_differs(size, (record.width, record.height)):
+            log(
+                f"warning: control image {control} is {size[0]}x{size[1]} but {record.path.name} is "
+                f"{record.width}x{record.height}; it is stretched to the image's shape"
+            )
+        found.append(control)
+    return tuple(found)
 
 
 def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -190,9 +220,9 @@ def scan_dataset(
             f"video dataset (num_frames {cfg.num_frames})"
         )
     mask_dir = _aux_folder(cfg.mask_path, "mask_path", label)
-    control_dir = _aux_folder(cfg.control_path, "control_path", label)
+    control_dirs = _control_folders(cfg, label)
     masks = index_by_stem(mask_dir) if mask_dir else {}
-    controls = index_by_stem(control_dir) if control_dir else {}
+    controls = [(folder, index_by_stem(folder)) for folder in control_dirs]
 
     out = DatasetScan(
         index=index, label=label, cfg=cfg, folder=folder, trigger=trigger, resolutions=resolutions,
@@ -230,22 +260,12 @@ def scan_dataset(
             continue
         if cfg.num_frames > 1:
             out.frame_counts[frames] += 1
-        if control_dir is not None:
-            control = controls.get(record.path.stem)
-            if control is None:
-                skip(record, f"no control image (no file named {record.path.stem}.<image extension> in {control_dir})")
+        if controls:
+            found = _control_files(record, controls, log)
+            if isinstance(found, str):
+                skip(record, found)
                 continue
-            try:
-                size = probe_image(control)
-            except ValueError as exc:
-                skip(record, f"bad control image ({control.name}: {exc})")
-                continue
-            if _aspect_differs(size, (record.width, record.height)):
-                log(
-                    f"warning: control image {control} is {size[0]}x{size[1]} but {record.path.name} is "
-                    f"{record.width}x{record.height}; it is stretched to the image's shape"
-                )
-            record.control = control
+            record.controls = found
         if mask_dir is not None:
             mask = masks.get(record.path.stem)
             problem = None

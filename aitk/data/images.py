@@ -58,7 +58,7 @@ class ImageRecord:
     trigger: str | None = None  # trigger word of its dataset
     caption_source: str = SOURCE_DEFAULT  # "txt", "metadata" or "default"
     mask: Path | None = None  # loss mask file (mask_path)
-    control: Path | None = None  # control image file (control_path)
+    controls: tuple[Path, ...] = ()  # control image files, one per control_path folder, in its order
     video: Any | None = None  # aitk.data.video.VideoInfo for a clip; None for a still image
 
     def content_hash(self) -> str:

@@ -47,12 +47,15 @@ class Batch:
     loss_multiplier: torch.Tensor  # (B,) float32
     is_reg: torch.Tensor | None = None  # (B,) bool: sample comes from an is_reg dataset
     masks: torch.Tensor | None = None  # (B, 1, H, W) float32 in [0, 1] at pixel size; None: no mask_path
-    controls: torch.Tensor | None = None  # (B, 3, H, W) float32 in [-1, 1]; None: no control_path
+    # float32 in [-1, 1]: (B, 3, H, W) for one control folder, (B, K, 3, H, W) for a list of K; None: no control_path
+    controls: torch.Tensor | None = None
     # per sample (height, width) of the image file, and the crop's (top, left) in the resized image
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     crops_top_left: list[tuple[int, int]] = field(default_factory=list)
     first_frames: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]: videos' first frames (do_i2v)
     bucket_size: tuple[int, int] | None = None  # (height, width) in pixels of every sample
+    # per sample, its control image files in control_path order (() without control_path)
+    control_files: list[tuple[Path, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.is_reg is None:
@@ -101,12 +104,13 @@ class _Sample:
     is_reg: bool
     wants_mask: bool  # its dataset has mask_path
     mask: torch.Tensor | None  # (1, H, W)
-    control: torch.Tensor | None  # (3, H, W)
+    control: torch.Tensor | None  # (3, H, W); (K, 3, H, W) for a list of K control folders
     first_frame: torch.Tensor | None  # (3, H, W): do_i2v
     size: tuple[int, int]  # bucket (width, height)
     scaled: tuple[int, int] = (0, 0)  # (width, height) the image was resized to before the crop
     original: tuple[int, int] = (0, 0)  # (width, height) of the file itself
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the scaled image
+    control_files: tuple[Path, ...] = ()  # the files of `control`
 
 
 class _SampleFailed(Exception):
@@ -286,6 +290,19 @@ class TrainingData:
         captions.update(item.record.caption for item in self._items)
         return sorted(captions)
 
+    def all_captions_with_controls(self) -> list[tuple[str, tuple[Path, ...]]] | None:
+        """`all_captions` for models that read each caption with its sample's control image files:
+        every (caption, control files) pair a draw can produce (the blank caption with each
+        sample's files when captions drop out), sorted; None as for all_captions."""
+        if self.all_captions() is None:
+            return None
+        pairs: set[tuple[str, tuple[Path, ...]]] = set()
+        for item in self._items:
+            pairs.add((item.record.caption, item.record.controls))
+            if self._datasets[item.dataset].cfg.caption_dropout_rate > 0:
+                pairs.add(("", item.record.controls))
+        return sorted(pairs, key=lambda pair: (pair[0], [str(p) for p in pair[1]]))
+
     def state_dict(self) -> dict:
         state = self._sampler.state_dict()
         state["batches_per_epoch"] = self._sampler.batches_in_epoch(self._sampler.epoch)
@@ -338,6 +355,7 @@ class TrainingData:
             original_sizes=[(s.original[1], s.original[0]) for s in filled],
             crops_top_left=[s.crop_top_left for s in filled],
             bucket_size=(filled[0].size[1], filled[0].size[0]),
+            control_files=[s.control_files for s in filled],
         )
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], latent_space_id: str) -> None:
@@ -532,9 +550,13 @@ class TrainingData:
             mask_img = crop_to_bucket(load_mask_image(rec.mask, geom.scaled), geom.scaled, geom.box, flip_x, flip_y)
             mask = torch.from_numpy(np.array(mask_img, dtype=np.uint8, copy=True)).float().div_(255.0)[None]
         control = None
-        if rec.control is not None:
-            control_img = load_image(rec.control, min_size=geom.scaled)
-            control = to_tensor(crop_to_bucket(control_img, geom.scaled, geom.box, flip_x, flip_y))
+        if rec.controls:
+            # each control image gets the target's resize, crop and flips
+            loaded = [
+                to_tensor(crop_to_bucket(load_image(path, min_size=geom.scaled), geom.scaled, geom.box, flip_x, flip_y))
+                for path in rec.controls
+            ]
+            control = loaded[0] if len(cfg.control_folders) == 1 else torch.stack(loaded)
         return _Sample(
             key=item.key,
             caption=caption,
@@ -550,4 +572,5 @@ class TrainingData:
             scaled=geom.scaled,
             original=(rec.width, rec.height),
             crop_top_left=(geom.box[1], geom.box[0]),
+            control_files=tuple(rec.controls),
         )

@@ -21,7 +21,20 @@ ADAPTERS: dict[str, str] = {
     "sd3": "aitk.models.sd3:SD3Adapter",
     "zimage": "aitk.models.zimage:ZImageAdapter",
     "qwen_image": "aitk.models.qwen_image:QwenImageAdapter",
+    "qwen_image_edit": "aitk.models.qwen_image_edit:QwenImageEditAdapter",
+    "qwen_image_edit_plus": "aitk.models.qwen_image_edit:QwenImageEditPlusAdapter",
     "lumina2": "aitk.models.lumina2:Lumina2Adapter",
+    "flex2": "aitk.models.flex2:Flex2Adapter",
+    "pixart": "aitk.models.pixart:PixArtAlphaAdapter",
+    "pixart_sigma": "aitk.models.pixart:PixArtSigmaAdapter",
+    "auraflow": "aitk.models.auraflow:AuraFlowAdapter",
+    "cogview4": "aitk.models.cogview4:CogView4Adapter",
+    "flux2": "aitk.models.flux2:Flux2Adapter",
+    "flux2_klein_4b": "aitk.models.flux2:Flux2Klein4BAdapter",
+    "flux2_klein_9b": "aitk.models.flux2:Flux2Klein9BAdapter",
+    "hidream": "aitk.models.hidream:HiDreamAdapter",
+    "krea2": "aitk.models.krea2:Krea2Adapter",
+    "ernie_image": "aitk.models.ernie_image:ErnieImageAdapter",
 }
 
 
@@ -43,13 +56,33 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
     "sd3": (16, None),
     "zimage": (16, None),
     "qwen_image": (32, None),  # ai-toolkit buckets Qwen-Image by 32 px
+    "qwen_image_edit": (32, None),
+    "qwen_image_edit_plus": (32, None),
     "lumina2": (16, None),
+    "flex2": (16, None),
+    "pixart": (16, None),
+    "pixart_sigma": (16, None),
+    "auraflow": (16, None),
+    "cogview4": (16, None),
+    "flux2": (16, None),
+    "flux2_klein_4b": (16, None),
+    "flux2_klein_9b": (16, None),
+    "hidream": (16, None),
+    "krea2": (16, None),
+    "ernie_image": (16, None),  # the pipeline's 16 px (ai-toolkit buckets ERNIE-Image by 32)
 }
 
 
 # Architectures whose adapter takes the dataset's control images (ModelAdapter.uses_controls), so
 # `aitk validate` can say that control_path is unused elsewhere without importing a model.
 CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext"})
+CONTROL_ARCHS = CONTROL_ARCHS | {"qwen_image_edit", "qwen_image_edit_plus"}  # control images in the prompt too
+CONTROL_ARCHS = CONTROL_ARCHS | {"flex2"}  # Flex.2: a control input channel group
+#: of those, the archs whose control images are optional (zeros without one): previews and data
+#: without a control image are plain text-to-image there
+OPTIONAL_CONTROL_ARCHS: frozenset[str] = frozenset({"flex2"})
+#: of those, the archs whose previews read several control images (sample ctrl_img_1 .. ctrl_img_3)
+MULTI_CONTROL_PREVIEW_ARCHS: frozenset[str] = frozenset({"qwen_image_edit_plus"})
 
 #: image-to-video archs: their adapters' `i2v` (a test keeps the two in step)
 FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
@@ -57,6 +90,8 @@ FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
 # Architectures whose attention masks the text's padding: attention kernels without a mask are refused
 # (aitk.models.attention.MASKED_BACKENDS lists the ones that take it).
 MASKED_ATTENTION_ARCHS: frozenset[str] = frozenset({"chroma"})
+MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"krea2"}  # batches of prompts of different lengths
+MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"ernie_image"}  # prompts padded to the batch's longest
 
 # Architectures whose denoiser has conv layers a network can wrap (network.conv; LoCon), so that
 # `aitk validate` can tell that conv alpha phases change nothing on the others.
@@ -65,10 +100,16 @@ CONV_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})
 # Architectures whose adapter loads model.assistant_lora_path (aitk.models.assistant: a training
 # adapter on while training, off for previews), so `aitk validate` can say it is ignored elsewhere.
 ASSISTANT_LORA_ARCHS: frozenset[str] = frozenset({"flux", "flux_kontext", "zimage"})
+ASSISTANT_LORA_ARCHS = ASSISTANT_LORA_ARCHS | {"krea2"}  # Krea 2 Turbo's training adapter
 
 # Architectures whose adapter reads model.extras_name_or_path (the parts besides a transformer-only
 # model), so `aitk validate` can say it is ignored elsewhere.
-EXTRAS_PATH_ARCHS: frozenset[str] = frozenset({"zimage", "qwen_image"})
+EXTRAS_PATH_ARCHS: frozenset[str] = frozenset({"zimage", "qwen_image", "cogview4"})
+EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"qwen_image_edit", "qwen_image_edit_plus"}
+EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"flux2", "flux2_klein_4b", "flux2_klein_9b"}  # transformer-only sources
+EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"hidream"}  # HiDream: VAE and text encoders (its Llama: model_kwargs)
+EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"krea2"}  # Krea 2: a transformer folder or single file
+EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"ernie_image"}  # ERNIE-Image: a transformer folder or single file
 
 # Architectures with two experts (one network each): arch -> the expert names, in training order.
 EXPERT_ARCHS: dict[str, tuple[str, ...]] = {
@@ -87,6 +128,7 @@ FLOW_NOISE_SCHEDULERS: tuple[str, ...] = ("flowmatch",)
 DDPM_TIMESTEP_TYPES: tuple[str, ...] = ("uniform", "linear", "sigmoid", "shift", "lognorm", "lognorm_blend")
 
 _DDPM_ARCHS = ("sd1", "sd15", "sd2", "sdxl")
+_DDPM_ARCHS += ("pixart", "pixart_sigma")  # DDPM-trained transformers
 #: arch -> the train.noise_scheduler names it accepts (unset is always fine)
 NOISE_SCHEDULERS: dict[str, tuple[str, ...]] = {
     arch: DDPM_NOISE_SCHEDULERS if arch in _DDPM_ARCHS else FLOW_NOISE_SCHEDULERS for arch in ADAPTERS
@@ -98,10 +140,18 @@ TIMESTEP_TYPES: dict[str, tuple[str, ...]] = {arch: DDPM_TIMESTEP_TYPES for arch
 #: architectures upstream trains that this version does not, with their names for messages (the
 #: plan says so in one line); a family that lands in ADAPTERS wins over its row here
 UNSUPPORTED_ARCH_LABELS: dict[str, str] = {
-    "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit", "qwen_image_edit_plus": "Qwen-Image-Edit-Plus",
-    "hidream": "HiDream", "chroma": "Chroma", "lumina2": "Lumina 2", "sd3": "Stable Diffusion 3", "omnigen2": "OmniGen2",
-    "flex1": "Flex.1", "flex2": "Flex.2", "wan22_5b": "WAN 2.2 5B", "zimage": "Z-Image",
+    "qwen_image": "Qwen-Image",
+    "hidream_e1": "HiDream E1", "chroma": "Chroma", "lumina2": "Lumina 2", "sd3": "Stable Diffusion 3", "omnigen2": "OmniGen2",
+    "flex1": "Flex.1", "wan22_5b": "WAN 2.2 5B", "zimage": "Z-Image",
 }
+#: archs upstream trains whose model diffusers 0.42 has no class for (upstream ships its own model
+#: code): this version loads every model through diffusers, so these are refused with that reason
+NO_DIFFUSERS_CLASS_ARCHS: dict[str, str] = {
+    "omnigen2": "OmniGen2", "boogu_image": "Boogu-Image", "boogu_image_edit": "Boogu-Image Edit",
+    "f-lite": "F Lite", "mageflow": "MageFlow", "mageflow_edit": "MageFlow Edit", "zeta_chroma": "Zeta Chroma",
+    "chroma_radiance": "Chroma Radiance", "zimage_l2p": "Z-Image L2P (pixel space)",
+}
+UNSUPPORTED_ARCH_LABELS.update(NO_DIFFUSERS_CLASS_ARCHS)
 
 
 def supported_archs() -> list[str]:

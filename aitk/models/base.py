@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,10 +166,20 @@ class ModelAdapter(ABC):
     lora_weight_names: tuple[str, str] = ("lora_down", "lora_up")
     #: prefix of the denoiser's keys in diffusers (PEFT) LoRA files ("unet" / "transformer")
     diffusers_lora_prefix: str = "unet"
+    #: layers diffusers splits that the original checkpoint, and ComfyUI, hold as one weight (q / k /
+    #: v of a fused qkv): comfyui-layout files write each group as one LoRA on it. An
+    #: aitk.networks.fused_files.FusedWeights from the family's keys module; None: no fused weights
+    lora_fused_weights: Any = None
     #: video models: the frame counts the model accepts ("4k+1"); None = an image model
     frame_rule: str | None = None
     #: the dataset's control images are inputs of the model (edit models such as FLUX Kontext)
     uses_controls: bool = False
+    #: the text encoder reads the prompt with the sample's control images (Qwen-Image-Edit): the
+    #: trainer passes their files to `encode_prompts_with_controls` and keys cached embeddings on them
+    prompt_reads_controls: bool = False
+    #: the arch whose LoRA key names this family's files share (only their header tells them apart):
+    #: `aitk lora info` names it on a guess from the keys
+    lora_keys_shared_with: str | None = None
     #: attributes holding the denoisers (the parts `bind` accepts besides encoders and auxiliaries)
     denoiser_names: tuple[str, ...] = ("unet",)
     #: loaded with torch_dtype: diffusers keeps the modules a class names in
@@ -258,6 +269,12 @@ class ModelAdapter(ABC):
         parts = self.loaded_parts()
         self.bind(parts, PartConfigs.of_loaded(parts, tokenizers, scheduler, boundary_ratio))
 
+    def fixed_shape_step(self) -> AbstractContextManager[None]:
+        """While `aitk plan` traces a step on fake tensors (no values): patches that give the step
+        shapes known without data, for families whose shapes follow it (expert routing, prompt
+        lengths read from a mask); each says how it bounds them. Default: none needed."""
+        return nullcontext()
+
     @abstractmethod
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
@@ -321,6 +338,16 @@ class ModelAdapter(ABC):
         """Text conditioning for `prompts` (on self.device). Families whose text encoders can
         train (`text_encoder_lora_prefixes`) leave gradients to the caller, which encodes under
         torch.no_grad() unless a text-encoder network trains (aitk.trainer.conditioning)."""
+
+    def encode_prompts_with_controls(self, prompts: list[str], controls: list[tuple[Path, ...]]) -> PromptEmbeds:
+        """`encode_prompts`, each prompt read with its sample's control image files (`controls[i]`,
+        in control_path order) where `prompt_reads_controls`; other models ignore the files."""
+        return self.encode_prompts(prompts)
+
+    def preview_control_files(self, request: Any) -> tuple[Path, ...]:
+        """The control image files a preview's prompt is read with (`prompt_reads_controls`
+        models; request: aitk.config.prompts.PreviewRequest). Default: none."""
+        return ()
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ SIGMA_MIN (sigma = 0 has no noise to learn from).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -70,6 +72,24 @@ def time_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
     """
     s = math.exp(mu)
     return s * sigma / (1.0 + (s - 1.0) * sigma)
+
+
+def resolution_shift(num_tokens: int, scheduler_config: Mapping[str, Any], max_shift: float = 1.15) -> float:
+    """The resolution-dependent time shift mu of `num_tokens` image tokens that diffusers'
+    flow-matching pipelines compute (calculate_shift: base_shift at base_image_seq_len rising
+    linearly to max_shift at max_image_seq_len), from a scheduler config; `max_shift` is the
+    pipeline's default when the config has none."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return float(
+        calculate_shift(
+            num_tokens,
+            scheduler_config.get("base_image_seq_len", 256),
+            scheduler_config.get("max_image_seq_len", 4096),
+            scheduler_config.get("base_shift", 0.5),
+            scheduler_config.get("max_shift", max_shift),
+        )
+    )
 
 
 def sample_sigmas(

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from aitk.fsutil import atomic_write_bytes
+from aitk.networks.fused_files import FUSED_RECORD_KEY, FusedWeights, fuse_lora_tensors, split_fused_lora
 from aitk.networks.lora import NetworkHandle
 from aitk.networks.text_encoders import TextEncoderNaming
 
@@ -315,6 +316,7 @@ def save_lora(
     key_for: KeyFor | None = None,
     weight_names: tuple[str, str] | None = None,
     text_encoders: Sequence[TextEncoderPart] = (),
+    fused: FusedWeights | None = None,
 ) -> Path:
     """Write the network to a .safetensors file (atomically) and return its path.
 
@@ -323,6 +325,8 @@ def save_lora(
     trainer passes the model adapter's `lora_weight_names`);
     "diffusers": PEFT keys under `diffusers_prefix` plus the LoRA config in the metadata.
     `text_encoders`: text-encoder networks written beside the denoiser's (module docstring).
+    `fused`: the model's fused weights (the adapter's `lora_fused_weights`): in the comfyui / kohya
+    layout their split LoRA / DoRA parts are written as one LoRA each (aitk.networks.fused_files).
     `metadata` (all values str) is added to the file's header.
     """
     fmt = str(save_format).lower()
@@ -344,6 +348,8 @@ def save_lora(
                 tensors, network_to_kohya(te_handle, dtype=dtype, key_for=naming.key_stem, weight_names=weight_names)
             )
         header: dict[str, str] = {"format": "pt"}
+        if fused is not None:
+            tensors = _fused_for_comfyui(tensors, header, fused, handle.algo)
         # only plain LoRA files load in diffusers' kohya converter (it drops dora_scale, skips LyCORIS)
         kohya_lora = prefix.startswith("lora_unet") and handle.algo == "lora"
         conflicts = diffusers_kohya_alpha_conflicts(handle) if kohya_lora else []
@@ -365,13 +371,39 @@ def save_lora(
     for k, v in (metadata or {}).items():
         if not isinstance(v, str):
             raise TypeError(f"metadata value of {k!r} must be str, got {type(v).__name__}")
-        if k == LORA_ADAPTER_METADATA_KEY and LORA_ADAPTER_METADATA_KEY in header:
-            continue  # the config describing these tensors wins
+        if k in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY) and k in header:
+            continue  # the config / fused record describing these tensors wins
         header[k] = v
     from aitk.networks.metadata import safetensors_bytes_with_hashes
 
     data = safetensors_bytes_with_hashes(tensors, header)  # + sshs_model_hash, sshs_legacy_hash, modelspec.hash_sha256
     return atomic_write_bytes(path, data)
+
+
+def _fused_for_comfyui(
+    tensors: dict[str, torch.Tensor], header: dict[str, str], fused: FusedWeights, algo: str
+) -> dict[str, torch.Tensor]:
+    """The denoiser's tensors with split q / k / v groups fused (their record added to `header`);
+    a warning names the groups ComfyUI will skip (LoKr / LoHa, or parts that cannot fuse)."""
+    if algo in ("lokr", "loha"):
+        if any(fused.fused_stem(k.rsplit(".", 1)[0]) for k in tensors):
+            warnings.warn(
+                f"{algo} keeps q / k / v under split names, which ComfyUI skips (its model holds one fused "
+                "qkv weight): train LoRA or DoRA, or exclude the attention q / k / v, to use the file fully there",
+                stacklevel=3,
+            )
+        return tensors
+    out, record, left = fuse_lora_tensors(tensors, fused)
+    if record:
+        header[FUSED_RECORD_KEY] = json.dumps(record, separators=(",", ":"))
+    if left:
+        stem, why = next(iter(left.items()))
+        warnings.warn(
+            f"{len(left)} q / k / v group(s) keep split names, which ComfyUI skips (e.g. {stem}: {why}); "
+            "give q, k and v the same rank and alpha to write them fused",
+            stacklevel=3,
+        )
+    return out
 
 
 def text_encoder_tensors(tensors: dict[str, torch.Tensor], naming: TextEncoderNaming) -> dict[str, torch.Tensor]:
@@ -441,9 +473,12 @@ def load_network_file(
     prefix: str = "lora_unet",
     key_for: KeyFor | None = None,
     diffusers_prefix: str = "unet",
+    fused: FusedWeights | None = None,
 ) -> dict[str, float]:
     """Load a file we wrote (any save_format, any network type) into a network of the same
     configuration: weights copied in, and the file's alphas put in effect. Returns {module: alpha}.
+    Fused q / k / v LoRAs are split back first (by the header's record, or by `fused` in files
+    without one; aitk.networks.fused_files).
 
     `source`: a path, or (tensors, metadata) already read. Naming arguments as for `save_lora`
     (the trainer passes the model adapter's `lora_prefix`, `lora_key_stem`, `diffusers_lora_prefix`).
@@ -459,6 +494,8 @@ def load_network_file(
         # no config: diffusers' convention, alpha = rank (scale 1)
         alphas = config_alphas(cfg, names) if cfg else {n: float(handle.module_rank(n)) for n in names}
     else:
+        if handle.algo in ("lora", "dora"):
+            tensors = _split_fused(handle, tensors, metadata, prefix, key_for, fused)
         state, alphas = kohya_to_network_state(handle, tensors, prefix=prefix, key_for=key_for)
     handle.load_network_state_dict(state)
     if alphas:
@@ -474,3 +511,31 @@ def load_network_file(
         if odd:
             handle.set_module_alphas(odd)
     return alphas
+
+
+def _split_fused(
+    handle: NetworkHandle, tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefix: str,
+    key_for: KeyFor | None, fused: FusedWeights | None,
+) -> dict[str, torch.Tensor]:
+    """The file's fused q / k / v LoRAs as the network's split modules; ValueError saying what to do
+    for a fused LoRA the network cannot take (no record of its split, or not block-diagonal)."""
+    split, _, shared = split_fused_lora(tensors, metadata, fused)
+    if shared:
+        raise ValueError(
+            f"{shared[0]} (and {len(shared) - 1} more) hold a fused q / k / v LoRA whose up is not block-diagonal "
+            "(trained on the fused weight, by another tool): it is no set of separate rank-r q / k / v LoRAs, so "
+            "this network cannot continue it. For inference convert it (aitk convert --to diffusers: exact, "
+            "q / k / v get the fused rank each) or bake it in (aitk merge)"
+        )
+    wrapped = set(_kohya_names(handle, prefix, key_for).values())
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in split}
+    for stem in sorted(stems - wrapped):
+        parts = sorted(w for w in wrapped if w.startswith(stem + "."))
+        if parts:
+            raise ValueError(
+                f"{stem} holds one LoRA for a fused weight that this network trains as {len(parts)} layers "
+                f"({', '.join(p[len(stem) + 1:] for p in parts)}), and the file does not record how it splits "
+                "(no aitk_fused_lora header: another tool's file). Read it with aitk convert --to diffusers "
+                "--arch <arch>, which knows the model's sizes, or bake it in with aitk merge"
+            )
+    return split

@@ -106,7 +106,11 @@ class Planner:
         return model, trace, size
 
     def _run_trace(self, settings: PlanSettings, size: tuple[int, int]) -> tuple[Any, Any]:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+            FakeTensorMode,
+        )
 
         from aitk.plan.model import build_fake_model
         from aitk.plan.step import trace_step
@@ -126,6 +130,15 @@ class Planner:
             trace = trace_step(adapter, model.denoisers[model.traced_part], inputs, fake_mode)
         except PlanInputError:
             raise
+        except (DynamicOutputShapeException, DataDependentOutputException) as exc:
+            # fake tensors have no values: a step whose shapes follow the data (mixture-of-experts
+            # routing, token counts read from a mask) has no size before it runs
+            raise PlanInputError(
+                f"{self.spec.label} cannot be planned ahead: its training step has shapes that depend on "
+                f"the data ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), which a "
+                "model without weights cannot know; start with the settings of the family's example job "
+                "file (docs/models.md) and watch the memory line of the first steps"
+            ) from exc
         except Exception as exc:  # an op fake tensors cannot run: say which, never a traceback
             raise PlanInputError(
                 f"the training step of {self.spec.label} could not be traced on fake tensors "

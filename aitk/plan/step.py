@@ -43,7 +43,7 @@ def trace_step(
     autocast = (
         torch.autocast("cpu", dtype=adapter.dtype) if adapter.dtype != torch.float32 else nullcontext()
     )
-    with fake_mode, tracker:
+    with fake_mode, tracker, adapter.fixed_shape_step():
         tracker.known([*denoiser.parameters(), *denoiser.buffers()])
         hooks = tracker.watch_gradients(trainable)
         try:

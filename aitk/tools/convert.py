@@ -11,7 +11,9 @@ and LyCORIS's shapes), alphas move between `.alpha` tensors (float32) and the JS
 written only in the diffusers layout (diffusers refuses it next to `.alpha` keys) and the weight
 hashes are recomputed for the new tensors.
 
-comfyui and kohya are the same file (as for save_format). LoKr / LoHa files have no diffusers
+comfyui and kohya are the same file (as for save_format). Fused q / k / v LoRAs (Lumina 2, FLUX.2:
+one LoRA on the original fused weight, aitk.networks.fused_files) are split for the diffusers
+layout and fused again for comfyui, as the trainer writes them, bit for bit. LoKr / LoHa files have no diffusers
 layout (diffusers' load_lora_weights reads neither), so `--to diffusers` refuses them.
 
 Text-encoder LoRA (SD 1.x / 2.x, SDXL) converts with the rest: kohya `lora_te_` / `lora_te1_` /
@@ -31,6 +33,7 @@ from typing import Any, TextIO
 import torch
 
 from aitk.networks.export import LORA_ADAPTER_METADATA_KEY, _group_pattern
+from aitk.networks.fused_files import FUSED_RECORD_KEY, fuse_lora_tensors
 from aitk.networks.text_encoders import CLIP_ROOT, text_encoder_namings
 from aitk.tools.layout import (
     NetworkFile,
@@ -56,14 +59,21 @@ def _alpha(parts: dict[str, torch.Tensor]) -> float:
     return float(parts["alpha"].item()) if "alpha" in parts else float(_rank(parts))
 
 
-def to_comfyui(nf: NetworkFile, adapter: Any) -> dict[str, torch.Tensor]:
+def to_comfyui(nf: NetworkFile, adapter: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The comfyui / kohya tensors of `nf` under the adapter's key stems and weight names (text
-    encoders: kohya's lora_te_ / lora_te1_ / lora_te2_ stems)."""
+    encoders: kohya's lora_te_ / lora_te1_ / lora_te2_ stems), q / k / v fused where the family
+    fuses them (with the header entry that records it)."""
     out = modules_to_kohya(nf.modules, adapter.lora_key_stem, adapter.lora_weight_names)
+    header: dict[str, str] = {}
+    spec = getattr(adapter, "lora_fused_weights", None)
+    if spec is not None and nf.algos <= {"lora", "dora"}:
+        out, record, _ = fuse_lora_tensors(out, spec)
+        if record:
+            header[FUSED_RECORD_KEY] = json.dumps(record, separators=(",", ":"))
     namings = text_encoder_namings(adapter)
     for name, modules in nf.text_encoders.items():
         out.update(modules_to_kohya(modules, namings[name].key_stem, adapter.lora_weight_names))
-    return out
+    return out, header
 
 
 def _rooted(regex: str, root: str) -> str:
@@ -164,13 +174,13 @@ def convert_file(source: str | Path, to: str, arch: str, output: str | Path) -> 
     tensors, metadata = read_network_tensors(source)
     adapter = naming_adapter(arch)
     nf = parse_network_file(tensors, metadata, adapter, arch)
-    header = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY}
+    header = {k: v for k, v in metadata.items() if k not in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY)}
     header.setdefault("format", "pt")
     if target == "diffusers":
         out_tensors, extra = to_diffusers(nf, adapter)
-        header.update(extra)
     else:
-        out_tensors = to_comfyui(nf, adapter)
+        out_tensors, extra = to_comfyui(nf, adapter)
+    header.update(extra)
     path = Path(output).expanduser()
     if path.resolve() == Path(source).expanduser().resolve():
         raise ToolError(f"-o {output}: the output would overwrite the input; give another file name")
@@ -202,4 +212,7 @@ def convert_command(
     encoders = f" + {nf.text_encoder_module_count} text-encoder" if nf.text_encoders else ""
     print(f"wrote {written} ({to} layout, {len(nf.modules)}{encoders} {kinds} modules, from the {nf.layout} layout)",
           file=out)
+    if nf.fused_shared_down:
+        print(f"note: {len(nf.fused_shared_down)} fused q / k / v LoRA(s) of the input are not block-diagonal "
+              "(trained on the fused weight): q, k and v each got the fused rank, sharing its down (exact)", file=out)
     return 0

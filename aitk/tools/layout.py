@@ -17,6 +17,10 @@ kohya's `lora_te_` / `lora_te1_` / `lora_te2_` stems or diffusers' `text_encoder
 kohya's form (`text_model.encoder.layers.0.self_attn.q_proj`), whichever form the file used
 (transformers 5's CLIPTextModel has no `text_model` level; diffusers and ComfyUI accept both).
 
+Fused q / k / v LoRAs (Lumina 2's `attention.qkv`, FLUX.2's `img_attn.qkv`: one LoRA on the
+original fused weight, aitk.networks.fused_files) are split back into their layers first, by the
+header's record or, in other tools' files, by the family's `lora_fused_weights`.
+
 Stems are turned back into module paths here and every result is checked by mapping it forward
 again with the adapter's own `lora_key_stem`, so the inverse can never disagree with what the
 trainer writes.
@@ -103,6 +107,10 @@ class NetworkFile:
     #: text encoder attribute ("text_encoder", "text_encoder_2") -> its modules, as `modules`,
     #: by kohya-form path ("text_model.encoder.layers.0.self_attn.q_proj")
     text_encoders: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    #: stems of the fused q / k / v LoRAs the file held (split into `modules`), and of those the
+    #: ones whose up was not block-diagonal (their parts share the fused down, at its rank)
+    fused: list[str] = field(default_factory=list)
+    fused_shared_down: list[str] = field(default_factory=list)
 
     @property
     def algos(self) -> set[str]:
@@ -397,8 +405,12 @@ def parse_network_file(
 ) -> NetworkFile:
     """Group a file's tensors by module of `arch`'s denoiser and text encoders; ToolError for keys
     that name no module in the arch's naming, for tensors of no known kind and for incomplete modules."""
-    denoiser, encoder_tensors = split_text_encoder_tensors(tensors, adapter)
     layout = "diffusers" if is_peft_keyed(tensors) else "comfyui"
+    fused: list[str] = []
+    shared: list[str] = []
+    if layout == "comfyui":
+        tensors, fused, shared = split_fused_tensors(tensors, metadata, adapter)
+    denoiser, encoder_tensors = split_text_encoder_tensors(tensors, adapter)
     groups, unknown = group_by_module(denoiser)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unmatched: list[str] = []
@@ -433,7 +445,20 @@ def parse_network_file(
         _check_modules(found, f"{name}.")
     if len(names_used) > 1:
         raise ToolError("the file mixes lora_down / lora_up and lora_A / lora_B names; cannot tell its layout")
-    return NetworkFile(layout, modules, dict(metadata), next(iter(names_used), None), text_encoders)
+    return NetworkFile(layout, modules, dict(metadata), next(iter(names_used), None), text_encoders, fused, shared)
+
+
+def split_fused_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], adapter: Any
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """(the tensors with fused q / k / v LoRAs split into their layers, the fused stems, those whose
+    up was not block-diagonal); ToolError for a fused LoRA that cannot be split."""
+    from aitk.networks.fused_files import FusedFileError, split_fused_lora
+
+    try:
+        return split_fused_lora(tensors, metadata, getattr(adapter, "lora_fused_weights", None))
+    except FusedFileError as exc:
+        raise ToolError(str(exc)) from None
 
 
 def modules_to_kohya(

@@ -6,7 +6,9 @@ loha), ranks, alphas, module count, tensor dtypes, the header metadata, and whet
 hash in the header (sshs_model_hash) matches the file's tensors. Files with more than one part
 (the denoiser and text encoders: kohya `lora_unet` / `lora_te` / `lora_te1` / `lora_te2`,
 diffusers `unet` / `text_encoder` / `text_encoder_2`) get the same figures per part, and for a
-text encoder its CLIP layers and the module kinds trained in them.
+text encoder its CLIP layers and the module kinds trained in them. Fused q / k / v LoRAs that
+the header records (Lumina 2, FLUX.2: one LoRA on the original fused weight, which ComfyUI loads)
+are counted as the layers aitk trained, and their number is shown.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TextIO
 import torch
 
 from aitk.networks.export import _unprefixed_config, config_alphas
+from aitk.networks.fused_files import FusedFileError, split_fused_lora
 from aitk.networks.merge import group_by_module
 from aitk.tools.layout import ToolError, is_peft_keyed, module_algo, read_network_tensors
 
@@ -66,6 +69,8 @@ class LoraInfo:
     other_keys: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     hash_check: str = ""
+    #: fused q / k / v LoRAs in the file (each counted above as its split layers)
+    fused_groups: int = 0
 
 
 def _arch_from_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
@@ -89,6 +94,17 @@ def _arch_from_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
         if version and version in (getattr(cls, "base_model_version", None), getattr(cls, "v_prediction_names", ("",))[0]):
             return arch, f"header: ss_base_model_version = {version}"
     return None
+
+
+def _key_sharers(tensors: dict[str, torch.Tensor]) -> str:
+    """For a guess: the architectures whose files carry the guessed one's key names (told apart by
+    the header alone: ModelAdapter.lora_keys_shared_with), as a note; "" when none."""
+    from aitk.models.archs import ADAPTERS
+    from aitk.models.registry import adapter_class
+
+    guessed = _guess_arch(tensors)
+    sharers = [arch for arch in ADAPTERS if adapter_class(arch).lora_keys_shared_with == guessed]
+    return f"; {' / '.join(sharers)} files have these keys too" if sharers else ""
 
 
 def _guess_arch(tensors: dict[str, torch.Tensor]) -> str:
@@ -212,6 +228,12 @@ def _hash_line(path: Path) -> str:
 def lora_info(path: str | Path) -> LoraInfo:
     tensors, metadata = read_network_tensors(path)
     p = Path(path).expanduser()
+    fused: list[str] = []
+    if not is_peft_keyed(tensors):
+        try:
+            tensors, fused, _ = split_fused_lora(tensors, metadata)
+        except FusedFileError as exc:
+            raise ToolError(f"{path}: {exc}") from None
     groups, unknown = group_by_module(tensors)
     if unknown and not groups:
         raise ToolError(f"{path}: no LoRA / LoKr / LoHa / DoRA tensors in the file (e.g. keys {unknown[:3]})")
@@ -237,7 +259,7 @@ def lora_info(path: str | Path) -> LoraInfo:
     conv = sum(_is_conv(parts) for parts in weighted.values())
     network_type = _network_type(list(weighted.values()))
     found = _arch_from_metadata(metadata)
-    arch, source = found if found else (_guess_arch(tensors), "guessed from key names")
+    arch, source = found if found else (_guess_arch(tensors), "guessed from key names" + _key_sharers(tensors))
     components = collections.Counter(_component(s) for s in weighted)
     parts = _parts(weighted, alphas)
     dtypes = collections.Counter(
@@ -260,6 +282,7 @@ def lora_info(path: str | Path) -> LoraInfo:
         other_keys=sorted(unknown),
         metadata=dict(sorted(metadata.items())),
         hash_check=_hash_line(p),
+        fused_groups=len(fused),
     )
 
 
@@ -294,6 +317,8 @@ def format_info(info: LoraInfo) -> list[str]:
         + (f"; by part: {_counts(info.components, 'modules')}" if info.components and not info.parts else ""),
         f"rank:          {_counts(info.ranks, 'modules')}",
         f"alpha:         {alpha}",
+        *([f"fused:         {info.fused_groups} q / k / v groups stored as one LoRA on the fused weight "
+           "(ComfyUI's layout), counted as their split layers"] if info.fused_groups else []),
         *_part_lines(info.parts),
         f"dtype:         {_counts(info.dtypes, 'tensors')}",
         f"hash:          {info.hash_check}",

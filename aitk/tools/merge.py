@@ -1,7 +1,7 @@
 """`aitk merge --model BASE --lora FILE [--lora-2 FILE] --strength S --arch ARCH -o OUT`.
 
 Bakes network files into a base model's denoiser weights (aitk.networks.merge: LoRA, LoCon,
-DoRA, LoKr, LoHa, any layout aitk writes), and a file's text-encoder LoRA (SD 1.x / 2.x `lora_te_`,
+DoRA, LoKr, LoHa, any layout aitk writes; a LoRA on a fused qkv goes onto its split layers), and a file's text-encoder LoRA (SD 1.x / 2.x `lora_te_`,
 SDXL `lora_te1_` / `lora_te2_`, or diffusers' `text_encoder.` / `text_encoder_2.` keys) into the
 text encoders, at the same strength, as kohya's merge scripts do. It saves the result:
 
@@ -37,9 +37,11 @@ from aitk.tools.checkpoint_file import LDM_UNET_PREFIX, save_single_file
 from aitk.tools.layout import (
     NetworkFile,
     ToolError,
+    is_peft_keyed,
     modules_to_kohya,
     parse_network_file,
     read_network_tensors,
+    split_fused_tensors,
     split_text_encoder_tensors,
 )
 
@@ -276,6 +278,8 @@ def merge_model(
     modules: dict[str, torch.nn.Module] = {}
     for (expert, module), path, (tensors, metadata) in zip(experts, loras, files):
         denoiser, _ = split_text_encoder_tensors(tensors, adapter)
+        if not is_peft_keyed(denoiser):  # one LoRA on a fused qkv: its parts, on the split layers
+            denoiser, _, _ = split_fused_tensors(denoiser, metadata, adapter)
         try:
             names = merge_network_file(
                 module, (denoiser, metadata), strength=strength, prefix=adapter.lora_prefix,

@@ -96,7 +96,7 @@ class Trainer(TrainerSetup, TrainerSaving):
                 noisy = self.adapter.make_noisy_batch(
                     latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
                 )
-            cond = self.conditioner.for_batch(batch.captions, batch.is_reg)
+            cond = self.conditioner.for_batch(batch.captions, batch.is_reg, batch.control_files)
             weights = batch.loss_multiplier.to(self.session.device)
             if noisy.loss_weights is not None:
                 weights = weights * noisy.loss_weights

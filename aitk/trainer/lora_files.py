@@ -99,6 +99,7 @@ def write_lora_files(
             dtype=torch_dtype(save_cfg.dtype),
             metadata=lora_metadata(job, process, adapter, handle, shown_step, shown_expert),
             text_encoders=text_encoders,
+            fused=getattr(adapter, "lora_fused_weights", None),  # ComfyUI's fused q / k / v
         )
         written.append(path)
     return written

@@ -182,14 +182,15 @@ class TrainerSetup:
         if self.train_cfg.unload_text_encoder:  # ai-toolkit too uses the cached captions then
             self.log("note: train.unload_text_encoder with cache_text_embeddings: steps use the cached caption "
                      "embeddings, not the trigger word")
-        captions = self.data.all_captions()
+        reads_controls = self.adapter.prompt_reads_controls  # then each caption with its control files
+        captions = self.data.all_captions_with_controls() if reads_controls else self.data.all_captions()
         if captions is None:
             self.log(
                 "warning: cache_text_embeddings: shuffle_tokens / token_dropout_rate make a new caption "
                 "for every draw, so captions are encoded as they come (kept in memory)"
             )
             return
-        wanted = list(dict.fromkeys(captions + self._preview_prompts()))
+        wanted = list(dict.fromkeys([*captions, *self._preview_prompts()]))
         from tqdm import tqdm
 
         self._set_status(state="caching")
@@ -227,13 +228,21 @@ class TrainerSetup:
             self.conditioner.encoders_released = True
         return freed
 
-    def _preview_prompts(self) -> list[str]:
-        """Every prompt and negative prompt of the previews (sorted, once each)."""
-        return sorted({r.prompt for r in self.preview_requests} | {r.negative for r in self.preview_requests})
+    def _preview_prompts(self) -> list[Any]:
+        """Every prompt and negative prompt of the previews (sorted, once each); with the preview's
+        control image files where the model reads the prompt with them."""
+        if not self.adapter.prompt_reads_controls:
+            return sorted({r.prompt for r in self.preview_requests} | {r.negative for r in self.preview_requests})
+        entries = []
+        for request in self.preview_requests:
+            files = self.adapter.preview_control_files(request)
+            entries += [(request.prompt, files), (request.negative, files)]
+        return list(dict.fromkeys(entries))
 
     def _cached_prompt_kwargs(self, request: Any) -> dict[str, Any]:
+        files = [self.adapter.preview_control_files(request)]
         return self.adapter.preview_prompt_kwargs(
-            self.conditioner([request.prompt]), self.conditioner([request.negative])
+            self.conditioner([request.prompt], files), self.conditioner([request.negative], files)
         )
 
     def _preview_requests(self) -> list[Any]:

@@ -185,6 +185,18 @@ def _build() -> dict[str, dict[str, Any]]:
             sample={**_image_sample(768, "flowmatch", 4.0, 20), "ctrl_img": ""}, train_extra=flux_train,
             model_extra={"quantize": True}, dataset_extra={"control_path": ""},
         )),
+        "flex2": ("Flex.2", "Flex.2 preview (FLUX-shaped, built-in inpaint and control inputs): random inpaint "
+                  "areas and dropouts, guidance embedding bypassed, quantized: upstream's UI defaults for it; "
+                  "control images are optional (datasets[0].control_path).", _job(
+            arch="flex2", model="ostris/Flex.2-preview", resolution=[512, 768, 1024], rank=32,
+            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 25), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "bypass_guidance_embedding": True},
+            model_extra={"quantize": True, "quantize_te": True, "model_kwargs": {
+                "invert_inpaint_mask_chance": 0.2, "inpaint_dropout": 0.5, "control_dropout": 0.5,
+                "inpaint_random_chance": 0.2, "do_random_inpainting": True, "random_blur_mask": True,
+                "random_dialate_mask": True}},
+        )),
         "chroma": ("Chroma", "Chroma1-Base (FLUX-derived, T5 only, true CFG previews), 512-1024 px buckets, "
                    "quantized base, EMA: upstream's 24 GB example.", _job(
             arch="chroma", model="lodestones/Chroma1-Base", resolution=[512, 768, 1024], rank=16,
@@ -202,6 +214,19 @@ def _build() -> dict[str, dict[str, Any]]:
                          "ema_config": {"use_ema": True, "ema_decay": 0.99}},
             model_extra={"quantize": True},
         )),
+        "pixart_sigma": ("PixArt-Sigma", "PixArt-Sigma XL 1024 (0.6B DiT, T5-XXL text encoder), 1024 px, "
+                         "DDPM training: the SD 3.5 example's settings, as upstream has no PixArt example.", _job(
+            arch="pixart_sigma", model="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", resolution=[1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "ddpm", 4.5, 20), "neg": ""}, train_extra={"noise_scheduler": "ddpm"},
+        )),
+        "auraflow": ("AuraFlow", "AuraFlow v0.3 (6.8B MMDiT, UMT5 text encoder), 1024 px, quantized base: the "
+                     "SD 3.5 example's settings, as upstream has no AuraFlow example.", _job(
+            arch="auraflow", model="fal/AuraFlow-v0.3", resolution=[1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 3.5, 25), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "linear"}, model_extra={"quantize": True},
+        )),
         "lumina2": ("Lumina-Image 2.0", "Lumina-Image 2.0 (2.6B, Gemma-2 text encoder), 512-1024 px buckets, "
                     "quantized text encoder, EMA: upstream's 24 GB example.", _job(
             arch="lumina2", model="Alpha-VLLM/Lumina-Image-2.0", resolution=[512, 768, 1024], rank=16,
@@ -211,6 +236,17 @@ def _build() -> dict[str, dict[str, Any]]:
                          "ema_config": {"use_ema": True, "ema_decay": 0.99}},
             model_extra={"quantize_te": True},
         )),
+        **{key: (label, f"{label} ({about}), quantized (qfloat8 transformer and text encoder), low VRAM, "
+                 "text-to-image: upstream's UI defaults for it.", _job(
+            arch=key, model=repo, resolution=[512, 768, 1024], rank=16, steps=2000, lr=1e-4, optimizer="adamw8bit",
+            dtype="bf16", sample={**_image_sample(1024, "flowmatch", 4.0, 30), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "weighted"},
+            model_extra={"quantize": True, "qtype": "qfloat8", "quantize_te": True, "low_vram": True},
+        )) for key, label, about, repo in (
+            ("flux2", "FLUX.2 dev", "32B, Mistral Small 3.1 text encoder", "black-forest-labs/FLUX.2-dev"),
+            ("flux2_klein_4b", "FLUX.2 Klein base 4B", "Qwen3-4B text encoder", "black-forest-labs/FLUX.2-klein-base-4B"),
+            ("flux2_klein_9b", "FLUX.2 Klein base 9B", "Qwen3-8B text encoder", "black-forest-labs/FLUX.2-klein-base-9B"),
+        )},
         "zimage_turbo": ("Z-Image Turbo", "Z-Image Turbo (6B, Qwen3 text encoder) with its training adapter (on "
                          "while training, off for previews: the LoRA keeps the 8-step distillation), quantized, "
                          "low VRAM: upstream's 24 GB preset.", _job(
@@ -227,6 +263,25 @@ def _build() -> dict[str, dict[str, Any]]:
             steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
             sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=zimage_train,
             model_extra={**zimage_model, "extras_name_or_path": "Tongyi-MAI/Z-Image-Turbo"},
+        )),
+        "krea2": ("Krea 2", "Krea 2 raw (single-stream MMDiT, Qwen3-VL-4B text encoder), quantized, low "
+                  "VRAM: upstream's UI defaults for it.", _job(
+            arch="krea2", model="krea/Krea-2-Raw", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 30), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "linear"},
+            model_extra={"quantize": True, "qtype": "qfloat8", "quantize_te": True, "low_vram": True},
+        )),
+        "krea2_turbo": ("Krea 2 Turbo", "Krea 2 Turbo with its training adapter (on while training, off for "
+                        "previews), previews in 9 steps without guidance, quantized, low VRAM: upstream's UI "
+                        "defaults for it.", _job(
+            arch="krea2:turbo", model="krea/Krea-2-Turbo", resolution=[512, 768, 1024], rank=16,
+            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample=_image_sample(1024, "flowmatch", 1.0, 9),
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "linear"},
+            model_extra={"quantize": True, "qtype": "qfloat8", "quantize_te": True, "low_vram": True,
+                         "assistant_lora_path":
+                         "ostris/krea2_turbo_training_adapter/krea2_turbo_training_adapter_v1.safetensors"},
         )),
         "qwen_image": ("Qwen-Image", "Qwen-Image (20B MMDiT, Qwen2.5-VL text encoder): 3-bit base with "
                        "its accuracy-recovery adapter, cached text embeddings, low VRAM: upstream's 24 GB "
@@ -269,6 +324,26 @@ def _build() -> dict[str, dict[str, Any]]:
             train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "switch_boundary_every": 100},
             dataset_extra={**wan_dataset, "caption_dropout_rate": 0.1}, model_extra={"quantize": True},
             network_extra={"linear_alpha": 32, "alpha_schedule": VIDEO_ALPHA_SCHEDULE}, save_every=500,
+        )),
+        "hidream": ("HiDream-I1", "HiDream-I1 Full (17B mixture-of-experts DiT; CLIP-L, CLIP-G, T5 and Llama 3.1 "
+                    "8B text encoders), quantized, LoRA off the routed experts: upstream's preset and its "
+                    "48 GB example (about 35 GB; not a 24 GB model).", _job(
+            arch="hidream", model="HiDream-ai/HiDream-I1-Full", resolution=[512, 768, 1024], rank=32,
+            steps=3000, lr=2e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 25), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift"},
+            model_extra={"quantize": True, "quantize_te": True, "extras_name_or_path": "HiDream-ai/HiDream-I1-Full",
+                         "model_kwargs": {"llama_model_path": "unsloth/Meta-Llama-3.1-8B-Instruct"}},
+            network_extra={"network_kwargs": {"ignore_if_contains": ["ff_i.experts", "ff_i.gate"]}},
+        )),
+        "ernie_image": ("ERNIE-Image", "ERNIE-Image (8B single-stream DiT, Ministral 3 text encoder, FLUX.2 VAE), "
+                        "quantized, low VRAM: upstream's 24 GB preset (baidu/ERNIE-Image-Turbo loads alike).", _job(
+            arch="ernie_image", model="baidu/ERNIE-Image", resolution=[512, 768, 1024], rank=32,
+            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 4.0, 30), "neg": ""},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "weighted"},
+            model_extra={"quantize": True, "qtype": "qfloat8", "quantize_te": True, "qtype_te": "qfloat8",
+                         "low_vram": True},
         )),
     }
     return {

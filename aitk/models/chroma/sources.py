@@ -20,10 +20,11 @@ from typing import Any
 
 from aitk.models import common
 from aitk.models.base import ModelLoadError
+from aitk.models.diffusers_parts import TRANSFORMER_FILE_SUFFIXES
 
 UPSTREAM_REPO = "lodestones/Chroma"
 DEFAULT_EXTRAS = "lodestones/Chroma1-HD"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+SINGLE_FILE_SUFFIXES = TRANSFORMER_FILE_SUFFIXES
 _VERSION_FILE = re.compile(r"^chroma-unlocked-v(\d+)\.safetensors$")
 _VERSION_NAME = re.compile(r"^lodestones/chroma/v(\d+)$", re.IGNORECASE)
 FOLDER_HINT = (

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aitk.models import tiny_common
+from aitk.models.flux.tiny import tiny_flux_vae, tiny_t5_encoder
 
 TINY_CHROMA_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
 VARIANTS = ("base",)
@@ -39,7 +40,6 @@ def build_tiny_chroma(folder: str | Path, variant: str = "base", seed: int = 0) 
 def _chroma_pipeline() -> Any:
     """The ChromaPipeline `build_tiny_chroma` saves (torch's generator already seeded)."""
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
 
     transformer = ChromaTransformer2DModel(
         patch_size=1,
@@ -54,19 +54,9 @@ def _chroma_pipeline() -> Any:
         approximator_hidden_dim=32,
         approximator_layers=1,
     )
-    vae = tiny_common.tiny_autoencoder_kl(
-        latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae()
     vocab = _t5_vocab()
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-            relative_attention_num_buckets=8, dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # T5 v1.1 (T5-XXL), Chroma's text encoder
-            is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_t5_encoder(vocab, TEXT_DIM)  # T5 v1.1 (T5-XXL), Chroma's text encoder
     scheduler = FlowMatchEulerDiscreteScheduler(  # Chroma1-HD's scheduler_config.json values
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,

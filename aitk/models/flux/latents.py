@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from aitk.models import common
+from aitk.models.diffusers_parts import encode_scaled_latents
 
 
 class FluxInputError(ValueError):
@@ -43,22 +43,12 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype,
     return ids
 
 
-def encode_flux_latents(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Pixels in [-1, 1] -> FLUX's normalized latents, encoded in fp32 (the VAE's mode)."""
-    latents = common.encode_mode(vae, pixels, device)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+#: pixels in [-1, 1] -> FLUX's normalized latents, encoded in fp32 (the VAE's mode)
+encode_flux_latents = encode_scaled_latents
 
 
 def image_seq_shift(num_tokens: int, scheduler_config: Any) -> float:
     """FluxPipeline's mu for an image of `num_tokens` packed tokens (resolution-dependent shift)."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from aitk.models.flow_matching import resolution_shift
 
-    return float(
-        calculate_shift(
-            num_tokens,
-            scheduler_config.get("base_image_seq_len", 256),
-            scheduler_config.get("max_image_seq_len", 4096),
-            scheduler_config.get("base_shift", 0.5),
-            scheduler_config.get("max_shift", 1.15),
-        )
-    )
+    return resolution_shift(num_tokens, scheduler_config)

@@ -19,7 +19,7 @@ VARIANTS = ("dev", "schnell", "kontext")
 TINY_T5_MAX_LENGTH = 32
 
 
-def _t5_vocab() -> list[tuple[str, float]]:
+def t5_vocab() -> list[tuple[str, float]]:
     """A character-level Unigram vocabulary in T5's layout (<pad>=0, </s>=1, <unk>=2).
 
     Each printable character alone and with the word-start marker "▁", so any ASCII prompt
@@ -29,6 +29,38 @@ def _t5_vocab() -> list[tuple[str, float]]:
     vocab += [("\u2581" + c, -2.5) for c in tiny_common.PRINTABLE]
     vocab += [(c, -3.0) for c in tiny_common.PRINTABLE]
     return vocab
+
+
+def tiny_flux_vae(**kwargs: Any) -> Any:
+    """FLUX.1's 16-channel AutoencoderKL (its scaling and shift factors, no quant convs) at toy
+    size: 4 blocks, the real 8x downscale; `kwargs` override (SD 3: its own factors). Lumina 2,
+    Z-Image and Chroma use this VAE too."""
+    settings = {"scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+                "use_post_quant_conv": False, **kwargs}
+    return tiny_common.tiny_autoencoder_kl(latent_channels=16, **settings)
+
+
+def tiny_t5_encoder(vocab: list[tuple[str, float]], width: int = 32) -> Any:
+    """A one-layer T5 v1.1 encoder (gated-gelu, as FLUX's, SD 3's and Chroma's T5-XXL) of `width`
+    over `vocab` (random init from torch's current generator state)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(vocab),
+            d_model=width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def build_tiny_flux(folder: str | Path, variant: str = "dev", seed: int = 0) -> Path:
@@ -49,7 +81,7 @@ def _flux_pipeline(variant: str) -> Any:
     """The FluxPipeline (FluxKontextPipeline for kontext) `build_tiny_flux` saves (torch's
     generator already seeded)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -63,33 +95,12 @@ def _flux_pipeline(variant: str) -> Any:
         guidance_embeds=variant != "schnell",
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
     )
-    vae = tiny_common.tiny_autoencoder_kl(  # 4 blocks: 8x downscale like FLUX's VAE
-        latent_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae()
     text_encoder = CLIPTextModel(tiny_common.clip_text_config())
     tokenizer = tiny_common.clip_tokenizer()
-    t5_vocab = _t5_vocab()
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_vocab),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-            is_encoder_decoder=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    tokenizer_2 = tiny_common.t5_tokenizer(t5_vocab, TINY_T5_MAX_LENGTH)
+    vocab = t5_vocab()
+    text_encoder_2 = tiny_t5_encoder(vocab)
+    tokenizer_2 = tiny_common.t5_tokenizer(vocab, TINY_T5_MAX_LENGTH)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=1.0 if variant == "schnell" else 3.0,

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from aitk.config.schema import TrainConfig
-from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models import diffusers_parts
+from aitk.models.base import NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.flow_adapter import FlowTransformerAdapter
 from aitk.models.lumina2 import keys
 
-SINGLE_FILE_SUFFIXES = {".safetensors", ".sft", ".ckpt"}
+SINGLE_FILE_SUFFIXES = set(diffusers_parts.CHECKPOINT_SUFFIXES)
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 #: tokens per prompt: Lumina2Pipeline's default and what ai-toolkit encodes with
 DEFAULT_MAX_SEQUENCE_LENGTH = 256
@@ -66,70 +65,33 @@ def _preview_pipeline_class() -> type:
     return Lumina2PreviewPipeline
 
 
-class Lumina2Adapter(ModelAdapter):
+class Lumina2Adapter(FlowTransformerAdapter):
     arch_names = ("lumina2",)
     text_encoder_names = ("text_encoder",)
-    denoiser_names = ("transformer",)
-    bucket_divisibility = 16  # 8x VAE downscale x 2x2 patches
     lora_prefix = keys.PREFIX  # diffusion_model.<original path> (aitk.models.lumina2.keys)
     lora_weight_names = ("lora_A", "lora_B")  # the names of Lumina's own LoRA files
-    diffusers_lora_prefix = "transformer"
     #: a module the tools name in their messages as an example of this naming
     lora_example_module = "layers.0.attn.to_out.0"
     base_model_version = "lumina2"  # ai-toolkit's value
     modelspec_architecture = "lumina-image-2/lora"
     modelspec_implementation = "https://github.com/Alpha-VLLM/Lumina-Image-2.0"
     model_label = "Lumina-Image 2.0"
+    pipeline_name = "Lumina2Pipeline"
+    folder_parts = required_folder_parts = FOLDER_PARTS
+    folder_example = "Alpha-VLLM/Lumina-Image-2.0"
+    input_error = Lumina2InputError
+    text_length_tag = "gemma"
     card_tags = ("lumina2",)
     card_license = {"license": "apache-2.0"}
-
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
 
     @classmethod
     def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
         return keys.is_lumina2_lora(tensors)
 
     # --- loading -------------------------------------------------------------------------
-    def load(self) -> None:
-        source = self.model_cfg.name_or_path
-        path = Path(source).expanduser()
-        hint = f"give a diffusers folder (model_index.json with {', '.join(p + '/' for p in FOLDER_PARTS)}) or a hub id"
-        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(
-                f"model.name_or_path: {source!r} is a single file; {self.model_label} loads from a diffusers "
-                f"folder or hub id only in this version (Alpha-VLLM/Lumina-Image-2.0); {hint}"
-            )
-        if not common.could_be_hub_id(source) and not path.exists():
-            raise ModelLoadError(f"model.name_or_path: {source!r} is neither an existing folder nor a hub id; {hint}")
-        if path.exists() and not path.is_dir():
-            raise ModelLoadError(f"model.name_or_path: {source!r} is a file, not a folder; {hint}")
-        missing = [part + "/" for part in FOLDER_PARTS if path.is_dir() and not (path / part).is_dir()]
-        if missing:
-            raise ModelLoadError(f"model.name_or_path: folder {source!r} has no {', '.join(missing)}; {hint}")
-        location = str(path) if path.exists() else source
-        try:
-            scheduler_config = self._load_parts(location)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
-            where = hint if path.exists() else (
-                f"no local folder of that name exists, so it was looked up as a hub id{common.offline_note()}; {hint}"
-            )
-            raise ModelLoadError(
-                f"model.name_or_path: could not load a {self.model_label} model from {source!r}: {exc} ({where})"
-            ) from exc
-        common.freeze((self.transformer, self.vae, self.text_encoder))
-        common.cast(self.transformer, self.dtype)
-        common.cast(self.text_encoder, self.dtype)
-        common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
-        self.bind_loaded(scheduler_config)
-
     def _load_parts(self, location: str) -> dict[str, Any]:
         """Load every part; returns the scheduler config."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
+        from diffusers import Lumina2Transformer2DModel
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
@@ -139,35 +101,14 @@ class Lumina2Adapter(ModelAdapter):
             location, subfolder="transformer", torch_dtype=self.dtype
         )
         self.vae = self._load_vae(location)
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler"))
-
-    def _load_vae(self, location: str) -> Any:
-        """The model's vae/, or model.vae_path (a VAE folder, a pipeline folder with vae/, a hub id)."""
-        from diffusers import AutoencoderKL
-
-        source = self.model_cfg.vae_path
-        if not source:
-            return AutoencoderKL.from_pretrained(location, subfolder="vae")
-        vae_path = Path(source).expanduser()
-        try:
-            subfolder = "vae" if vae_path.is_dir() and not (vae_path / "config.json").is_file() else None
-            return AutoencoderKL.from_pretrained(str(vae_path) if vae_path.exists() else source, subfolder=subfolder)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model.vae_path: could not load a VAE from {source!r}: {exc} (give a VAE folder with config.json, "
-                f"a pipeline folder with vae/ or a hub id{common.offline_note()})"
-            ) from exc
+        return diffusers_parts.scheduler_config(location)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)
-        wanted = int(self.model_cfg.model_kwargs.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
-        self.max_sequence_length = min(wanted, int(configs.tokenizer_lengths.get("tokenizer", wanted)))
-        self.scheduler_config = {**DEFAULT_SCHEDULER, **dict(configs.scheduler or {})}
-        self.vae_scale_factor = common.vae_scale_from_config(configs.part("vae"))
-        self._text_pipe: Any = None
+        self.max_sequence_length = self._text_length(DEFAULT_MAX_SEQUENCE_LENGTH)
 
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
+    def _scheduler_from(self, configs: PartConfigs) -> dict[str, Any]:
+        return {**DEFAULT_SCHEDULER, **dict(configs.scheduler or {})}
 
     def network_candidates(self, include_conv: bool) -> list[str]:
         return keys.lumina2_lora_candidates(self.transformer)  # no conv layers to add for LoCon
@@ -185,55 +126,19 @@ class Lumina2Adapter(ModelAdapter):
         return super().offload_blocks(module)
 
     # --- encoding ------------------------------------------------------------------------
-    def _pipeline(self) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return _preview_pipeline_class()(
-            transformer=self.transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-        )
-
-    def release_text_encoders(self) -> int:
-        self._text_pipe = None  # it holds the encoder too
-        return super().release_text_encoders()
+    def _pipeline_class(self) -> type:
+        return _preview_pipeline_class()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        # The pipeline's own encoder (system prompt, Gemma's penultimate layer), so training sees
-        # what previews and other tools see.
-        if self._text_pipe is None:
-            self._text_pipe = self._pipeline()
-        hidden, mask, _, _ = self._text_pipe.encode_prompt(
+        # the pipeline's own encoder (system prompt, Gemma's penultimate layer)
+        hidden, mask, _, _ = self._text_pipeline().encode_prompt(
             list(prompts), do_classifier_free_guidance=False, device=self.device,
             max_sequence_length=self.max_sequence_length,
         )
         return PromptEmbeds(hidden, {"mask": mask})
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = common.encode_mode(self.vae, pixels, self.device)
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    def text_encoder_id(self) -> str:
-        # the token count is part of the embedding's shape: a cache of another length must not be reused
-        return f"{self.modelspec_architecture}|{self.model_cfg.name_or_path}|gemma:{self.max_sequence_length}"
-
-    def latent_space_id(self) -> str:
-        cfg = self.vae.config
-        return (
-            f"flux-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{cfg.shift_factor}:"
-            f"{self.model_cfg.vae_path or self.model_cfg.name_or_path}"
-        )
-
     # --- training objective --------------------------------------------------------------
-    def check_train_settings(self, train_cfg: Any) -> None:
-        from aitk.models.flow_matching import check_train_config
-
-        check_train_config(train_cfg, self.model_label)
-
     def shift_kwargs(self, height: int, width: int) -> dict[str, float]:
         """sample_sigmas' time shift for latents of height x width: the scheduler's fixed shift,
         or FLUX's mu of the patch count when the scheduler shifts dynamically."""
@@ -243,41 +148,17 @@ class Lumina2Adapter(ModelAdapter):
             return {"mu": image_seq_shift((height // 2) * (width // 2), self.scheduler_config)}
         return {"shift": float(self.scheduler_config.get("shift", 1.0))}
 
-    def make_noisy_batch(
-        self,
-        latents: torch.Tensor,
-        train_cfg: TrainConfig,
-        generator: torch.Generator | None,
-        context: BatchContext | None = None,
-    ) -> NoisyBatch:
-        from aitk.models.flow_matching import noisy_and_target, sample_sigmas
-        from aitk.models.flow_timestep_types import weighted_loss
-        from aitk.models.noise import apply_noise_offset
+    def fixed_shape_step(self):
+        from aitk.models.lumina2.fixed_shapes import full_length_prompts
 
-        self.check_train_settings(train_cfg)
-        b, _, h, w = latents.shape
-        if h % 2 or w % 2:
-            raise Lumina2InputError(f"Lumina 2 latents need an even height and width, got {h}x{w}")
-        # noise levels first: the same seed then draws the same levels at every image size
-        sigma = sample_sigmas(b, train_cfg, generator, **self.shift_kwargs(h, w)).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator).to(latents.device)
-        noisy, target = noisy_and_target(latents, noise, sigma)
-        weights = weighted_loss(sigma) if (train_cfg.timestep_type or "").lower() == "weighted" else None
-        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, weights)
+        return full_length_prompts()
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
         config = self.transformer.config
-        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
-        latents = torch.randn(batch, config.in_channels, h, w)
-        noisy = NoisyBatch(latents.to(self.dtype), torch.rand(batch) * 1000.0, torch.randn(latents.shape))
-        cond = PromptEmbeds(
-            torch.randn(batch, self.max_sequence_length, config.cap_feat_dim, dtype=self.dtype),
-            {"mask": torch.ones(batch, self.max_sequence_length, dtype=torch.int64)},
-        )
-        return noisy, cond
+        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
+        return noisy, self._example_prompts(batch, config.cap_feat_dim, torch.int64)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         x = batch.noisy_latents.to(self.dtype)
@@ -293,16 +174,6 @@ class Lumina2Adapter(ModelAdapter):
         return -out  # its velocity points to the image; the target (noise - x0) the other way
 
     # --- previews ------------------------------------------------------------------------
-    def sample_pipeline(self, sampler: str | None = None) -> Any:
-        # Lumina 2 previews with its own flow-match Euler scheduler whatever sample.sampler says
-        # (preview_sampler_note says so at start).
-        return self._pipeline()
-
-    def preview_sampler_note(self, sampler: str) -> str | None:
-        if sampler in ("flowmatch", "euler"):
-            return None
-        return f"flow-match Euler: {self.model_label} is a flow-matching model, {sampler} does not apply"
-
     def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
         return {
             "prompt_embeds": positive.hidden_states,
@@ -310,13 +181,3 @@ class Lumina2Adapter(ModelAdapter):
             "negative_prompt_embeds": negative.hidden_states,
             "negative_prompt_attention_mask": negative.extra["mask"],
         }
-
-    def preview_kwargs(self, request: Any) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        latents = latents.to(self.device, torch.float32)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        pixels = self.vae.decode(latents).sample
-        return common.pixels_to_pil(pixels, self.vae_scale_factor * 2)

@@ -8,14 +8,16 @@ LoRA key only onto a weight of its own model (`diffusion_model.<original path>`)
 onto slices of `attention.qkv` (comfy.utils.z_image_to_diffusers, made for Z-Image) gives k and v
 the query's size, which does not fit Lumina 2's grouped-query attention. So:
 
-- every other layer is named `diffusion_model.<original path>`, one to one (`lora_key_stem`);
-- q / k / v keep one LoRA each in the file under `diffusion_model.<block>.attention.qkv.q` / `.k`
-  / `.v` (ComfyUI skips these three with a warning; aitk's tools and loader read them);
-- `fused_qkv_file` rewrites such a file into ComfyUI's fused form: per block one
-  `attention.qkv` LoRA of rank 3r whose down is the three downs stacked and whose up is
-  block-diagonal (so the product is exactly the three updates), alpha 3a (the same alpha / rank).
-  diffusers' own reader of original-layout files (_convert_non_diffusers_lumina2_lora_to_diffusers)
-  splits exactly that form back, at the real model's sizes.
+- every layer is named `diffusion_model.<original path>`, one to one (`lora_key_stem`); q / k / v
+  by their part of the fused weight: `diffusion_model.<block>.attention.qkv.q` / `.k` / `.v`;
+- in the comfyui layout (`FUSED_QKV`, aitk.networks.fused_files) the three are written as one
+  `attention.qkv` LoRA of rank 3r: down = the three downs stacked, up = block-diagonal of the
+  three ups, alpha 3a (the same alpha / rank), so the product is exactly the three updates and
+  ComfyUI loads the whole file; aitk's loader and tools split it back by the header's record;
+- `fused_qkv_file` gives the same form with each part's scale folded into its up (alpha = rank,
+  scale 1): diffusers' own reader of original-layout files
+  (_convert_non_diffusers_lumina2_lora_to_diffusers) takes no alpha and splits exactly that form
+  back, at the real model's sizes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import re
 from collections.abc import Mapping
 
 import torch
+
+from aitk.networks.fused_files import FusedWeights, fuse_lora_tensors
 
 PREFIX = "diffusion_model."
 #: the transformer's repeated block lists, in the order a forward pass runs them
@@ -51,6 +55,19 @@ _OTHER_NAMES = {
 _BLOCK = re.compile(r"^(context_refiner|noise_refiner|layers)\.(\d+)\.(.+)$")
 _ORIGINAL_BLOCK = {orig: diff for diff, orig in _BLOCK_NAMES.items()}
 _ORIGINAL_OTHER = {orig: diff for diff, orig in _OTHER_NAMES.items()}
+
+
+def _real_qkv_rows(total: int) -> tuple[int, ...] | None:
+    """q / k / v rows of a fused `attention.qkv` in files without aitk's record: the real model's
+    24 query and 8 key / value heads (2304 + 768 + 768 rows)."""
+    return (3 * total // 5, total // 5, total // 5) if total % 5 == 0 else None
+
+
+#: the fused weights of the original layout: one `attention.qkv` per block
+FUSED_QKV = FusedWeights(
+    pattern=r"diffusion_model\.(?:context_refiner|noise_refiner|layers)\.\d+\.attention\.qkv",
+    part_rows=_real_qkv_rows,
+)
 
 
 def original_name(module_name: str) -> str | None:
@@ -104,44 +121,27 @@ def lumina2_lora_candidates(transformer: torch.nn.Module) -> list[str]:
 
 def is_lumina2_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
     """A network file of this model by its key names: refiner blocks (Lumina 2's own) with q / k /
-    v under our original-layout stems, or diffusers' module paths under `transformer.`. Files in
-    the fused original layout are left to the header: Z-Image's ComfyUI files share those names."""
+    v under our split stems, diffusers' module paths under `transformer.`, or a fused
+    `attention.qkv` of grouped-query attention (fewer rows than three times its input: Z-Image's
+    ComfyUI files share the names, but its key / value heads are as many as its query heads)."""
     stems = [k.split(".lora")[0].split(".alpha")[0] for k in tensors]
     refiner = any(("noise_refiner." in s or "context_refiner." in s) for s in stems)
     ours = any(s.startswith(PREFIX) and s.rsplit(".", 1)[-1] in QKV.values() and ".attention.qkv." in s for s in stems)
     theirs = any(s.startswith("transformer.") and is_block_target(s[len("transformer."):]) for s in stems)
-    return refiner and (ours or theirs)
+    return refiner and (ours or theirs or _grouped_query_qkv(tensors))
 
 
-def fused_qkv_file(tensors: Mapping[str, torch.Tensor], weight_names: tuple[str, str] = ("lora_A", "lora_B")
-                   ) -> dict[str, torch.Tensor]:
-    """ComfyUI's fused form of a file's q / k / v LoRAs (module docstring): for each block whose
-    `attention.qkv.q`, `.k` and `.v` all carry plain LoRA tensors, one `attention.qkv` LoRA of
-    rank r_q + r_k + r_v: down = [down_q; down_k; down_v], up = blockdiag(up_q * s_q, ...) with
-    s = (alpha / rank) * rank_total / alpha_total, alpha_total = rank_total (so every part keeps
-    its own alpha / rank). DoRA's per-output-row magnitudes stack the same way (each row's norm is
-    its own part's). Other keys are kept as they are."""
-    down_name, up_name = weight_names
-    out = dict(tensors)
-    stems = {k[: -len(f".{down_name}.weight")] for k in tensors if k.endswith(f".{down_name}.weight")}
-    bases = {s[: -len(".q")] for s in stems if s.endswith("attention.qkv.q")}
-    for base in sorted(bases):
-        parts = [f"{base}.{p}" for p in ("q", "k", "v")]
-        if not all(p in stems for p in parts):
-            continue
-        downs = [out.pop(f"{p}.{down_name}.weight") for p in parts]
-        ups = [out.pop(f"{p}.{up_name}.weight") for p in parts]
-        ranks = [d.shape[0] for d in downs]
-        alphas = [float(out.pop(f"{p}.alpha", torch.tensor(float(r))).item()) for p, r in zip(parts, ranks)]
-        total = sum(ranks)
-        up = torch.zeros(sum(u.shape[0] for u in ups), total, dtype=ups[0].dtype)
-        row = col = 0
-        for u, r, a in zip(ups, ranks, alphas):
-            up[row: row + u.shape[0], col: col + r] = (u.float() * (a / r)).to(u.dtype)
-            row, col = row + u.shape[0], col + r
-        out[f"{base}.{down_name}.weight"] = torch.cat(downs, dim=0)
-        out[f"{base}.{up_name}.weight"] = up
-        out[f"{base}.alpha"] = torch.tensor(float(total), dtype=torch.float32)
-        if all(f"{p}.dora_scale" in out for p in parts):
-            out[f"{base}.dora_scale"] = torch.cat([out.pop(f"{p}.dora_scale") for p in parts], dim=0)
-    return out
+def _grouped_query_qkv(tensors: Mapping[str, torch.Tensor]) -> bool:
+    for key, down in tensors.items():
+        if FUSED_QKV.part_stems(stem := key.rsplit(".", 2)[0]) and key.endswith((".lora_A.weight", ".lora_down.weight")):
+            up = tensors.get(f"{stem}.lora_B.weight", tensors.get(f"{stem}.lora_up.weight"))
+            if up is not None and down.dim() == 2 and up.shape[0] < 3 * down.shape[1]:
+                return True
+    return False
+
+
+def fused_qkv_file(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fused form of a file's q / k / v LoRAs for readers that take no alpha (diffusers'
+    original-layout reader): each part's alpha / rank folded into its block of the up, alpha =
+    rank (scale 1). DoRA's per-row magnitudes stack. Other keys are kept as they are."""
+    return fuse_lora_tensors(tensors, FUSED_QKV, fold_scales=True)[0]

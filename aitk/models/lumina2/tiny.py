@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aitk.models import tiny_common
+from aitk.models.flux.tiny import tiny_flux_vae
 
 TINY_LUMINA2_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
 VARIANTS = ("base",)
@@ -91,13 +92,7 @@ def _lumina2_pipeline() -> Any:
         axes_lens=(300, 64, 64),  # caption positions first: up to 256 tokens
         cap_feat_dim=GEMMA_DIM,
     )
-    vae = tiny_common.tiny_autoencoder_kl(  # FLUX's VAE, as the real model's: 8x downscale
-        latent_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae()  # FLUX's VAE, as the real model's: 8x downscale
     text_encoder = Gemma2Model(
         Gemma2Config(
             vocab_size=len(tokenizer),

@@ -82,17 +82,9 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def image_seq_shift(num_tokens: int, scheduler_config: Mapping[str, Any]) -> float:
     """QwenImagePipeline's mu for `num_tokens` image tokens (its calculate_shift)."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+    from aitk.models.flow_matching import resolution_shift
 
-    return float(
-        calculate_shift(
-            num_tokens,
-            scheduler_config.get("base_image_seq_len", 256),
-            scheduler_config.get("max_image_seq_len", 4096),
-            scheduler_config.get("base_shift", 0.5),
-            scheduler_config.get("max_shift", 1.15),
-        )
-    )
+    return resolution_shift(num_tokens, scheduler_config)
 
 
 def stretch_to_terminal(sigma: torch.Tensor, mu: float, terminal: float) -> torch.Tensor:

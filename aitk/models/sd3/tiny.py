@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aitk.models import tiny_common
+from aitk.models.flux.tiny import t5_vocab, tiny_flux_vae, tiny_t5_encoder
 
 TINY_SD3_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
 VARIANTS = ("large", "medium")
@@ -39,15 +40,6 @@ def build_tiny_sd3(folder: str | Path, variant: str = "large", seed: int = 0) ->
     tiny_common.check_variant(variant, VARIANTS)
     marker = {"version": TINY_SD3_VERSION, "variant": variant, "arch": "sd3"}
     return tiny_common.build_once(folder, seed, marker, lambda: _sd3_pipeline(variant), match=("version", "variant"))
-
-
-def _t5_vocab() -> list[tuple[str, float]]:
-    """A character-level Unigram vocabulary in T5's layout (<pad>=0, </s>=1, <unk>=2): each
-    printable character alone and word-initial, so any ASCII prompt tokenizes without <unk>."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + c, -2.5) for c in tiny_common.PRINTABLE]
-    vocab += [(c, -3.0) for c in tiny_common.PRINTABLE]
-    return vocab
 
 
 def tiny_transformer(variant: str) -> Any:
@@ -74,35 +66,14 @@ def tiny_transformer(variant: str) -> Any:
 def _sd3_pipeline(variant: str) -> Any:
     """The StableDiffusion3Pipeline `build_tiny_sd3` saves (torch's generator already seeded)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     transformer = tiny_transformer(variant)
-    vae = tiny_common.tiny_autoencoder_kl(
-        latent_channels=16,
-        scaling_factor=1.5305,  # SD 3's VAE
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD 3's factors
     text_encoder = CLIPTextModelWithProjection(tiny_common.clip_text_config(CLIP_L_WIDTH, 2, "quick_gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(tiny_common.clip_text_config(CLIP_G_WIDTH, 2, "gelu"))
-    t5_vocab = _t5_vocab()
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_vocab),
-            d_model=T5_WIDTH,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD 3's T5-XXL
-            is_encoder_decoder=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    vocab = t5_vocab()
+    text_encoder_3 = tiny_t5_encoder(vocab, T5_WIDTH)  # T5 v1.1, as SD 3's T5-XXL
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT),
@@ -112,5 +83,5 @@ def _sd3_pipeline(variant: str) -> Any:
         text_encoder_2=text_encoder_2,
         tokenizer_2=tiny_common.clip_tokenizer(pad_token="!"),  # OpenCLIP's padding, as SD 3's tokenizer_2
         text_encoder_3=text_encoder_3,
-        tokenizer_3=tiny_common.t5_tokenizer(t5_vocab, TINY_T5_MAX_LENGTH),
+        tokenizer_3=tiny_common.t5_tokenizer(vocab, TINY_T5_MAX_LENGTH),
     )

@@ -35,15 +35,13 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from aitk.config.schema import TrainConfig
-from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models import diffusers_parts
+from aitk.models.base import NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.flow_adapter import FlowTransformerAdapter
 
 #: ai-toolkit's training (and preview) scheduler for Z-Image: a fixed shift, no dynamic shifting
 TRAIN_SHIFT = 3.0
@@ -51,7 +49,7 @@ DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "shift": TRAIN_SHIFT, "use_dyn
 DEFAULT_TEXT_LENGTH = 512  # ZImagePipeline's max_sequence_length
 #: where the VAE, text encoder and tokenizer of a single-file transformer come from (ai-toolkit's choice)
 SINGLE_FILE_EXTRAS = "Tongyi-MAI/Z-Image-Turbo"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+SINGLE_FILE_SUFFIXES = diffusers_parts.TRANSFORMER_FILE_SUFFIXES
 PATCH = 2  # the transformer's 2x2 patches ("2-1" embedder)
 #: a Z-Image LoRA key stem: the attention of a block under its diffusers names, in ComfyUI's
 #: (`diffusion_model.`), diffusers' (`transformer.`), kohya's (`lora_unet_`) or a bare form; Lumina 2's
@@ -118,169 +116,56 @@ def prompt_list(cond: PromptEmbeds, device: Any, dtype: torch.dtype) -> list[tor
     return [hidden[i][mask[i]] for i in range(hidden.shape[0])]
 
 
-class ZImageAdapter(ModelAdapter):
+class ZImageAdapter(FlowTransformerAdapter):
     arch_names = ("zimage",)
     text_encoder_names = ("text_encoder",)
-    bucket_divisibility = 16  # 8x VAE downscale x 2x2 patches
     lora_prefix = "diffusion_model."  # ComfyUI's Z-Image LoRA names: diffusion_model.<module path>
     lora_weight_names = ("lora_A", "lora_B")
-    diffusers_lora_prefix = "transformer"
     base_model_version = "zimage"  # ai-toolkit's
     modelspec_architecture = "z-image/lora"
     model_label = "Z-Image"
-    denoiser_names = ("transformer",)
+    pipeline_name = "ZImagePipeline"
+    transformer_class_name = "ZImageTransformer2DModel"
+    single_file_extras = SINGLE_FILE_EXTRAS
+    default_scheduler = DEFAULT_SCHEDULER
+    input_error = ZImageInputError
+    latent_patch = PATCH
+    text_length_tag = "qwen3"
+    loads_assistant_lora = True
+    bypass_guidance_note = "Z-Image has no guidance embedding; remove the key"
     card_tags = ("z-image",)
     card_license = {"license": "apache-2.0"}  # Z-Image Turbo, Z-Image and De-Turbo
-
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
 
     @classmethod
     def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
         return any(ZIMAGE_ATTENTION_STEM.match(key) for key in tensors)
 
     # --- loading -------------------------------------------------------------------------
-    def load(self) -> None:
-        source = self.model_cfg.name_or_path
-        path = Path(source).expanduser()
-        hint = (
-            "give a diffusers folder or hub id (model_index.json, transformer/, vae/, text_encoder/, "
-            "tokenizer/, scheduler/), a transformer folder or .safetensors file with "
-            "model.extras_name_or_path for the other parts"
-        )
-        single = path.suffix.lower() in SINGLE_FILE_SUFFIXES
-        if path.exists() and not (path.is_dir() or single):
-            raise ModelLoadError(f"model.name_or_path: {source!r} is a file but no .safetensors; {hint}")
-        if not path.exists() and (single or not common.could_be_hub_id(source)):
-            raise ModelLoadError(f"model.name_or_path: {source!r} is neither an existing path nor a hub id; {hint}")
-        extras = self._extras_location(source, path, single)
-        self.parts_source = extras  # the text encoder's and VAE's: part of the caches' keys
-        try:
-            self.transformer = self._load_transformer(source, path, single, extras)
-            scheduler_config = self._load_parts(extras)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
-            where = hint if path.exists() else f"looked up as a hub id{common.offline_note()}; {hint}"
-            raise ModelLoadError(
-                f"model.name_or_path: could not load a {self.model_label} model from {source!r}"
-                f"{f' (other parts from {extras!r})' if extras != source else ''}: {exc} ({where})"
-            ) from exc
-        common.freeze((self.transformer, self.vae, self.text_encoder))
-        for module in (self.transformer, self.text_encoder):
-            common.cast(module, self.dtype)
-        common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
-        self.bind_loaded(scheduler_config)
-        if self.model_cfg.assistant_lora_path:
-            from diffusers import ZImagePipeline
-
-            from aitk.models.assistant import attach_assistant
-
-            attach_assistant(self.transformer, ZImagePipeline, self.model_cfg.assistant_lora_path, self.model_label)
-            self.has_assistant = True
-
-    def _extras_location(self, source: str, path: Path, single: bool) -> str:
-        """Where the VAE, text encoder, tokenizer and scheduler come from (ai-toolkit's rule: a
-        full local pipeline folder itself, else extras_name_or_path, else the model)."""
-        extras = getattr(self.model_cfg, "extras_name_or_path", None)
-        if path.is_dir() and (path / "text_encoder").is_dir():
-            return str(path)
-        if extras:
-            extras_path = Path(extras).expanduser()
-            return str(extras_path) if extras_path.exists() else extras
-        if single:
-            return SINGLE_FILE_EXTRAS
-        if path.is_dir():
-            raise ModelLoadError(
-                f"model.name_or_path: {source!r} has no text_encoder/; set model.extras_name_or_path to the "
-                f"model its VAE, text encoder and tokenizer come from (e.g. {SINGLE_FILE_EXTRAS})"
-            )
-        return source
-
-    def _load_transformer(self, source: str, path: Path, single: bool, extras: str) -> Any:
-        from diffusers import ZImageTransformer2DModel
-
-        # torch_dtype at load: the host never holds the 6B transformer in a wider dtype than it trains in
-        if single:
-            return ZImageTransformer2DModel.from_single_file(
-                str(path), config=extras, subfolder="transformer", torch_dtype=self.dtype
-            )
-        if path.is_dir():
-            if (path / "transformer").is_dir():
-                return ZImageTransformer2DModel.from_pretrained(str(path), subfolder="transformer", torch_dtype=self.dtype)
-            return ZImageTransformer2DModel.from_pretrained(str(path), torch_dtype=self.dtype)
-        return ZImageTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=self.dtype)
-
     def _load_parts(self, location: str) -> dict[str, Any]:
-        """The VAE, text encoder and tokenizer; returns the scheduler config."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        """The VAE, text encoder and tokenizer; returns the scheduler config (ai-toolkit's
+        Z-Image schedule where the source has none)."""
         from transformers import AutoTokenizer, Qwen3Model
 
         self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
         self.text_encoder = Qwen3Model.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
         self.vae = self._load_vae(location)
-        try:
-            return dict(FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler"))
-        except OSError:
-            return dict(DEFAULT_SCHEDULER)
-
-    def _load_vae(self, location: str) -> Any:
-        """The model's vae/, or model.vae_path (a VAE folder, a pipeline folder with vae/, a hub id)."""
-        from diffusers import AutoencoderKL
-
-        vae_source = self.model_cfg.vae_path
-        if not vae_source:
-            return AutoencoderKL.from_pretrained(location, subfolder="vae")
-        vae_path = Path(vae_source).expanduser()
-        try:
-            if vae_path.is_dir() and not (vae_path / "config.json").is_file():
-                return AutoencoderKL.from_pretrained(str(vae_path), subfolder="vae")
-            return AutoencoderKL.from_pretrained(str(vae_path) if vae_path.exists() else vae_source)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model.vae_path: could not load a VAE from {vae_source!r}: {exc} (give a VAE folder with "
-                f"config.json, a pipeline folder with vae/ or a hub id{common.offline_note()})"
-            ) from exc
+        return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)
-        wanted = int(self.model_cfg.model_kwargs.get("max_sequence_length", DEFAULT_TEXT_LENGTH))
-        self.max_sequence_length = min(wanted, int(configs.tokenizer_lengths.get("tokenizer", wanted)))
-        self.scheduler_config = dict(configs.scheduler or DEFAULT_SCHEDULER)
-        self.vae_scale_factor = common.vae_scale_from_config(configs.part("vae"))
-        self._text_pipe: Any = None
-        self.has_assistant = False
-
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
+        self.max_sequence_length = self._text_length(DEFAULT_TEXT_LENGTH)
 
     def network_candidates(self, include_conv: bool) -> list[str]:
         return zimage_lora_candidates(self.transformer)  # no conv layers to add for LoCon
 
     # --- encoding ------------------------------------------------------------------------
-    def _pipeline(self, scheduler: Any | None = None) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        if scheduler is None:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        return preview_pipeline_class()(
-            scheduler=scheduler, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            transformer=self.transformer,
-        )
-
-    def release_text_encoders(self) -> int:
-        self._text_pipe = None  # it holds the encoder too
-        return super().release_text_encoders()
+    def _pipeline_class(self) -> type:
+        return preview_pipeline_class()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        # The pipeline's own encoder (chat template, hidden_states[-2], real tokens only), so
-        # training sees exactly what previews and other tools see.
-        if self._text_pipe is None:
-            self._text_pipe = self._pipeline()
-        embeds, _ = self._text_pipe.encode_prompt(
+        # the pipeline's own encoder: chat template, hidden_states[-2], real tokens only
+        embeds, _ = self._text_pipeline().encode_prompt(
             prompt=list(prompts), device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
@@ -292,67 +177,20 @@ class ZImageAdapter(ModelAdapter):
             "negative_prompt_embeds": prompt_list(negative, self.device, self.dtype),
         }
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = common.encode_mode(self.vae, pixels, self.device)
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    def text_encoder_id(self) -> str:
-        # the token count is part of the embedding's shape: a cache of another length is not reused
-        source = getattr(self, "parts_source", self.model_cfg.name_or_path)
-        return f"{self.modelspec_architecture}|{source}|qwen3:{self.max_sequence_length}"
-
-    def latent_space_id(self) -> str:
-        cfg = self.vae.config
-        source = self.model_cfg.vae_path or getattr(self, "parts_source", self.model_cfg.name_or_path)
-        return f"flux-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{cfg.shift_factor}:{source}"
+    def _parts_source(self) -> str:
+        return getattr(self, "parts_source", self.model_cfg.name_or_path)
 
     # --- training objective --------------------------------------------------------------
-    def check_train_settings(self, train_cfg: Any) -> None:
-        from aitk.models.flow_matching import check_train_config
-
-        check_train_config(train_cfg, self.model_label)
-        if train_cfg.bypass_guidance_embedding:
-            raise ZImageInputError(
-                "train.bypass_guidance_embedding: Z-Image has no guidance embedding; remove the key"
-            )
-
-    def make_noisy_batch(
-        self,
-        latents: torch.Tensor,
-        train_cfg: TrainConfig,
-        generator: torch.Generator | None,
-        context: BatchContext | None = None,
-    ) -> NoisyBatch:
-        from aitk.models.flow_matching import noisy_and_target, sample_sigmas
-        from aitk.models.flow_timestep_types import weighted_loss
-        from aitk.models.noise import apply_noise_offset
-
-        self.check_train_settings(train_cfg)
-        b, _, h, w = latents.shape
-        if h % PATCH or w % PATCH:
-            raise ZImageInputError(f"Z-Image latents need an even height and width, got {h}x{w}")
-        # noise levels first: the same seed then draws the same levels at every image size
-        sigma = sample_sigmas(b, train_cfg, generator, shift=TRAIN_SHIFT).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator).to(latents.device)
-        noisy, target = noisy_and_target(latents, noise, sigma)
-        weights = weighted_loss(sigma) if (train_cfg.timestep_type or "").lower() == "weighted" else None
-        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, weights, {})
+    def shift_kwargs(self, height: int, width: int) -> dict[str, float]:
+        return {"shift": TRAIN_SHIFT}  # ai-toolkit's fixed Z-Image shift
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
         config = self.transformer.config
-        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
-        latents = torch.randn(batch, config.in_channels, h, w)
-        noisy = NoisyBatch(latents.to(self.dtype), torch.rand(batch) * 1000.0, torch.randn(latents.shape), None, {})
-        # every position a real token: the longest prompt (prompt_list reads no values off a fake mask)
-        cond = PromptEmbeds(
-            torch.randn(batch, self.max_sequence_length, config.cap_feat_dim, dtype=self.dtype),
-            {"mask": torch.ones(batch, self.max_sequence_length, dtype=torch.bool)},
-        )
-        return noisy, cond
+        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
+        # every position a real token (prompt_list reads no values off a fake mask)
+        return noisy, self._example_prompts(batch, config.cap_feat_dim, torch.bool)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         x = batch.noisy_latents.to(self.dtype)
@@ -365,30 +203,3 @@ class ZImageAdapter(ModelAdapter):
             return_dict=False,
         )[0]
         return -torch.stack(out).squeeze(2)
-
-    # --- previews ------------------------------------------------------------------------
-    def sample_pipeline(self, sampler: str | None = None) -> Any:
-        # the model's flow-match Euler scheduler whatever sample.sampler says (preview_sampler_note)
-        return self._pipeline()
-
-    def preview_sampler_note(self, sampler: str) -> str | None:
-        if sampler in ("flowmatch", "euler"):
-            return None
-        return f"flow-match Euler: {self.model_label} is a flow-matching model, {sampler} does not apply"
-
-    def preview_context(self) -> AbstractContextManager[None]:
-        if not self.has_assistant:
-            return nullcontext()
-        from aitk.models.assistant import assistant_off
-
-        return assistant_off(self.transformer)
-
-    def preview_kwargs(self, request: Any) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        latents = latents.to(self.device, torch.float32)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        pixels = self.vae.decode(latents).sample
-        return common.pixels_to_pil(pixels, self.vae_scale_factor * 2)

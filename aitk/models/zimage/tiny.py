@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aitk.models import tiny_common
+from aitk.models.flux.tiny import tiny_flux_vae
 
 TINY_ZIMAGE_VERSION = "1"  # bump when the shapes below change, so cached folders are rebuilt
 VARIANTS = ("turbo",)
@@ -95,13 +96,7 @@ def _zimage_pipeline() -> Any:
             tie_word_embeddings=True,
         )
     )
-    vae = tiny_common.tiny_autoencoder_kl(
-        latent_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_transformer()

@@ -1,0 +1,350 @@
+"""AuraFlow on the tiny random-init model of the real classes: the pipeline's text encoding and
+velocity, the flow-matching objective with the scheduler's shift, and runs whose files load in
+diffusers exactly (diffusers layout; ComfyUI's names with their alpha as ComfyUI maps them), DoRA,
+LoKr, a quantized base, and the tools.
+
+Everything runs offline on CPU in fp32 with 64 px images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from aitk.config.schema import ModelConfig, TrainConfig
+from aitk.models.auraflow import AuraFlowAdapter, build_tiny_auraflow
+from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
+from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
+from conftest import base_process, deep_update, write_job
+from interop_results import record
+from test_models_pixart import load_as_comfyui_maps
+from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def auraflow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_auraflow(tmp_path_factory.mktemp("auraflow-model") / "tiny-auraflow")
+
+
+def make_adapter(folder: Path | str, **model_fields: Any) -> AuraFlowAdapter:
+    adapter = AuraFlowAdapter(ModelConfig(name_or_path=str(folder), arch="auraflow", **model_fields), CPU, torch.float32)
+    adapter.load()
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def aura(auraflow_model: Path) -> AuraFlowAdapter:
+    return make_adapter(auraflow_model)
+
+
+def _pixels(seed: int, b: int = 2) -> torch.Tensor:
+    return torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+def test_tiny_model_loads_as_the_real_pipeline(auraflow_model: Path) -> None:
+    from diffusers import AuraFlowPipeline
+
+    assert sum(p.stat().st_size for p in auraflow_model.rglob("*") if p.is_file()) < 10 * 2**20
+    pipe = AuraFlowPipeline.from_pretrained(auraflow_model)
+    assert type(pipe.text_encoder).__name__ == "UMT5EncoderModel"
+    assert build_tiny_auraflow(auraflow_model) == auraflow_model  # kept, not rebuilt
+
+
+def test_load_facts(aura: AuraFlowAdapter) -> None:
+    for module in (aura.transformer, aura.vae, aura.text_encoder):
+        assert not any(p.requires_grad for p in module.parameters())
+    assert aura.max_sequence_length == 32 and aura.scheduler_config["shift"] == 1.73
+    joint = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_k_proj", "attn.add_v_proj", "attn.add_q_proj",
+             "attn.to_out.0", "attn.to_add_out", "ff.linear_1", "ff.linear_2", "ff.out_projection",
+             "ff_context.linear_1", "ff_context.linear_2", "ff_context.out_projection")
+    single = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.linear_1", "ff.linear_2", "ff.out_projection")
+    names = aura.network_candidates(True)
+    assert names == [f"joint_transformer_blocks.0.{t}" for t in joint] + [f"single_transformer_blocks.0.{t}" for t in single]
+    t = aura.transformer
+    assert aura.offload_blocks(t) == [*t.joint_transformer_blocks, *t.single_transformer_blocks]
+    assert aura.lora_key_stem(names[0]) == "transformer.joint_transformer_blocks.0.attn.to_q"
+
+
+def test_load_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model.name_or_path.*neither"):
+        make_adapter(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="could not load an AuraFlow model"):
+        make_adapter(tmp_path / "empty")
+
+
+def test_encode_prompts_is_the_pipeline_encoding(aura: AuraFlowAdapter, auraflow_model: Path) -> None:
+    from diffusers import AuraFlowPipeline
+
+    cond = PromptEmbeds.cat([aura.encode_prompts(["a red circle"]), aura.encode_prompts(["a blue square on grey"])])
+    assert cond.hidden_states.shape == (2, 32, 32)
+    lengths = cond.extra["mask"].sum(1).tolist()
+    assert lengths[0] < lengths[1] < 32 and not cond.hidden_states[0, lengths[0]:].any()  # padding zeroed
+    embeds, _, _, _ = AuraFlowPipeline.from_pretrained(auraflow_model).encode_prompt(
+        "a blue square on grey", do_classifier_free_guidance=False, max_sequence_length=32)
+    torch.testing.assert_close(cond.hidden_states[1:], embeds.detach(), rtol=1e-5, atol=1e-5)
+
+
+# --- the objective -----------------------------------------------------------------------------
+
+
+def test_noisy_batch_is_rectified_flow_with_the_schedulers_shift(aura: AuraFlowAdapter) -> None:
+    latents = aura.encode_images(_pixels(1))
+    assert latents.shape == (2, 4, 8, 8)
+    a = aura.make_noisy_batch(latents, TrainConfig(timestep_type="shift"), torch.Generator().manual_seed(5))
+    s = (a.timesteps / 1000).view(-1, 1, 1, 1)
+    noise = (a.noisy_latents - (1 - s) * latents) / s
+    torch.testing.assert_close(a.target, noise - latents, rtol=1e-4, atol=1e-4)
+    u = torch.rand(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(a.timesteps / 1000, time_shift(u, math.log(1.73)).float())
+    w = aura.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), torch.Generator().manual_seed(5))
+    assert w.loss_weights is not None and w.loss_weights.shape == (2,)
+    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
+        aura.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
+
+
+def test_predict_is_the_velocity_the_pipeline_steps_with(aura: AuraFlowAdapter) -> None:
+    seen: dict[str, Any] = {}
+
+    def hook(_module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        seen.update(x=args[0], t=kwargs["timestep"], out=output[0])
+
+    handle = aura.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        pipe = aura.sample_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe(prompt="a red circle", height=64, width=96, num_inference_steps=1, guidance_scale=1.0,
+             max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert float(seen["t"][0]) == pytest.approx(1.0)  # the first step is pure noise: sigma 1
+    cond = aura.encode_prompts(["a red circle"])
+    x = seen["x"]
+    with torch.no_grad():
+        pred = aura.predict(NoisyBatch(x, seen["t"] * 1000, torch.zeros_like(x)), cond)
+    torch.testing.assert_close(pred, seen["out"], rtol=1e-5, atol=1e-5)
+
+
+# --- training runs -----------------------------------------------------------------------------
+
+
+def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
+    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+        "model": {"arch": "auraflow"},
+        "train": {"steps": 30, "batch_size": 2, "lr": 1e-2, "lr_scheduler": "constant"},
+        "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
+        "save": {"save_every": 1000},
+        "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 3.5,
+                   "prompts": ["a red circle, [trigger] style"], "neg": "blurry", "seed": 5},
+    })
+    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+
+
+def _train(job: Path) -> tuple[Any, Any]:
+    from aitk.config.loader import load_job_file
+    from aitk.trainer.loop import Trainer
+
+    loaded = load_job_file(job)
+    trainer = Trainer(loaded.job, loaded.job.config.process[0])
+    return trainer, trainer.run()
+
+
+def _losses(result: Any, name: str) -> list[float]:
+    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _render(pipe: Any) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt="a red circle, shp style", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+                max_sequence_length=32, generator=torch.Generator().manual_seed(3), output_type="latent").images
+
+
+def _diffusers_diff(adapter: AuraFlowAdapter, model: Path, lora: Path) -> tuple[float, float]:
+    """(max |ours - AuraFlowPipeline.load_lora_weights|, max |ours - the plain model|)."""
+    from diffusers import AuraFlowPipeline
+
+    adapter.denoiser().eval()
+    ours = _render(adapter.sample_pipeline())
+    fresh = AuraFlowPipeline.from_pretrained(model)
+    base = _render(fresh)
+    fresh.load_lora_weights(str(lora))
+    return float((ours - _render(fresh)).abs().max()), float((ours - base).abs().max())
+
+
+def _round_trip(adapter: AuraFlowAdapter, model: Path, lora: Path, kind: str, **network: Any) -> None:
+    from aitk.networks.build import build_network
+    from aitk.networks.export import load_network_file
+
+    fresh = make_adapter(model)
+    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
+    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
+    handle = build_network(fresh.transformer, network_type=kind, linear_alpha=1.0, seed=9,
+                           candidates=fresh.network_candidates(False), **network)
+    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
+                      diffusers_prefix=fresh.diffusers_lora_prefix)
+    with torch.no_grad():
+        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
+    record("auraflow", kind, "aitk loader (round trip)", diff < 1e-5, diff)
+    assert diff < 1e-5, (kind, diff)
+
+
+@pytest.fixture(scope="module")
+def lora_run(auraflow_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    tmp = tmp_path_factory.mktemp("auraflow-lora")
+    return (*_train(_job(tmp, "alora", auraflow_model, shapes_dataset)), tmp)
+
+
+def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
+    trainer, result, _ = lora_run
+    assert result.state == "completed" and result.step == 30
+    losses = _losses(result, "alora")
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
+    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
+    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
+    tensors = load_file(str(result.final_lora))
+    wrapped = trainer.network.wrapped_module_names()
+    assert wrapped == trainer.adapter.network_candidates(False)
+    want = {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
+    assert set(tensors) == want and all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
+    with safe_open(str(result.final_lora), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "auraflow/lora" and meta["ss_base_model_version"] == "auraflow"
+
+
+def test_lora_loads_exactly_in_diffusers_and_as_comfyui_maps_it(lora_run: tuple, auraflow_model: Path) -> None:
+    """diffusers' AuraFlow loader reads the diffusers layout (`aitk convert`); it refuses the
+    ComfyUI layout's `.alpha` keys, which ComfyUI reads (checked by putting the file on the
+    transformer as ComfyUI maps it)."""
+    from diffusers import AuraFlowPipeline
+
+    from test_tools import aitk
+
+    trainer, result, tmp = lora_run
+    converted = tmp / "alora_diffusers.safetensors"
+    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "auraflow", "-o", converted)
+    assert code == 0, err
+    diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, converted)
+    record("auraflow", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
+    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    with pytest.raises(ValueError, match="lora"):
+        AuraFlowPipeline.from_pretrained(auraflow_model).load_lora_weights(str(result.final_lora))
+    ours = _render(trainer.adapter.sample_pipeline())
+    fresh = make_adapter(auraflow_model)
+    load_as_comfyui_maps(fresh.transformer, result.final_lora)
+    assert float((ours - _render(fresh.sample_pipeline())).abs().max()) < 1e-4
+
+
+def test_tools_know_auraflow(lora_run: tuple, auraflow_model: Path) -> None:
+    from diffusers import AuraFlowTransformer2DModel
+
+    from test_tools import aitk
+
+    trainer, result, tmp = lora_run
+    code, out, err = aitk("lora", "info", result.final_lora, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["architecture"] == "auraflow" and info["modules"] == len(trainer.network.wrapped_module_names())
+    code, _, err = aitk("merge", "--model", auraflow_model, "--lora", result.final_lora, "--arch", "auraflow",
+                        "-o", tmp / "merged", "--dtype", "float32")
+    assert code == 0, err
+    merged = AuraFlowTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
+    adapter = trainer.adapter
+    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
+    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
+    with torch.no_grad():
+        live = adapter.predict(batch, cond)
+        adapter.transformer, plain = merged, adapter.transformer
+        try:
+            out = adapter.predict(batch, cond)
+        finally:
+            adapter.transformer = plain
+    diff = float((out - live).abs().max())
+    record("auraflow", "lora", "aitk merge", diff < 1e-4, diff)
+    assert diff < 1e-4
+    _round_trip(adapter, auraflow_model, result.final_lora, "lora", linear_rank=8)
+
+
+def test_dora_saved_for_diffusers_loads_exactly(auraflow_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
+    job = _job(tmp_path, "adora", auraflow_model, shapes_dataset, train={"steps": 6},
+               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
+               sample={"sample_every": 1000})
+    trainer, result = _train(job)
+    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "adora"))
+    tensors = load_file(str(result.final_lora))
+    assert any(k.endswith("lora_magnitude_vector") for k in tensors)
+    diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, result.final_lora)
+    record("auraflow", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
+    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+
+
+def test_lokr_with_cached_text_trains_and_loads_back(auraflow_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
+    job = _job(tmp_path, "alokr", auraflow_model, shapes_dataset, train={"steps": 6, "cache_text_embeddings": True},
+               sample={"sample_every": 6}, network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
+    trainer, result = _train(job)
+    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "alokr"))
+    assert trainer.adapter.text_encoder is None  # previews rendered from the cached embeddings
+    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
+    tensors = load_file(str(result.final_lora))
+    assert tensors and any(k.endswith(".lokr_w1") for k in tensors)
+    _round_trip(trainer.adapter, auraflow_model, result.final_lora, "lokr", linear_rank=2)
+
+
+def test_quantized_base_trains(auraflow_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
+    job = _job(tmp_path, "aq", auraflow_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
+               model={"quantize": True, "qtype": "qint8"}, save={"save_format": "diffusers"})
+    trainer, result = _train(job)
+    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "aq"))
+    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
+    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
+    from diffusers import AuraFlowPipeline
+
+    plain = AuraFlowPipeline.from_pretrained(auraflow_model)
+    before = _render(plain)
+    plain.load_lora_weights(str(result.final_lora))
+    assert (_render(plain) - before).abs().max() > 1e-4
+
+
+def test_preset_validates_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from aitk.config.validate import validate_command
+    from aitk.ui.presets import PRESETS
+
+    job = PRESETS["auraflow"]["job"]
+    job["config"]["process"][0]["datasets"][0]["folder_path"] = str(tmp_path)
+    path = tmp_path / "auraflow.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert validate_command([str(path)]) == 0
+    printed = capsys.readouterr()
+    assert "warning" not in printed.out + printed.err, printed
+
+
+def test_shipped_plan_config_builds_the_real_sizes() -> None:
+    """`aitk plan` of fal/AuraFlow-v0.3 reads the published configs shipped with aitk: the 6.8B
+    transformer and Pile-T5 XL's 1.2B encoder on the meta device, and the trainer's shapes."""
+    from aitk.plan.build import build_on_meta
+    from aitk.plan.sources import model_spec
+
+    spec = model_spec("fal/AuraFlow-v0.3", "auraflow")
+    parts = {name: build_on_meta(spec.parts[name]) for name in ("transformer", "text_encoder")}
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+    assert 6.8e9 < count["transformer"] < 6.9e9 and 1.2e9 < count["text_encoder"] < 1.25e9, count
+    adapter = AuraFlowAdapter(ModelConfig(name_or_path="fal/AuraFlow-v0.3", arch="auraflow"), CPU, torch.bfloat16)
+    adapter.bind({"transformer": parts["transformer"]}, spec.configs({}))
+    with torch.device("meta"):
+        batch, cond = adapter.example_batch(1, (1024, 768), 1, expert="main", with_controls=False)
+    assert batch.noisy_latents.shape == (1, 4, 96, 128) and cond.hidden_states.shape == (1, 256, 2048)
