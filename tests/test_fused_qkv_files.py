@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,6 +111,11 @@ def test_groups_that_cannot_fuse_keep_split_names() -> None:
     assert folded[f"{stem}.alpha"].item() == 6.0 and [e[3] for e in rec[stem]] == [2.0, 2.0, 2.0]
     parts = [_delta(split, p) for p in FLUX2_QKV.part_stems(stem)]
     torch.testing.assert_close(_delta(folded, stem), torch.cat(parts), rtol=1e-6, atol=1e-6)
+    scaled = _split_file(FLUX2_QKV, [stem], (8, 8, 8), rank=2, alpha=4.0)  # one scale, 2: folded all the same
+    folded, _, _ = fuse_lora_tensors(scaled, FLUX2_QKV, fold_scales=True)
+    assert folded[f"{stem}.alpha"].item() == 6.0
+    parts = [_delta(scaled, p) for p in FLUX2_QKV.part_stems(stem)]
+    torch.testing.assert_close(_delta(folded, stem), torch.cat(parts), rtol=1e-6, atol=1e-6)
 
 
 def test_other_tools_fused_files_split_exactly_or_say_why() -> None:
@@ -190,9 +195,10 @@ def run(request: pytest.FixtureRequest, models: dict[str, Path], shapes_dataset:
     return arch, trainer, result.final_lora, tmp
 
 
-def _groups(adapter: Any, names: list[str]) -> dict[str, list[str]]:
-    """fused stem -> its wrapped modules in the fused weight's row order."""
-    spec = adapter.lora_fused_weights
+def _groups(adapter: Any, names: list[str], spec: FusedWeights | None = None) -> dict[str, list[str]]:
+    """fused stem -> its wrapped modules in the fused weight's row order (the adapter's fused weights:
+    what the trainer writes; or `spec`)."""
+    spec = spec or adapter.lora_fused_weights
     by_stem = {adapter.lora_key_stem(n): n for n in names}
     fused = sorted({spec.fused_stem(s) for s in by_stem} - {None})
     return {f: [by_stem[p] for p in spec.part_stems(f)] for f in fused}
@@ -306,7 +312,7 @@ def test_dora_fuses_and_lokr_keeps_split_names(models: dict[str, Path], tmp_path
     from aitk.networks.build import build_network
 
     adapter = family.load_adapter(Lumina2Adapter, models["lumina2"], "lumina2")
-    spec = adapter.lora_fused_weights
+    spec = LUMINA2_QKV
     naming = {"prefix": adapter.lora_prefix, "key_for": adapter.lora_key_stem,
               "weight_names": adapter.lora_weight_names, "dtype": torch.float32, "fused": spec}
     dora = build_network(copy.deepcopy(adapter.transformer), dora=True, linear_rank=2, linear_alpha=4.0, seed=1,
@@ -315,7 +321,7 @@ def test_dora_fuses_and_lokr_keeps_split_names(models: dict[str, Path], tmp_path
     path = save_lora(tmp_path / "dora.safetensors", dora, **naming)
     tensors = load_file(str(path))
     layers = dora.lora_layers()
-    for stem, modules in _groups(adapter, dora.wrapped_module_names()).items():
+    for stem, modules in _groups(adapter, dora.wrapped_module_names(), spec).items():
         base = torch.cat([layers[m].get_base_layer().weight for m in modules])
         fused = _dora_weight(base, _delta(tensors, stem), tensors[f"{stem}.dora_scale"])
         split = torch.cat([_dora_weight(layers[m].get_base_layer().weight, layers[m].get_delta_weight("default"),
@@ -348,7 +354,33 @@ def test_unequal_alphas_keep_split_names_with_a_warning(models: dict[str, Path],
     with pytest.warns(UserWarning, match=r"1 q / k / v group\(s\) keep split names.*img_attn.qkv.*differ"):
         path = save_lora(tmp_path / "odd.safetensors", handle, prefix=adapter.lora_prefix,
                          key_for=adapter.lora_key_stem, weight_names=adapter.lora_weight_names,
-                         fused=adapter.lora_fused_weights)
+                         fused=FLUX2_QKV)
     keys = load_file(str(path))
     assert "diffusion_model.double_blocks.0.img_attn.qkv.k.alpha" in keys
     assert "diffusion_model.double_blocks.0.txt_attn.qkv.alpha" in keys
+
+
+def test_diffusers_flux2_original_layout_reader_reads_the_fused_file(models: dict[str, Path], tmp_path: Path) -> None:
+    """diffusers' reader of original FLUX.2 files (ai-toolkit's: no `.alpha`, scale 1) takes one LoRA
+    per fused qkv and splits it at any size: at alpha = rank our fused file, without its `.alpha`
+    keys, renders as our previews do (the split names it would not take)."""
+    from diffusers import Flux2Pipeline
+
+    from aitk.networks.build import build_network
+
+    adapter = family.load_adapter(Flux2Adapter, models["flux2"], "flux2")
+    handle = build_network(adapter.transformer, linear_rank=4, linear_alpha=4.0, seed=1,
+                           candidates=adapter.network_candidates(False))
+    family.randomize(handle, seed=3, std=0.05)
+    path = save_lora(tmp_path / "fused.safetensors", handle, prefix=adapter.lora_prefix, key_for=adapter.lora_key_stem,
+                     weight_names=adapter.lora_weight_names, dtype=torch.float32, fused=FLUX2_QKV)
+    tensors = load_file(str(path))
+    assert any(".img_attn.qkv.lora_A." in k for k in tensors)
+    plain = tmp_path / "no_alpha.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".alpha")}, str(plain))
+    embeds = flux2_tests._embeds(adapter)
+    diff, effect = family.diffusers_lora_diff(adapter, Flux2Pipeline, models["flux2"], plain,
+                                              lambda pipe: flux2_tests._render(pipe, embeds))
+    record("flux2", "lora", "diffusers load_lora_weights", diff < 1e-4, diff,
+           note="fused comfyui file at alpha = rank, without .alpha")
+    assert effect > 1e-4 and diff < 1e-4, (diff, effect)

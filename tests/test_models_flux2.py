@@ -299,8 +299,12 @@ def test_lora_trains_with_original_names(lora_run: tuple) -> None:
     tensors = load_file(str(result.final_lora))
     wrapped = trainer.network.wrapped_module_names()
     parts = ("lora_A.weight", "lora_B.weight", "alpha")
-    assert set(tensors) == {f"{lora_key_stem(m)}.{s}" for m in wrapped for s in parts}
-    assert all(v.item() == 8.0 for k, v in tensors.items() if k.endswith(".alpha"))
+    # q / k / v are written as one LoRA on ComfyUI's fused img_attn / txt_attn qkv: rank 3r, alpha 3a
+    stems = {lora_key_stem(m).removesuffix(".q").removesuffix(".k").removesuffix(".v") for m in wrapped}
+    assert set(tensors) == {f"{stem}.{s}" for stem in stems for s in parts}
+    fused = {k.removesuffix(".alpha") for k in tensors if k.endswith("_attn.qkv.alpha")}
+    assert fused and all(tensors[f"{stem}.alpha"].item() == 24.0 for stem in fused)
+    assert all(v.item() == 8.0 for k, v in tensors.items() if k.endswith(".alpha") and k.removesuffix(".alpha") not in fused)
     with safe_open(str(result.final_lora), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-2-dev/lora" and meta["ss_base_model_version"] == "flux2"

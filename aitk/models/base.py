@@ -269,6 +269,12 @@ class ModelAdapter(ABC):
         parts = self.loaded_parts()
         self.bind(parts, PartConfigs.of_loaded(parts, tokenizers, scheduler, boundary_ratio))
 
+    def keep_of_text_encoder(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """What the adapter keeps of its loaded text encoder `name` (e.g. without the vision tower a
+        text-only prompt never runs); `aitk plan` applies it to the weights-free copy too, so the plan
+        counts what training holds. Default: all of it."""
+        return module
+
     def fixed_shape_step(self) -> AbstractContextManager[None]:
         """While `aitk plan` traces a step on fake tensors (no values): patches that give the step
         shapes known without data, for families whose shapes follow it (expert routing, prompt

@@ -21,6 +21,11 @@ diffusers (save_format "diffusers"):
     prefixed "<prefix>." as diffusers writes them; diffusers' load_lora_weights builds its
     LoraConfig from it, so the scale is exact.
 
+Families whose original checkpoint fuses layers diffusers splits (q / k / v of Lumina 2, FLUX.2:
+the adapter's `lora_fused_weights`) get, in the kohya / ComfyUI layout, one LoRA per fused weight
+for each such group and a header record of the split (aitk.networks.fused_files);
+`load_network_file` splits it back.
+
 LoKr / LoHa are written in the LyCORIS key layout (aitk.networks.lycoris_files) for every
 save_format: diffusers' load_lora_weights loads neither, so there is no diffusers layout for them.
 `load_network_file` reads any of these files back into a network of the same configuration.

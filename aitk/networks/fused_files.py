@@ -100,9 +100,9 @@ def fuse_lora_tensors(
     tensors: Mapping[str, torch.Tensor], fused: FusedWeights, *, fold_scales: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[str, str]]:
     """(tensors with each complete group fused, the record of the fused groups, {fused stem: why
-    it stayed split}). `fold_scales`: also fuse parts of different alpha / rank by scaling each
-    up block by its alpha / rank (alpha = R, scale 1: what readers that ignore `.alpha` need);
-    exact for the update, but the record then gives each part alpha = rank."""
+    it stayed split}). `fold_scales`: each up block scaled by its part's alpha / rank and alpha =
+    R (scale 1: what readers that ignore `.alpha` need), so parts of different alpha / rank fuse
+    too; exact for the update, but the record then gives each part alpha = rank."""
     out = dict(tensors)
     stems = _stems(tensors)
     record: dict[str, list] = {}
@@ -134,7 +134,7 @@ def fuse_lora_tensors(
         up = torch.zeros(sum(int(u.shape[0]) for u in ups), total, dtype=ups[0].dtype)
         row = col = 0
         for u, r, a in zip(ups, ranks, alphas):
-            up[row: row + u.shape[0], col: col + r] = u if same else (u.float() * (a / r)).to(u.dtype)
+            up[row: row + u.shape[0], col: col + r] = (u.float() * (a / r)).to(u.dtype) if fold_scales else u
             row, col = row + int(u.shape[0]), col + r
         for p, (d, u) in zip(parts, keys):  # type: ignore[misc]
             for key in (d, u, f"{p}.alpha", f"{p}.dora_scale"):
@@ -143,10 +143,11 @@ def fuse_lora_tensors(
         up_name = keys[0][1][len(parts[0]) + 1:]  # type: ignore[index]
         out[f"{base}.{down_name}"] = torch.cat(downs, dim=0)
         out[f"{base}.{up_name}"] = up
-        out[f"{base}.alpha"] = torch.tensor(alphas[0] * total / ranks[0] if same else float(total), dtype=torch.float32)
+        alpha = float(total) if fold_scales else alphas[0] * total / ranks[0]
+        out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if doras[0] is not None:
             out[f"{base}.dora_scale"] = torch.cat(doras, dim=0)  # type: ignore[arg-type]
-        record[base] = [[p, int(u.shape[0]), r, a if same else float(r)]
+        record[base] = [[p, int(u.shape[0]), r, float(r) if fold_scales else a]
                         for p, u, r, a in zip(parts, ups, ranks, alphas)]
     return out, record, left
 

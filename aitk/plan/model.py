@@ -105,6 +105,8 @@ def build_fake_model(
         if name not in spec.parts:
             continue
         module = build.build_on_meta(spec.parts[name])
+        if name.startswith("text_encoder"):
+            module = adapter.keep_of_text_encoder(name, module)
         # the VAE stays fp32 in every adapter; the encoders take the training dtype
         module = build.cast(module, torch.float32 if name == "vae" else dtype, keep_fp32)
         module.requires_grad_(False)

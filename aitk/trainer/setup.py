@@ -412,6 +412,7 @@ class TrainerSetup:
                 load_network_file(
                     handle, (denoiser_only, metadata), prefix=self.adapter.lora_prefix,
                     key_for=self.adapter.lora_key_stem, diffusers_prefix=self.adapter.diffusers_lora_prefix,
+                    fused=self.adapter.lora_fused_weights,  # other tools' fused q / k / v files split too
                 )
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise TrainingAborted(

@@ -39,7 +39,7 @@ from aitk.config.schema import TrainConfig
 from aitk.models import common
 from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.flux2 import latents as f2
-from aitk.models.flux2.keys import flux2_lora_candidates, is_flux2_lora, lora_key_stem, module_for_stem
+from aitk.models.flux2.keys import FUSED_QKV, flux2_lora_candidates, is_flux2_lora, lora_key_stem, module_for_stem
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Flux2Adapter(ModelAdapter):
     bucket_divisibility = 16  # 8x VAE downscale x 2x2 patches
     lora_prefix = "diffusion_model."  # ai-toolkit's and ComfyUI's: diffusion_model.<original path>
     lora_weight_names = ("lora_A", "lora_B")  # ai-toolkit's FLUX.2 names, with `.alpha` beside them
+    lora_fused_weights = FUSED_QKV  # one LoRA on each fused img_attn / txt_attn qkv in comfyui-layout files
     diffusers_lora_prefix = "transformer"
     denoiser_names = ("transformer",)
     base_model_version = "flux2"  # ai-toolkit's

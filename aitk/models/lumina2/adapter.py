@@ -70,6 +70,7 @@ class Lumina2Adapter(FlowTransformerAdapter):
     text_encoder_names = ("text_encoder",)
     lora_prefix = keys.PREFIX  # diffusion_model.<original path> (aitk.models.lumina2.keys)
     lora_weight_names = ("lora_A", "lora_B")  # the names of Lumina's own LoRA files
+    lora_fused_weights = keys.FUSED_QKV  # one LoRA on each fused attention.qkv in comfyui-layout files
     #: a module the tools name in their messages as an example of this naming
     lora_example_module = "layers.0.attn.to_out.0"
     base_model_version = "lumina2"  # ai-toolkit's value

@@ -123,13 +123,16 @@ class QwenImageAdapter(FlowTransformerAdapter):
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
         self.tokenizer = Qwen2Tokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        self.text_encoder = self.keep_of_text_encoder("text_encoder", Qwen2_5_VLForConditionalGeneration.from_pretrained(
             location, subfolder="text_encoder", torch_dtype=self.dtype
-        )
-        # text-only conditioning: the vision tower (about 0.7B parameters) is never run
-        self.text_encoder.model.visual = None
+        ))
         self.vae = self._load_vae(location)
         return diffusers_parts.scheduler_config(location)
+
+    def keep_of_text_encoder(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        # text-only conditioning: the vision tower (about 0.7B parameters) is never run
+        module.model.visual = None
+        return module
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)
