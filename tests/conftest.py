@@ -48,10 +48,13 @@ TINY_VARIANT_OF_ARCH: dict[str, str] = {
     "flux": "dev", "flux_kontext": "kontext", "flex2": "flex2", "chroma": "chroma",
     "flux2": "flux2_dev", "flux2_klein_4b": "flux2_klein_4b", "flux2_klein_9b": "flux2_klein_9b",
     "wan21": "t2v", "wan21_i2v": "i2v", "wan22_14b": "22_t2v", "wan22_14b_i2v": "22_i2v",
+    "wan22_5b": "22_5b",
     "sd3": "sd3_medium", "zimage": "zimage", "lumina2": "lumina2", "hidream": "hidream",
     "qwen_image": "qwen_image", "qwen_image_edit": "qwen_image_edit", "qwen_image_edit_plus": "qwen_image_edit_plus",
     "pixart": "pixart_alpha", "pixart_sigma": "pixart_sigma", "auraflow": "auraflow",
     "cogview4": "cogview4", "krea2": "krea2", "ernie_image": "ernie_image",
+    "ltx2": "ltx2",
+    "hunyuan_video_1_5": "hunyuan_video_1_5_t2v", "hunyuan_video_1_5_i2v": "hunyuan_video_1_5_i2v",
 }
 
 
@@ -112,6 +115,14 @@ def build_tiny_model(variant: str, root: Path) -> Path:
         from aitk.models.cogview4 import build_tiny_cogview4
 
         return build_tiny_cogview4(root / "cogview4")
+    elif variant in ("hunyuan_video_1_5_t2v", "hunyuan_video_1_5_i2v"):
+        from aitk.models.hunyuan_video_1_5 import build_tiny_hunyuan_video_15
+
+        return build_tiny_hunyuan_video_15(root / variant, variant.rsplit("_", 1)[1])
+    elif variant == "ltx2":
+        from aitk.models.ltx2 import build_tiny_ltx2
+
+        return build_tiny_ltx2(root / "ltx2")
     elif variant == "ernie_image":
         from aitk.models.ernie_image import build_tiny_ernie_image
 

@@ -205,3 +205,77 @@ def diffusers_layout_round_trip(lora: Path, arch: str, folder: Path) -> Path:
     original, again = load_file(str(lora)), load_file(str(back))
     assert again.keys() == original.keys() and all(torch.equal(v, original[k]) for k, v in again.items())
     return converted
+
+
+def lora_info(path: Path) -> dict[str, Any]:
+    """`aitk lora info --json` of `path` (it must succeed)."""
+    from test_tools import aitk
+
+    code, out, err = aitk("lora", "info", path, "--json")
+    assert code == 0, (out, err)
+    return json.loads(out)
+
+
+def check_lora_info(trainer: Any, lora: Path, arch: str, folder: Path) -> dict[str, Any]:
+    """`aitk lora info` names the trained file's architecture, network type and module count;
+    returns the info of a copy without a header (`folder`/no_header.safetensors, its
+    architecture guessed from the key names) for the family to check."""
+    from safetensors.torch import load_file, save_file
+
+    info = lora_info(lora)
+    assert info["architecture"] == arch and info["network_type"] == "lora", info
+    assert info["modules"] == len(trainer.network.wrapped_module_names())
+    bare = folder / "no_header.safetensors"
+    save_file(load_file(str(lora)), str(bare))
+    return lora_info(bare)
+
+
+def merged_diff(adapter: Any, model: Path, lora: Path, arch: str, folder: Path, transformer_cls: type,
+                batch: Any, cond: Any) -> float:
+    """`aitk merge` of `lora` into `model` (fp32, `folder`/merged); max |the adapter's prediction
+    with the merged transformer - with its live network|."""
+    from test_tools import aitk
+
+    code, _, err = aitk("merge", "--model", model, "--lora", lora, "--arch", arch, "-o", folder / "merged",
+                        "--dtype", "float32")
+    assert code == 0, err
+    merged = transformer_cls.from_pretrained(folder / "merged", subfolder="transformer").eval()
+    with torch.no_grad():
+        live = adapter.predict(batch, cond)
+        adapter.transformer, plain = merged, adapter.transformer
+        try:
+            out = adapter.predict(batch, cond)
+        finally:
+            adapter.transformer = plain
+    return float((out - live).abs().max())
+
+
+def check_preset_validates_clean(preset: str, folder: Path, capsys: Any) -> tuple[dict[str, Any], Path]:
+    """The UI preset `preset`, its dataset in `folder`, passes `aitk validate` without a warning;
+    returns the job and the file it was written to."""
+    import yaml
+
+    from aitk.config.validate import validate_command
+    from aitk.ui.presets import PRESETS
+
+    job = PRESETS[preset]["job"]
+    job["config"]["process"][0]["datasets"][0]["folder_path"] = str(folder)
+    path = folder / f"{preset}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert validate_command([str(path)]) == 0
+    printed = capsys.readouterr()
+    assert "warning" not in printed.out + printed.err, (preset, printed)
+    return job, path
+
+
+def check_quantized_base(trainer: Any) -> None:
+    """Every Linear the network wraps sits on a torchao-quantized (qint8) weight."""
+    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
+    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
+
+
+def finite_run(result: Any, name: str) -> None:
+    """Run `name` completed with a finite loss at every step."""
+    import math
+
+    assert result.state == "completed" and all(math.isfinite(x) for x in losses(result, name))

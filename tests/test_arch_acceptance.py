@@ -24,6 +24,7 @@ CASES = {
     "wan21_i2v": ("i2v", 1e-2, "images", ".mp4"),
     "wan22_14b": ("22_t2v", 1e-2, "images", ".mp4"),
     "wan22_14b_i2v": ("22_i2v", 1e-2, "images", ".mp4"),
+    "wan22_5b": ("22_5b", 1e-2, "wan22_5b_clips", ".mp4"),  # I2V on clips of mixed length, fps, aspect
     "sd3": ("sd3_medium", 5e-3, "images", ".jpg"),
     "qwen_image": ("qwen_image", 5e-3, "images", ".jpg"),
     "qwen_image_edit": ("qwen_image_edit", 5e-3, "pairs", ".jpg"),
@@ -40,6 +41,8 @@ CASES = {
     "hidream": ("hidream", 5e-3, "images", ".jpg"),
     "flux2": ("flux2_dev", 5e-3, "images", ".jpg"),
     "flux2_klein_4b": ("flux2_klein_4b", 5e-3, "images", ".jpg"),
+    "ltx2": ("ltx2", 1e-2, "ltx2_clips", ".mp4"),  # clips of mixed length, fps and aspect
+    "hunyuan_video_1_5_i2v": ("hunyuan_video_1_5_i2v", 1e-2, "hv15_clips", ".mp4"),  # I2V on mixed clips
 }
 
 
@@ -74,6 +77,11 @@ def make_job(case: str, name: str, models: Path, shapes_dataset: Path, tmp_path:
         changes["model"]["assistant_lora_path"] = str(assistant)
     if "i2v" in case:
         changes["sample"]["ctrl_img"] = str(next(p for p in sorted(shapes_dataset.iterdir()) if p.suffix == ".png"))
+    if data_kind == "wan22_5b_clips":
+        from test_models_wan22_5b import mixed_clips
+
+        data = mixed_clips(tmp_path / "wan22_5b_data")
+        changes["sample"]["ctrl_img"] = str(data.parent / "first.png")
     if data_kind == "pairs":
         from test_models_flux import _draw_pairs
 
@@ -81,9 +89,29 @@ def make_job(case: str, name: str, models: Path, shapes_dataset: Path, tmp_path:
         if not data.exists():
             _draw_pairs(data, controls)
         changes["sample"]["ctrl_img"] = str(next(controls.iterdir()))
+    if data_kind == "ltx2_clips":
+        from test_models_ltx2 import write_mixed_clips
+
+        data = write_mixed_clips(tmp_path / "clips")
+    if data_kind == "hv15_clips":
+        from test_models_hunyuan_video_1_5 import MODEL_KWARGS, write_mixed_clips
+
+        data = write_mixed_clips(tmp_path / "hv15_clips")
+        changes["sample"]["ctrl_img"] = str(data / "still.png")
+        changes["model"]["model_kwargs"] = MODEL_KWARGS  # 32 prompt tokens: short steps
     process = deep_update(base_process(model_dir, data, tmp_path / "out"), changes)
+    if data_kind == "ltx2_clips":
+        from test_models_ltx2 import clips_dataset
+
+        process["datasets"][0].update(clips_dataset())
     if data_kind == "pairs":
         process["datasets"][0]["control_path"] = str(tmp_path / "controls")
+    if data_kind == "wan22_5b_clips":
+        process["datasets"][0].update({"num_frames": 9, "do_i2v": True})
+    if data_kind == "hv15_clips":
+        from test_models_hunyuan_video_1_5 import CLIPS_DATASET
+
+        process["datasets"][0].update(CLIPS_DATASET)
     return write_job(tmp_path / f"{name}.yaml", name, process)
 
 

@@ -8,27 +8,24 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.auraflow import AuraFlowAdapter, build_tiny_auraflow
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
-from conftest import base_process, deep_update, write_job
+import family_checks as family
 from interop_results import record
 from test_models_pixart import load_as_comfyui_maps
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
-CPU = torch.device("cpu")
+CPU = family.CPU
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +34,7 @@ def auraflow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_adapter(folder: Path | str, **model_fields: Any) -> AuraFlowAdapter:
-    adapter = AuraFlowAdapter(ModelConfig(name_or_path=str(folder), arch="auraflow", **model_fields), CPU, torch.float32)
-    adapter.load()
-    return adapter
+    return family.load_adapter(AuraFlowAdapter, folder, "auraflow", **model_fields)
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +42,7 @@ def aura(auraflow_model: Path) -> AuraFlowAdapter:
     return make_adapter(auraflow_model)
 
 
-def _pixels(seed: int, b: int = 2) -> torch.Tensor:
-    return torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+_pixels = family.pixels
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -142,29 +136,17 @@ def test_predict_is_the_velocity_the_pipeline_steps_with(aura: AuraFlowAdapter) 
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "auraflow"},
         "train": {"steps": 30, "batch_size": 2, "lr": 1e-2, "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
         "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 3.5,
                    "prompts": ["a red circle, [trigger] style"], "neg": "blurry", "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
+    }, changes)
 
 
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+_train = family.train
 
 
 def _render(pipe: Any) -> torch.Tensor:
@@ -177,27 +159,14 @@ def _diffusers_diff(adapter: AuraFlowAdapter, model: Path, lora: Path) -> tuple[
     """(max |ours - AuraFlowPipeline.load_lora_weights|, max |ours - the plain model|)."""
     from diffusers import AuraFlowPipeline
 
-    adapter.denoiser().eval()
-    ours = _render(adapter.sample_pipeline())
-    fresh = AuraFlowPipeline.from_pretrained(model)
-    base = _render(fresh)
-    fresh.load_lora_weights(str(lora))
-    return float((ours - _render(fresh)).abs().max()), float((ours - base).abs().max())
+    return family.diffusers_lora_diff(adapter, AuraFlowPipeline, model, lora, _render)
 
 
 def _round_trip(adapter: AuraFlowAdapter, model: Path, lora: Path, kind: str, **network: Any) -> None:
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     fresh = make_adapter(model)
     batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
     cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    handle = build_network(fresh.transformer, network_type=kind, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False), **network)
-    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
+    diff = family.loader_round_trip_diff(adapter, fresh, lora, batch, cond, network_type=kind, **network)
     record("auraflow", kind, "aitk loader (round trip)", diff < 1e-5, diff)
     assert diff < 1e-5, (kind, diff)
 
@@ -210,19 +179,12 @@ def lora_run(auraflow_model: Path, shapes_dataset: Path, tmp_path_factory: pytes
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "alora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    assert wrapped == trainer.adapter.network_candidates(False)
-    want = {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "auraflow/lora" and meta["ss_base_model_version"] == "auraflow"
+    family.check_falling_loss_and_previews(result, "alora")
+    assert trainer.network.wrapped_module_names() == trainer.adapter.network_candidates(False)
+    from test_alpha_in_weights import check_folded_lora_file  # alpha folded into lora_B, no .alpha
+
+    check_folded_lora_file(trainer, result.final_lora, "auraflow/lora", "auraflow", prefix="transformer.",
+                           weight_names=("lora_A", "lora_B"))
 
 
 def test_lora_loads_exactly_in_diffusers_and_as_comfyui_maps_it(lora_run: tuple, auraflow_model: Path) -> None:
@@ -240,39 +202,22 @@ def test_lora_loads_exactly_in_diffusers_and_as_comfyui_maps_it(lora_run: tuple,
     diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, converted)
     record("auraflow", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
     assert effect > 1e-3 and diff < 1e-4, (diff, effect)
-    with pytest.raises(ValueError, match="lora"):
-        AuraFlowPipeline.from_pretrained(auraflow_model).load_lora_weights(str(result.final_lora))
-    ours = _render(trainer.adapter.sample_pipeline())
-    fresh = make_adapter(auraflow_model)
-    load_as_comfyui_maps(fresh.transformer, result.final_lora)
-    assert float((ours - _render(fresh.sample_pipeline())).abs().max()) < 1e-4
+    # the default file (alpha folded into lora_B: ComfyUI's scale 1) loads as it is
+    diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, result.final_lora)
+    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
 
 
 def test_tools_know_auraflow(lora_run: tuple, auraflow_model: Path) -> None:
     from diffusers import AuraFlowTransformer2DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
+    info = family.lora_info(result.final_lora)
     assert info["architecture"] == "auraflow" and info["modules"] == len(trainer.network.wrapped_module_names())
-    code, _, err = aitk("merge", "--model", auraflow_model, "--lora", result.final_lora, "--arch", "auraflow",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = AuraFlowTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
     adapter = trainer.adapter
     batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
+    diff = family.merged_diff(adapter, auraflow_model, result.final_lora, "auraflow", tmp, AuraFlowTransformer2DModel,
+                              batch, cond)
     record("auraflow", "lora", "aitk merge", diff < 1e-4, diff)
     assert diff < 1e-4
     _round_trip(adapter, auraflow_model, result.final_lora, "lora", linear_rank=8)
@@ -283,7 +228,7 @@ def test_dora_saved_for_diffusers_loads_exactly(auraflow_model: Path, shapes_dat
                network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
                sample={"sample_every": 1000})
     trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "adora"))
+    family.finite_run(result, "adora")
     tensors = load_file(str(result.final_lora))
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
     diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, result.final_lora)
@@ -295,7 +240,7 @@ def test_lokr_with_cached_text_trains_and_loads_back(auraflow_model: Path, shape
     job = _job(tmp_path, "alokr", auraflow_model, shapes_dataset, train={"steps": 6, "cache_text_embeddings": True},
                sample={"sample_every": 6}, network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
     trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "alokr"))
+    family.finite_run(result, "alokr")
     assert trainer.adapter.text_encoder is None  # previews rendered from the cached embeddings
     assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
     tensors = load_file(str(result.final_lora))
@@ -307,9 +252,8 @@ def test_quantized_base_trains(auraflow_model: Path, shapes_dataset: Path, tmp_p
     job = _job(tmp_path, "aq", auraflow_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
                model={"quantize": True, "qtype": "qint8"}, save={"save_format": "diffusers"})
     trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "aq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
+    family.finite_run(result, "aq")
+    family.check_quantized_base(trainer)
     from diffusers import AuraFlowPipeline
 
     plain = AuraFlowPipeline.from_pretrained(auraflow_model)
@@ -319,18 +263,7 @@ def test_quantized_base_trains(auraflow_model: Path, shapes_dataset: Path, tmp_p
 
 
 def test_preset_validates_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import yaml
-
-    from aitk.config.validate import validate_command
-    from aitk.ui.presets import PRESETS
-
-    job = PRESETS["auraflow"]["job"]
-    job["config"]["process"][0]["datasets"][0]["folder_path"] = str(tmp_path)
-    path = tmp_path / "auraflow.yaml"
-    path.write_text(yaml.safe_dump(job))
-    assert validate_command([str(path)]) == 0
-    printed = capsys.readouterr()
-    assert "warning" not in printed.out + printed.err, printed
+    family.check_preset_validates_clean("auraflow", tmp_path, capsys)
 
 
 def test_shipped_plan_config_builds_the_real_sizes() -> None:

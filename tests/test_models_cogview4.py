@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.cogview4 import CogView4Adapter, CogView4InputError, build_tiny_cogview4, cogview4_shift
 from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
 from conftest import base_process, deep_update, write_job
+import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
@@ -268,8 +269,8 @@ def test_lora_trains_with_falling_loss_previews_and_file_names(lora_run: tuple) 
     tensors = load_file(str(result.final_lora))
     wrapped = trainer.network.wrapped_module_names()
     assert "transformer_blocks.1.attn1.to_q" in wrapped and "proj_out" in wrapped
-    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"diffusion_model.{m}.alpha"].item() == 16.0 for m in wrapped)
+    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight")}
+    assert set(tensors) == want  # alpha folded into lora_B, no .alpha
     with safe_open(str(result.final_lora), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "cogview4/lora" and meta["ss_base_model_version"] == "cogview4"
@@ -298,36 +299,17 @@ def test_lora_converted_for_diffusers_loads_exactly(lora_run: tuple, cogview4_mo
 def test_merge_round_trip_and_lora_info_know_cogview4(lora_run: tuple, cogview4_model: Path) -> None:
     from diffusers import CogView4Transformer2DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["architecture"] == "cogview4" and info["network_type"] == "lora"
-    assert info["modules"] == len(trainer.network.wrapped_module_names())
-    bare = tmp / "no_header.safetensors"  # a file without a header: guessed from its key names
-    save_file(load_file(str(result.final_lora)), str(bare))
-    code, out, err = aitk("lora", "info", bare, "--json")
-    assert code == 0 and json.loads(out)["architecture"] == "cogview4", (out, err)
+    bare = tmp / "no_header.safetensors"  # a copy without a header: guessed from its key names
+    assert family.check_lora_info(trainer, result.final_lora, "cogview4", tmp)["architecture"] == "cogview4"
     pixart_like = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1),
                    "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight": torch.zeros(1)}
     assert CogView4Adapter.matches_lora_keys(load_file(str(bare))) and not CogView4Adapter.matches_lora_keys(pixart_like)
-    code, _, err = aitk("merge", "--model", cogview4_model, "--lora", result.final_lora, "--arch", "cogview4",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = CogView4Transformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
     adapter = trainer.adapter
     batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
+    diff = family.merged_diff(adapter, cogview4_model, result.final_lora, "cogview4", tmp, CogView4Transformer2DModel,
+                              batch, cond)
     record("cogview4", "lora", "aitk merge", diff < 1e-4, diff)
     assert diff < 1e-4
     _round_trip(adapter, cogview4_model, result.final_lora, "lora", linear_rank=8)

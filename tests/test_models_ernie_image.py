@@ -9,7 +9,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -250,7 +249,9 @@ def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tupl
     trainer, result, _ = lora_run
     family.check_falling_loss_and_previews(result, "elora")
     assert trainer.network.wrapped_module_names() == trainer.adapter.network_candidates(False)
-    family.check_lora_file(trainer, result.final_lora, "ernie-image/lora", "ernie_image", prefix="diffusion_model.",
+    from test_alpha_in_weights import check_folded_lora_file  # alpha folded into lora_B, no .alpha
+
+    check_folded_lora_file(trainer, result.final_lora, "ernie-image/lora", "ernie_image", prefix="diffusion_model.",
                            weight_names=("lora_A", "lora_B"))
 
 
@@ -261,8 +262,7 @@ def test_lora_converted_for_diffusers_loads_exactly(lora_run: tuple, ernie_model
     from diffusers import ErnieImagePipeline
 
     trainer, result, tmp = lora_run
-    with pytest.raises(ValueError, match="lora"):
-        ErnieImagePipeline.from_pretrained(ernie_model).load_lora_weights(str(result.final_lora))
+    ErnieImagePipeline.from_pretrained(ernie_model).load_lora_weights(str(result.final_lora))  # no .alpha: loads
     converted = family.diffusers_layout_round_trip(result.final_lora, "ernie_image", tmp)
     diff, effect = _diffusers_diff(trainer.adapter, ernie_model, converted)
     print(f"ernie_image lora: diffusers max abs diff {diff:.3g}, LoRA effect {effect:.3g}")
@@ -279,36 +279,17 @@ def test_lora_converted_for_diffusers_loads_exactly(lora_run: tuple, ernie_model
 def test_merge_round_trip_and_lora_info_know_ernie_image(lora_run: tuple, ernie_model: Path) -> None:
     from diffusers import ErnieImageTransformer2DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["architecture"] == "ernie_image" and info["network_type"] == "lora"
-    assert info["modules"] == len(trainer.network.wrapped_module_names())
-    bare = tmp / "no_header.safetensors"  # a file without a header: guessed from its key names
-    save_file(load_file(str(result.final_lora)), str(bare))
-    code, out, err = aitk("lora", "info", bare, "--json")
-    assert code == 0 and json.loads(out)["architecture"] == "ernie_image", (out, err)
+    bare = tmp / "no_header.safetensors"  # a copy without a header: guessed from its key names
+    assert family.check_lora_info(trainer, result.final_lora, "ernie_image", tmp)["architecture"] == "ernie_image"
     zimage_like = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(1)}
     assert ErnieImageAdapter.matches_lora_keys(load_file(str(bare)))
     assert not ErnieImageAdapter.matches_lora_keys(zimage_like)
-    code, _, err = aitk("merge", "--model", ernie_model, "--lora", result.final_lora, "--arch", "ernie_image",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = ErnieImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
     adapter = trainer.adapter
     batch = family.noisy_batch(adapter, 1)
     cond = adapter.encode_prompts(PROMPTS)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
+    diff = family.merged_diff(adapter, ernie_model, result.final_lora, "ernie_image", tmp,
+                              ErnieImageTransformer2DModel, batch, cond)
     record("ernie_image", "lora", "aitk merge", diff < 1e-4, diff)
     assert diff < 1e-4
     _round_trip(adapter, ernie_model, result.final_lora, "lora", linear_rank=8)
@@ -389,15 +370,4 @@ def test_shipped_plan_config_builds_the_real_sizes() -> None:
 
 
 def test_preset_validates_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import yaml
-
-    from aitk.config.validate import validate_command
-    from aitk.ui.presets import PRESETS
-
-    job = PRESETS["ernie_image"]["job"]
-    job["config"]["process"][0]["datasets"][0]["folder_path"] = str(tmp_path)
-    path = tmp_path / "ernie_image.yaml"
-    path.write_text(yaml.safe_dump(job))
-    assert validate_command([str(path)]) == 0
-    printed = capsys.readouterr()
-    assert "warning" not in printed.out + printed.err, printed
+    family.check_preset_validates_clean("ernie_image", tmp_path, capsys)

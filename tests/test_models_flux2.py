@@ -298,13 +298,12 @@ def test_lora_trains_with_original_names(lora_run: tuple) -> None:
     assert len(losses) == 30 and np.mean(losses[-10:]) < np.mean(losses[:10]), losses
     tensors = load_file(str(result.final_lora))
     wrapped = trainer.network.wrapped_module_names()
-    parts = ("lora_A.weight", "lora_B.weight", "alpha")
-    # q / k / v are written as one LoRA on ComfyUI's fused img_attn / txt_attn qkv: rank 3r, alpha 3a
+    parts = ("lora_A.weight", "lora_B.weight")  # alpha / rank folded into lora_B, no .alpha
+    # q / k / v are written as one LoRA on ComfyUI's fused img_attn / txt_attn qkv: rank 3r
     stems = {lora_key_stem(m).removesuffix(".q").removesuffix(".k").removesuffix(".v") for m in wrapped}
     assert set(tensors) == {f"{stem}.{s}" for stem in stems for s in parts}
-    fused = {k.removesuffix(".alpha") for k in tensors if k.endswith("_attn.qkv.alpha")}
-    assert fused and all(tensors[f"{stem}.alpha"].item() == 24.0 for stem in fused)
-    assert all(v.item() == 8.0 for k, v in tensors.items() if k.endswith(".alpha") and k.removesuffix(".alpha") not in fused)
+    fused = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith("_attn.qkv.lora_A.weight")}
+    assert fused and all(tensors[f"{stem}.lora_A.weight"].shape[0] == 12 for stem in fused)
     with safe_open(str(result.final_lora), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-2-dev/lora" and meta["ss_base_model_version"] == "flux2"
@@ -342,9 +341,8 @@ def test_tools_know_flux2_files(lora_run: tuple, models: Path) -> None:
     assert info.architecture == "flux2" and info.network_type == "lora" and info.ranks == {"4": 28}
     original = load_file(str(result.final_lora))
     assert "flux2" in _guess_arch(original)
-    # diffusers' reader of original-layout FLUX.2 files wants fused qkv and no .alpha
-    with pytest.raises(Exception):
-        Flux2Pipeline.from_pretrained(model).load_lora_weights(str(result.final_lora))
+    # diffusers' reader of original-layout FLUX.2 files wants fused qkv and no .alpha: the default file
+    Flux2Pipeline.from_pretrained(model).load_lora_weights(str(result.final_lora))
     converted, _ = convert_file(result.final_lora, "diffusers", "flux2", tmp / "diffusers.safetensors")
     assert all(k.startswith("transformer.") and ".alpha" not in k for k in load_file(str(converted)))
     diff, effect = _diffusers_diff(trainer, "flux2", model, converted)

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
 from aitk.models.hidream import TRAIN_SHIFT, HiDreamAdapter, HiDreamInputError, build_tiny_hidream
 from conftest import base_process, deep_update, write_job
+import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
@@ -270,8 +271,8 @@ def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tupl
     assert wrapped == [n for n in candidates if ".ff_i.experts." not in n]  # upstream's ignore list
     assert any(".ff_i.shared_experts." in n for n in wrapped)
     tensors = load_file(str(result.final_lora))
-    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"diffusion_model.{m}.alpha"].item() == 8.0 for m in wrapped)
+    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight")}
+    assert set(tensors) == want  # alpha folded into lora_B (no .alpha: diffusers' loader reads the file)
     with safe_open(str(result.final_lora), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "hidream-i1/lora" and meta["ss_base_model_version"] == "hidream_i1"
@@ -297,10 +298,7 @@ def test_lora_loads_exactly_in_diffusers(lora_run: tuple, hidream_model: Path) -
         record("hidream", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout=layout,
                note="" if layout == "diffusers" else "without .alpha keys (alpha = rank)")
         assert effect > 1e-3 and diff < 1e-4, (layout, diff, effect)
-    from diffusers import HiDreamImagePipeline
-
-    with pytest.raises(ValueError, match="lora"):
-        HiDreamImagePipeline.from_pretrained(hidream_model).load_lora_weights(str(result.final_lora))
+    assert no_alpha.keys() == original.keys()  # the default file itself: alpha folded into lora_B
 
 
 def test_merge_round_trip_and_lora_info_know_hidream(lora_run: tuple, hidream_model: Path) -> None:
@@ -308,32 +306,19 @@ def test_merge_round_trip_and_lora_info_know_hidream(lora_run: tuple, hidream_mo
 
     from aitk.networks.build import build_network
     from aitk.networks.export import load_network_file
-    from test_tools import aitk
 
     trainer, result, tmp = lora_run
-    bare = tmp / "no_header.safetensors"  # a file without a header: guessed from its key names
-    save_file(load_file(str(result.final_lora)), str(bare))
-    for path in (result.final_lora, bare):
-        code, out, err = aitk("lora", "info", path, "--json")
-        assert code == 0 and json.loads(out)["architecture"] == "hidream", (out, err)
-    code, _, err = aitk("merge", "--model", hidream_model, "--lora", result.final_lora, "--arch", "hidream",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
+    assert family.check_lora_info(trainer, result.final_lora, "hidream", tmp)["architecture"] == "hidream"
     adapter = trainer.adapter
     adapter.transformer.eval()
     batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    merged = HiDreamImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
+    diff = family.merged_diff(adapter, hidream_model, result.final_lora, "hidream", tmp,
+                              HiDreamImageTransformer2DModel, batch, cond)
     record("hidream", "lora", "aitk merge", diff < 1e-4, diff)
     assert diff < 1e-4
+    with torch.no_grad():
+        live = adapter.predict(batch, cond)
     fresh = make_adapter(hidream_model)
     handle = build_network(fresh.transformer, network_type="lora", linear_rank=8, linear_alpha=1.0, seed=9,
                            candidates=trainer.network.wrapped_module_names())
@@ -423,17 +408,5 @@ def test_hidream_e1_is_refused_by_validate(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_preset_validates_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import yaml
-
-    from aitk.config.validate import validate_command
-    from aitk.ui.presets import PRESETS
-
-    job = PRESETS["hidream"]["job"]
-    process = job["config"]["process"][0]
-    assert process["network"]["network_kwargs"]["ignore_if_contains"] == UPSTREAM_IGNORE
-    process["datasets"][0]["folder_path"] = str(tmp_path)
-    path = tmp_path / "hidream.yaml"
-    path.write_text(yaml.safe_dump(job))
-    assert validate_command([str(path)]) == 0
-    printed = capsys.readouterr()
-    assert "warning" not in printed.out + printed.err, printed
+    job, _ = family.check_preset_validates_clean("hidream", tmp_path, capsys)
+    assert job["config"]["process"][0]["network"]["network_kwargs"]["ignore_if_contains"] == UPSTREAM_IGNORE

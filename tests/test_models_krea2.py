@@ -9,7 +9,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -312,8 +311,8 @@ def test_lora_trains_with_falling_loss_previews_and_file_names(lora_run: tuple) 
     tensors = load_file(str(result.final_lora))
     wrapped = trainer.network.wrapped_module_names()
     assert "transformer_blocks.1.attn.to_gate" in wrapped and "text_fusion.projector" in wrapped
-    want = {f"{lora_key_stem(m)}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and tensors["diffusion_model.blocks.1.attn.gate.alpha"].item() == 16.0
+    want = {f"{lora_key_stem(m)}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight")}
+    assert set(tensors) == want  # alpha folded into lora_B, no .alpha (diffusers' loader reads the file)
     with safe_open(str(result.final_lora), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "krea2/lora" and meta["ss_base_model_version"] == "krea2"
@@ -349,36 +348,17 @@ def test_lora_loads_in_diffusers_exactly(lora_run: tuple, krea2_model: Path) -> 
 def test_merge_round_trip_and_lora_info_know_krea2(lora_run: tuple, krea2_model: Path) -> None:
     from diffusers import Krea2Transformer2DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["architecture"] == "krea2" and info["network_type"] == "lora"
-    assert info["modules"] == len(trainer.network.wrapped_module_names())
-    bare = tmp / "no_header.safetensors"  # a file without a header: guessed from its key names
-    save_file(load_file(str(result.final_lora)), str(bare))
-    code, out, err = aitk("lora", "info", bare, "--json")
+    guessed = family.check_lora_info(trainer, result.final_lora, "krea2", tmp)  # a copy without a header
     # named with WAN's while WAN's guess takes any `diffusion_model.blocks.` file (aitk.models.wan)
-    assert code == 0 and "krea2" in json.loads(out)["architecture"], (out, err)
+    assert "krea2" in guessed["architecture"], guessed
     assert not Krea2Adapter.matches_lora_keys({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(1)})
-    code, _, err = aitk("merge", "--model", krea2_model, "--lora", result.final_lora, "--arch", "krea2",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = Krea2Transformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
     adapter = trainer.adapter
     batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(2)), TrainConfig(),
                                      torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
+    diff = family.merged_diff(adapter, krea2_model, result.final_lora, "krea2", tmp, Krea2Transformer2DModel,
+                              batch, cond)
     record("krea2", "lora", "aitk merge", diff < 1e-4, diff)
     assert diff < 1e-4
     _round_trip(adapter, krea2_model, result.final_lora, "lora", linear_rank=8)
@@ -439,16 +419,9 @@ def test_presets_and_upstream_settings_validate_clean(tmp_path: Path, capsys: py
     import yaml
 
     from aitk.config.validate import validate_command
-    from aitk.ui.presets import PRESETS
 
     for key in ("krea2", "krea2_turbo"):
-        job = PRESETS[key]["job"]
-        job["config"]["process"][0]["datasets"][0]["folder_path"] = str(tmp_path)
-        path = tmp_path / f"{key}.yaml"
-        path.write_text(yaml.safe_dump(job))
-        assert validate_command([str(path)]) == 0
-        printed = capsys.readouterr()
-        assert "warning" not in printed.out + printed.err, (key, printed)
+        job, path = family.check_preset_validates_clean(key, tmp_path, capsys)
     job["config"]["process"][0]["train"]["attention_backend"] = "flash"  # no mask: padded batches need one
     path.write_text(yaml.safe_dump(job))
     assert validate_command([str(path)]) != 0

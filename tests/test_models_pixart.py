@@ -25,6 +25,7 @@ from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.pixart import PixArtAlphaAdapter, PixArtSigmaAdapter, binned_size, build_tiny_pixart
 from aitk.models.sd.timesteps import DDPMTimestepError
 from conftest import base_process, deep_update, write_job
+import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
@@ -364,15 +365,8 @@ def test_preset_and_corpus_job_validate_clean(tmp_path: Path, capsys: pytest.Cap
     import yaml
 
     from aitk.config.validate import validate_command
-    from aitk.ui.presets import PRESETS
 
-    job = PRESETS["pixart_sigma"]["job"]
-    job["config"]["process"][0]["datasets"][0]["folder_path"] = str(tmp_path)
-    path = tmp_path / "pixart_sigma.yaml"
-    path.write_text(yaml.safe_dump(job))
-    assert validate_command([str(path)]) == 0
-    printed = capsys.readouterr()
-    assert "warning" not in printed.out + printed.err, printed
+    job, path = family.check_preset_validates_clean("pixart_sigma", tmp_path, capsys)
     # a flow-matching setting on a DDPM model is refused before anything loads
     job["config"]["process"][0]["train"]["noise_scheduler"] = "flowmatch"
     path.write_text(yaml.safe_dump(job))

@@ -423,3 +423,51 @@ def test_network_variants_train(variant: str, edit_models: dict[str, Path], edit
     layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
     assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
     assert effect > 1e-4  # the LoRA (on a quantized base) changes the plain model's output
+
+
+# --- the memory plan and presets ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_plan_builds_the_real_model_from_shipped_configs(arch: str) -> None:
+    """`aitk plan` reads the shipped public configs (nothing downloaded): the parts at their real
+    sizes (the text encoder keeps its vision tower), and the adapter's example batch holds the
+    control image's tokens after the target's and in the prompt."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from aitk.models.registry import adapter_class
+    from aitk.plan.build import build_on_meta
+    from aitk.plan.sources import model_spec
+
+    hub_id = "Qwen/Qwen-Image-Edit-2509" if arch.endswith("plus") else "Qwen/Qwen-Image-Edit"
+    spec = model_spec(hub_id, arch)
+    parts = {name: build_on_meta(part) for name, part in spec.parts.items()}
+    billions = {name: sum(p.numel() for p in m.parameters()) / 1e9 for name, m in parts.items()}
+    assert 20.3 < billions["transformer"] < 20.5 and 8.2 < billions["text_encoder"] < 8.4, billions
+    adapter = adapter_class(arch)(ModelConfig(name_or_path=hub_id, arch=arch), CPU, torch.bfloat16)
+    adapter.bind({"transformer": parts["transformer"]}, spec.configs({}))
+    with FakeTensorMode():
+        noisy, cond = adapter.example_batch(1, (1024, 768), 1, expert="main", with_controls=True)
+    assert noisy.noisy_latents.shape == (1, 16, 96, 128)
+    target, control = noisy.extra["img_shapes"][0]
+    assert target == (1, 48, 64) and noisy.extra["control_tokens"].shape[1] == control[1] * control[2]
+    assert cond.hidden_states.shape[1] > 512 and cond.hidden_states.shape[2] == 3584  # text + image tokens
+
+
+def test_presets_validate_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from aitk.config.validate import validate_command
+    from aitk.ui.presets import PRESETS
+
+    ctrl = _save(_image(0), tmp_path / "ctrl.png")
+    for key in ("qwen_image_edit", "qwen_image_edit_plus"):
+        job = PRESETS[key]["job"]
+        process = job["config"]["process"][0]
+        process["datasets"][0].update(folder_path=str(tmp_path), control_path=str(tmp_path))
+        process["sample"]["ctrl_img"] = str(ctrl)  # the form asks for these two
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        assert validate_command([str(path)]) == 0
+        printed = capsys.readouterr()
+        assert "warning" not in printed.out + printed.err, (key, printed)

@@ -193,7 +193,10 @@ def test_preview_fields_match_the_pipelines_and_adapters():
                  "flux2": "Flux2Pipeline", "flux2_klein_4b": "Flux2KleinPipeline", "flux2_klein_9b": "Flux2KleinPipeline",
                  "flex2": "FluxPipeline", "hidream": "HiDreamImagePipeline", "pixart": "PixArtAlphaPipeline",
                  "pixart_sigma": "PixArtSigmaPipeline", "auraflow": "AuraFlowPipeline", "cogview4": "CogView4Pipeline",
-                 "krea2": "Krea2Pipeline", "ernie_image": "ErnieImagePipeline"}
+                 "krea2": "Krea2Pipeline", "ernie_image": "ErnieImagePipeline",
+                 "wan22_5b": "WanImageToVideoPipeline", "ltx2": "LTX2ImageToVideoPipeline",
+                 "hunyuan_video_1_5": "HunyuanVideo15Pipeline",
+                 "hunyuan_video_1_5_i2v": "HunyuanVideo15ImageToVideoPipeline"}
     # Flex.2's control image enters as extra latent channels its adapter appends, not a pipeline argument
     control_by_adapter = {"flex2"}
     # pipelines that take reference / edit images these families do not train with yet (docs/models.md)
@@ -206,7 +209,7 @@ def test_preview_fields_match_the_pipelines_and_adapters():
         assert ("guidance_rescale" in fields) == ("guidance_rescale" in takes), arch
         assert "prompt_2" not in fields or "prompt_2" in takes, arch
         takes_image = ("image" in takes and arch not in image_not_used) or arch in control_by_adapter
-        assert ("ctrl_img" in fields) == takes_image == (cls.uses_controls or getattr(cls, "i2v", False)), arch
+        assert ("ctrl_img" in fields) == takes_image == (cls.uses_controls or getattr(cls, "i2v", False) or cls.optional_first_frame), arch
         assert ("num_frames" in fields) == (cls.frame_rule is not None), arch
 
 

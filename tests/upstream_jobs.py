@@ -77,6 +77,10 @@ def tiny_variant(job: dict[str, Any]) -> str:
         return "cogview4"
     if arch == "ernie_image":
         return "ernie_image"
+    if arch == "ltx2":
+        return "ltx2"
+    if arch in ("hunyuan_video_1_5", "hunyuan_video_1_5_i2v"):
+        return "hunyuan_video_1_5_i2v" if arch.endswith("i2v") else "hunyuan_video_1_5_t2v"
     if arch == "krea2":
         return "krea2_turbo" if "turbo" in name.lower() else "krea2"
     if arch in ("flux2", "flux2_klein_4b", "flux2_klein_9b"):
@@ -87,6 +91,8 @@ def tiny_variant(job: dict[str, Any]) -> str:
         return "lumina2"
     if arch == "wan22_14b_i2v":
         return "22_i2v"
+    if arch == "wan22_5b":
+        return "22_5b"
     if arch == "wan22_14b":
         return "22_t2v"
     if arch in ("wan21", "wan21_i2v"):
@@ -203,6 +209,9 @@ def _shrink_previews(sample: dict[str, Any], ctrl_img: Path | None, keep_prompts
         for entry in sample["samples"]:
             if entry.get("ctrl_img"):
                 entry["ctrl_img"] = str(ctrl_img)
+            for key in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3"):  # multi-image edit models
+                if entry.get(key):
+                    entry[key] = str(ctrl_img)
             entry["prompt"] = CTRL_IMG_FLAG.sub(f"--ctrl_img {ctrl_img}", entry["prompt"])
 
 

@@ -46,9 +46,6 @@ INLINE_FLAGS: tuple[InlineFlag, ...] = (
     InlineFlag(("frames", "num_frames"), "num_frames", "int", "frames of a video preview"),
     InlineFlag(("fps",), "fps", "int", "frame rate of a video preview"),
     InlineFlag(("ctrl_img",), "ctrl_img", "text", "control image: what Kontext edits, the first frame of I2V"),
-    InlineFlag(("ctrl_img_1",), "ctrl_img_1", "text", "first control image of a multi-image edit model"),
-    InlineFlag(("ctrl_img_2",), "ctrl_img_2", "text", "second control image of a multi-image edit model"),
-    InlineFlag(("ctrl_img_3",), "ctrl_img_3", "text", "third control image of a multi-image edit model"),
     InlineFlag(("a",), None, "float", "adapter conditioning scale (T2I / IP adapters)"),
     InlineFlag(("ref",), None, "float", "where the SDXL refiner takes over"),
     InlineFlag(("ev", "extra_values"), None, "floats", "extra values of a custom adapter"),
@@ -62,7 +59,9 @@ _AT_LEAST_ONE = {"steps", "num_frames", "fps"}
 AI_TOOLKIT_ONLY_FLAGS: tuple[str, ...] = tuple(f.names[0] for f in INLINE_FLAGS if f.field is None)
 
 # Families by what their diffusers preview pipeline takes (a test checks the pipelines' signatures).
-SD_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})  # guidance_rescale
+SD_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})
+#: pipelines that take guidance_rescale
+GUIDANCE_RESCALE_ARCHS: frozenset[str] = SD_ARCHS | {"ltx2"}
 SECOND_ENCODER_ARCHS: frozenset[str] = frozenset({"sdxl"})  # prompt_2, negative_prompt_2
 FLUX_ARCHS: frozenset[str] = frozenset({"flux", "flux_kontext"})  # no classifier-free guidance
 
@@ -89,8 +88,8 @@ class PreviewRequest:
     prompt_2: str | None = None  # SDXL: the second text encoder's prompt (default: prompt)
     negative_2: str | None = None  # SDXL: the second text encoder's negative prompt
     guidance_rescale: float = 0.0  # SD / SDXL: rescale of the guided prediction (0: off)
-    # multi-image edit models (Qwen-Image-Edit-2509): the numbered control images; ctrl_img, when
-    # given, is the first (as ai-toolkit: ctrl_img_1 is read only without it)
+    # multi-image edit models (Qwen-Image-Edit-2509): a samples entry's numbered control images (no
+    # inline flags, as in ai-toolkit); ctrl_img, when given, is the first (ctrl_img_1 only without it)
     ctrl_img_1: str | None = None
     ctrl_img_2: str | None = None
     ctrl_img_3: str | None = None
@@ -100,7 +99,7 @@ class PreviewRequest:
 
 def _value(flag: InlineFlag, written: str, raw: str, text: str) -> Any:
     if flag.kind == "text":
-        if flag.field is not None and flag.field.startswith("ctrl_img") and not raw:
+        if flag.field == "ctrl_img" and not raw:
             raise SamplePromptError(text, f"--{written} needs an image file path, e.g. --{written} /data/first.jpg")
         return raw
     try:
@@ -193,18 +192,18 @@ def preview_fields(arch: str) -> frozenset[str]:
     """The PreviewRequest settings `arch`'s previews use beyond prompt, size, seed, guidance scale,
     steps and LoRA strength (which all use)."""
     from aitk.models.archs import FIRST_FRAME_ARCHS
-    from aitk.models.archs import CONTROL_ARCHS, MULTI_CONTROL_PREVIEW_ARCHS, data_facts
+    from aitk.models.archs import CONTROL_ARCHS, MULTI_CONTROL_PREVIEW_ARCHS, OPTIONAL_FIRST_FRAME_ARCHS, data_facts
 
     fields = set()
     if arch not in FLUX_ARCHS:
         fields.add("negative")
-    if arch in SD_ARCHS:
+    if arch in GUIDANCE_RESCALE_ARCHS:
         fields.add("guidance_rescale")
     if arch in SECOND_ENCODER_ARCHS:
         fields |= {"prompt_2", "negative_2"}
     if data_facts(arch)[1] is not None:
         fields |= {"num_frames", "fps"}
-    if arch in CONTROL_ARCHS | FIRST_FRAME_ARCHS:
+    if arch in CONTROL_ARCHS | FIRST_FRAME_ARCHS | OPTIONAL_FIRST_FRAME_ARCHS:
         fields.add("ctrl_img")
     if arch in MULTI_CONTROL_PREVIEW_ARCHS:
         fields.add("ctrl_img_n")  # ctrl_img_1 .. ctrl_img_3
@@ -230,6 +229,8 @@ def needs_first_frame(arch: str) -> bool:
 
 
 def _issues(requests: list[PreviewRequest], arch: str, text_cached: bool) -> set[str]:
+    from aitk.models.archs import OPTIONAL_FIRST_FRAME_ARCHS
+
     used = preview_fields(arch)
     issues: set[str] = set()
     for request in requests:
@@ -247,7 +248,7 @@ def _issues(requests: list[PreviewRequest], arch: str, text_cached: bool) -> set
             issues.add("guidance_rescale")
         if set(AI_TOOLKIT_ONLY_FLAGS) & set(request.flags):
             issues.add("ai_toolkit_only")
-        if not preview_control_images(request, arch) and "ctrl_img" in used:
+        if not preview_control_images(request, arch) and "ctrl_img" in used and arch not in OPTIONAL_FIRST_FRAME_ARCHS:
             issues.add("no_first_frame" if needs_first_frame(arch) else "no_control_image")
     return issues
 

@@ -180,7 +180,7 @@ UNSUPPORTED: list[Unsupported] = [
                 "a preview control image (ctrl_img, --ctrl_img) on a model that takes none (flux_kontext edits it, "
                 "wan21_i2v / wan22_14b_i2v start from it)"),
     Unsupported(ProcessConfig, "sample", lambda v, s: "ctrl_img_n" in preview_issues(s),
-                "numbered preview control images (ctrl_img_1 .. ctrl_img_3, --ctrl_img_1 ..) on a model that reads "
+                "numbered preview control images (a samples entry's ctrl_img_1 .. ctrl_img_3) on a model that reads "
                 "one (qwen_image_edit_plus reads up to three; give the one image as ctrl_img)"),
     Unsupported(ProcessConfig, "sample", lambda v, s: "num_frames" in preview_issues(s),
                 "video previews (num_frames above 1, --frames, --fps) on an image model",
@@ -190,7 +190,7 @@ UNSUPPORTED: list[Unsupported] = [
     Unsupported(ProcessConfig, "sample", lambda v, s: "prompt_2" in preview_issues(s),
                 "--p2 / --n2 (prompts of SDXL's second text encoder) other than on SDXL without cache_text_embeddings"),
     Unsupported(ProcessConfig, "sample", lambda v, s: "guidance_rescale" in preview_issues(s),
-                "guidance rescale (guidance_rescale, --gr) on a model other than SD / SDXL"),
+                "guidance rescale (guidance_rescale, --gr) on a model whose pipeline has none (SD, SDXL and LTX-2 have it)"),
     Unsupported(ProcessConfig, "sample", lambda v, s: "ai_toolkit_only" in preview_issues(s),
                 f"the preview flags {', '.join('--' + f for f in AI_TOOLKIT_ONLY_FLAGS)} (adapter scale, SDXL "
                 "refiner, custom-adapter values, Flex.2 control index)"),
@@ -199,8 +199,9 @@ UNSUPPORTED: list[Unsupported] = [
                 "ctrl_img or --ctrl_img <image> in each prompt)", "those previews are skipped"),
     Unsupported(ProcessConfig, "sample", lambda v, s: "no_control_image" in preview_issues(s)
                 and s.model.resolved_arch not in OPTIONAL_CONTROL_ARCHS,
-                "a flux_kontext preview without a control image to edit (set sample.ctrl_img, the entry's "
-                "ctrl_img or --ctrl_img <image> in each prompt)", "those previews render from the prompt alone"),
+                "a flux_kontext preview without a control image to edit (or a qwen_image_edit(_plus) one; set "
+                "sample.ctrl_img, the entry's ctrl_img or --ctrl_img <image> in each prompt)",
+                "those previews render from the prompt alone (Qwen-Image-Edit: edit a grey image)"),
     # train
     # train_text_encoder (aitk/networks/text_encoders.py): a LoRA on SD / SDXL's CLIP encoders
     Unsupported(ProcessConfig, "train.train_text_encoder",

@@ -18,6 +18,7 @@ ADAPTERS: dict[str, str] = {
     "wan21_i2v": "aitk.models.wan:Wan21I2VAdapter",
     "wan22_14b": "aitk.models.wan:Wan22Adapter",
     "wan22_14b_i2v": "aitk.models.wan:Wan22I2VAdapter",
+    "wan22_5b": "aitk.models.wan:Wan22TI2VAdapter",
     "sd3": "aitk.models.sd3:SD3Adapter",
     "zimage": "aitk.models.zimage:ZImageAdapter",
     "qwen_image": "aitk.models.qwen_image:QwenImageAdapter",
@@ -35,6 +36,9 @@ ADAPTERS: dict[str, str] = {
     "hidream": "aitk.models.hidream:HiDreamAdapter",
     "krea2": "aitk.models.krea2:Krea2Adapter",
     "ernie_image": "aitk.models.ernie_image:ErnieImageAdapter",
+    "ltx2": "aitk.models.ltx2:LTX2Adapter",
+    "hunyuan_video_1_5": "aitk.models.hunyuan_video_1_5:HunyuanVideo15Adapter",
+    "hunyuan_video_1_5_i2v": "aitk.models.hunyuan_video_1_5:HunyuanVideo15I2VAdapter",
 }
 
 
@@ -53,6 +57,7 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
     "wan21_i2v": (16, "4k+1"),
     "wan22_14b": (16, "4k+1"),
     "wan22_14b_i2v": (16, "4k+1"),
+    "wan22_5b": (32, "4k+1"),  # 16x VAE x 2x2 patches
     "sd3": (16, None),
     "zimage": (16, None),
     "qwen_image": (32, None),  # ai-toolkit buckets Qwen-Image by 32 px
@@ -70,6 +75,9 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
     "hidream": (16, None),
     "krea2": (16, None),
     "ernie_image": (16, None),  # the pipeline's 16 px (ai-toolkit buckets ERNIE-Image by 32)
+    "ltx2": (32, "8k+1"),  # LTX-2's VAE: 32x spatial, 8x temporal compression
+    "hunyuan_video_1_5": (16, "4k+1"),  # 16x VAE, patch 1; 4x temporal compression
+    "hunyuan_video_1_5_i2v": (16, "4k+1"),
 }
 
 
@@ -86,12 +94,18 @@ MULTI_CONTROL_PREVIEW_ARCHS: frozenset[str] = frozenset({"qwen_image_edit_plus"}
 
 #: image-to-video archs: their adapters' `i2v` (a test keeps the two in step)
 FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
+FIRST_FRAME_ARCHS = FIRST_FRAME_ARCHS | {"hunyuan_video_1_5_i2v"}
+
+#: text-and-image-to-video models: a preview's ctrl_img, when given, is its first frame (else text
+#: to video); their adapters' `optional_first_frame` (a test keeps the two in step)
+OPTIONAL_FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan22_5b", "ltx2"})
 
 # Architectures whose attention masks the text's padding: attention kernels without a mask are refused
 # (aitk.models.attention.MASKED_BACKENDS lists the ones that take it).
 MASKED_ATTENTION_ARCHS: frozenset[str] = frozenset({"chroma"})
 MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"krea2"}  # batches of prompts of different lengths
 MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"ernie_image"}  # prompts padded to the batch's longest
+MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"hunyuan_video_1_5", "hunyuan_video_1_5_i2v"}  # padded prompts
 
 # Architectures whose denoiser has conv layers a network can wrap (network.conv; LoCon), so that
 # `aitk validate` can tell that conv alpha phases change nothing on the others.
@@ -142,7 +156,7 @@ TIMESTEP_TYPES: dict[str, tuple[str, ...]] = {arch: DDPM_TIMESTEP_TYPES for arch
 UNSUPPORTED_ARCH_LABELS: dict[str, str] = {
     "qwen_image": "Qwen-Image",
     "hidream_e1": "HiDream E1", "chroma": "Chroma", "lumina2": "Lumina 2", "sd3": "Stable Diffusion 3", "omnigen2": "OmniGen2",
-    "flex1": "Flex.1", "wan22_5b": "WAN 2.2 5B", "zimage": "Z-Image",
+    "flex1": "Flex.1", "zimage": "Z-Image",
 }
 #: archs upstream trains whose model diffusers 0.42 has no class for (upstream ships its own model
 #: code): this version loads every model through diffusers, so these are refused with that reason

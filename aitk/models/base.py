@@ -170,8 +170,15 @@ class ModelAdapter(ABC):
     #: v of a fused qkv): comfyui-layout files write each group as one LoRA on it. An
     #: aitk.networks.fused_files.FusedWeights from the family's keys module; None: no fused weights
     lora_fused_weights: Any = None
+    #: comfyui / kohya files fold alpha / rank into the LoRA up weights and write no `.alpha` (the
+    #: family's diffusers loader refuses `.alpha`); the header records the trained alphas
+    #: (aitk.networks.folded_alpha)
+    lora_alpha_in_weights: bool = False
     #: video models: the frame counts the model accepts ("4k+1"); None = an image model
     frame_rule: str | None = None
+    #: text-and-image-to-video models: a preview's ctrl_img, when given, is its first frame
+    #: (archs.OPTIONAL_FIRST_FRAME_ARCHS)
+    optional_first_frame: bool = False
     #: the dataset's control images are inputs of the model (edit models such as FLUX Kontext)
     uses_controls: bool = False
     #: the text encoder reads the prompt with the sample's control images (Qwen-Image-Edit): the

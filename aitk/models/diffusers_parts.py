@@ -7,7 +7,7 @@ and a failure worded, the same way for each of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +41,13 @@ def transformer_hint(parts: Sequence[str]) -> str:
     )
 
 
-def folder_location(source: str, label: str, hint: str, required: Sequence[str] = ()) -> str:
+def folder_location(source: str, label: str, hint: str, required: Sequence[str] = (),
+                    checkpoint_suffixes: Sequence[str] = CHECKPOINT_SUFFIXES) -> str:
     """Where a folder-only family loads from: the local folder `source` names, or `source` as a
-    hub id. ModelLoadError naming model.name_or_path for a single file, a path that is neither,
-    a file, or a local folder without the `required` subfolders."""
+    hub id. ModelLoadError naming model.name_or_path for a single file (`checkpoint_suffixes`), a
+    path that is neither, a file, or a local folder without the `required` subfolders."""
     path = Path(source).expanduser()
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+    if path.suffix.lower() in checkpoint_suffixes:
         raise ModelLoadError(
             f"model.name_or_path: {source!r} is a single file; {label} loads from a diffusers folder or hub "
             f"id only in this version; {hint}"
@@ -61,6 +62,15 @@ def folder_location(source: str, label: str, hint: str, required: Sequence[str] 
     return str(path) if path.exists() else source
 
 
+def load_from_folder(source: str, what: str, label: str, hint: str, load: Callable[[str], Any], *,
+                     required: Sequence[str] = (), checkpoint_suffixes: Sequence[str] = CHECKPOINT_SUFFIXES) -> Any:
+    """`load(location)` of a folder-only family's model.name_or_path (`folder_location`), any
+    failure worded by `load_errors` (`what` could not be loaded, `hint`)."""
+    location = folder_location(source, label, hint, required, checkpoint_suffixes)
+    with load_errors(what, source, hint, local=Path(location).exists()):
+        return load(location)
+
+
 @dataclass(frozen=True)
 class TransformerSource:
     """A model given as a transformer alone or as a whole pipeline: `source` is model.name_or_path
@@ -73,16 +83,19 @@ class TransformerSource:
     extras: str
 
 
-def transformer_source(model_cfg: Any, hint: str, single_file_extras: str) -> TransformerSource:
+def transformer_source(model_cfg: Any, hint: str, single_file_extras: str, *, single_files: bool = True,
+                       folder_extras: str | None = None) -> TransformerSource:
     """ai-toolkit's rule for transformer-only models: the other parts come from a full local
     pipeline folder itself, else model.extras_name_or_path, else the model (a single file:
-    `single_file_extras`; a folder only when it is a pipeline's, with model_index.json).
-    ModelLoadError naming the key when the source cannot be one."""
+    `single_file_extras`; a folder only when it is a pipeline's, with model_index.json, or
+    `folder_extras` when given). `single_files` False: a file is refused (folders and hub ids
+    only). ModelLoadError naming the key when the source cannot be one."""
     source = model_cfg.name_or_path
     path = Path(source).expanduser()
-    single = path.suffix.lower() in TRANSFORMER_FILE_SUFFIXES
+    single = single_files and path.suffix.lower() in TRANSFORMER_FILE_SUFFIXES
     if path.exists() and not (path.is_dir() or single):
-        raise ModelLoadError(f"model.name_or_path: {source!r} is a file but no .safetensors; {hint}")
+        what = "but no .safetensors" if single_files else "and this model loads folders only"
+        raise ModelLoadError(f"model.name_or_path: {source!r} is a file {what}; {hint}")
     if not path.exists() and (single or not common.could_be_hub_id(source)):
         raise ModelLoadError(f"model.name_or_path: {source!r} is neither an existing path nor a hub id; {hint}")
     extras = getattr(model_cfg, "extras_name_or_path", None)
@@ -93,6 +106,8 @@ def transformer_source(model_cfg: Any, hint: str, single_file_extras: str) -> Tr
         where = str(extras_path) if extras_path.exists() else extras
     elif single:
         where = single_file_extras
+    elif folder_extras and path.is_dir() and not (path / "model_index.json").is_file():
+        where = folder_extras
     elif path.is_dir() and not (path / "model_index.json").is_file():
         raise ModelLoadError(
             f"model.name_or_path: {source!r} has no text_encoder/; set model.extras_name_or_path to the model "
@@ -173,14 +188,27 @@ def freeze_loaded(parts: Mapping[str, Any], dtype: torch.dtype, fp32_names: Sequ
         common.cast(module, torch.float32 if name in fp32_names else dtype)
 
 
-def encode_scaled_latents(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+def encode_scaled_latents(vae: Any, pixels: torch.Tensor, device: torch.device, shifted: bool = True) -> torch.Tensor:
     """Pixels in [-1, 1] -> the denoiser's latents (latent - shift_factor) * scaling_factor of an
-    AutoencoderKL, encoded in fp32 (the latent distribution's mode)."""
+    AutoencoderKL, encoded in fp32 (the latent distribution's mode). `shifted` False: scaled only,
+    as the pipelines of SD's 4-channel VAEs (PixArt, AuraFlow) and CogView4 do."""
     latents = common.encode_mode(vae, pixels, device)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    if shifted:
+        latents = latents - vae.config.shift_factor
+    return latents * vae.config.scaling_factor
 
 
-def decode_scaled_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+def decode_scaled_latents(vae: Any, latents: torch.Tensor, shifted: bool = True) -> torch.Tensor:
     """Inverse of `encode_scaled_latents` through the decoder: pixels in about [-1, 1]."""
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    latents = latents / vae.config.scaling_factor
+    if shifted:
+        latents = latents + vae.config.shift_factor
     return vae.decode(latents).sample
+
+
+def vae_space_id(name: str, vae: Any, source: str, shifted: bool = True) -> str:
+    """The latent-space part of the latent caches' keys: `name`, the VAE's channels, scale (and
+    shift when the latents are shifted) and where it came from."""
+    cfg = vae.config
+    shift = f":{cfg.shift_factor}" if shifted else ""
+    return f"{name}:{cfg.latent_channels}:{cfg.scaling_factor}{shift}:{source}"

@@ -1,5 +1,6 @@
 """FlowTransformerAdapter: what the flow-matching transformer families (FLUX.1 and Kontext, SD 3,
-Qwen-Image, Z-Image, Lumina 2, Chroma) share.
+Qwen-Image, Z-Image, Lumina 2, Chroma, FLUX.2, HiDream, AuraFlow, CogView4, Krea 2, ERNIE-Image)
+share.
 
 - Loading: the parts of a diffusers folder or hub id, or (families with `transformer_class_name`)
   a transformer alone with the other parts from model.extras_name_or_path
@@ -17,25 +18,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from aitk.config.schema import TrainConfig
-from aitk.models import common
+from aitk.models import common, diffusers_parts
 from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.diffusers_parts import (
     decode_scaled_latents,
     encode_scaled_latents,
     folder_hint,
-    folder_location,
     freeze_loaded,
+    load_from_folder,
     load_errors,
     load_transformer,
     load_vae,
     transformer_hint,
     transformer_source,
+    vae_space_id,
 )
 
 
@@ -55,8 +56,9 @@ class FlowTransformerAdapter(ModelAdapter):
       `example_batch` (with `_example_latents` / `_example_noisy`) and `predict`;
     - `shift_kwargs(height, width)`: sample_sigmas' time shift (or its own `training_sigmas`);
     - `_unpack_preview` when its pipeline returns packed tokens.
-    It may override `_pipeline_class`, `_batch_extra`, `_check_latent_size`, `encode_images` and
-    `_decode_pixels` (another latent normalisation), `_vae_scale` and `_scheduler_from`.
+    It may override `_pipeline_class`, `_scheduler` (the preview scheduler), `_batch_extra`,
+    `_check_latent_size`, `encode_images` and `_decode_pixels` (another latent normalisation),
+    `_vae_scale` and `_scheduler_from`.
     """
 
     denoiser_names = ("transformer",)
@@ -73,6 +75,8 @@ class FlowTransformerAdapter(ModelAdapter):
     required_folder_parts: tuple[str, ...] = ()
     #: a hub id the load errors give as an example ("" = none)
     folder_example: str = ""
+    #: single files a folder-only family refuses as model.name_or_path (named so in its error)
+    checkpoint_suffixes: tuple[str, ...] = diffusers_parts.CHECKPOINT_SUFFIXES
     #: the VAE class (attribute of `diffusers`)
     vae_class_name: str = "AutoencoderKL"
     #: set: model.name_or_path may name the transformer alone (a folder or single file) of this
@@ -80,6 +84,11 @@ class FlowTransformerAdapter(ModelAdapter):
     #: `single_file_extras`
     transformer_class_name: str = ""
     single_file_extras: str = ""
+    #: of those, whether the transformer may be one .safetensors file (diffusers' from_single_file)
+    transformer_single_file: bool = True
+    #: the latents are (latent - shift_factor) * scaling_factor; False: scaled only (the
+    #: pipelines of SD's 4-channel VAE and CogView4's ignore the shift)
+    vae_shifted: bool = True
     #: the scheduler config when a model is bound without one (the plan)
     default_scheduler: Mapping[str, Any] = {}
     #: the error class of batches and settings this model cannot train on
@@ -115,25 +124,41 @@ class FlowTransformerAdapter(ModelAdapter):
         """Load every part from model.name_or_path (and extras); returns the scheduler config."""
         if self.transformer_class_name:
             return self._load_transformer_and_extras()
-        source = self.model_cfg.name_or_path
         hint = folder_hint(self.folder_parts, self.folder_example)
-        location = folder_location(source, self.model_label, hint, self.required_folder_parts)
-        with load_errors(self._what(), source, hint, local=Path(location).exists()):
-            return self._load_parts(location)
+        return load_from_folder(self.model_cfg.name_or_path, self._what(), self.model_label, hint, self._load_parts,
+                                required=self.required_folder_parts, checkpoint_suffixes=self.checkpoint_suffixes)
 
     def _load_transformer_and_extras(self) -> dict[str, Any]:
         import diffusers
 
-        hint = transformer_hint(self.folder_parts)
-        where = transformer_source(self.model_cfg, hint, self._single_file_extras())
-        self.parts_source = where.extras  # the text encoder's and VAE's
+        hint = transformer_hint(self.folder_parts) if self.transformer_single_file else self._folder_only_hint()
+        where = transformer_source(self.model_cfg, hint, self._single_file_extras(),
+                                   single_files=self.transformer_single_file, folder_extras=self._folder_extras())
+        self._locate_extras(where.extras)
         with load_errors(self._what(), where.source, hint, local=where.path.exists(), extras=where.extras):
             self.transformer = load_transformer(getattr(diffusers, self.transformer_class_name), where, self.dtype)
             return self._load_parts(where.extras)
 
+    def _locate_extras(self, extras: str) -> None:
+        """Note where the other parts of a transformer loaded alone come from (`parts_source`,
+        part of the caches' keys) before anything loads."""
+        self.parts_source = extras
+
     def _single_file_extras(self) -> str:
         """Where a single transformer file's other parts (and its config) come from."""
         return self.single_file_extras
+
+    def _folder_extras(self) -> str | None:
+        """Where a transformer folder's other parts come from without model.extras_name_or_path
+        (None: it must be set)."""
+        return None
+
+    def _folder_only_hint(self) -> str:
+        """The load errors' hint of a family whose transformer may come alone as a folder only."""
+        listed = ", ".join(f"{p}/" for p in self.folder_parts)
+        example = f", e.g. {self.single_file_extras}" if self.single_file_extras else ""
+        return (f"give a diffusers folder or hub id (model_index.json, {listed}){example}, or a transformer "
+                "folder with model.extras_name_or_path for the other parts")
 
     def _load_parts(self, location: str) -> dict[str, Any]:
         """Load the parts at `location` (module docstring); returns the scheduler config."""
@@ -162,9 +187,12 @@ class FlowTransformerAdapter(ModelAdapter):
         self.has_assistant = False
 
     def _text_length(self, default: int, tokenizer: str = "tokenizer") -> int:
-        """Tokens per prompt: model.model_kwargs.max_sequence_length (else `default`), never more
-        than `tokenizer` allows (bind first)."""
+        """Tokens per prompt: model.model_kwargs.max_sequence_length (else `default`, at least 1),
+        never more than `tokenizer` allows (bind first; the tiny test models allow 32)."""
         wanted = int(self.model_cfg.model_kwargs.get("max_sequence_length", default))
+        if wanted < 1:
+            raise self.input_error(f"model.model_kwargs.max_sequence_length: {wanted} must be at least 1 "
+                                   f"(default {default})")
         return min(wanted, int(self.part_configs.tokenizer_lengths.get(tokenizer, wanted)))
 
     def _scheduler_from(self, configs: PartConfigs) -> dict[str, Any]:
@@ -182,12 +210,16 @@ class FlowTransformerAdapter(ModelAdapter):
 
         return getattr(diffusers, self.pipeline_name)
 
-    def _pipeline(self, scheduler: Any | None = None) -> Any:
-        """The family's pipeline over the live modules, with its flow-match Euler scheduler."""
+    def _scheduler(self) -> Any:
+        """The previews' scheduler: the model's flow-match Euler."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+
+    def _pipeline(self, scheduler: Any | None = None) -> Any:
+        """The family's pipeline over the live modules, with its preview scheduler."""
         if scheduler is None:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            scheduler = self._scheduler()
         parts: dict[str, Any] = {"transformer": self.transformer, "vae": self.vae}
         for name in self.text_encoder_names:
             tokenizer = name.replace("text_encoder", "tokenizer")
@@ -207,20 +239,20 @@ class FlowTransformerAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return encode_scaled_latents(self.vae, pixels, self.device)
+        return encode_scaled_latents(self.vae, pixels, self.device, self.vae_shifted)
 
     def _parts_source(self) -> str:
-        """Where the text encoders and VAE came from (part of the caches' keys)."""
-        return self.model_cfg.name_or_path
+        """Where the text encoders and VAE came from (part of the caches' keys): the extras of a
+        transformer loaded alone, else the model."""
+        return getattr(self, "parts_source", None) or self.model_cfg.name_or_path
 
     def text_encoder_id(self) -> str:
         # the token limit is part of the embedding's shape: a cache of another limit must not be reused
         return f"{self.modelspec_architecture}|{self._parts_source()}|{self.text_length_tag}:{self.max_sequence_length}"
 
     def latent_space_id(self) -> str:
-        cfg = self.vae.config
         source = self.model_cfg.vae_path or self._parts_source()
-        return f"{self.latent_space_name}:{cfg.latent_channels}:{cfg.scaling_factor}:{cfg.shift_factor}:{source}"
+        return vae_space_id(self.latent_space_name, self.vae, source, self.vae_shifted)
 
     # --- training objective --------------------------------------------------------------
     def check_train_settings(self, train_cfg: Any) -> None:
@@ -243,8 +275,15 @@ class FlowTransformerAdapter(ModelAdapter):
         return sample_sigmas(batch, train_cfg, generator, **self.shift_kwargs(height, width))
 
     def _check_latent_size(self, height: int, width: int) -> None:
-        if height % self.latent_patch or width % self.latent_patch:
-            raise self.input_error(f"{self.model_label} latents need an even height and width, got {height}x{width}")
+        patch = self.latent_patch
+        if height % patch or width % patch:
+            rule = f"a height and width divisible by the patch size {patch}"
+            if patch == 2:
+                rule = f"an even height and width (divisible by the patch size {patch})"
+            raise self.input_error(
+                f"{self.model_label} latents need {rule}, got {height}x{width} (buckets must be multiples of "
+                f"{self.bucket_divisibility} px)"
+            )
 
     def _batch_extra(self, latents: torch.Tensor, context: BatchContext | None) -> dict[str, Any]:
         """Model inputs beyond the noisy latents (e.g. Kontext's control latents)."""
@@ -306,7 +345,7 @@ class FlowTransformerAdapter(ModelAdapter):
     def preview_kwargs(self, request: Any) -> dict[str, Any]:
         # The sampler snaps sizes to 8 px and the pipelines floor them to 16: remember the result,
         # because packed latents a pipeline returns do not carry their image size.
-        self._preview_size = (request.height // 16 * 16, request.width // 16 * 16)
+        self._preview_size = (max(16, request.height // 16 * 16), max(16, request.width // 16 * 16))
         return {"max_sequence_length": self.max_sequence_length}
 
     def _preview_pixel_size(self, tokens: int) -> tuple[int, int]:
@@ -321,7 +360,7 @@ class FlowTransformerAdapter(ModelAdapter):
         raise NotImplementedError(f"{type(self).__name__}'s pipeline returns no packed latents")
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_scaled_latents(self.vae, latents)
+        return decode_scaled_latents(self.vae, latents, self.vae_shifted)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:

@@ -30,6 +30,12 @@ LoKr / LoHa are written in the LyCORIS key layout (aitk.networks.lycoris_files) 
 save_format: diffusers' load_lora_weights loads neither, so there is no diffusers layout for them.
 `load_network_file` reads any of these files back into a network of the same configuration.
 
+Families whose adapter sets `lora_alpha_in_weights` (diffusers' loaders refuse `.alpha`) get, in
+the kohya / ComfyUI layout, alpha / rank folded into each LoRA / DoRA up weight and no `.alpha`
+keys; the header records the trained alphas (aitk.networks.folded_alpha), which
+`load_network_file` restores. Folding comes before fusing q / k / v: every part then has scale 1,
+so any group fuses (alpha R over rank R), and the product is rounded to the file's dtype once.
+
 Text-encoder networks (`save_lora(..., text_encoders=...)`, aitk.networks.text_encoders) go into
 the same file: kohya stems `lora_te_text_model_...` (SD 1.x / 2.x) or `lora_te1_` / `lora_te2_`
 (SDXL) with the same weight names and `.alpha`; in the diffusers layout `text_encoder.<path>` /
@@ -49,6 +55,7 @@ from pathlib import Path
 import torch
 
 from aitk.fsutil import atomic_write_bytes
+from aitk.networks.folded_alpha import ALPHA_RECORD_KEY, alpha_record_json, fold_up, unfold_alphas
 from aitk.networks.fused_files import FUSED_RECORD_KEY, FusedWeights, fuse_lora_tensors, split_fused_lora
 from aitk.networks.lora import NetworkHandle
 from aitk.networks.text_encoders import TextEncoderNaming
@@ -141,10 +148,12 @@ def network_to_kohya(
     dtype: torch.dtype = torch.float16,
     key_for: KeyFor | None = None,
     weight_names: tuple[str, str] = KOHYA_WEIGHT_NAMES,
+    fold_alpha: bool = False,
 ) -> dict[str, torch.Tensor]:
     """kohya / ComfyUI tensors: lora_down / lora_up in `dtype`, `.alpha` (float32) = alpha now.
 
     `weight_names` = (down, up) suffix names; PEFT_WEIGHT_NAMES writes lora_A / lora_B.
+    `fold_alpha`: LoRA / DoRA up = up * alpha / rank (float32, then `dtype`) and no `.alpha`.
     LoKr / LoHa networks give the LyCORIS layout (weight_names do not apply); DoRA adds
     `.dora_scale`.
     """
@@ -159,8 +168,12 @@ def network_to_kohya(
     for name, key in _kohya_names(handle, prefix, key_for).items():
         layer = layers[name]
         out[f"{key}.{down}.weight"] = _to_file(layer.lora_A[a].weight, dtype)
-        out[f"{key}.{up}.weight"] = _to_file(layer.lora_B[a].weight, dtype)
-        out[f"{key}.alpha"] = torch.tensor(handle.module_alpha(name), dtype=torch.float32)
+        alpha, rank = handle.module_alpha(name), int(layer.lora_A[a].weight.shape[0])
+        if fold_alpha:
+            out[f"{key}.{up}.weight"] = _to_file(fold_up(layer.lora_B[a].weight.float(), alpha, rank), dtype)
+        else:
+            out[f"{key}.{up}.weight"] = _to_file(layer.lora_B[a].weight, dtype)
+            out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if handle.uses_dora:
             ndim = layer.get_base_layer().weight.dim()
             magnitude = layer.lora_magnitude_vector[a].weight
@@ -322,6 +335,7 @@ def save_lora(
     weight_names: tuple[str, str] | None = None,
     text_encoders: Sequence[TextEncoderPart] = (),
     fused: FusedWeights | None = None,
+    alpha_in_weights: bool = False,
 ) -> Path:
     """Write the network to a .safetensors file (atomically) and return its path.
 
@@ -332,6 +346,9 @@ def save_lora(
     `text_encoders`: text-encoder networks written beside the denoiser's (module docstring).
     `fused`: the model's fused weights (the adapter's `lora_fused_weights`): in the comfyui / kohya
     layout their split LoRA / DoRA parts are written as one LoRA each (aitk.networks.fused_files).
+    `alpha_in_weights` (the adapter's `lora_alpha_in_weights`): in the comfyui / kohya layout the
+    denoiser's LoRA / DoRA modules get alpha / rank folded into up, no `.alpha`, and the header
+    record of the trained alphas (aitk.networks.folded_alpha).
     `metadata` (all values str) is added to the file's header.
     """
     fmt = str(save_format).lower()
@@ -347,14 +364,20 @@ def save_lora(
     if fmt in ("comfyui", "kohya"):
         if weight_names is None:
             weight_names = KOHYA_WEIGHT_NAMES
-        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for, weight_names=weight_names)
+        fold = alpha_in_weights and handle.algo in ("lora", "dora")
+        tensors = network_to_kohya(handle, prefix=prefix, dtype=dtype, key_for=key_for, weight_names=weight_names,
+                                   fold_alpha=fold)
         for te_handle, naming in text_encoders:
             _add_distinct(
                 tensors, network_to_kohya(te_handle, dtype=dtype, key_for=naming.key_stem, weight_names=weight_names)
             )
         header: dict[str, str] = {"format": "pt"}
+        if fold:
+            header[ALPHA_RECORD_KEY] = alpha_record_json(handle.module_alphas())
         if fused is not None:
             tensors = _fused_for_comfyui(tensors, header, fused, handle.algo)
+            if fold:  # fused groups of folded parts: alpha R over rank R, scale 1 like the rest
+                tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
         # only plain LoRA files load in diffusers' kohya converter (it drops dora_scale, skips LyCORIS)
         kohya_lora = prefix.startswith("lora_unet") and handle.algo == "lora"
         conflicts = diffusers_kohya_alpha_conflicts(handle) if kohya_lora else []
@@ -376,7 +399,7 @@ def save_lora(
     for k, v in (metadata or {}).items():
         if not isinstance(v, str):
             raise TypeError(f"metadata value of {k!r} must be str, got {type(v).__name__}")
-        if k in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY) and k in header:
+        if k in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY, ALPHA_RECORD_KEY) and k in header:
             continue  # the config / fused record describing these tensors wins
         header[k] = v
     from aitk.networks.metadata import safetensors_bytes_with_hashes
@@ -464,8 +487,12 @@ def _unprefixed_config(metadata: dict[str, str], prefix: str) -> dict | None:
 
 def is_diffusers_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str], diffusers_prefix: str) -> bool:
     """A PEFT-keyed file (our save_format diffusers): no `.alpha` tensors, keys under "<prefix>."
-    with lora_A / lora_B. FLUX's comfyui files also use lora_A / lora_B but always carry `.alpha`."""
-    if any(k.endswith(".alpha") for k in tensors):
+    with lora_A / lora_B. FLUX's comfyui files also use lora_A / lora_B but always carry `.alpha`;
+    folded comfyui files (no `.alpha`) carry DoRA as `.dora_scale` and the alpha record without a
+    LoRA config."""
+    if any(k.endswith((".alpha", ".dora_scale")) for k in tensors):
+        return False
+    if ALPHA_RECORD_KEY in metadata and LORA_ADAPTER_METADATA_KEY not in metadata:
         return False
     p = diffusers_prefix + "."
     return all(k.startswith(p) for k in tensors) and any(".lora_A." in k for k in tensors)
@@ -489,7 +516,8 @@ def load_network_file(
     (the trainer passes the model adapter's `lora_prefix`, `lora_key_stem`, `diffusers_lora_prefix`).
     Alphas: one per kind (linear / conv) through `set_alphas` when the file's modules share it,
     otherwise per module (`set_module_alphas`). LoKr modules without a rank-decomposed factor
-    have no alpha to load (their scale is 1).
+    have no alpha to load (their scale is 1). Files with alpha folded into the up weights get
+    their trained alphas back from the header's record (aitk.networks.folded_alpha).
     """
     tensors, metadata = load_lora_file(source) if isinstance(source, (str, Path)) else source
     if handle.algo in ("lora", "dora") and is_diffusers_layout(tensors, metadata, diffusers_prefix):
@@ -502,6 +530,11 @@ def load_network_file(
         if handle.algo in ("lora", "dora"):
             tensors = _split_fused(handle, tensors, metadata, prefix, key_for, fused)
         state, alphas = kohya_to_network_state(handle, tensors, prefix=prefix, key_for=key_for)
+    if handle.algo in ("lora", "dora") and ALPHA_RECORD_KEY in metadata:
+        ups = {n: state[f"{n}.lora_B.weight"] for n in handle.wrapped_module_names()}
+        ranks = {n: int(state[f"{n}.lora_A.weight"].shape[0]) for n in ups}
+        alphas = unfold_alphas(ups, ranks, alphas, metadata)
+        state.update({f"{n}.lora_B.weight": t for n, t in ups.items()})
     handle.load_network_state_dict(state)
     if alphas:
         conv = {n: a for n, a in alphas.items() if handle.is_conv_module(n)}

@@ -21,6 +21,11 @@ carry no record: the family's `FusedWeights.part_rows` gives the real model's ro
 that is block-diagonal for equal ranks splits into them, any other up into rank-R LoRAs that
 share the fused down (exact as well, what diffusers' reader of original Lumina 2 files does),
 which diffusers loads but an aitk network of rank r cannot take.
+
+Families that fold alpha into the weights (aitk.networks.folded_alpha) fold each part first
+(up * a / r, scale 1): the group then fuses whatever the parts' alpha / rank, the fused LoRA has
+alpha R over rank R (no `.alpha` written) and the record gives each part alpha = rank. For parts
+sharing a / r that is the same product as fusing first (alpha 3a over rank 3r) and folding a / r.
 """
 
 from __future__ import annotations

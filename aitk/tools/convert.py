@@ -19,6 +19,14 @@ layout (diffusers' load_lora_weights reads neither), so `--to diffusers` refuses
 Text-encoder LoRA (SD 1.x / 2.x, SDXL) converts with the rest: kohya `lora_te_` / `lora_te1_` /
 `lora_te2_` stems <-> `text_encoder.` / `text_encoder_2.` PEFT keys, each encoder with its own
 LoraConfig in the header (diffusers' layout for a pipeline's LoRA).
+
+Families whose comfyui files hold alpha in the weights (the adapter's `lora_alpha_in_weights`,
+aitk.networks.folded_alpha): such a file converts with its weights as they are (alpha = rank in
+the diffusers config, scale 1) and keeps the header's record of the trained alphas, valid in both
+layouts since it names module paths; so comfyui -> diffusers -> comfyui is bit for bit too. A
+module whose alpha differs from its rank (a diffusers-layout file, an older file with `.alpha`)
+is folded on the way to comfyui - up * alpha / rank in float32, rounded once to the file's dtype -
+and added to the record.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any, TextIO
 import torch
 
 from aitk.networks.export import LORA_ADAPTER_METADATA_KEY, _group_pattern
+from aitk.networks.folded_alpha import ALPHA_RECORD_KEY, FoldedAlphaError, alpha_record, alpha_record_json, fold_up
 from aitk.networks.fused_files import FUSED_RECORD_KEY, fuse_lora_tensors
 from aitk.networks.text_encoders import CLIP_ROOT, text_encoder_namings
 from aitk.tools.layout import (
@@ -62,18 +71,52 @@ def _alpha(parts: dict[str, torch.Tensor]) -> float:
 def to_comfyui(nf: NetworkFile, adapter: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The comfyui / kohya tensors of `nf` under the adapter's key stems and weight names (text
     encoders: kohya's lora_te_ / lora_te1_ / lora_te2_ stems), q / k / v fused where the family
-    fuses them (with the header entry that records it)."""
-    out = modules_to_kohya(nf.modules, adapter.lora_key_stem, adapter.lora_weight_names)
+    fuses them (with the header entry that records it); alpha folded into the weights where the
+    family's files hold it there."""
     header: dict[str, str] = {}
+    modules = nf.modules
+    fold = bool(getattr(adapter, "lora_alpha_in_weights", False))
+    if fold:
+        modules, trained = _folded(nf)
+        if trained:
+            header[ALPHA_RECORD_KEY] = alpha_record_json(trained)
+    out = modules_to_kohya(modules, adapter.lora_key_stem, adapter.lora_weight_names, explicit_alpha=not fold)
     spec = getattr(adapter, "lora_fused_weights", None)
     if spec is not None and nf.algos <= {"lora", "dora"}:
         out, record, _ = fuse_lora_tensors(out, spec)
         if record:
             header[FUSED_RECORD_KEY] = json.dumps(record, separators=(",", ":"))
+        if fold:  # the fused groups of folded parts: alpha R over rank R, written as none (scale 1)
+            out = {k: v for k, v in out.items() if not (k.endswith(".alpha") and k[: -len(".alpha")] in record)}
     namings = text_encoder_namings(adapter)
     for name, modules in nf.text_encoders.items():
         out.update(modules_to_kohya(modules, namings[name].key_stem, adapter.lora_weight_names))
     return out, header
+
+
+def _folded(nf: NetworkFile) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """(the denoiser's modules with every LoRA / DoRA alpha folded into up and dropped, {module:
+    trained alpha}): the file's record for modules already folded (alpha = rank in the file),
+    the module's own alpha for those folded here. LoKr / LoHa modules are kept as they are."""
+    try:
+        recorded = alpha_record(nf.metadata, list(nf.modules)) or {}
+    except FoldedAlphaError as exc:
+        raise ToolError(str(exc)) from None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    trained: dict[str, float] = {}
+    for name, parts in nf.modules.items():
+        if "down" not in parts:
+            out[name] = parts
+            continue
+        parts, rank, alpha = dict(parts), _rank(parts), _alpha(parts)
+        parts.pop("alpha", None)
+        if alpha == rank:
+            trained[name] = recorded.get(name, alpha)
+        else:
+            parts["up"] = fold_up(parts["up"], alpha, rank)
+            trained[name] = alpha
+        out[name] = parts
+    return out, trained
 
 
 def _rooted(regex: str, root: str) -> str:
@@ -174,7 +217,10 @@ def convert_file(source: str | Path, to: str, arch: str, output: str | Path) -> 
     tensors, metadata = read_network_tensors(source)
     adapter = naming_adapter(arch)
     nf = parse_network_file(tensors, metadata, adapter, arch)
-    header = {k: v for k, v in metadata.items() if k not in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY)}
+    header = {k: v for k, v in metadata.items()
+              if k not in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY, ALPHA_RECORD_KEY)}
+    if target == "diffusers" and ALPHA_RECORD_KEY in metadata:
+        header[ALPHA_RECORD_KEY] = metadata[ALPHA_RECORD_KEY]  # weights unchanged: the record still holds
     header.setdefault("format", "pt")
     if target == "diffusers":
         out_tensors, extra = to_diffusers(nf, adapter)

@@ -390,13 +390,22 @@ def _check_modules(modules: dict[str, dict[str, torch.Tensor]], where: str = "")
             raise ToolError(f"module {where}{name!r} has both LoRA and LoKr / LoHa tensors: {sorted(parts)}")
 
 
-def is_peft_keyed(tensors: dict[str, torch.Tensor]) -> bool:
+def is_peft_keyed(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bool:
     """The diffusers (PEFT) layout: lora_A / lora_B under "<component>.", alphas in the header,
-    no kohya `lora_...` stems (FLUX's comfyui files also use lora_A / lora_B but carry `.alpha`)."""
+    no kohya `lora_...` stems (FLUX's comfyui files also use lora_A / lora_B but carry `.alpha`).
+    comfyui files with alpha folded into the weights (aitk.networks.folded_alpha) have no `.alpha`
+    either: they are told apart by ComfyUI's `diffusion_model.` names, DoRA's `.dora_scale`, or
+    the header's alpha record without a LoRA config (AuraFlow's `transformer.` names are both)."""
+    from aitk.networks.export import LORA_ADAPTER_METADATA_KEY
+    from aitk.networks.folded_alpha import ALPHA_RECORD_KEY
+
+    meta = metadata or {}
+    if ALPHA_RECORD_KEY in meta and LORA_ADAPTER_METADATA_KEY not in meta:
+        return False
     return (
         any(".lora_A." in k for k in tensors)
-        and not any(k.endswith(".alpha") for k in tensors)
-        and not any(k.startswith("lora_") for k in tensors)
+        and not any(k.endswith((".alpha", ".dora_scale")) for k in tensors)
+        and not any(k.startswith(("lora_", "diffusion_model.")) for k in tensors)
     )
 
 
@@ -405,7 +414,7 @@ def parse_network_file(
 ) -> NetworkFile:
     """Group a file's tensors by module of `arch`'s denoiser and text encoders; ToolError for keys
     that name no module in the arch's naming, for tensors of no known kind and for incomplete modules."""
-    layout = "diffusers" if is_peft_keyed(tensors) else "comfyui"
+    layout = "diffusers" if is_peft_keyed(tensors, metadata) else "comfyui"
     fused: list[str] = []
     shared: list[str] = []
     if layout == "comfyui":
@@ -462,9 +471,12 @@ def split_fused_tensors(
 
 
 def modules_to_kohya(
-    modules: dict[str, dict[str, torch.Tensor]], stem_for: Callable[[str], str], weight_names: tuple[str, str]
+    modules: dict[str, dict[str, torch.Tensor]], stem_for: Callable[[str], str], weight_names: tuple[str, str],
+    explicit_alpha: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """comfyui / kohya tensors of parsed modules: `stem_for(module path)` + the part's file name."""
+    """comfyui / kohya tensors of parsed modules: `stem_for(module path)` + the part's file name.
+    `explicit_alpha`: a LoRA module without alpha gets `.alpha` = rank (False: left without, for
+    files whose alpha is folded into the weights)."""
     down, up = weight_names
     out: dict[str, torch.Tensor] = {}
     for name, parts in modules.items():
@@ -481,7 +493,7 @@ def modules_to_kohya(
                 out[f"{stem}.alpha"] = t.to(torch.float32).reshape(())
             else:  # dora_scale and the LyCORIS names are written as they are named
                 out[f"{stem}.{part}"] = t
-        if "down" in parts and "alpha" not in parts:
+        if explicit_alpha and "down" in parts and "alpha" not in parts:
             # ComfyUI reads no header: an explicit alpha (= rank, scale 1, what a file without
             # one means everywhere) keeps the strength the same in every loader
             out[f"{stem}.alpha"] = torch.tensor(float(parts["down"].shape[0]), dtype=torch.float32)

@@ -8,7 +8,8 @@ hash in the header (sshs_model_hash) matches the file's tensors. Files with more
 diffusers `unet` / `text_encoder` / `text_encoder_2`) get the same figures per part, and for a
 text encoder its CLIP layers and the module kinds trained in them. Fused q / k / v LoRAs that
 the header records (Lumina 2, FLUX.2: one LoRA on the original fused weight, which ComfyUI loads)
-are counted as the layers aitk trained, and their number is shown.
+are counted as the layers aitk trained, and their number is shown. Files with alpha folded into
+the up weights (aitk.networks.folded_alpha) show the trained alphas their header records.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TextIO
 import torch
 
 from aitk.networks.export import _unprefixed_config, config_alphas
+from aitk.networks.folded_alpha import ALPHA_RECORD_KEY, FoldedAlphaError, recorded_alphas
 from aitk.networks.fused_files import FusedFileError, split_fused_lora
 from aitk.networks.merge import group_by_module
 from aitk.tools.layout import ToolError, is_peft_keyed, module_algo, read_network_tensors
@@ -71,6 +73,9 @@ class LoraInfo:
     hash_check: str = ""
     #: fused q / k / v LoRAs in the file (each counted above as its split layers)
     fused_groups: int = 0
+    #: LoRA / DoRA alpha folded into the up weights (the file applies scale 1); `alphas` are the
+    #: trained ones the header records
+    alpha_in_weights: bool = False
 
 
 def _arch_from_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
@@ -229,7 +234,7 @@ def lora_info(path: str | Path) -> LoraInfo:
     tensors, metadata = read_network_tensors(path)
     p = Path(path).expanduser()
     fused: list[str] = []
-    if not is_peft_keyed(tensors):
+    if not is_peft_keyed(tensors, metadata):
         try:
             tensors, fused, _ = split_fused_lora(tensors, metadata)
         except FusedFileError as exc:
@@ -238,7 +243,7 @@ def lora_info(path: str | Path) -> LoraInfo:
     if unknown and not groups:
         raise ToolError(f"{path}: no LoRA / LoKr / LoHa / DoRA tensors in the file (e.g. keys {unknown[:3]})")
     alphas: dict[str, float] = {}
-    if is_peft_keyed(tensors):
+    if is_peft_keyed(tensors, metadata):
         prefixes = sorted(dict.fromkeys(s.split(".", 1)[0] for s in groups), key=lambda p: p.startswith("text_encoder"))
         layout = f"diffusers / PEFT ({' / '.join(prefixes)}.<module>.lora_A / lora_B, alphas in lora_adapter_metadata)"
         for prefix in prefixes:
@@ -253,9 +258,12 @@ def lora_info(path: str | Path) -> LoraInfo:
         kinds = sorted({module_algo(parts) for parts in groups.values()})
         tensor_names = "LyCORIS tensor names" if set(kinds) & {"lokr", "loha"} else (
             "lora_A / lora_B" if any(".lora_A." in k for k in tensors) else "lora_down / lora_up")
-        layout = f"comfyui / kohya ({tensor_names}, .alpha per module)"
+        where = "alpha folded into the up weights" if ALPHA_RECORD_KEY in metadata else ".alpha per module"
+        layout = f"comfyui / kohya ({tensor_names}, {where})"
         alphas = {s: float(parts["alpha"].item()) for s, parts in groups.items() if "alpha" in parts}
     weighted = {s: parts for s, parts in groups.items() if set(parts) - {"alpha"}}
+    folded = _folded_alphas(weighted, alphas, metadata, path)
+    alphas.update(folded)
     conv = sum(_is_conv(parts) for parts in weighted.values())
     network_type = _network_type(list(weighted.values()))
     found = _arch_from_metadata(metadata)
@@ -283,7 +291,31 @@ def lora_info(path: str | Path) -> LoraInfo:
         metadata=dict(sorted(metadata.items())),
         hash_check=_hash_line(p),
         fused_groups=len(fused),
+        alpha_in_weights=bool(folded),
     )
+
+
+def _folded_alphas(
+    weighted: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float], metadata: dict[str, str],
+    path: str | Path,
+) -> dict[str, float]:
+    """{stem: trained alpha} of the LoRA / DoRA modules whose alpha the header says is folded into
+    their up weights (those without an alpha of their own other than rank). Stems are the file's, the
+    record names module paths: a stem takes a listed alpha when it ends with that module's path."""
+    try:
+        found = recorded_alphas(metadata)
+    except FoldedAlphaError as exc:
+        raise ToolError(f"{path}: {exc}") from None
+    if found is None:
+        return {}
+    common, listed = found
+    out: dict[str, float] = {}
+    for stem, parts in weighted.items():
+        if "down" not in parts or alphas.get(stem, float(parts["down"].shape[0])) != float(parts["down"].shape[0]):
+            continue
+        own = [a for m, a in listed.items() if stem == m or stem.endswith("." + m)]
+        out[stem] = own[0] if len(own) == 1 else common
+    return out
 
 
 def _counts(values: dict[str, int], what: str) -> str:
@@ -308,6 +340,8 @@ def format_info(info: LoraInfo) -> list[str]:
     alpha = _counts(info.alphas, "modules")
     if alpha == "none":
         alpha = "none in the file (alpha = rank, scale 1)"
+    elif info.alpha_in_weights:
+        alpha += " (trained; folded into the up weights: every loader applies scale 1)"
     lines = [
         f"file:          {info.path} ({size})",
         f"architecture:  {info.architecture} ({info.architecture_source})",

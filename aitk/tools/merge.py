@@ -278,7 +278,7 @@ def merge_model(
     modules: dict[str, torch.nn.Module] = {}
     for (expert, module), path, (tensors, metadata) in zip(experts, loras, files):
         denoiser, _ = split_text_encoder_tensors(tensors, adapter)
-        if not is_peft_keyed(denoiser):  # one LoRA on a fused qkv: its parts, on the split layers
+        if not is_peft_keyed(denoiser, metadata):  # one LoRA on a fused qkv: its parts, on the split layers
             denoiser, _, _ = split_fused_tensors(denoiser, metadata, adapter)
         try:
             names = merge_network_file(

@@ -100,6 +100,7 @@ def write_lora_files(
             metadata=lora_metadata(job, process, adapter, handle, shown_step, shown_expert),
             text_encoders=text_encoders,
             fused=getattr(adapter, "lora_fused_weights", None),  # ComfyUI's fused q / k / v
+            alpha_in_weights=adapter.lora_alpha_in_weights,  # comfyui layout: no .alpha (diffusers reads it)
         )
         written.append(path)
     return written

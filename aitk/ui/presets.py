@@ -298,6 +298,26 @@ def _build() -> dict[str, dict[str, Any]]:
             sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=qwen_train,
             model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_2512_torchao_uint3.safetensors"},
         )),
+        "qwen_image_edit": ("Qwen-Image-Edit", "Qwen-Image-Edit (instruction edits): captions are instructions, "
+                            "each image needs its control image (datasets[0].control_path); 3-bit base with its "
+                            "accuracy-recovery adapter, cached text embeddings (each caption with its control "
+                            "image), low VRAM: upstream's 32 GB example.", _job(
+            arch="qwen_image_edit", model="Qwen/Qwen-Image-Edit", resolution=[512, 768, 1024], rank=16,
+            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": "", "ctrl_img": ""},
+            train_extra=qwen_train, dataset_extra={"control_path": "", "caption_dropout_rate": 0.05},
+            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_edit_torchao_uint3.safetensors"},
+        )),
+        "qwen_image_edit_plus": ("Qwen-Image-Edit-2509", "Qwen-Image-Edit-2509 (up to three control images per "
+                                 "image: datasets[0].control_path as a list of folders; previews take a samples "
+                                 "entry's ctrl_img_1 .. ctrl_img_3), set up as the Qwen-Image-Edit preset with the "
+                                 "2509 recovery adapter: upstream's 32 GB example.", _job(
+            arch="qwen_image_edit_plus", model="Qwen/Qwen-Image-Edit-2509", resolution=[512, 768, 1024], rank=16,
+            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": "", "ctrl_img": ""},
+            train_extra=qwen_train, dataset_extra={"control_path": "", "caption_dropout_rate": 0.05},
+            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_edit_2509_torchao_uint3.safetensors"},
+        )),
         "wan21": ("WAN 2.1 T2V 1.3B", "WAN 2.1 text to video (1.3B), 33-frame clips.", _job(
             arch="wan21", model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", resolution=[512], rank=32,
             steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16", sample=_video_sample(33),
@@ -315,6 +335,35 @@ def _build() -> dict[str, dict[str, Any]]:
             steps=5000, lr=1e-4, optimizer="adamw8bit", dtype="bf16", sample=_video_sample(33, ctrl=True),
             train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "switch_boundary_every": 100},
             dataset_extra={**wan_dataset, "do_i2v": True}, model_extra={"quantize": True},
+        )),
+        "wan22_5b": ("WAN 2.2 TI2V 5B", "WAN 2.2 text and image to video in one 5B model (48-channel VAE, "
+                     "32 px buckets): each clip's first frame conditions it (do_i2v); previews from the prompt, "
+                     "or from a first frame with sample.ctrl_img. Upstream's 24 GB preset.", _job(
+            arch="wan22_5b", model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", resolution=[512, 768, 1024], rank=32,
+            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_video_sample(121), "width": 768, "height": 768, "fps": 24},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "weighted"},
+            dataset_extra={**wan_dataset, "do_i2v": True, "fps": 24},
+            model_extra={"quantize": True, "quantize_te": True, "low_vram": True},
+        )),
+        "hunyuan_video_1_5": ("HunyuanVideo 1.5 T2V", "HunyuanVideo 1.5 text to video (8.3B, 480p; Qwen2.5-VL "
+                              "and ByT5 prompts cached, then released), quantized, 4k+1-frame clips in 16 px "
+                              "buckets. Upstream has no preset: aitk's 24 GB example.", _job(
+            arch="hunyuan_video_1_5", model="hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+            resolution=[480], rank=32, steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_video_sample(33), "width": 848, "height": 480, "fps": 24, "guidance_scale": 6.0},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "cache_text_embeddings": True},
+            dataset_extra=wan_dataset, model_extra={"quantize": True, "quantize_te": True, "low_vram": True},
+        )),
+        "hunyuan_video_1_5_i2v": ("HunyuanVideo 1.5 I2V", "HunyuanVideo 1.5 image to video (480p): each clip's "
+                                  "first frame conditions it (latent and SigLIP tokens); previews need a first "
+                                  "frame (sample.ctrl_img). aitk's 24 GB example.", _job(
+            arch="hunyuan_video_1_5_i2v", model="hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v",
+            resolution=[480], rank=32, steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
+            sample={**_video_sample(33, ctrl=True), "fps": 24, "guidance_scale": 6.0},
+            train_extra={"noise_scheduler": "flowmatch", "timestep_type": "shift", "cache_text_embeddings": True},
+            dataset_extra={**wan_dataset, "do_i2v": True},
+            model_extra={"quantize": True, "quantize_te": True, "low_vram": True},
         )),
         "video_training": ("Video training (alpha schedule)", "WAN 2.2 T2V, rank 32, with the video alpha "
                            "schedule: foundation (alpha 16) -> balance (24) -> emphasis (32), longer early "
@@ -346,6 +395,17 @@ def _build() -> dict[str, dict[str, Any]]:
                          "low_vram": True},
         )),
     }
+    # upstream's UI defaults for LTX-2: quantized, low VRAM, 121-frame previews at 24 fps, weighted timesteps
+    presets["ltx2"] = ("LTX-2", "LTX-2 (audio-video DiT, Gemma 3): the video branch trains, audio stays "
+                       "frozen; 8k+1-frame clips at 24 fps, quantized, low VRAM (upstream's 24 GB defaults).", _job(
+        arch="ltx2", model="Lightricks/LTX-2", resolution=[512], rank=32, steps=3000, lr=1e-4,
+        optimizer="adamw8bit", dtype="bf16",
+        sample={"sampler": "flowmatch", "width": 768, "height": 768, "guidance_scale": 4.0, "sample_steps": 25,
+                "num_frames": 121, "fps": 24, "prompts": ["[trigger] walking through a city street at night"]},
+        train_extra={"noise_scheduler": "flowmatch", "timestep_type": "weighted"},
+        dataset_extra={"num_frames": 121, "fps": 24, "do_i2v": False},
+        model_extra={"quantize": True, "quantize_te": True, "low_vram": True},
+    ))
     return {
         key: {"id": key, "label": label, "description": text, "arch": job["config"]["process"][0]["model"]["arch"],
               "job": job}
@@ -411,4 +471,8 @@ def quick_train_job(
 QUICK_TRAIN_REFUSED = {
     "flux_kontext": "FLUX Kontext trains on pairs (each image with its control image); use the new-job form "
     "with datasets[0].control_path",
+    "qwen_image_edit": "Qwen-Image-Edit trains on pairs (each image with its control image); use the new-job "
+    "form with datasets[0].control_path",
+    "qwen_image_edit_plus": "Qwen-Image-Edit-2509 trains on pairs (each image with its control images); use the "
+    "new-job form with datasets[0].control_path",
 }

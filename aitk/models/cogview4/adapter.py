@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from aitk.config.schema import TrainConfig
-from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models import diffusers_parts
+from aitk.models.base import NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.flow_adapter import FlowTransformerAdapter
 
 #: ai-toolkit's CogView4 scheduler (also the preview scheduler when a model ships none)
 DEFAULT_SCHEDULER = {
@@ -79,24 +78,27 @@ def prompt_lengths(cond: PromptEmbeds) -> list[int]:
     return [int(n) for n in mask.sum(1).tolist()]
 
 
-class CogView4Adapter(ModelAdapter):
+class CogView4Adapter(FlowTransformerAdapter):
     arch_names = ("cogview4",)
     text_encoder_names = ("text_encoder",)
-    bucket_divisibility = 16  # 8x VAE downscale x 2x2 patches
     lora_prefix = "diffusion_model."  # diffusion_model.<module path>, as new families' files
     lora_weight_names = ("lora_A", "lora_B")
-    diffusers_lora_prefix = "transformer"
+    lora_alpha_in_weights = True  # no .alpha in comfyui files: diffusers' loader reads them
     base_model_version = "cogview4"
     modelspec_architecture = "cogview4/lora"
     model_label = "CogView4"
-    denoiser_names = ("transformer",)
+    pipeline_name = "CogView4Pipeline"
+    transformer_class_name = "CogView4Transformer2DModel"
+    transformer_single_file = False  # a transformer folder or a whole pipeline, no single file
+    single_file_extras = "THUDM/CogView4-6B"  # the example the load errors give
+    default_scheduler = DEFAULT_SCHEDULER
+    input_error = CogView4InputError
+    text_length_tag = "glm"
+    latent_space_name = "cogview4-vae"
+    vae_shifted = False  # the pipeline decodes latents / scaling_factor, no shift
+    bypass_guidance_note = "CogView4 has no guidance embedding; remove the key"
     card_tags = ("cogview4",)
     card_license = {"license": "apache-2.0"}  # THUDM/CogView4-6B
-
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
 
     @classmethod
     def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -106,84 +108,19 @@ class CogView4Adapter(ModelAdapter):
         )
 
     # --- loading -------------------------------------------------------------------------
-    def load(self) -> None:
-        source = self.model_cfg.name_or_path
-        path = Path(source).expanduser()
-        hint = (
-            "give a diffusers folder or hub id (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, "
-            "scheduler/), e.g. THUDM/CogView4-6B, or a transformer folder with model.extras_name_or_path"
-        )
-        if path.exists() and not path.is_dir():
-            raise ModelLoadError(f"model.name_or_path: {source!r} is a file; {self.model_label} loads folders; {hint}")
-        if not path.exists() and not common.could_be_hub_id(source):
-            raise ModelLoadError(f"model.name_or_path: {source!r} is neither an existing folder nor a hub id; {hint}")
-        parts = self._parts_location(source, path)
-        self.parts_source = parts
-        try:
-            self.transformer = self._load_transformer(source, path)
-            scheduler_config = self._load_parts(parts)
-        except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
-            where = hint if path.exists() else f"looked up as a hub id{common.offline_note()}; {hint}"
-            raise ModelLoadError(
-                f"model.name_or_path: could not load a {self.model_label} model from {source!r}"
-                f"{f' (other parts from {parts!r})' if parts != source else ''}: {exc} ({where})"
-            ) from exc
-        common.freeze((self.transformer, self.vae, self.text_encoder))
-        for module in (self.transformer, self.text_encoder):
-            common.cast(module, self.dtype)
-        common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
-        self.bind_loaded(scheduler_config)
-
-    def _parts_location(self, source: str, path: Path) -> str:
-        """Where the VAE, text encoder, tokenizer and scheduler come from: a full folder itself,
-        else model.extras_name_or_path, else the model (a hub id)."""
-        extras = getattr(self.model_cfg, "extras_name_or_path", None)
-        if path.is_dir() and (path / "text_encoder").is_dir():
-            return str(path)
-        if extras:
-            extras_path = Path(extras).expanduser()
-            return str(extras_path) if extras_path.exists() else extras
-        if path.is_dir():
-            raise ModelLoadError(
-                f"model.name_or_path: {source!r} has no text_encoder/; set model.extras_name_or_path to the "
-                "model its VAE, text encoder and tokenizer come from (e.g. THUDM/CogView4-6B)"
-            )
-        return source
-
-    def _load_transformer(self, source: str, path: Path) -> Any:
-        from diffusers import CogView4Transformer2DModel
-
-        # torch_dtype at load: the host never holds the transformer in a wider dtype than it trains in
-        if path.is_dir() and not (path / "transformer").is_dir():
-            return CogView4Transformer2DModel.from_pretrained(str(path), torch_dtype=self.dtype)
-        location = str(path) if path.is_dir() else source
-        return CogView4Transformer2DModel.from_pretrained(location, subfolder="transformer", torch_dtype=self.dtype)
-
     def _load_parts(self, location: str) -> dict[str, Any]:
         """The VAE, text encoder and tokenizer; returns the scheduler config."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, GlmModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
         self.text_encoder = GlmModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(self.model_cfg.vae_path or location,
-                                                 subfolder=None if self.model_cfg.vae_path else "vae")
-        try:
-            return dict(FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler"))
-        except OSError:
-            return dict(DEFAULT_SCHEDULER)
+        self.vae = self._load_vae(location)
+        return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)
-        wanted = int(self.model_cfg.model_kwargs.get("max_sequence_length", DEFAULT_TEXT_LENGTH))
-        self.max_sequence_length = min(wanted, int(configs.tokenizer_lengths.get("tokenizer", wanted)))
-        self.scheduler_config = dict(configs.scheduler or DEFAULT_SCHEDULER)
-        self.vae_scale_factor = common.vae_scale_from_config(configs.part("vae"))
-        self.patch_size = int(self.transformer.config.patch_size)
-        self._text_pipe: Any = None
-
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
+        self.max_sequence_length = self._text_length(DEFAULT_TEXT_LENGTH)
+        self.patch_size = self.latent_patch = int(self.transformer.config.patch_size)
 
     def offload_blocks(self, module: torch.nn.Module) -> list[torch.nn.Module]:
         if module is self.transformer:  # the class also names its patch embedding, which runs once
@@ -191,89 +128,27 @@ class CogView4Adapter(ModelAdapter):
         return super().offload_blocks(module)
 
     # --- encoding ------------------------------------------------------------------------
-    def _pipeline(self) -> Any:
-        from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
-
-        return CogView4Pipeline(
-            tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, transformer=self.transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-        )
-
-    def release_text_encoders(self) -> int:
-        self._text_pipe = None  # it holds the encoder too
-        return super().release_text_encoders()
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         # The pipeline's own encoder, one prompt at a time: its padding depends on the batch's longest
-        if self._text_pipe is None:
-            self._text_pipe = self._pipeline()
+        pipe = self._text_pipeline()
         embeds = [
-            self._text_pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=self.device,
-                                          max_sequence_length=self.max_sequence_length)[0]
+            pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=self.device,
+                               max_sequence_length=self.max_sequence_length)[0]
             for prompt in prompts
         ]
         return PromptEmbeds.cat([PromptEmbeds(e, {"mask": torch.ones(e.shape[:2], dtype=torch.bool)}) for e in embeds])
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # the inverse of the pipeline's decode (latents / scaling_factor, no shift)
-        return common.encode_mode(self.vae, pixels, self.device) * self.vae.config.scaling_factor
-
-    def text_encoder_id(self) -> str:
-        source = getattr(self, "parts_source", self.model_cfg.name_or_path)
-        return f"{self.modelspec_architecture}|{source}|glm:{self.max_sequence_length}"
-
-    def latent_space_id(self) -> str:
-        cfg = self.vae.config
-        source = self.model_cfg.vae_path or getattr(self, "parts_source", self.model_cfg.name_or_path)
-        return f"cogview4-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{source}"
-
     # --- training objective --------------------------------------------------------------
-    def check_train_settings(self, train_cfg: Any) -> None:
-        from aitk.models.flow_matching import check_train_config
-
-        check_train_config(train_cfg, self.model_label)
-        if train_cfg.bypass_guidance_embedding:
-            raise CogView4InputError("train.bypass_guidance_embedding: CogView4 has no guidance embedding; remove the key")
-
-    def _check_latent_size(self, height: int, width: int) -> None:
-        if height % self.patch_size or width % self.patch_size:
-            raise CogView4InputError(
-                f"{self.model_label} latents need a height and width divisible by {self.patch_size}, got "
-                f"{height}x{width} (buckets must be multiples of {self.bucket_divisibility} px)"
-            )
-
-    def make_noisy_batch(
-        self,
-        latents: torch.Tensor,
-        train_cfg: TrainConfig,
-        generator: torch.Generator | None,
-        context: BatchContext | None = None,
-    ) -> NoisyBatch:
-        from aitk.models.flow_matching import noisy_and_target, sample_sigmas
-        from aitk.models.flow_timestep_types import weighted_loss
-        from aitk.models.noise import apply_noise_offset
-
-        self.check_train_settings(train_cfg)
-        b, _, h, w = latents.shape
-        self._check_latent_size(h, w)
-        shift = cogview4_shift(self.scheduler_config, (h // self.patch_size) * (w // self.patch_size))
-        # noise levels first: the same seed then draws the same levels at every image size
-        sigma = sample_sigmas(b, train_cfg, generator, mu=math.log(shift)).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator).to(latents.device)
-        noisy, target = noisy_and_target(latents, noise, sigma)
-        weights = weighted_loss(sigma) if (train_cfg.timestep_type or "").lower() == "weighted" else None
-        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, weights, {})
+    def shift_kwargs(self, height: int, width: int) -> dict[str, float]:
+        shift = cogview4_shift(self.scheduler_config, (height // self.patch_size) * (width // self.patch_size))
+        return {"mu": math.log(shift)}
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
         config = self.transformer.config
-        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
-        latents = torch.randn(batch, config.in_channels, h, w)
-        noisy = NoisyBatch(latents.to(self.dtype), torch.rand(batch) * 1000.0, torch.randn(latents.shape), None, {})
+        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
         tokens = -(-self.max_sequence_length // PAD_MULTIPLE) * PAD_MULTIPLE  # the longest prompt, padded
         cond = PromptEmbeds(
             torch.randn(batch, tokens, config.text_embed_dim, dtype=self.dtype),
@@ -312,27 +187,9 @@ class CogView4Adapter(ModelAdapter):
         )[0]
 
     # --- previews ------------------------------------------------------------------------
-    def sample_pipeline(self, sampler: str | None = None) -> Any:
-        # CogView4's flow-match Euler scheduler whatever sample.sampler says (preview_sampler_note)
-        return self._pipeline()
-
-    def preview_sampler_note(self, sampler: str) -> str | None:
-        if sampler in ("flowmatch", "euler"):
-            return None
-        return f"flow-match Euler: {self.model_label} is a flow-matching model, {sampler} does not apply"
-
     def preview_prompt_kwargs(self, positive: PromptEmbeds, negative: PromptEmbeds) -> dict[str, Any]:
         # each prompt's own tokens (the pipeline runs the two passes apart, any lengths)
         return {
             "prompt_embeds": positive.hidden_states[:, : max(prompt_lengths(positive))],
             "negative_prompt_embeds": negative.hidden_states[:, : max(prompt_lengths(negative))],
         }
-
-    def preview_kwargs(self, request: Any) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        latents = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor
-        pixels = self.vae.decode(latents).sample
-        return common.pixels_to_pil(pixels, self.vae_scale_factor * self.patch_size)

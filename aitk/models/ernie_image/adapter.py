@@ -103,6 +103,7 @@ class ErnieImageAdapter(FlowTransformerAdapter):
     text_encoder_names = ("text_encoder",)
     lora_prefix = "diffusion_model."  # ai-toolkit's and ComfyUI's: diffusion_model.<module path>
     lora_weight_names = ("lora_A", "lora_B")
+    lora_alpha_in_weights = True  # no .alpha in comfyui files: diffusers' loader reads them
     base_model_version = "ernie_image"  # ai-toolkit's
     modelspec_architecture = "ernie-image/lora"
     model_label = "ERNIE-Image"
@@ -127,6 +128,11 @@ class ErnieImageAdapter(FlowTransformerAdapter):
         return any(k.startswith(ERNIE_STARTS) and any(p in k for p in ERNIE_PARTS) for k in tensors)
 
     # --- loading -------------------------------------------------------------------------
+    def keep_of_text_encoder(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        module.vision_tower = None  # text-only prompts never run it
+        module.multi_modal_projector = None
+        return module
+
     def _load_parts(self, location: str) -> dict[str, Any]:
         """The tokenizer, text encoder (its vision tower dropped) and VAE; returns the scheduler
         config (baidu's where the source has none)."""
@@ -134,27 +140,18 @@ class ErnieImageAdapter(FlowTransformerAdapter):
 
         self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
         encoder = Mistral3Model.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        encoder.vision_tower = None  # text-only prompts never run it
-        encoder.multi_modal_projector = None
-        self.text_encoder = encoder
+        self.text_encoder = self.keep_of_text_encoder("text_encoder", encoder)
         self.vae = self._load_vae(location)
         return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)
         self.max_sequence_length = self._text_length(DEFAULT_TEXT_LENGTH)
-        if self.max_sequence_length < 1:
-            raise ErnieImageInputError(
-                f"model.model_kwargs.max_sequence_length: {self.max_sequence_length} must be at least 1 (default 512)"
-            )
 
     def _vae_scale(self, configs: PartConfigs) -> int:
         # the pipeline's rule: 2 ** blocks, the VAE's 8x and the 2x2 patches together
         blocks = configs.part("vae").get("block_out_channels") or (0,) * 4
         return 2 ** len(blocks)
-
-    def _parts_source(self) -> str:
-        return getattr(self, "parts_source", self.model_cfg.name_or_path)
 
     def network_candidates(self, include_conv: bool) -> list[str]:
         """Every Linear of the `layers` blocks: ai-toolkit's ERNIE-Image LoRA (its transformer

@@ -47,9 +47,9 @@ from typing import Any
 
 import torch
 
-from aitk.config.schema import TrainConfig
-from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models import diffusers_parts
+from aitk.models.base import ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models.flow_adapter import FlowTransformerAdapter
 
 #: ai-toolkit's training scheduler for HiDream: flow matching with a fixed shift of 3
 TRAIN_SHIFT = 3.0
@@ -106,25 +106,29 @@ def unpatchify_training_output(out: torch.Tensor, height: int, width: int, patch
     return grid.permute(0, 1, 2, 4, 3, 5).reshape(b, c, height, width)
 
 
-class HiDreamAdapter(ModelAdapter):
+class HiDreamAdapter(FlowTransformerAdapter):
     arch_names = ("hidream",)
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
-    bucket_divisibility = 16  # 8x VAE downscale x 2x2 patches
     lora_prefix = "diffusion_model."  # ComfyUI's HiDream LoRA names: diffusion_model.<module path>
     lora_weight_names = ("lora_A", "lora_B")
-    diffusers_lora_prefix = "transformer"
+    lora_alpha_in_weights = True  # no .alpha in comfyui files: diffusers' loader reads them
     base_model_version = "hidream_i1"  # ai-toolkit's
     modelspec_architecture = "hidream-i1/lora"
     modelspec_implementation = "https://github.com/HiDream-ai/HiDream-I1"
     model_label = "HiDream"
-    denoiser_names = ("transformer",)
+    pipeline_name = "HiDreamImagePipeline"
+    folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                    "tokenizer_2", "tokenizer_3", "scheduler")
+    transformer_class_name = "HiDreamImageTransformer2DModel"
+    transformer_single_file = False  # a transformer folder or a whole pipeline, no single file
+    single_file_extras = DEFAULT_REPO  # the example the load errors give
+    default_scheduler = DEFAULT_SCHEDULER
+    input_error = HiDreamInputError
+    text_length_tag = "tokens"
+    bypass_guidance_note = "HiDream has no guidance embedding; remove the key"
     card_tags = ("hidream", "hidream-diffusers")
     card_license = {"license": "mit"}  # HiDream-I1 (its Llama is under Meta's licence)
 
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
     text_encoder_2: Any
     tokenizer_2: Any
     text_encoder_3: Any
@@ -137,53 +141,14 @@ class HiDreamAdapter(ModelAdapter):
         return is_hidream_lora(tensors)
 
     # --- loading -------------------------------------------------------------------------
-    def load(self) -> None:
-        source = self.model_cfg.name_or_path
-        path = Path(source).expanduser()
-        hint = (
-            "give a diffusers folder or hub id (transformer/, vae/, text_encoder/ .. text_encoder_3/, "
-            f"tokenizer/ .. tokenizer_3/, scheduler/), e.g. {DEFAULT_REPO}, or a transformer folder with "
-            "model.extras_name_or_path for the other parts"
-        )
-        if path.exists() and not path.is_dir():
-            raise ModelLoadError(f"model.name_or_path: {source!r} is a file; {hint}")
-        if not path.exists() and not common.could_be_hub_id(source):
-            raise ModelLoadError(f"model.name_or_path: {source!r} is neither an existing folder nor a hub id; {hint}")
-        extras = self._extras_location(source, path)
-        llama = self._llama_location(extras)
-        self.parts_source = f"{extras}|{llama[0]}"  # the encoders' and VAE's: part of the caches' keys
-        try:
-            self.transformer = self._load_transformer(source, path)
-            scheduler_config = self._load_parts(extras, llama)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
-            where = hint if path.exists() else f"looked up as a hub id{common.offline_note()}; {hint}"
-            raise ModelLoadError(
-                f"model.name_or_path: could not load a {self.model_label} model from {source!r} (other parts "
-                f"from {extras!r}, the Llama from {llama[0]!r}, model.model_kwargs.llama_model_path): {exc} ({where})"
-            ) from exc
-        encoders = [getattr(self, name) for name in self.text_encoder_names]
-        common.freeze((self.transformer, self.vae, *encoders))
-        for module in (self.transformer, *encoders):
-            common.cast(module, self.dtype)
-        common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
-        self.bind_loaded(scheduler_config)
+    def _locate_extras(self, extras: str) -> None:
+        self.llama_source = self._llama_location(extras)
+        self.parts_source = f"{extras}|{self.llama_source[0]}"  # the encoders' and VAE's: part of the caches' keys
 
-    def _extras_location(self, source: str, path: Path) -> str:
-        """A full local pipeline folder itself, else extras_name_or_path, else the model."""
-        extras = getattr(self.model_cfg, "extras_name_or_path", None)
-        if path.is_dir() and (path / "text_encoder").is_dir():
-            return str(path)
-        if extras:
-            extras_path = Path(extras).expanduser()
-            return str(extras_path) if extras_path.exists() else extras
-        if path.is_dir():
-            raise ModelLoadError(
-                f"model.name_or_path: {source!r} has no text_encoder/; set model.extras_name_or_path to the "
-                f"model its VAE, text encoders and tokenizers come from (e.g. {DEFAULT_REPO})"
-            )
-        return source
+    def _what(self) -> str:
+        llama = getattr(self, "llama_source", None)
+        where = f" (the Llama from {llama[0]!r}, model.model_kwargs.llama_model_path)" if llama else ""
+        return super()._what() + where
 
     def _llama_location(self, extras: str) -> tuple[str, str | None]:
         """(where the Llama comes from, its subfolder prefix: "" or None for a plain Llama)."""
@@ -202,18 +167,8 @@ class HiDreamAdapter(ModelAdapter):
             return str(local), "" if (local / "text_encoder_4").is_dir() else None
         return source, None
 
-    def _load_transformer(self, source: str, path: Path) -> Any:
-        from diffusers import HiDreamImageTransformer2DModel
-
-        # torch_dtype at load: the host never holds the 17B transformer in a wider dtype than it trains in
-        if path.is_dir() and not (path / "transformer").is_dir():
-            return HiDreamImageTransformer2DModel.from_pretrained(str(path), torch_dtype=self.dtype)
-        location = str(path) if path.is_dir() else source
-        return HiDreamImageTransformer2DModel.from_pretrained(location, subfolder="transformer", torch_dtype=self.dtype)
-
-    def _load_parts(self, location: str, llama: tuple[str, str | None]) -> dict[str, Any]:
+    def _load_parts(self, location: str) -> dict[str, Any]:
         """VAE, text encoders and tokenizers; returns the scheduler config."""
-        from diffusers import AutoencoderKL, UniPCMultistepScheduler
         from transformers import (
             AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, LlamaForCausalLM, T5EncoderModel, T5Tokenizer,
         )
@@ -225,105 +180,59 @@ class HiDreamAdapter(ModelAdapter):
         self.tokenizer_3 = T5Tokenizer.from_pretrained(location, subfolder="tokenizer_3")
         self.text_encoder_3 = T5EncoderModel.from_pretrained(
             location, subfolder="text_encoder_3", torch_dtype=self.dtype)
-        source, in_pipeline = llama
+        source, in_pipeline = self.llama_source
         sub = {"subfolder": "tokenizer_4"} if in_pipeline is not None else {}
         self.tokenizer_4 = AutoTokenizer.from_pretrained(source, **sub)
         sub = {"subfolder": "text_encoder_4"} if in_pipeline is not None else {}
         self.text_encoder_4 = LlamaForCausalLM.from_pretrained(source, torch_dtype=self.dtype, **sub)
-        self.vae = AutoencoderKL.from_pretrained(self.model_cfg.vae_path or location,
-                                                 **({} if self.model_cfg.vae_path else {"subfolder": "vae"}))
-        try:
-            return dict(UniPCMultistepScheduler.load_config(location, subfolder="scheduler"))
-        except OSError:
-            return dict(DEFAULT_SCHEDULER)
+        self.vae = self._load_vae(location)
+        return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
         super().bind(parts, configs)
         config = self.transformer.config
-        self.patch_size = int(config.patch_size)
+        self.patch_size = self.latent_patch = int(config.patch_size)
         self.max_seq = int(config.max_resolution[0]) * int(config.max_resolution[1]) // self.patch_size**2
-        wanted = int(self.model_cfg.model_kwargs.get("max_sequence_length", DEFAULT_TEXT_LENGTH))
-        if wanted < 1:
-            raise HiDreamInputError(
-                f"model.model_kwargs.max_sequence_length: {wanted} must be at least 1 (default 128)")
-        lengths = [configs.tokenizer_lengths.get(name, wanted) for name in ("tokenizer_3", "tokenizer_4")]
-        # never more tokens than a tokenizer allows (the tiny test models: 32), nor than CLIP takes
-        self.max_sequence_length = min(wanted, CLIP_MAX_LENGTH, *(int(n) for n in lengths))
-        self.scheduler_config = dict(configs.scheduler or DEFAULT_SCHEDULER)
-        self.vae_scale_factor = common.vae_scale_from_config(configs.part("vae"))
+        # never more tokens than T5's or the Llama's tokenizer allows, nor than CLIP takes
+        self.max_sequence_length = min(self._text_length(DEFAULT_TEXT_LENGTH, "tokenizer_3"),
+                                       self._text_length(DEFAULT_TEXT_LENGTH, "tokenizer_4"), CLIP_MAX_LENGTH)
         self.llama_config = configs.part("text_encoder_4")
-        self._text_pipe: Any = None
-
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
 
     def network_candidates(self, include_conv: bool) -> list[str]:
         return hidream_lora_candidates(self.transformer)  # no conv layers to add for LoCon
 
     # --- encoding ------------------------------------------------------------------------
-    def _pipeline(self) -> Any:
-        from diffusers import SchedulerMixin
+    def _scheduler(self) -> Any:
+        """The model's own scheduler class (flow UniPC on the released models)."""
         import diffusers
+        from diffusers import SchedulerMixin
 
         name = self.scheduler_config.get("_class_name", DEFAULT_SCHEDULER["_class_name"])
         scheduler_class = getattr(diffusers, name, None)
         if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
             scheduler_class = diffusers.UniPCMultistepScheduler
-        pipe = diffusers.HiDreamImagePipeline(
-            scheduler=scheduler_class.from_config(self.scheduler_config), vae=self.vae,
-            text_encoder=self.text_encoder, tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3,
-            text_encoder_4=self.text_encoder_4, tokenizer_4=self.tokenizer_4, transformer=self.transformer,
-        )
+        return scheduler_class.from_config(self.scheduler_config)
+
+    def _pipeline(self, scheduler: Any | None = None) -> Any:
+        pipe = super()._pipeline(scheduler)
         pipe.default_sample_size = preview_area(self.transformer.config)
         return pipe
 
-    def release_text_encoders(self) -> int:
-        self._text_pipe = None  # it holds the encoders too
-        return super().release_text_encoders()
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        # the pipeline's own encoder, so training sees exactly what previews and other tools see
-        if self._text_pipe is None:
-            self._text_pipe = self._pipeline()
-        t5, _, llama, _, pooled, _ = self._text_pipe.encode_prompt(
+        t5, _, llama, _, pooled, _ = self._text_pipeline().encode_prompt(
             prompt=list(prompts), device=self.device, dtype=self.dtype, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         # the Llama's layers come first from the pipeline; PromptEmbeds batch along dim 0
         return PromptEmbeds(t5, {"llama": llama.transpose(0, 1).contiguous(), "pooled": pooled})
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = common.encode_mode(self.vae, pixels, self.device)
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    def text_encoder_id(self) -> str:
-        # the token count is part of the embeddings' shape: a cache of another length is not reused
-        source = getattr(self, "parts_source", self.model_cfg.name_or_path)
-        return f"{self.modelspec_architecture}|{source}|tokens:{self.max_sequence_length}"
-
-    def latent_space_id(self) -> str:
-        cfg = self.vae.config
-        source = self.model_cfg.vae_path or getattr(self, "parts_source", self.model_cfg.name_or_path)
-        return f"flux-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{cfg.shift_factor}:{source}"
-
     # --- training objective --------------------------------------------------------------
-    def check_train_settings(self, train_cfg: Any) -> None:
-        from aitk.models.flow_matching import check_train_config
-
-        check_train_config(train_cfg, self.model_label)
-        if train_cfg.bypass_guidance_embedding:
-            raise HiDreamInputError(
-                "train.bypass_guidance_embedding: HiDream has no guidance embedding; remove the key")
+    def shift_kwargs(self, height: int, width: int) -> dict[str, float]:
+        return {"shift": TRAIN_SHIFT}  # ai-toolkit's fixed HiDream shift
 
     def _check_latent_size(self, height: int, width: int) -> None:
-        if height % self.patch_size or width % self.patch_size:
-            raise HiDreamInputError(
-                f"HiDream latents need a height and width divisible by {self.patch_size}, got {height}x{width} "
-                f"(buckets must be multiples of {self.bucket_divisibility} px)"
-            )
+        super()._check_latent_size(height, width)
         tokens = (height // self.patch_size) * (width // self.patch_size)
         if height != width and tokens > self.max_seq:
             raise HiDreamInputError(
@@ -331,28 +240,6 @@ class HiDreamAdapter(ModelAdapter):
                 f"{width * self.vae_scale_factor}x{height * self.vae_scale_factor} px bucket has {tokens}: "
                 "lower the dataset's resolution"
             )
-
-    def make_noisy_batch(
-        self,
-        latents: torch.Tensor,
-        train_cfg: TrainConfig,
-        generator: torch.Generator | None,
-        context: BatchContext | None = None,
-    ) -> NoisyBatch:
-        from aitk.models.flow_matching import noisy_and_target, sample_sigmas
-        from aitk.models.flow_timestep_types import weighted_loss
-        from aitk.models.noise import apply_noise_offset
-
-        self.check_train_settings(train_cfg)
-        b, _, h, w = latents.shape
-        self._check_latent_size(h, w)
-        # noise levels first: the same seed then draws the same levels at every image size
-        sigma = sample_sigmas(b, train_cfg, generator, shift=TRAIN_SHIFT).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator).to(latents.device)
-        noisy, target = noisy_and_target(latents, noise, sigma)
-        weights = weighted_loss(sigma) if (train_cfg.timestep_type or "").lower() == "weighted" else None
-        return NoisyBatch(noisy.to(self.dtype), sigma * 1000.0, target, weights, {})
 
     def fixed_shape_step(self):
         from aitk.models.hidream.fixed_shapes import even_expert_routing
@@ -363,9 +250,7 @@ class HiDreamAdapter(ModelAdapter):
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
         config = self.transformer.config
-        h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
-        latents = torch.randn(batch, config.in_channels, h, w)
-        noisy = NoisyBatch(latents.to(self.dtype), torch.rand(batch) * 1000.0, torch.randn(latents.shape), None, {})
+        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
         t5_width, llama_width = config.caption_channels
         layers = int(self.llama_config.get("num_hidden_layers", max(config.llama_layers) + 1))
         tokens = self.max_sequence_length
@@ -394,10 +279,6 @@ class HiDreamAdapter(ModelAdapter):
         return -out
 
     # --- previews ------------------------------------------------------------------------
-    def sample_pipeline(self, sampler: str | None = None) -> Any:
-        # the model's flow UniPC scheduler whatever sample.sampler says (preview_sampler_note)
-        return self._pipeline()
-
     def preview_sampler_note(self, sampler: str) -> str | None:
         if sampler in ("flowmatch", "unipc"):
             return None
@@ -412,13 +293,3 @@ class HiDreamAdapter(ModelAdapter):
             "negative_prompt_embeds_llama3": negative.extra["llama"].transpose(0, 1),
             "negative_pooled_prompt_embeds": negative.extra["pooled"],
         }
-
-    def preview_kwargs(self, request: Any) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        latents = latents.to(self.device, torch.float32)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        pixels = self.vae.decode(latents).sample
-        return common.pixels_to_pil(pixels, self.vae_scale_factor * self.patch_size)

@@ -97,6 +97,7 @@ class Krea2Adapter(FlowTransformerAdapter):
     keeps_fp32_modules = True  # loaded with torch_dtype: diffusers keeps Krea 2's RMSNorm scales fp32
     lora_prefix = "diffusion_model."  # ai-toolkit's and ComfyUI's names: diffusion_model.<original path>
     lora_weight_names = ("lora_A", "lora_B")
+    lora_alpha_in_weights = True  # no .alpha in comfyui files: diffusers' loader reads them
     base_model_version = "krea2"  # ai-toolkit's
     modelspec_architecture = "krea2/lora"
     model_label = "Krea 2"
@@ -136,6 +137,10 @@ class Krea2Adapter(FlowTransformerAdapter):
             )
         super().load()
 
+    def keep_of_text_encoder(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        module.visual = None  # text-only conditioning: the vision tower is never run
+        return module
+
     def _load_parts(self, location: str) -> dict[str, Any]:
         """The VAE, text encoder and tokenizer, and the pipeline's settings; returns the scheduler
         config (Krea 2's where the source has none)."""
@@ -143,8 +148,9 @@ class Krea2Adapter(FlowTransformerAdapter):
         from transformers import AutoTokenizer, Qwen3VLModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = Qwen3VLModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.text_encoder.visual = None  # text-only conditioning: the vision tower is never run
+        self.text_encoder = self.keep_of_text_encoder(
+            "text_encoder", Qwen3VLModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
+        )
         self.vae = self._load_vae(location)
         try:
             index = DiffusionPipeline.load_config(location)
@@ -202,9 +208,6 @@ class Krea2Adapter(FlowTransformerAdapter):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return qlatents.encode_latents(self.vae, pixels, self.device)
 
-    def _parts_source(self) -> str:
-        return getattr(self, "parts_source", None) or self.model_cfg.name_or_path
-
     def text_encoder_id(self) -> str:
         taps = self.pipeline_options.get("text_encoder_select_layers", "default")
         return f"{super().text_encoder_id()}|taps:{taps}"
@@ -219,13 +222,6 @@ class Krea2Adapter(FlowTransformerAdapter):
         from aitk.models.flow_matching import resolution_shift
 
         return {"mu": resolution_shift((height // PATCH) * (width // PATCH), self.scheduler_config)}
-
-    def _check_latent_size(self, height: int, width: int) -> None:
-        if height % PATCH or width % PATCH:
-            raise Krea2InputError(
-                f"{self.model_label} latents need an even height and width, got {height}x{width} (buckets must be "
-                f"multiples of {self.bucket_divisibility} px)"
-            )
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from aitk.config.schema import TrainConfig
-from aitk.models import common
-from aitk.models.base import BatchContext, ModelAdapter, ModelLoadError, NoisyBatch, PartConfigs, PromptEmbeds
+from aitk.models import common, diffusers_parts
+from aitk.models.base import BatchContext, ModelAdapter, NoisyBatch, PartConfigs, PromptEmbeds
 from aitk.models.pixart.keys import is_pixart_lora, pixart_lora_candidates
 
-SINGLE_FILE_SUFFIXES = {".safetensors", ".sft", ".ckpt", ".pth"}
+#: files refused as model.name_or_path (PixArt loads diffusers folders and hub ids only)
+SINGLE_FILE_SUFFIXES = (*diffusers_parts.CHECKPOINT_SUFFIXES, ".pth")
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 #: the released models' noise schedule (their scheduler configs): DDPM's linear betas
 DEFAULT_NOISE_SCHEDULE: dict[str, Any] = dict(
@@ -122,33 +122,12 @@ class PixArtAlphaAdapter(ModelAdapter):
 
     # --- loading -------------------------------------------------------------------------
     def load(self) -> None:
-        source = self.model_cfg.name_or_path
-        path = Path(source).expanduser()
-        hint = (
-            "give a diffusers folder (model_index.json with " + ", ".join(f"{p}/" for p in FOLDER_PARTS)
-            + f") or a hub id (owner/name), e.g. {self.example_repo}"
+        hint = diffusers_parts.folder_hint(FOLDER_PARTS, self.example_repo)
+        scheduler_config = diffusers_parts.load_from_folder(
+            self.model_cfg.name_or_path, f"a {self.model_label} model", self.model_label, hint, self._load_parts,
+            checkpoint_suffixes=SINGLE_FILE_SUFFIXES,
         )
-        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(
-                f"model.name_or_path: {source!r} is a single file; {self.model_label} loads from a diffusers "
-                f"folder or hub id only in this version; {hint}"
-            )
-        if not common.could_be_hub_id(source) and not path.exists():
-            raise ModelLoadError(f"model.name_or_path: {source!r} is neither an existing folder nor a hub id; {hint}")
-        if path.exists() and not path.is_dir():
-            raise ModelLoadError(f"model.name_or_path: {source!r} is a file, not a folder; {hint}")
-        location = str(path) if path.exists() else source
-        try:
-            scheduler_config = self._load_parts(location)
-        except Exception as exc:  # OSError for missing parts / hub look-ups, others for bad files
-            where = hint if path.exists() else f"looked up as a hub id{common.offline_note()}; {hint}"
-            raise ModelLoadError(
-                f"model.name_or_path: could not load a {self.model_label} model from {source!r}: {exc} ({where})"
-            ) from exc
-        common.freeze((self.transformer, self.vae, self.text_encoder))
-        for module in (self.transformer, self.text_encoder):
-            common.cast(module, self.dtype)
-        common.cast(self.vae, torch.float32)  # encodes / decodes in fp32 whatever trains
+        diffusers_parts.freeze_loaded(self.loaded_parts(), self.dtype, self.auxiliary_names)
         self.bind_loaded(scheduler_config)
 
     def _load_parts(self, location: str) -> dict[str, Any]:
@@ -160,8 +139,7 @@ class PixArtAlphaAdapter(ModelAdapter):
         self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
         self.text_encoder = T5EncoderModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
         self.transformer = PixArtTransformer2DModel.from_pretrained(location, subfolder="transformer", torch_dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(self.model_cfg.vae_path or location,
-                                                 subfolder=None if self.model_cfg.vae_path else "vae")
+        self.vae = diffusers_parts.load_vae(AutoencoderKL, location, self.model_cfg.vae_path)
         return dict(DDPMScheduler.load_config(location, subfolder="scheduler"))
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
@@ -222,15 +200,15 @@ class PixArtAlphaAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return common.encode_mode(self.vae, pixels, self.device) * self.vae.config.scaling_factor
+        return diffusers_parts.encode_scaled_latents(self.vae, pixels, self.device, shifted=False)
 
     def text_encoder_id(self) -> str:
         # the T5 length is part of the embedding's shape: a cache of another length must not be reused
         return f"{self.modelspec_architecture}|{self.model_cfg.name_or_path}|t5:{self.max_sequence_length}"
 
     def latent_space_id(self) -> str:
-        cfg = self.vae.config
-        return f"sd-vae:{cfg.latent_channels}:{cfg.scaling_factor}:{self.model_cfg.vae_path or self.model_cfg.name_or_path}"
+        source = self.model_cfg.vae_path or self.model_cfg.name_or_path
+        return diffusers_parts.vae_space_id("sd-vae", self.vae, source, shifted=False)
 
     # --- training objective --------------------------------------------------------------
     def check_train_settings(self, train_cfg: Any) -> None:
@@ -256,28 +234,15 @@ class PixArtAlphaAdapter(ModelAdapter):
         generator: torch.Generator | None,
         context: BatchContext | None = None,
     ) -> NoisyBatch:
-        from aitk.models.noise import apply_noise_offset, min_snr_weights
-        from aitk.models.sd.timesteps import draw_timesteps
+        from aitk.models.sd.ddpm import ddpm_noisy_batch
 
-        b, _, h, w = latents.shape
+        h, w = latents.shape[-2:]
         if h % self.transformer.config.patch_size or w % self.transformer.config.patch_size:
             raise PixArtInputError(
                 f"{self.model_label} latents need a height and width divisible by the patch size, got {h}x{w} "
                 f"(buckets must be multiples of {self.bucket_divisibility} px)"
             )
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
-        noise = apply_noise_offset(noise, train_cfg.noise_offset, generator)
-        num_train = self.noise_scheduler.config.num_train_timesteps
-        timesteps = draw_timesteps(b, train_cfg, generator, num_train, self.model_label).to(latents.device)
-        latents = latents.to(torch.float32)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        v_pred = self.prediction_type == "v_prediction"
-        target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
-        weights = None
-        if train_cfg.min_snr_gamma:
-            alphas = self.noise_scheduler.alphas_cumprod
-            weights = min_snr_weights(timesteps, alphas, train_cfg.min_snr_gamma, self.prediction_type)
-        return NoisyBatch(noisy.to(self.dtype), timesteps, target, weights)
+        return ddpm_noisy_batch(self.noise_scheduler, latents, train_cfg, generator, self.model_label, self.dtype)
 
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
@@ -334,8 +299,8 @@ class PixArtAlphaAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        latents = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor
-        pixels = self.vae.decode(latents).sample
+        latents = latents.to(self.device, torch.float32)
+        pixels = diffusers_parts.decode_scaled_latents(self.vae, latents, shifted=False)
         return common.pixels_to_pil(pixels, self.vae_scale_factor)
 
 

@@ -73,6 +73,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
         return False  # Qwen-Image's keys: `aitk lora info` guesses that family and names these too
 
     # --- loading -------------------------------------------------------------------------
+    def keep_of_text_encoder(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        return module  # the vision tower reads the control images
+
     def _load_parts(self, location: str) -> dict[str, Any]:
         """As Qwen-Image's, but the vision tower stays (it reads the control images) and the
         model's processor/ settings come as the PIL image processor (no torchvision needed)."""

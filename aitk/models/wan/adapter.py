@@ -161,12 +161,7 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
                 f"from {self.model_cfg.name_or_path!r}: {exc} (give a diffusers WAN folder or hub id"
                 f"{common.offline_note()})"
             ) from exc
-        if self.transformer.config.in_channels != (36 if self.i2v else 16):
-            kind = "image-to-video (36 input channels)" if self.i2v else "text-to-video (16 input channels)"
-            raise ModelLoadError(
-                f"model.arch {self.arch_names[0]!r} needs a {kind} transformer, but "
-                f"{self.model_cfg.name_or_path!r} has {self.transformer.config.in_channels}"
-            )
+        self._check_transformer(index)
         common.freeze(self._modules())  # dtypes were set at load (the VAE stays fp32); placed by the trainer
         ratio = index.get("boundary_ratio")
         self.bind_loaded(scheduler_config, float(ratio) if ratio else None)
@@ -209,6 +204,17 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
             f"model.arch {self.arch_names[0]!r} needs {', '.join(missing)} in the model folder, but "
             f"{self.model_cfg.name_or_path!r} has none (it looks like model.arch {hint!r})"
         )
+
+    def _check_transformer(self, index: Mapping[str, Any]) -> None:
+        """Refuse a transformer of another WAN variant (input channels tell them apart)."""
+        channels = self.transformer.config.in_channels
+        if channels != (36 if self.i2v else 16):
+            kind = "image-to-video (36 input channels)" if self.i2v else "text-to-video (16 input channels)"
+            hint = " (it looks like model.arch 'wan22_5b')" if channels == 48 else ""
+            raise ModelLoadError(
+                f"model.arch {self.arch_names[0]!r} needs a {kind} transformer, but "
+                f"{self.model_cfg.name_or_path!r} has {channels}{hint}"
+            )
 
     def _load_vae(self, location: str) -> Any:
         """model.vae_path (a VAE folder, a pipeline folder with vae/, or a hub id) or the model's
