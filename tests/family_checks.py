@@ -279,3 +279,23 @@ def finite_run(result: Any, name: str) -> None:
     import math
 
     assert result.state == "completed" and all(math.isfinite(x) for x in losses(result, name))
+
+
+def check_folded_lora_file(trainer: Any, lora: Path, architecture: str, base_version: str, *, prefix: str,
+                           weight_names: tuple[str, str], alpha: float = 16.0) -> dict[str, torch.Tensor]:
+    """tests/family_checks.check_lora_file for the families that fold alpha into the weights: the
+    file holds `<prefix><module>.<down / up>.weight` of every wrapped module and no `.alpha`, the
+    header records the trained `alpha` and names the family; returns its tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from aitk.networks.folded_alpha import ALPHA_RECORD_KEY
+
+    tensors = load_file(str(lora))
+    wrapped = trainer.network.wrapped_module_names()
+    assert set(tensors) == {f"{prefix}{m}.{name}.weight" for m in wrapped for name in weight_names}
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta[ALPHA_RECORD_KEY]) == {"alpha": alpha, "modules": {}}
+    assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == base_version
+    return tensors

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import PromptEmbeds
 from aitk.networks.folded_alpha import ALPHA_RECORD_KEY
+from family_checks import check_folded_lora_file  # noqa: F401 - also used by the family tests
 from conftest import base_process, build_tiny_model_for, deep_update, write_job
 from interop_results import record
 
@@ -111,21 +112,6 @@ def _read_back(arch: str, model: Path, lora: Path | tuple, **network: Any) -> tu
     load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
                       diffusers_prefix=fresh.diffusers_lora_prefix, fused=fresh.lora_fused_weights)
     return fresh, handle
-
-
-def check_folded_lora_file(trainer: Any, lora: Path, architecture: str, base_version: str, *, prefix: str,
-                           weight_names: tuple[str, str], alpha: float = 16.0) -> dict[str, torch.Tensor]:
-    """tests/family_checks.check_lora_file for the families that fold alpha into the weights: the
-    file holds `<prefix><module>.<down / up>.weight` of every wrapped module and no `.alpha`, the
-    header records the trained `alpha` and names the family; returns its tensors."""
-    tensors = load_file(str(lora))
-    wrapped = trainer.network.wrapped_module_names()
-    assert set(tensors) == {f"{prefix}{m}.{name}.weight" for m in wrapped for name in weight_names}
-    with safe_open(str(lora), "pt") as f:
-        meta = f.metadata()
-    assert json.loads(meta[ALPHA_RECORD_KEY]) == {"alpha": alpha, "modules": {}}
-    assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == base_version
-    return tensors
 
 
 def test_default_file_has_no_alpha_and_records_the_trained_alphas(run: tuple) -> None:

@@ -249,9 +249,8 @@ def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tupl
     trainer, result, _ = lora_run
     family.check_falling_loss_and_previews(result, "elora")
     assert trainer.network.wrapped_module_names() == trainer.adapter.network_candidates(False)
-    from test_alpha_in_weights import check_folded_lora_file  # alpha folded into lora_B, no .alpha
 
-    check_folded_lora_file(trainer, result.final_lora, "ernie-image/lora", "ernie_image", prefix="diffusion_model.",
+    family.check_folded_lora_file(trainer, result.final_lora, "ernie-image/lora", "ernie_image", prefix="diffusion_model.",
                            weight_names=("lora_A", "lora_B"))
 
 

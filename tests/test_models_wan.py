@@ -541,3 +541,18 @@ def test_wan22_expert_loras_load_into_their_own_transformers(wan_folders, tmp_pa
     record(arch, "lora", "diffusers load_lora_weights",
            (max_diff := float((ours - theirs).abs().max())) < 1e-4, max_diff, note="both experts in the pipeline")
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_patch_embedding_is_exact_in_bf16_on_the_cpu_when_the_latent_is_one_patch_wide():
+    """oneDNN's bf16 Conv3d on the CPU is wrong for a one-patch-wide latent (WAN 2.2 5B's 48
+    channels, a narrow bucket): the adapter runs the patch embedding without it there."""
+    from aitk.models.wan.adapter import exact_cpu_patch_embedding
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(48, 24, (1, 2, 2), stride=(1, 2, 2)).to(torch.bfloat16)
+    x = torch.randn(1, 48, 11, 4, 2).to(torch.bfloat16)
+    exact = torch.nn.functional.conv3d(x.float(), conv.weight.float(), conv.bias.float(), stride=(1, 2, 2))
+    exact_cpu_patch_embedding(conv)
+    enabled_before = torch.backends.mkldnn.enabled
+    assert (conv(x).float() - exact).abs().max() < 0.05
+    assert torch.backends.mkldnn.enabled == enabled_before  # restored after the call

@@ -85,6 +85,7 @@ class LTX2Adapter(LTX2Previews, FlowTransformerAdapter):
     latent_patch = 1
     lora_prefix = "diffusion_model."  # ComfyUI's and ai-toolkit's LTX-2 names: diffusion_model.<module path>
     lora_weight_names = ("lora_A", "lora_B")
+    lora_alpha_in_weights = True  # diffusers' LTX-2 loader refuses `.alpha` keys; ComfyUI reads scale 1
     base_model_version = "ltx2"  # ai-toolkit's
     modelspec_architecture = "ltx-2/lora"
     model_label = "LTX-2"
@@ -114,11 +115,11 @@ class LTX2Adapter(LTX2Previews, FlowTransformerAdapter):
     def matches_lora_keys(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
         layers = {m.group(1) for key in tensors if (m := LTX2_KEY.match(key))}
         # the video branch alone is named like other DiTs' blocks (SD 3 has `attn` and `ff_context`,
-        # CogView4 no `attn2`); the audio branch and its cross-attentions are LTX-2's own
+        # CogView4 no `attn2`; PixArt's names are the same); the audio branch is LTX-2's own
         if layers & {"audio_attn1", "audio_attn2", "audio_ff", "audio_to_video_attn", "video_to_audio_attn"}:
             return True
         other = any(".attn." in key or "ff_context" in key for key in tensors)
-        return {"attn1", "attn2"} <= layers and not other
+        return "attn2" in layers and not other
 
     # --- loading -------------------------------------------------------------------------
     def load(self) -> None:

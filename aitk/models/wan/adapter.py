@@ -38,6 +38,26 @@ DEFAULT_TEXT_LENGTH = 512  # WAN's umT5 context length (WanPipeline's max_sequen
 DEFAULT_SCHEDULER_CLASS = "UniPCMultistepScheduler"
 
 
+def exact_cpu_patch_embedding(conv: torch.nn.Conv3d) -> None:
+    """Runs the patch embedding without oneDNN for bf16 / fp16 inputs on the CPU: there, oneDNN's
+    Conv3d (torch 2.13) returns wrong numbers, sometimes NaN, when the latent is one patch wide
+    (e.g. a 2-column latent under 2x2 patches). GPUs and fp32 are not affected."""
+
+    def before(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            module.__dict__["_mkldnn_was_enabled"] = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+
+    def after(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        was = module.__dict__.pop("_mkldnn_was_enabled", None)
+        if was is not None:
+            torch.backends.mkldnn.enabled = was
+
+    conv.register_forward_pre_hook(before)
+    conv.register_forward_hook(after)
+
+
 class Wan21Adapter(WanPreviews, ModelAdapter):
     arch_names = ("wan21",)
     text_encoder_names = ("text_encoder",)
@@ -162,6 +182,8 @@ class Wan21Adapter(WanPreviews, ModelAdapter):
                 f"{common.offline_note()})"
             ) from exc
         self._check_transformer(index)
+        for expert in self.experts().values():
+            exact_cpu_patch_embedding(expert.patch_embedding)
         common.freeze(self._modules())  # dtypes were set at load (the VAE stays fp32); placed by the trainer
         ratio = index.get("boundary_ratio")
         self.bind_loaded(scheduler_config, float(ratio) if ratio else None)
