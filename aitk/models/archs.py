@@ -83,9 +83,8 @@ DATA_FACTS: dict[str, tuple[int, str | None]] = {
 
 # Architectures whose adapter takes the dataset's control images (ModelAdapter.uses_controls), so
 # `aitk validate` can say that control_path is unused elsewhere without importing a model.
-CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext"})
-CONTROL_ARCHS = CONTROL_ARCHS | {"qwen_image_edit", "qwen_image_edit_plus"}  # control images in the prompt too
-CONTROL_ARCHS = CONTROL_ARCHS | {"flex2"}  # Flex.2: a control input channel group
+# (the edit models read them in the prompt too; Flex.2 as a group of input channels)
+CONTROL_ARCHS: frozenset[str] = frozenset({"flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flex2"})
 #: of those, the archs whose control images are optional (zeros without one): previews and data
 #: without a control image are plain text-to-image there
 OPTIONAL_CONTROL_ARCHS: frozenset[str] = frozenset({"flex2"})
@@ -93,8 +92,7 @@ OPTIONAL_CONTROL_ARCHS: frozenset[str] = frozenset({"flex2"})
 MULTI_CONTROL_PREVIEW_ARCHS: frozenset[str] = frozenset({"qwen_image_edit_plus"})
 
 #: image-to-video archs: their adapters' `i2v` (a test keeps the two in step)
-FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v"})
-FIRST_FRAME_ARCHS = FIRST_FRAME_ARCHS | {"hunyuan_video_1_5_i2v"}
+FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan21_i2v", "wan22_14b_i2v", "hunyuan_video_1_5_i2v"})
 
 #: text-and-image-to-video models: a preview's ctrl_img, when given, is its first frame (else text
 #: to video); their adapters' `optional_first_frame` (a test keeps the two in step)
@@ -102,10 +100,9 @@ OPTIONAL_FIRST_FRAME_ARCHS: frozenset[str] = frozenset({"wan22_5b", "ltx2"})
 
 # Architectures whose attention masks the text's padding: attention kernels without a mask are refused
 # (aitk.models.attention.MASKED_BACKENDS lists the ones that take it).
-MASKED_ATTENTION_ARCHS: frozenset[str] = frozenset({"chroma"})
-MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"krea2"}  # batches of prompts of different lengths
-MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"ernie_image"}  # prompts padded to the batch's longest
-MASKED_ATTENTION_ARCHS = MASKED_ATTENTION_ARCHS | {"hunyuan_video_1_5", "hunyuan_video_1_5_i2v"}  # padded prompts
+MASKED_ATTENTION_ARCHS: frozenset[str] = frozenset(
+    {"chroma", "krea2", "ernie_image", "hunyuan_video_1_5", "hunyuan_video_1_5_i2v"}
+)
 
 # Architectures whose denoiser has conv layers a network can wrap (network.conv; LoCon), so that
 # `aitk validate` can tell that conv alpha phases change nothing on the others.
@@ -113,17 +110,14 @@ CONV_ARCHS: frozenset[str] = frozenset({"sd1", "sd15", "sd2", "sdxl"})
 
 # Architectures whose adapter loads model.assistant_lora_path (aitk.models.assistant: a training
 # adapter on while training, off for previews), so `aitk validate` can say it is ignored elsewhere.
-ASSISTANT_LORA_ARCHS: frozenset[str] = frozenset({"flux", "flux_kontext", "zimage"})
-ASSISTANT_LORA_ARCHS = ASSISTANT_LORA_ARCHS | {"krea2"}  # Krea 2 Turbo's training adapter
+ASSISTANT_LORA_ARCHS: frozenset[str] = frozenset({"flux", "flux_kontext", "zimage", "krea2"})
 
 # Architectures whose adapter reads model.extras_name_or_path (the parts besides a transformer-only
 # model), so `aitk validate` can say it is ignored elsewhere.
-EXTRAS_PATH_ARCHS: frozenset[str] = frozenset({"zimage", "qwen_image", "cogview4"})
-EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"qwen_image_edit", "qwen_image_edit_plus"}
-EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"flux2", "flux2_klein_4b", "flux2_klein_9b"}  # transformer-only sources
-EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"hidream"}  # HiDream: VAE and text encoders (its Llama: model_kwargs)
-EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"krea2"}  # Krea 2: a transformer folder or single file
-EXTRAS_PATH_ARCHS = EXTRAS_PATH_ARCHS | {"ernie_image"}  # ERNIE-Image: a transformer folder or single file
+EXTRAS_PATH_ARCHS: frozenset[str] = frozenset({
+    "zimage", "qwen_image", "qwen_image_edit", "qwen_image_edit_plus", "cogview4", "flux2", "flux2_klein_4b",
+    "flux2_klein_9b", "hidream", "krea2", "ernie_image",
+})
 
 # Architectures with two experts (one network each): arch -> the expert names, in training order.
 EXPERT_ARCHS: dict[str, tuple[str, ...]] = {
@@ -141,8 +135,7 @@ FLOW_NOISE_SCHEDULERS: tuple[str, ...] = ("flowmatch",)
 #: train.timestep_type values the DDPM objective draws (aitk/models/sd/timesteps.py)
 DDPM_TIMESTEP_TYPES: tuple[str, ...] = ("uniform", "linear", "sigmoid", "shift", "lognorm", "lognorm_blend")
 
-_DDPM_ARCHS = ("sd1", "sd15", "sd2", "sdxl")
-_DDPM_ARCHS += ("pixart", "pixart_sigma")  # DDPM-trained transformers
+_DDPM_ARCHS = ("sd1", "sd15", "sd2", "sdxl", "pixart", "pixart_sigma")  # PixArt: a DDPM-trained transformer
 #: arch -> the train.noise_scheduler names it accepts (unset is always fine)
 NOISE_SCHEDULERS: dict[str, tuple[str, ...]] = {
     arch: DDPM_NOISE_SCHEDULERS if arch in _DDPM_ARCHS else FLOW_NOISE_SCHEDULERS for arch in ADAPTERS
