@@ -99,6 +99,9 @@ def make_job(case: str, name: str, models: Path, shapes_dataset: Path, tmp_path:
         data = write_mixed_clips(tmp_path / "hv15_clips")
         changes["sample"]["ctrl_img"] = str(data / "still.png")
         changes["model"]["model_kwargs"] = MODEL_KWARGS  # 32 prompt tokens: short steps
+    if case == "qwen_image_edit_plus":
+        # the controls at the target's area (upstream's switch), not the 1 MP the real model's VAE takes
+        changes["model"]["model_kwargs"] = {"match_target_res": True}
     process = deep_update(base_process(model_dir, data, tmp_path / "out"), changes)
     if data_kind == "ltx2_clips":
         from test_models_ltx2 import clips_dataset

@@ -174,6 +174,9 @@ class ModelAdapter(ABC):
     #: family's diffusers loader refuses `.alpha`); the header records the trained alphas
     #: (aitk.networks.folded_alpha)
     lora_alpha_in_weights: bool = False
+    #: trained with DDPM's forward process (its noise schedulers and timestep types, archs.py's
+    #: DDPM tables); flow matching otherwise
+    trains_ddpm: bool = False
     #: video models: the frame counts the model accepts ("4k+1"); None = an image model
     frame_rule: str | None = None
     #: text-and-image-to-video models: a preview's ctrl_img, when given, is its first frame

@@ -87,6 +87,7 @@ def preview_pipeline_class(base: type) -> type:
 
 
 class PixArtAlphaAdapter(ModelAdapter):
+    trains_ddpm = True
     arch_names = ("pixart",)
     text_encoder_names = ("text_encoder",)
     bucket_divisibility = 16  # 8x VAE downscale x 2x2 patches

@@ -29,6 +29,7 @@ CLIP_TOKENS = 77
 
 
 class SD15Adapter(ModelAdapter):
+    trains_ddpm = True
     arch_names = ("sd1", "sd15")
     text_encoder_names = ("text_encoder",)
     text_encoder_lora_prefixes = {"text_encoder": "lora_te"}  # kohya's SD 1.x / 2.x names
