@@ -14,15 +14,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.auraflow import AuraFlowAdapter, build_tiny_auraflow
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
-from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
+from aitk.models.flow_matching import time_shift
 import family_checks as family
 from interop_results import record
-from test_models_pixart import load_as_comfyui_maps
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
 CPU = family.CPU
@@ -41,8 +39,6 @@ def make_adapter(folder: Path | str, **model_fields: Any) -> AuraFlowAdapter:
 def aura(auraflow_model: Path) -> AuraFlowAdapter:
     return make_adapter(auraflow_model)
 
-
-_pixels = family.pixels
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -96,7 +92,7 @@ def test_encode_prompts_is_the_pipeline_encoding(aura: AuraFlowAdapter, auraflow
 
 
 def test_noisy_batch_is_rectified_flow_with_the_schedulers_shift(aura: AuraFlowAdapter) -> None:
-    latents = aura.encode_images(_pixels(1))
+    latents = aura.encode_images(family.pixels(1))
     assert latents.shape == (2, 4, 8, 8)
     a = aura.make_noisy_batch(latents, TrainConfig(timestep_type="shift"), torch.Generator().manual_seed(5))
     s = (a.timesteps / 1000).view(-1, 1, 1, 1)
@@ -104,10 +100,7 @@ def test_noisy_batch_is_rectified_flow_with_the_schedulers_shift(aura: AuraFlowA
     torch.testing.assert_close(a.target, noise - latents, rtol=1e-4, atol=1e-4)
     u = torch.rand(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.testing.assert_close(a.timesteps / 1000, time_shift(u, math.log(1.73)).float())
-    w = aura.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), torch.Generator().manual_seed(5))
-    assert w.loss_weights is not None and w.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        aura.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
+    family.check_weighted_loss_and_min_snr_refused(aura, latents, 5)
 
 
 def test_predict_is_the_velocity_the_pipeline_steps_with(aura: AuraFlowAdapter) -> None:
@@ -146,8 +139,6 @@ def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any)
     }, changes)
 
 
-_train = family.train
-
 
 def _render(pipe: Any) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
@@ -163,18 +154,13 @@ def _diffusers_diff(adapter: AuraFlowAdapter, model: Path, lora: Path) -> tuple[
 
 
 def _round_trip(adapter: AuraFlowAdapter, model: Path, lora: Path, kind: str, **network: Any) -> None:
-    fresh = make_adapter(model)
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    diff = family.loader_round_trip_diff(adapter, fresh, lora, batch, cond, network_type=kind, **network)
-    record("auraflow", kind, "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5, (kind, diff)
+    family.check_round_trip("auraflow", adapter, make_adapter(model), lora, kind, layout="comfyui", **network)
 
 
 @pytest.fixture(scope="module")
 def lora_run(auraflow_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("auraflow-lora")
-    return (*_train(_job(tmp, "alora", auraflow_model, shapes_dataset)), tmp)
+    return (*family.train(_job(tmp, "alora", auraflow_model, shapes_dataset)), tmp)
 
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
@@ -190,14 +176,8 @@ def test_lora_loads_exactly_in_diffusers_and_as_comfyui_maps_it(lora_run: tuple,
     """diffusers' AuraFlow loader reads the diffusers layout (`aitk convert`); it refuses the
     ComfyUI layout's `.alpha` keys, which ComfyUI reads (checked by putting the file on the
     transformer as ComfyUI maps it)."""
-    from diffusers import AuraFlowPipeline
-
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    converted = tmp / "alora_diffusers.safetensors"
-    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "auraflow", "-o", converted)
-    assert code == 0, err
+    converted = family.converted_file(result.final_lora, "diffusers", "auraflow", tmp / "alora_diffusers.safetensors")
     diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, converted)
     record("auraflow", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
     assert effect > 1e-3 and diff < 1e-4, (diff, effect)
@@ -213,52 +193,32 @@ def test_tools_know_auraflow(lora_run: tuple, auraflow_model: Path) -> None:
     info = family.lora_info(result.final_lora)
     assert info["architecture"] == "auraflow" and info["modules"] == len(trainer.network.wrapped_module_names())
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    diff = family.merged_diff(adapter, auraflow_model, result.final_lora, "auraflow", tmp, AuraFlowTransformer2DModel,
-                              batch, cond)
-    record("auraflow", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("auraflow", adapter, auraflow_model, result.final_lora, tmp, AuraFlowTransformer2DModel)
     _round_trip(adapter, auraflow_model, result.final_lora, "lora", linear_rank=8)
 
 
 def test_dora_saved_for_diffusers_loads_exactly(auraflow_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path, "adora", auraflow_model, shapes_dataset, train={"steps": 6},
-               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
-               sample={"sample_every": 1000})
-    trainer, result = _train(job)
-    family.finite_run(result, "adora")
-    tensors = load_file(str(result.final_lora))
-    assert any(k.endswith("lora_magnitude_vector") for k in tensors)
-    diff, effect = _diffusers_diff(trainer.adapter, auraflow_model, result.final_lora)
-    record("auraflow", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    job = _job(tmp_path, "adora", auraflow_model, shapes_dataset, **family.DORA_RUN)
+    trainer, result = family.train(job)
+    family.check_dora_loads_in_diffusers("auraflow", trainer, result, "adora",
+                                         lambda adapter, lora: _diffusers_diff(adapter, auraflow_model, lora))
 
 
 def test_lokr_with_cached_text_trains_and_loads_back(auraflow_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path, "alokr", auraflow_model, shapes_dataset, train={"steps": 6, "cache_text_embeddings": True},
-               sample={"sample_every": 6}, network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
-    trainer, result = _train(job)
-    family.finite_run(result, "alokr")
-    assert trainer.adapter.text_encoder is None  # previews rendered from the cached embeddings
-    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
-    tensors = load_file(str(result.final_lora))
-    assert tensors and any(k.endswith(".lokr_w1") for k in tensors)
+    job = _job(tmp_path, "alokr", auraflow_model, shapes_dataset, **family.CACHED_TEXT_LOKR_RUN)
+    trainer, result = family.train(job)
+    family.check_cached_text_lokr_run(trainer, result, "alokr", 6, "")  # previews from the cached embeddings
     _round_trip(trainer.adapter, auraflow_model, result.final_lora, "lokr", linear_rank=2)
 
 
 def test_quantized_base_trains(auraflow_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path, "aq", auraflow_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
-               model={"quantize": True, "qtype": "qint8"}, save={"save_format": "diffusers"})
-    trainer, result = _train(job)
+    job = _job(tmp_path, "aq", auraflow_model, shapes_dataset, **family.QUANTIZED_RUN, save={"save_format": "diffusers"})
+    trainer, result = family.train(job)
     family.finite_run(result, "aq")
     family.check_quantized_base(trainer)
     from diffusers import AuraFlowPipeline
 
-    plain = AuraFlowPipeline.from_pretrained(auraflow_model)
-    before = _render(plain)
-    plain.load_lora_weights(str(result.final_lora))
-    assert (_render(plain) - before).abs().max() > 1e-4
+    family.check_lora_changes_pipeline(AuraFlowPipeline.from_pretrained(auraflow_model), result.final_lora, _render)
 
 
 def test_preset_validates_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,22 +8,18 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
-from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
+from aitk.models.base import NoisyBatch, PromptEmbeds
 from aitk.models.cogview4 import CogView4Adapter, CogView4InputError, build_tiny_cogview4, cogview4_shift
-from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
-from conftest import base_process, deep_update, write_job
+from aitk.models.flow_matching import time_shift
 import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
@@ -45,10 +41,6 @@ def make_adapter(folder: Path | str, **model_fields: Any) -> CogView4Adapter:
 @pytest.fixture(scope="session")
 def cogview(cogview4_model: Path) -> CogView4Adapter:
     return make_adapter(cogview4_model)
-
-
-def _pixels(seed: int, b: int = 2) -> torch.Tensor:
-    return torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -95,8 +87,8 @@ def test_encode_prompts_is_the_pipeline_encoding(cogview: CogView4Adapter, cogvi
 
 
 def test_noisy_batch_is_rectified_flow_with_cogview4s_shift(cogview: CogView4Adapter) -> None:
-    latents = cogview.encode_images(_pixels(1))
-    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, cogview.encode_images(_pixels(1)))
+    latents = cogview.encode_images(family.pixels(1))
+    assert latents.shape == (2, 16, 8, 8) and torch.equal(latents, cogview.encode_images(family.pixels(1)))
     a = cogview.make_noisy_batch(latents, TrainConfig(timestep_type="shift"), torch.Generator().manual_seed(5))
     s = (a.timesteps / 1000).view(-1, 1, 1, 1)
     noise = (a.noisy_latents - (1 - s) * latents) / s
@@ -106,10 +98,7 @@ def test_noisy_batch_is_rectified_flow_with_cogview4s_shift(cogview: CogView4Ada
     assert shift == pytest.approx(0.4375)
     u = torch.rand(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.testing.assert_close(a.timesteps / 1000, time_shift(u, math.log(shift)).float())
-    w = cogview.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), torch.Generator().manual_seed(5))
-    assert w.loss_weights is not None and w.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        cogview.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
+    family.check_weighted_loss_and_min_snr_refused(cogview, latents, 5)
     with pytest.raises(CogView4InputError, match="bypass_guidance_embedding"):
         cogview.make_noisy_batch(latents, TrainConfig(bypass_guidance_embedding=True), None)
     with pytest.raises(CogView4InputError, match="divisible"):
@@ -146,7 +135,7 @@ def test_predict_is_the_velocity_the_pipeline_steps_with(cogview: CogView4Adapte
 
 def test_a_batch_of_prompts_of_different_lengths_predicts_as_each_prompt_alone(cogview: CogView4Adapter) -> None:
     prompts = ["a red circle", "a blue square on a grey ground, " * 2]
-    batch = cogview.make_noisy_batch(cogview.encode_images(_pixels(4)), TrainConfig(), torch.Generator().manual_seed(3))
+    batch = cogview.make_noisy_batch(cogview.encode_images(family.pixels(4)), TrainConfig(), torch.Generator().manual_seed(3))
     with torch.no_grad():
         together = cogview.predict(batch, cogview.encode_prompts(prompts))
         alone = [cogview.predict(NoisyBatch(batch.noisy_latents[i : i + 1], batch.timesteps[i : i + 1],
@@ -164,50 +153,21 @@ def test_a_batch_of_prompts_of_different_lengths_predicts_as_each_prompt_alone(c
 def test_transformer_folder_takes_its_other_parts_from_extras(
     cogview: CogView4Adapter, cogview4_model: Path, tmp_path: Path
 ) -> None:
-    import shutil
-
-    only = tmp_path / "finetune"
-    shutil.copytree(cogview4_model / "transformer", only / "transformer")
-    with pytest.raises(ModelLoadError, match="extras_name_or_path"):
-        make_adapter(only)
-    want = cogview.transformer.state_dict()
-    for source in (only, only / "transformer"):
-        got = make_adapter(source, extras_name_or_path=str(cogview4_model)).transformer.state_dict()
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), source
-    with pytest.raises(ModelLoadError, match="model.name_or_path.*neither"):
-        make_adapter(tmp_path / "missing")
-    (tmp_path / "file.safetensors").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="is a file"):
-        make_adapter(tmp_path / "file.safetensors")
+    family.check_parts_from_extras(cogview, cogview4_model, make_adapter, tmp_path)
 
 
 # --- end to end --------------------------------------------------------------------------------
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "cogview4"},
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "timestep_type": "weighted", "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
         "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 3.0,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
-
-
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    }, changes)
 
 
 def _render(pipe: Any) -> torch.Tensor:
@@ -217,63 +177,28 @@ def _render(pipe: Any) -> torch.Tensor:
 
 
 def _diffusers_diff(adapter: CogView4Adapter, model: Path, lora: Path) -> tuple[float, float]:
-    """(max |ours - diffusers with the file loaded|, max |ours - the plain model|)."""
-    import warnings
-
     from diffusers import CogView4Pipeline
 
-    adapter.denoiser().eval()
-    ours = _render(adapter.sample_pipeline())
-    fresh = CogView4Pipeline.from_pretrained(model)
-    base = _render(fresh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on DoRA
-        fresh.load_lora_weights(str(lora))
-    return float((ours - _render(fresh)).abs().max()), float((ours - base).abs().max())
+    return family.diffusers_lora_diff(adapter, CogView4Pipeline, model, lora, _render)
 
 
 def _round_trip(adapter: CogView4Adapter, model: Path, lora: Path, kind: str, **network: Any) -> float:
-    """A fresh model with the file read into a fresh network of the same shape by aitk's own
-    loader predicts as `adapter`; records the check and returns the difference."""
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
-    fresh = make_adapter(model)
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    handle = build_network(fresh.transformer, network_type=kind, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False), **network)
-    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
-    record("cogview4", kind, "aitk loader (round trip)", diff < 1e-5, diff,
-           layout="diffusers" if next(iter(load_file(str(lora)))).startswith("transformer.") else "comfyui")
-    assert diff < 1e-5, (kind, diff)
-    return diff
+    return family.check_round_trip("cogview4", adapter, make_adapter(model), lora, kind, **network)
 
 
 @pytest.fixture(scope="module")
 def lora_run(cogview4_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("cogview4-lora")
-    return (*_train(_job(tmp, "cvlora", cogview4_model, shapes_dataset)), tmp)
+    return (*family.train(_job(tmp, "cvlora", cogview4_model, shapes_dataset)), tmp)
 
 
 def test_lora_trains_with_falling_loss_previews_and_file_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "cvlora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
+    family.check_falling_loss_and_previews(result, "cvlora")
     wrapped = trainer.network.wrapped_module_names()
     assert "transformer_blocks.1.attn1.to_q" in wrapped and "proj_out" in wrapped
-    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight")}
-    assert set(tensors) == want  # alpha folded into lora_B, no .alpha
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "cogview4/lora" and meta["ss_base_model_version"] == "cogview4"
+    family.check_folded_lora_file(trainer, result.final_lora, "cogview4/lora", "cogview4", prefix="diffusion_model.",
+                                  weight_names=("lora_A", "lora_B"))
 
 
 def test_lora_converted_for_diffusers_loads_exactly(lora_run: tuple, cogview4_model: Path) -> None:
@@ -282,14 +207,7 @@ def test_lora_converted_for_diffusers_loads_exactly(lora_run: tuple, cogview4_mo
     from test_tools import aitk
 
     trainer, result, tmp = lora_run
-    converted = tmp / "cvlora_diffusers.safetensors"
-    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "cogview4", "-o", converted)
-    assert code == 0, err
-    back = tmp / "cvlora_back.safetensors"
-    assert aitk("convert", converted, "--to", "comfyui", "--arch", "cogview4", "-o", back)[0] == 0
-    original = load_file(str(result.final_lora))
-    assert load_file(str(back)).keys() == original.keys()
-    assert all(torch.equal(v, original[k]) for k, v in load_file(str(back)).items())
+    converted = family.diffusers_layout_round_trip(result.final_lora, "cogview4", tmp)
     diff, effect = _diffusers_diff(trainer.adapter, cogview4_model, converted)
     print(f"cogview4 lora: diffusers max abs diff {diff:.3g}, LoRA effect {effect:.3g}")
     record("cogview4", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
@@ -306,41 +224,23 @@ def test_merge_round_trip_and_lora_info_know_cogview4(lora_run: tuple, cogview4_
                    "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight": torch.zeros(1)}
     assert CogView4Adapter.matches_lora_keys(load_file(str(bare))) and not CogView4Adapter.matches_lora_keys(pixart_like)
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    diff = family.merged_diff(adapter, cogview4_model, result.final_lora, "cogview4", tmp, CogView4Transformer2DModel,
-                              batch, cond)
-    record("cogview4", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("cogview4", adapter, cogview4_model, result.final_lora, tmp, CogView4Transformer2DModel)
     _round_trip(adapter, cogview4_model, result.final_lora, "lora", linear_rank=8)
 
 
 def test_dora_saved_for_diffusers_loads_exactly(cogview4_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path, "cvdora", cogview4_model, shapes_dataset, train={"steps": 6},
-               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
-               sample={"sample_every": 1000})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "cvdora"))
-    tensors = load_file(str(result.final_lora))
-    assert any(k.endswith("lora_magnitude_vector") for k in tensors) and all(k.startswith("transformer.") for k in tensors)
-    diff, effect = _diffusers_diff(trainer.adapter, cogview4_model, result.final_lora)
-    record("cogview4", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    job = _job(tmp_path, "cvdora", cogview4_model, shapes_dataset, **family.DORA_RUN)
+    trainer, result = family.train(job)
+    family.check_dora_loads_in_diffusers("cogview4", trainer, result, "cvdora",
+                                         lambda adapter, lora: _diffusers_diff(adapter, cogview4_model, lora))
 
 
 def test_lokr_with_cached_text_loads_back_exactly(cogview4_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     """LoKr with cached text embeddings (encoder released; previews from the cache); the file
     reads back exactly into a fresh network by aitk's loader."""
-    job = _job(tmp_path, "cvlokr", cogview4_model, shapes_dataset,
-               train={"steps": 6, "cache_text_embeddings": True}, sample={"sample_every": 6},
-               network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "cvlokr"))
-    assert trainer.adapter.text_encoder is None
-    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
-    tensors = load_file(str(result.final_lora))
-    assert tensors and all(k.startswith("diffusion_model.") for k in tensors)
-    assert any(k.endswith(".lokr_w1") for k in tensors)
+    job = _job(tmp_path, "cvlokr", cogview4_model, shapes_dataset, **family.CACHED_TEXT_LOKR_RUN)
+    trainer, result = family.train(job)
+    family.check_cached_text_lokr_run(trainer, result, "cvlokr", 6, "diffusion_model.")
     trainer.adapter.text_encoder = make_adapter(cogview4_model).text_encoder  # _round_trip encodes a prompt
     trainer.adapter._text_pipe = None
     _round_trip(trainer.adapter, cogview4_model, result.final_lora, "lokr", linear_rank=2, lokr_factor=-1)
@@ -348,19 +248,11 @@ def test_lokr_with_cached_text_loads_back_exactly(cogview4_model: Path, shapes_d
 
 def test_quantized_base_trains_a_full_precision_lora(cogview4_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     """qint8 base (torchao): the LoRA trains on it and its file changes the plain model in diffusers."""
-    from test_tools import aitk
-
-    job = _job(tmp_path, "cvq", cogview4_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
-               model={"quantize": True, "qtype": "qint8"})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "cvq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and any("torchao" in type(m.base_layer.weight).__module__ for m in layers)
-    converted = tmp_path / "cvq_diffusers.safetensors"
-    assert aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "cogview4", "-o", converted)[0] == 0
+    job = _job(tmp_path, "cvq", cogview4_model, shapes_dataset, **family.QUANTIZED_RUN)
+    trainer, result = family.train(job)
+    family.finite_run(result, "cvq")
+    family.check_quantized_base(trainer, every=False)
     from diffusers import CogView4Pipeline
 
-    plain = CogView4Pipeline.from_pretrained(cogview4_model)
-    before = _render(plain)
-    plain.load_lora_weights(str(converted))
-    assert (_render(plain) - before).abs().max() > 1e-4
+    converted = family.converted_file(result.final_lora, "diffusers", "cogview4", tmp_path / "cvq_diffusers.safetensors")
+    family.check_lora_changes_pipeline(CogView4Pipeline.from_pretrained(cogview4_model), converted, _render)

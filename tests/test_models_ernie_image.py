@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.ernie_image import TRAIN_SHIFT, ErnieImageAdapter, ErnieImageInputError, build_tiny_ernie_image
-from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
+from aitk.models.flow_matching import time_shift
 import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
@@ -32,16 +32,6 @@ PROMPTS = ["a red circle", "a blue square on a grey ground"]
 @pytest.fixture(scope="session")
 def ernie_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_ernie_image(tmp_path_factory.mktemp("ernie-model") / "tiny-ernie-image")
-
-
-def alpha_folded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same LoRA without `.alpha` keys (ai-toolkit's ERNIE-Image files): alpha / rank in lora_B."""
-    out = {k: v.clone() for k, v in tensors.items() if not k.endswith(".alpha")}
-    for key, alpha in tensors.items():
-        if key.endswith(".alpha"):
-            stem = key.removesuffix(".alpha")
-            out[f"{stem}.lora_B.weight"] *= float(alpha) / out[f"{stem}.lora_A.weight"].shape[0]
-    return out
 
 
 def make_adapter(folder: Path | str, **model_fields: Any) -> ErnieImageAdapter:
@@ -126,10 +116,7 @@ def test_noisy_batch_is_rectified_flow_with_the_fixed_shift(ernie: ErnieImageAda
     torch.testing.assert_close(a.target, noise - latents, rtol=1e-4, atol=1e-4)
     u = torch.rand(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.testing.assert_close(a.timesteps / 1000, time_shift(u, math.log(TRAIN_SHIFT)).float())
-    w = ernie.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), torch.Generator().manual_seed(5))
-    assert w.loss_weights is not None and w.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        ernie.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
+    family.check_weighted_loss_and_min_snr_refused(ernie, latents, 5)
     with pytest.raises(ErnieImageInputError, match="bypass_guidance_embedding"):
         ernie.make_noisy_batch(latents, TrainConfig(bypass_guidance_embedding=True), None)
 
@@ -227,16 +214,9 @@ def _diffusers_diff(adapter: ErnieImageAdapter, model: Path, lora: Path) -> tupl
 
 
 def _round_trip(adapter: ErnieImageAdapter, model: Path, lora: Path, kind: str, **network: Any) -> float:
-    """A fresh model with the file read into a fresh network of the same shape (other seed, other
-    alphas) by aitk's own loader predicts as `adapter`; records the check."""
     fresh = make_adapter(model)
-    batch = family.noisy_batch(adapter, 2)
-    cond = fresh.encode_prompts(PROMPTS)
-    diff = family.loader_round_trip_diff(adapter, fresh, lora, batch, cond, network_type=kind, **network)
-    record("ernie_image", kind, "aitk loader (round trip)", diff < 1e-5, diff,
-           layout="diffusers" if next(iter(load_file(str(lora)))).startswith("transformer.") else "comfyui")
-    assert diff < 1e-5, (kind, diff)
-    return diff
+    return family.check_round_trip("ernie_image", adapter, fresh, lora, kind, batch=family.noisy_batch(adapter, 2),
+                                   cond=fresh.encode_prompts(PROMPTS), **network)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +248,7 @@ def test_lora_converted_for_diffusers_loads_exactly(lora_run: tuple, ernie_model
     record("ernie_image", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
     assert effect > 1e-3 and diff < 1e-4, (diff, effect)
     folded = tmp / "elora_no_alpha.safetensors"  # ai-toolkit's layout: alpha / rank folded into lora_B
-    save_file(alpha_folded(load_file(str(result.final_lora))), str(folded))
+    save_file(family.alpha_folded(load_file(str(result.final_lora))), str(folded))
     diff, effect = _diffusers_diff(trainer.adapter, ernie_model, folded)
     record("ernie_image", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="comfyui",
            note="alpha folded into lora_B (ai-toolkit's layout)")
@@ -287,39 +267,24 @@ def test_merge_round_trip_and_lora_info_know_ernie_image(lora_run: tuple, ernie_
     adapter = trainer.adapter
     batch = family.noisy_batch(adapter, 1)
     cond = adapter.encode_prompts(PROMPTS)
-    diff = family.merged_diff(adapter, ernie_model, result.final_lora, "ernie_image", tmp,
-                              ErnieImageTransformer2DModel, batch, cond)
-    record("ernie_image", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("ernie_image", adapter, ernie_model, result.final_lora, tmp, ErnieImageTransformer2DModel,
+                       batch, cond)
     _round_trip(adapter, ernie_model, result.final_lora, "lora", linear_rank=8)
 
 
 def test_dora_saved_for_diffusers_loads_exactly(ernie_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path, "edora", ernie_model, shapes_dataset, train={"steps": 6},
-               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
-               sample={"sample_every": 1000})
+    job = _job(tmp_path, "edora", ernie_model, shapes_dataset, **family.DORA_RUN)
     trainer, result = family.train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in family.losses(result, "edora"))
-    tensors = load_file(str(result.final_lora))
-    assert any(k.endswith("lora_magnitude_vector") for k in tensors) and all(k.startswith("transformer.") for k in tensors)
-    diff, effect = _diffusers_diff(trainer.adapter, ernie_model, result.final_lora)
-    record("ernie_image", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    family.check_dora_loads_in_diffusers("ernie_image", trainer, result, "edora",
+                                         lambda adapter, lora: _diffusers_diff(adapter, ernie_model, lora))
 
 
 def test_lokr_with_cached_text_loads_back_exactly(ernie_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     """LoKr with cached text embeddings (encoder released; previews from the cache, prompts of
     every length with their masks); the file reads back exactly into a fresh network."""
-    job = _job(tmp_path, "elokr", ernie_model, shapes_dataset,
-               train={"steps": 6, "cache_text_embeddings": True}, sample={"sample_every": 6},
-               network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
+    job = _job(tmp_path, "elokr", ernie_model, shapes_dataset, **family.CACHED_TEXT_LOKR_RUN)
     trainer, result = family.train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in family.losses(result, "elokr"))
-    assert trainer.adapter.text_encoder is None
-    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
-    tensors = load_file(str(result.final_lora))
-    assert tensors and all(k.startswith("diffusion_model.layers.") for k in tensors)
-    assert any(k.endswith(".lokr_w1") for k in tensors)
+    family.check_cached_text_lokr_run(trainer, result, "elokr", 6, "diffusion_model.layers.")
     trainer.adapter.text_encoder = make_adapter(ernie_model).text_encoder  # _round_trip encodes prompts
     trainer.adapter._text_pipe = None
     _round_trip(trainer.adapter, ernie_model, result.final_lora, "lokr", linear_rank=2, lokr_factor=-1)
@@ -329,20 +294,12 @@ def test_quantized_base_trains_a_full_precision_lora(ernie_model: Path, shapes_d
     """qint8 base (torchao): the LoRA trains on it and its file changes the plain model in diffusers."""
     from diffusers import ErnieImagePipeline
 
-    job = _job(tmp_path, "eq", ernie_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
-               model={"quantize": True, "qtype": "qint8"})
+    job = _job(tmp_path, "eq", ernie_model, shapes_dataset, **family.QUANTIZED_RUN)
     trainer, result = family.train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in family.losses(result, "eq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
-    from test_tools import aitk
-
-    converted = tmp_path / "eq_diffusers.safetensors"
-    assert aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "ernie_image", "-o", converted)[0] == 0
-    plain = ErnieImagePipeline.from_pretrained(ernie_model)
-    before = _render(plain)
-    plain.load_lora_weights(str(converted))
-    assert (_render(plain) - before).abs().max() > 1e-4
+    family.finite_run(result, "eq")
+    family.check_quantized_base(trainer)
+    converted = family.converted_file(result.final_lora, "diffusers", "ernie_image", tmp_path / "eq_diffusers.safetensors")
+    family.check_lora_changes_pipeline(ErnieImagePipeline.from_pretrained(ernie_model), converted, _render)
 
 
 # --- plan and preset ---------------------------------------------------------------------------

@@ -9,8 +9,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
@@ -26,7 +23,8 @@ from aitk.models.base import BatchContext, NoisyBatch, PromptEmbeds
 from aitk.models.flex2 import FLEX2_INPUTS, Flex2Adapter, Flex2InputError, Flex2Options, build_tiny_flex2
 from aitk.models.flex2.inputs import training_inputs
 from aitk.models.flux import build_tiny_flux, pack_latents
-from conftest import base_process, deep_update, write_job
+from conftest import base_process, write_job
+import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
@@ -48,10 +46,6 @@ def make_adapter(folder: Path | str, **kwargs: Any) -> Flex2Adapter:
 @pytest.fixture(scope="session")
 def flex2(flex2_model: Path) -> Flex2Adapter:
     return make_adapter(flex2_model)
-
-
-def _pixels(seed: int, b: int = 2) -> torch.Tensor:
-    return torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def _inputs(adapter: Flex2Adapter, latents: torch.Tensor, controls: torch.Tensor | None, seed: int,
@@ -109,16 +103,16 @@ def test_bad_option_values_are_refused_naming_the_key(
 
 
 def test_blank_and_control_inputs(flex2: Flex2Adapter) -> None:
-    latents = flex2.encode_images(_pixels(1))
+    latents = flex2.encode_images(family.pixels(1))
     blank = _inputs(flex2, latents, None, 0)
     assert blank.shape == (2, 2 * C + 1, 8, 8)
     assert not blank[:, :C].any() and torch.equal(blank[:, C], torch.ones(2, 8, 8)) and not blank[:, C + 1:].any()
-    controls = _pixels(2)
+    controls = family.pixels(2)
     with_control = _inputs(flex2, latents, controls, 0)
     torch.testing.assert_close(with_control[:, C + 1:], flex2.encode_images(controls))
     assert torch.equal(with_control[:, : C + 1], blank[:, : C + 1])
     # two control folders: each batch uses one of them
-    both = torch.stack([controls, _pixels(3)], dim=1)
+    both = torch.stack([controls, family.pixels(3)], dim=1)
     picked = {int(torch.isclose(_inputs(flex2, latents, both, s)[:, C + 1:], with_control[:, C + 1:]).all())
               for s in range(8)}
     assert picked == {0, 1}
@@ -127,7 +121,7 @@ def test_blank_and_control_inputs(flex2: Flex2Adapter) -> None:
 
 
 def test_random_inpainting_cuts_the_latents_where_the_mask_says(flex2: Flex2Adapter) -> None:
-    latents = flex2.encode_images(_pixels(4))
+    latents = flex2.encode_images(family.pixels(4))
     plain = _inputs(flex2, latents, None, 7, do_random_inpainting=True)
     fill = plain[:, C]
     assert set(fill.unique().tolist()) == {0.0, 1.0}
@@ -215,10 +209,10 @@ def test_an_inpaint_preview_image_fills_its_transparent_area(flex2: Flex2Adapter
 
 
 def test_noisy_batch_carries_the_conditioning(flex2: Flex2Adapter) -> None:
-    latents = flex2.encode_images(_pixels(5))
+    latents = flex2.encode_images(family.pixels(5))
     cfg = TrainConfig(bypass_guidance_embedding=True, timestep_type="shift")
-    a = flex2.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(1), BatchContext(controls=_pixels(6)))
-    b = flex2.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(1), BatchContext(controls=_pixels(6)))
+    a = flex2.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(1), BatchContext(controls=family.pixels(6)))
+    b = flex2.make_noisy_batch(latents, cfg, torch.Generator().manual_seed(1), BatchContext(controls=family.pixels(6)))
     assert a.extra[FLEX2_INPUTS].shape == (2, 2 * C + 1, 8, 8) and torch.equal(a.extra[FLEX2_INPUTS], b.extra[FLEX2_INPUTS])
     s = (a.timesteps / 1000).view(-1, 1, 1, 1)
     torch.testing.assert_close(a.target, (a.noisy_latents - latents) / s, rtol=1e-4, atol=1e-4)
@@ -234,7 +228,7 @@ def test_noisy_batch_carries_the_conditioning(flex2: Flex2Adapter) -> None:
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, controls: Path | None = None,
          **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "flex2", "model_kwargs": {"inpaint_dropout": 0.5, "control_dropout": 0.5,
                                                     "do_random_inpainting": True, "random_blur_mask": True,
                                                     "random_dialate_mask": True, "invert_inpaint_mask_chance": 0.2}},
@@ -244,25 +238,7 @@ def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, controls: Path 
         "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.0,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    process = deep_update(process, changes)
-    if controls is not None:
-        process["datasets"][0]["control_path"] = str(controls)
-    return write_job(tmp_path / f"{name}.yaml", name, process)
-
-
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    }, changes, dataset={"control_path": str(controls)} if controls is not None else None)
 
 
 def _render(pipe: Any, adapter: Flex2Adapter, ctrl_img: str) -> torch.Tensor:
@@ -275,18 +251,9 @@ def _render(pipe: Any, adapter: Flex2Adapter, ctrl_img: str) -> torch.Tensor:
 
 
 def _diffusers_diff(adapter: Flex2Adapter, model: Path, lora: Path, ctrl_img: str) -> tuple[float, float]:
-    """(max |ours - diffusers with the file loaded|, max |ours - the plain model|): the adapter's
-    preview pipeline against a fresh FluxPipeline (Flex.2's inputs supplied) with load_lora_weights."""
-    import warnings
-
-    adapter.denoiser().eval()
-    ours = _render(adapter.sample_pipeline(), adapter, ctrl_img)
-    fresh = type(adapter.sample_pipeline()).from_pretrained(model)
-    base = _render(fresh, adapter, ctrl_img)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on DoRA
-        fresh.load_lora_weights(str(lora))
-    return float((ours - _render(fresh, adapter, ctrl_img)).abs().max()), float((ours - base).abs().max())
+    """family.diffusers_lora_diff against a fresh FluxPipeline, Flex.2's inputs supplied."""
+    pipeline_cls = type(adapter.sample_pipeline())
+    return family.diffusers_lora_diff(adapter, pipeline_cls, model, lora, lambda pipe: _render(pipe, adapter, ctrl_img))
 
 
 @pytest.fixture(scope="module")
@@ -303,23 +270,14 @@ def lora_run(flex2_model: Path, pairs: tuple[Path, Path], tmp_path_factory: pyte
     tmp = tmp_path_factory.mktemp("flex2-lora")
     ctrl = str(next(pairs[1].iterdir()))
     job = _job(tmp, "flora", flex2_model, pairs[0], controls=pairs[1], sample={"ctrl_img": ctrl})
-    return (*_train(job), tmp, ctrl)
+    return (*family.train(job), tmp, ctrl)
 
 
 def test_lora_trains_with_falling_loss_previews_and_fluxs_names(lora_run: tuple) -> None:
     trainer, result, _, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "flora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    want = {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "flex-2/lora" and meta["ss_base_model_version"] == "flex2"
+    family.check_falling_loss_and_previews(result, "flora")
+    family.check_lora_file(trainer, result.final_lora, "flex-2/lora", "flex2", prefix="transformer.",
+                           weight_names=("lora_A", "lora_B"))
 
 
 def test_lora_loads_exactly_in_diffusers(lora_run: tuple, flex2_model: Path) -> None:
@@ -338,41 +296,18 @@ def test_lora_loads_exactly_in_diffusers(lora_run: tuple, flex2_model: Path) -> 
 def test_merge_and_lora_info_know_flex2(lora_run: tuple, flex2_model: Path) -> None:
     from diffusers import FluxTransformer2DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp, _ = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
+    info = family.lora_info(result.final_lora)
     assert info["architecture"] == "flex2" and info["modules"] == len(trainer.network.wrapped_module_names())
-    code, _, err = aitk("merge", "--model", flex2_model, "--lora", result.final_lora, "--arch", "flex2",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = FluxTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
-    adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
-    record("flex2", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("flex2", trainer.adapter, flex2_model, result.final_lora, tmp, FluxTransformer2DModel)
 
 
 def test_dora_and_lokr_train_and_load(flex2_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     job = _job(tmp_path, "fdora", flex2_model, shapes_dataset, train={"steps": 6},
                network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
                sample={"sample_every": 1000})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "fdora"))
+    trainer, result = family.train(job)
+    family.finite_run(result, "fdora")
     tensors = load_file(str(result.final_lora))
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
     diff, effect = _diffusers_diff(trainer.adapter, flex2_model, result.final_lora, "")
@@ -381,29 +316,21 @@ def test_dora_and_lokr_train_and_load(flex2_model: Path, shapes_dataset: Path, t
 
     job = _job(tmp_path, "flokr", flex2_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
                network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "flokr"))
+    trainer, result = family.train(job)
+    family.finite_run(result, "flokr")
     assert any(k.endswith(".lokr_w1") for k in load_file(str(result.final_lora)))
     fresh = make_adapter(flex2_model)
-    handle = build_network(fresh.transformer, network_type="lokr", linear_rank=2, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False))
-    load_network_file(handle, result.final_lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    batch = fresh.make_noisy_batch(fresh.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - trainer.adapter.predict(batch, cond)).abs().max())
-    record("flex2", "lokr", "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5
+    batch, cond = family.red_circle_inputs(fresh, 3)
+    family.check_round_trip("flex2", trainer.adapter, fresh, result.final_lora, "lokr", batch=batch, cond=cond,
+                            linear_rank=2)
 
 
 def test_quantized_base_trains_a_lora_diffusers_applies(flex2_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "fq", flex2_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
                model={"quantize": True, "qtype": "qint8"})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "fq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
+    trainer, result = family.train(job)
+    family.finite_run(result, "fq")
+    family.check_quantized_base(trainer)
     plain = make_adapter(flex2_model)
     pipe = plain.sample_pipeline()
     before = _render(pipe, plain, "")

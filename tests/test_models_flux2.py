@@ -8,10 +8,7 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's job builders
-
-from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
-from aitk.models.base import ModelLoadError, NoisyBatch  # noqa: E402
-from aitk.models.flow_matching import FlowMatchingConfigError, sample_sigmas  # noqa: E402
-from aitk.models.flux2 import (  # noqa: E402
+from aitk.config.schema import ModelConfig, TrainConfig
+from aitk.models.base import ModelLoadError
+from aitk.models.flow_matching import sample_sigmas
+from aitk.models.flux2 import (
     Flux2Adapter,
     Flux2Klein4BAdapter,
     Flux2Klein9BAdapter,
@@ -37,22 +29,14 @@ from aitk.models.flux2 import (  # noqa: E402
     lora_key_stem,
     module_for_stem,
 )
-from conftest import base_process, build_tiny_model, deep_update, write_job  # noqa: E402
-from interop_results import record  # noqa: E402
+from conftest import build_tiny_model
+import family_checks as family
+from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
 CPU = torch.device("cpu")
 PROMPT = "a red circle, shp style"
 ADAPTERS = {"flux2": Flux2Adapter, "flux2_klein_4b": Flux2Klein4BAdapter, "flux2_klein_9b": Flux2Klein9BAdapter}
 VARIANT = {"flux2": "flux2_dev", "flux2_klein_4b": "flux2_klein_4b", "flux2_klein_9b": "flux2_klein_9b"}
-
-
-@pytest.fixture(autouse=True)
-def _extras(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchao (model.quantize) and bitsandbytes live outside site-packages (Makefile)."""
-    from aitk.extras import extras_dir
-
-    if extras_dir().is_dir():
-        monkeypatch.syspath_prepend(str(extras_dir()))
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +68,6 @@ def _pipeline_class(arch: str) -> type:
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
     return Flux2Pipeline if arch == "flux2" else Flux2KleinPipeline
-
-
-def _batch(adapter: Flux2Adapter, seed: int = 0, **train: Any) -> NoisyBatch:
-    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    latents = adapter.encode_images(pixels)
-    return adapter.make_noisy_batch(latents, TrainConfig(**train), torch.Generator().manual_seed(seed))
 
 
 # --- the tiny models and loading --------------------------------------------------------------------
@@ -180,7 +158,7 @@ def test_latents_are_the_pipelines_normalised_patches(dev: Flux2Adapter) -> None
 
 
 def test_prediction_is_the_transformer_on_packed_tokens(dev: Flux2Adapter) -> None:
-    batch = _batch(dev, timestep_type="linear")
+    batch = family.noisy_batch(dev, timestep_type="linear")
     sigma = batch.timesteps / 1000
     latents = dev.encode_images(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     noise = (batch.noisy_latents - (1 - sigma.view(-1, 1, 1, 1)) * latents) / sigma.view(-1, 1, 1, 1)
@@ -210,10 +188,7 @@ def test_shift_types_use_the_resolution_dependent_shift(dev: Flux2Adapter) -> No
     want = sample_sigmas(n, TrainConfig(timestep_type="shift"), torch.Generator().manual_seed(1),
                          mu=image_seq_shift(64 * 64, dev.scheduler_config))
     torch.testing.assert_close(large.timesteps, want * 1000)
-    weighted = _batch(dev, timestep_type="weighted")
-    assert weighted.loss_weights is not None and weighted.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        _batch(dev, min_snr_gamma=5.0)
+    family.check_weighted_loss_and_min_snr_refused(dev, dev.encode_images(family.pixels(0)), 0)
 
 
 # --- LoRA names ------------------------------------------------------------------------------------
@@ -222,15 +197,13 @@ def test_shift_types_use_the_resolution_dependent_shift(dev: Flux2Adapter) -> No
 def test_lora_targets_and_original_names(dev: Flux2Adapter) -> None:
     names = dev.network_candidates(False)
     assert len(names) == 2 * 12 + 2 * 2  # 12 Linear layers per double block, 2 per single block
-    assert lora_key_stem("transformer_blocks.1.attn.to_out.0") == "diffusion_model.double_blocks.1.img_attn.proj"
-    assert lora_key_stem("transformer_blocks.0.attn.add_k_proj") == "diffusion_model.double_blocks.0.txt_attn.qkv.k"
-    assert lora_key_stem("transformer_blocks.0.ff_context.linear_out") == "diffusion_model.double_blocks.0.txt_mlp.2"
-    assert lora_key_stem("single_transformer_blocks.1.attn.to_qkv_mlp_proj") == "diffusion_model.single_blocks.1.linear1"
-    assert lora_key_stem("proj_out") == "diffusion_model.final_layer.linear"
-    linears = [n for n, m in dev.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert all(module_for_stem(lora_key_stem(n)) == n for n in linears)  # every Linear, both ways
-    with pytest.raises(ValueError, match="original checkpoint"):
-        lora_key_stem("transformer_blocks.0.attn.norm_q")
+    family.check_original_names(lora_key_stem, module_for_stem, dev.transformer, {
+        "transformer_blocks.1.attn.to_out.0": "diffusion_model.double_blocks.1.img_attn.proj",
+        "transformer_blocks.0.attn.add_k_proj": "diffusion_model.double_blocks.0.txt_attn.qkv.k",
+        "transformer_blocks.0.ff_context.linear_out": "diffusion_model.double_blocks.0.txt_mlp.2",
+        "single_transformer_blocks.1.attn.to_qkv_mlp_proj": "diffusion_model.single_blocks.1.linear1",
+        "proj_out": "diffusion_model.final_layer.linear",
+    }, unnamed="transformer_blocks.0.attn.norm_q")
     assert dev.offload_blocks(dev.transformer)[0] is dev.transformer.transformer_blocks[0]
     assert is_flux2_lora({"diffusion_model.double_blocks.0.img_attn.qkv.q.lora_A.weight": torch.zeros(1)})
     assert not is_flux2_lora({"transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.zeros(1)})
@@ -240,26 +213,13 @@ def test_lora_targets_and_original_names(dev: Flux2Adapter) -> None:
 
 
 def _job(tmp_path: Path, name: str, folder: Path, data: Path, arch: str = "flux2", **changes: Any) -> Path:
-    process = deep_update(base_process(folder, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, folder, data, {
         "model": {"arch": arch},
         "train": {"steps": 12, "batch_size": 2, "lr": 5e-3, "timestep_type": "weighted"},
         "network": {"type": "lora", "linear": 4, "linear_alpha": 8},
         "sample": {"sample_every": 1000, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.0,
                    "neg": "", "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
-
-
-def _train(job: Path) -> tuple[Any, Any, list[float]]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    result = trainer.run()
-    assert result.state == "completed"
-    lines = (result.output_dir / f"metrics_{loaded.job.config.name}.jsonl").read_text().splitlines()
-    return trainer, result, [json.loads(line)["loss"] for line in lines]
+    }, changes)
 
 
 def _render(pipe: Any, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -275,22 +235,16 @@ def _embeds(adapter: Flux2Adapter) -> dict[str, torch.Tensor]:
 def _diffusers_diff(trainer: Any, arch: str, model: Path, lora: Path) -> tuple[float, float]:
     """(max |ours - diffusers with the file|, max |ours - the base model|) of a 2-step render from
     the same prompt embeddings (Klein: with classifier-free guidance)."""
-    adapter = trainer.adapter
-    adapter.denoiser().eval()
-    embeds = _embeds(adapter)
-    ours = _render(adapter.sample_pipeline(), embeds)
-    fresh = _pipeline_class(arch).from_pretrained(model)
-    base = _render(fresh, embeds)
-    fresh.load_lora_weights(str(lora))
-    theirs = _render(fresh, embeds)
-    return float((ours - theirs).abs().max()), float((ours - base).abs().max())
+    embeds = _embeds(trainer.adapter)
+    return family.diffusers_lora_diff(trainer.adapter, _pipeline_class(arch), model, lora,
+                                      lambda pipe: _render(pipe, embeds))
 
 
 @pytest.fixture(scope="module")
 def lora_run(models: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("flux2-lora")
     job = _job(tmp, "lora", model_dir(models, "flux2"), shapes_dataset, train={"steps": 30, "timestep_type": "sigmoid"})
-    return (*_train(job), tmp)
+    return (*family.train_to_the_end(job), tmp)
 
 
 def test_lora_trains_with_original_names(lora_run: tuple) -> None:
@@ -314,15 +268,10 @@ def test_diffusers_layout_loads_exactly_in_diffusers(arch: str, kind: str, model
                                                      tmp_path: Path) -> None:
     network = {"type": "lora", "linear": 4, "linear_alpha": 8, "dora": kind == "dora"}
     model = model_dir(models, arch)
-    trainer, result, losses = _train(_job(tmp_path, kind, model, shapes_dataset, arch, network=network,
-                                          train={"steps": 6}, save={"save_format": "diffusers"}))
-    assert all(math.isfinite(x) for x in losses)
-    tensors = load_file(str(result.final_lora))
-    assert all(k.startswith("transformer.") and not k.endswith(".alpha") for k in tensors)
-    assert any("lora_magnitude_vector" in k for k in tensors) == (kind == "dora")
-    diff, effect = _diffusers_diff(trainer, arch, model, result.final_lora)
-    record(arch, kind, "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-4 and diff < 1e-4, (diff, effect)
+    job = _job(tmp_path, kind, model, shapes_dataset, arch, network=network, train={"steps": 6},
+               save={"save_format": "diffusers"})
+    trainer, result, losses = family.train_to_the_end(job)
+    family.check_diffusers_layout_run(arch, kind, result, losses, lambda lora: _diffusers_diff(trainer, arch, model, lora))
 
 
 def test_tools_know_flux2_files(lora_run: tuple, models: Path) -> None:
@@ -331,9 +280,7 @@ def test_tools_know_flux2_files(lora_run: tuple, models: Path) -> None:
     folder Flux2Pipeline loads."""
     from diffusers import Flux2Pipeline
 
-    from aitk.tools.convert import convert_file
     from aitk.tools.lora_info import _guess_arch, lora_info
-    from aitk.tools.merge import merge_model
 
     trainer, result, _, tmp = lora_run
     model = model_dir(models, "flux2")
@@ -343,29 +290,17 @@ def test_tools_know_flux2_files(lora_run: tuple, models: Path) -> None:
     assert "flux2" in _guess_arch(original)
     # diffusers' reader of original-layout FLUX.2 files wants fused qkv and no .alpha: the default file
     Flux2Pipeline.from_pretrained(model).load_lora_weights(str(result.final_lora))
-    converted, _ = convert_file(result.final_lora, "diffusers", "flux2", tmp / "diffusers.safetensors")
-    assert all(k.startswith("transformer.") and ".alpha" not in k for k in load_file(str(converted)))
-    diff, effect = _diffusers_diff(trainer, "flux2", model, converted)
-    record("flux2", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
-    back, _ = convert_file(converted, "comfyui", "flux2", tmp / "back.safetensors")
-    again = load_file(str(back))
-    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
-
-    merged = merge_model(str(model), [str(result.final_lora)], arch="flux2", output=tmp / "merged")
-    assert len(merged.merged["main"]) == len(trainer.network.wrapped_module_names())
-    adapter = trainer.adapter
-    ours = _render(adapter.sample_pipeline(), _embeds(adapter))
-    baked = _render(Flux2Pipeline.from_pretrained(tmp / "merged"), _embeds(adapter))
-    max_diff = float((ours - baked).abs().max())
-    record("flux2", "lora", "aitk merge", max_diff < 1e-4, max_diff)
-    assert max_diff < 1e-4
+    family.check_conversion_loads_in_diffusers("flux2", result.final_lora, tmp,
+                                               lambda lora: _diffusers_diff(trainer, "flux2", model, lora))
+    embeds = _embeds(trainer.adapter)
+    family.check_merged_folder_renders_alike("flux2", trainer, model, result.final_lora, tmp, Flux2Pipeline,
+                                             lambda pipe: _render(pipe, embeds))
 
 
 def test_lokr_trains(models: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    trainer, result, losses = _train(_job(tmp_path, "lokr", model_dir(models, "flux2_klein_4b"), shapes_dataset,
-                                          "flux2_klein_4b", network={"type": "lokr", "lokr_factor": 4},
-                                          train={"steps": 6}))
+    job = _job(tmp_path, "lokr", model_dir(models, "flux2_klein_4b"), shapes_dataset, "flux2_klein_4b",
+               network={"type": "lokr", "lokr_factor": 4}, train={"steps": 6})
+    trainer, result, losses = family.train_to_the_end(job)
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert trainer.network.first.algo == "lokr"
     tensors = load_file(str(result.final_lora))
@@ -375,10 +310,9 @@ def test_lokr_trains(models: Path, shapes_dataset: Path, tmp_path: Path) -> None
 def test_a_qint8_base_trains(models: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "q8", model_dir(models, "flux2"), shapes_dataset, model={"quantize": True, "qtype": "qint8"},
                train={"timestep_type": "sigmoid", "steps": 16})
-    trainer, result, losses = _train(job)
+    trainer, result, losses = family.train_to_the_end(job)
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
-    linears = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert linears and all("torchao" in type(m.base_layer.weight).__module__ for m in linears)
+    family.check_quantized_base(trainer)
     assert result.final_lora.is_file()
 
 
@@ -390,7 +324,7 @@ def test_previews_and_validate_warn_on_control_path(models: Path, shapes_dataset
 
     job = _job(tmp_path, "prev", model_dir(models, "flux2_klein_4b"), shapes_dataset, "flux2_klein_4b",
                train={"steps": 2}, sample={"sample_every": 2, "neg": "blurry"})
-    _, result, _ = _train(job)
+    _, result, _ = family.train_to_the_end(job)
     assert sorted(p.suffix for p in (result.output_dir / "samples").iterdir()) == [".jpg", ".jpg"]
     text = job.read_text().replace("folder_path:", f"control_path: {shapes_dataset}\n      folder_path:", 1)
     job.write_text(text)

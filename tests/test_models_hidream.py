@@ -9,22 +9,18 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
 from aitk.models.hidream import TRAIN_SHIFT, HiDreamAdapter, HiDreamInputError, build_tiny_hidream
-from conftest import base_process, deep_update, write_job
 import family_checks as family
 from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
@@ -48,10 +44,6 @@ def make_adapter(folder: Path | str, **model_fields: Any) -> HiDreamAdapter:
 @pytest.fixture(scope="session")
 def hidream(hidream_model: Path) -> HiDreamAdapter:
     return make_adapter(hidream_model)
-
-
-def _pixels(seed: int, b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ def test_encode_prompts_is_the_pipeline_encoding(hidream: HiDreamAdapter, hidrea
 
 
 def test_noisy_batch_is_rectified_flow_with_the_fixed_shift(hidream: HiDreamAdapter) -> None:
-    latents = hidream.encode_images(_pixels(1))
+    latents = hidream.encode_images(family.pixels(1))
     assert latents.shape == (2, 16, 8, 8)
     a = hidream.make_noisy_batch(latents, TrainConfig(timestep_type="shift"), torch.Generator().manual_seed(5))
     s = (a.timesteps / 1000).view(-1, 1, 1, 1)
@@ -155,7 +147,7 @@ def test_predict_is_the_velocity_the_pipeline_steps_with(hidream: HiDreamAdapter
 def test_training_mode_predicts_as_eval_mode(hidream: HiDreamAdapter, size: tuple[int, int]) -> None:
     """In training mode diffusers routes the MoE differentiably and returns (B, C, tokens, 4),
     padded to max_seq for non-square latents; `predict` folds it back to the same latents."""
-    latents = hidream.encode_images(_pixels(2, h=size[0], w=size[1]))
+    latents = hidream.encode_images(family.pixels(2, h=size[0], w=size[1]))
     batch = hidream.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(1))
     cond = PromptEmbeds.cat([hidream.encode_prompts(["a red circle"])] * 2)
     with torch.no_grad():
@@ -204,7 +196,7 @@ def test_llama_from_its_own_folder_and_transformer_only_source(hidream_model: Pa
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": "hidream"},
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "timestep_type": "shift", "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 8,
@@ -212,22 +204,7 @@ def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any)
         "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 1.0,
                    "prompts": ["a red circle, [trigger] style"], "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
-
-
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    }, changes)
 
 
 def _render(pipe: Any) -> torch.Tensor:
@@ -236,46 +213,31 @@ def _render(pipe: Any) -> torch.Tensor:
                 max_sequence_length=32, generator=torch.Generator().manual_seed(3), output_type="latent").images
 
 
-def _diffusers_diff(adapter: HiDreamAdapter, model: Path, lora: Path | dict) -> tuple[float, float]:
-    """(max |ours - diffusers with the file loaded|, max |ours - the plain model|)."""
-    import warnings
+def _tiny_area(pipe: Any) -> None:
+    pipe.default_sample_size = 8  # the tiny model's area (the stock pipeline: 1024 px)
 
+
+def _diffusers_diff(adapter: HiDreamAdapter, model: Path, lora: Path | dict) -> tuple[float, float]:
     from diffusers import HiDreamImagePipeline
 
-    adapter.denoiser().eval()
-    ours = _render(adapter.sample_pipeline())
-    fresh = HiDreamImagePipeline.from_pretrained(model)
-    fresh.default_sample_size = 8  # the tiny model's area (the stock pipeline: 1024 px)
-    base = _render(fresh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's notes on DoRA
-        fresh.load_lora_weights(lora if isinstance(lora, dict) else str(lora))
-    return float((ours - _render(fresh)).abs().max()), float((ours - base).abs().max())
+    return family.diffusers_lora_diff(adapter, HiDreamImagePipeline, model, lora, _render, _tiny_area)
 
 
 @pytest.fixture(scope="module")
 def lora_run(hidream_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("hidream-lora")
-    return (*_train(_job(tmp, "hlora", hidream_model, shapes_dataset)), tmp)
+    return (*family.train(_job(tmp, "hlora", hidream_model, shapes_dataset)), tmp)
 
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "hlora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
+    family.check_falling_loss_and_previews(result, "hlora")
     wrapped = trainer.network.wrapped_module_names()
     candidates = trainer.adapter.network_candidates(False)
     assert wrapped == [n for n in candidates if ".ff_i.experts." not in n]  # upstream's ignore list
     assert any(".ff_i.shared_experts." in n for n in wrapped)
-    tensors = load_file(str(result.final_lora))
-    want = {f"diffusion_model.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight")}
-    assert set(tensors) == want  # alpha folded into lora_B (no .alpha: diffusers' loader reads the file)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "hidream-i1/lora" and meta["ss_base_model_version"] == "hidream_i1"
+    family.check_folded_lora_file(trainer, result.final_lora, "hidream-i1/lora", "hidream_i1",
+                                  prefix="diffusion_model.", weight_names=("lora_A", "lora_B"), alpha=8.0)
 
 
 def test_lora_loads_exactly_in_diffusers(lora_run: tuple, hidream_model: Path) -> None:
@@ -284,14 +246,8 @@ def test_lora_loads_exactly_in_diffusers(lora_run: tuple, hidream_model: Path) -
     from test_tools import aitk
 
     trainer, result, tmp = lora_run
-    converted = tmp / "hlora_diffusers.safetensors"
-    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "hidream", "-o", converted)
-    assert code == 0, err
-    back = tmp / "hlora_back.safetensors"
-    assert aitk("convert", converted, "--to", "comfyui", "--arch", "hidream", "-o", back)[0] == 0
+    converted = family.diffusers_layout_round_trip(result.final_lora, "hidream", tmp)
     original = load_file(str(result.final_lora))
-    assert all(torch.equal(v, original[k]) for k, v in load_file(str(back)).items()) and \
-        load_file(str(back)).keys() == original.keys()
     no_alpha = {k: v for k, v in original.items() if not k.endswith(".alpha")}
     for layout, lora in (("diffusers", converted), ("comfyui", no_alpha)):
         diff, effect = _diffusers_diff(trainer.adapter, hidream_model, lora)
@@ -304,38 +260,24 @@ def test_lora_loads_exactly_in_diffusers(lora_run: tuple, hidream_model: Path) -
 def test_merge_round_trip_and_lora_info_know_hidream(lora_run: tuple, hidream_model: Path) -> None:
     from diffusers import HiDreamImageTransformer2DModel
 
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     trainer, result, tmp = lora_run
     assert family.check_lora_info(trainer, result.final_lora, "hidream", tmp)["architecture"] == "hidream"
     adapter = trainer.adapter
     adapter.transformer.eval()
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    diff = family.merged_diff(adapter, hidream_model, result.final_lora, "hidream", tmp,
-                              HiDreamImageTransformer2DModel, batch, cond)
-    record("hidream", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-    fresh = make_adapter(hidream_model)
-    handle = build_network(fresh.transformer, network_type="lora", linear_rank=8, linear_alpha=1.0, seed=9,
-                           candidates=trainer.network.wrapped_module_names())
-    load_network_file(handle, result.final_lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - live).abs().max())
-    record("hidream", "lora", "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5
+    batch, cond = family.red_circle_inputs(adapter, 2)
+    family.check_merge("hidream", adapter, hidream_model, result.final_lora, tmp, HiDreamImageTransformer2DModel,
+                       batch, cond)
+    family.check_round_trip("hidream", adapter, make_adapter(hidream_model), result.final_lora, "lora", batch=batch,
+                            cond=cond, layout="comfyui", linear_rank=8,
+                            candidates=trainer.network.wrapped_module_names())
 
 
 def test_dora_saved_for_diffusers_loads_exactly(hidream_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "hdora", hidream_model, shapes_dataset, train={"steps": 6},
                network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
                sample={"sample_every": 1000})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "hdora"))
+    trainer, result = family.train(job)
+    family.finite_run(result, "hdora")
     tensors = load_file(str(result.final_lora))
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
     assert all(k.startswith("transformer.") for k in tensors)
@@ -347,29 +289,19 @@ def test_dora_saved_for_diffusers_loads_exactly(hidream_model: Path, shapes_data
 def test_lokr_with_cached_text_trains_and_loads_back(hidream_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     """LoKr, the text embeddings cached and the four encoders released: previews render from the
     cached embeddings, and aitk's loader reads the file back exactly."""
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
     job = _job(tmp_path, "hlokr", hidream_model, shapes_dataset, train={"steps": 6, "cache_text_embeddings": True},
                sample={"sample_every": 6}, network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "hlokr"))
+    trainer, result = family.train(job)
+    family.finite_run(result, "hlokr")
     assert trainer.adapter.text_encoder_4 is None
     assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
     tensors = load_file(str(result.final_lora))
     assert any(k.endswith(".lokr_w1") for k in tensors) and all(k.startswith("diffusion_model.") for k in tensors)
     fresh = make_adapter(hidream_model)
-    handle = build_network(fresh.transformer, network_type="lokr", linear_rank=2, linear_alpha=1.0, seed=9,
-                           candidates=trainer.network.wrapped_module_names())
-    load_network_file(handle, result.final_lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
     trainer.adapter.transformer.eval()
-    batch = fresh.make_noisy_batch(fresh.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - trainer.adapter.predict(batch, cond)).abs().max())
-    record("hidream", "lokr", "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5
+    batch, cond = family.red_circle_inputs(fresh, 3)
+    family.check_round_trip("hidream", trainer.adapter, fresh, result.final_lora, "lokr", batch=batch, cond=cond,
+                            linear_rank=2, candidates=trainer.network.wrapped_module_names())
 
 
 def test_quantized_base_trains(hidream_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
@@ -380,12 +312,12 @@ def test_quantized_base_trains(hidream_model: Path, shapes_dataset: Path, tmp_pa
     job = _job(tmp_path, "hq", hidream_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
                model={"quantize": True, "qtype": "qint8", "quantize_te": True, "qtype_te": "qint8"},
                save={"save_format": "diffusers"})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "hq"))
+    trainer, result = family.train(job)
+    family.finite_run(result, "hq")
     layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
     assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
     plain = HiDreamImagePipeline.from_pretrained(hidream_model)
-    plain.default_sample_size = 8
+    _tiny_area(plain)
     before = _render(plain)
     plain.load_lora_weights(str(result.final_lora))
     assert (_render(plain) - before).abs().max() > 1e-4

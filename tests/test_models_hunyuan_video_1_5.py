@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from aitk.config.schema import TrainConfig
 from aitk.models import archs
@@ -342,45 +342,23 @@ def test_lora_loads_exactly_into_diffusers_transformer_and_tools_read_it(
 ) -> None:
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp, _ = i2v_run
     converted = family.diffusers_layout_round_trip(result.final_lora, I2V, tmp)
     diff, effect = _diffusers_diff(trainer.adapter, models, converted)
     record(I2V, "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers",
            note="transformer.load_lora_adapter: the pipelines have no load_lora_weights")
     assert effect > 1e-3 and diff < 1e-4, (diff, effect)
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0 and json.loads(out)["architecture"] == I2V, (out, err)
-    bare = tmp / "no_header.safetensors"  # guessed from the key names alone
-    save_file(load_file(str(result.final_lora)), str(bare))
-    code, out, err = aitk("lora", "info", bare, "--json")
-    assert code == 0 and json.loads(out)["architecture"].startswith(T2V), (out, err)  # I2V files share the keys
-    assert I2V in out, out
-    code, _, err = aitk("merge", "--model", models[I2V], "--lora", result.final_lora, "--arch", I2V,
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
+    assert family.lora_info(result.final_lora)["architecture"] == I2V
+    guessed = family.headerless_info(result.final_lora, tmp)
+    assert guessed["architecture"].startswith(T2V) and I2V in json.dumps(guessed), guessed  # I2V files share the keys
     adapter = trainer.adapter
     batch = adapter.make_noisy_batch(adapter.encode_images(clip(2)), TrainConfig(), torch.Generator().manual_seed(1),
                                      BatchContext(first_frames=clip(2)[:, :, 0]))
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    merged = HunyuanVideo15Transformer3DModel.from_pretrained(tmp / "merged", subfolder="transformer",
-                                                              dtype=torch.float32).eval()
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
-    record(I2V, "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
-    fresh = make_adapter(models[I2V], I2V)
-    diff = family.loader_round_trip_diff(adapter, fresh, result.final_lora, batch, cond, network_type="lora",
-                                         linear_rank=8)
-    record(I2V, "lora", "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5
+    family.check_merge(I2V, adapter, models[I2V], result.final_lora, tmp, HunyuanVideo15Transformer3DModel, batch,
+                       cond, dtype=torch.float32)
+    family.check_round_trip(I2V, adapter, make_adapter(models[I2V], I2V), result.final_lora, "lora", batch=batch,
+                            cond=cond, layout="comfyui", linear_rank=8)
 
 
 def test_t2v_lokr_with_cached_embeddings_and_dora_for_diffusers(

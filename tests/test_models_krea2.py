@@ -9,21 +9,17 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import math
-import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import family_checks as family
 from aitk.config.schema import TrainConfig
-from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
-from aitk.models.flow_matching import FlowMatchingConfigError, resolution_shift, time_shift
+from aitk.models.base import NoisyBatch, PromptEmbeds
+from aitk.models.flow_matching import resolution_shift, time_shift
 from aitk.models.krea2 import Krea2Adapter, Krea2InputError, build_tiny_krea2, lora_key_stem, module_for_stem
 from aitk.models.qwen_image import latents as qlatents
 from interop_results import record
@@ -48,16 +44,6 @@ def krea(krea2_model: Path) -> Krea2Adapter:
     return make_adapter(krea2_model)
 
 
-def alpha_folded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A LoRA file without `.alpha` (ai-toolkit's own Krea 2 files): alpha / rank folded into lora_B."""
-    out = {k: v.clone() for k, v in tensors.items() if not k.endswith(".alpha")}
-    for key, alpha in tensors.items():
-        if key.endswith(".alpha"):
-            stem = key[: -len(".alpha")]
-            out[f"{stem}.lora_B.weight"] *= float(alpha) / out[f"{stem}.lora_A.weight"].shape[0]
-    return out
-
-
 def write_assistant(model: Path, path: Path) -> Path:
     """A random LoRA (rank 2, alpha 4) for the tiny transformer as ai-toolkit publishes its Krea 2
     training adapter: `diffusion_model.<original name>.lora_A / lora_B.weight`, no alpha."""
@@ -71,7 +57,7 @@ def write_assistant(model: Path, path: Path) -> Path:
     family.randomize(handle, seed=4)
     tensors = network_to_kohya(handle, prefix="diffusion_model.", dtype=torch.float32, key_for=lora_key_stem,
                                weight_names=("lora_A", "lora_B"))
-    save_file(alpha_folded(tensors), str(path))
+    save_file(family.alpha_folded(tensors), str(path))
     return path
 
 
@@ -150,10 +136,7 @@ def test_noisy_batch_is_rectified_flow_with_krea2s_shift(krea: Krea2Adapter) -> 
     assert mu == pytest.approx(0.5 + (16 - 256) * 0.65 / 6144)
     u = torch.rand(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.testing.assert_close(a.timesteps / 1000, time_shift(u, mu).float())
-    w = krea.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), torch.Generator().manual_seed(5))
-    assert w.loss_weights is not None and w.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        krea.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
+    family.check_weighted_loss_and_min_snr_refused(krea, latents, 5)
     with pytest.raises(Krea2InputError, match="bypass_guidance_embedding"):
         krea.make_noisy_batch(latents, TrainConfig(bypass_guidance_embedding=True), None)
     with pytest.raises(Krea2InputError, match="even height"):
@@ -210,18 +193,11 @@ def test_a_batch_of_prompts_of_different_lengths_predicts_as_each_prompt_alone(k
 def test_transformer_folder_takes_its_other_parts_from_extras(
     krea: Krea2Adapter, krea2_model: Path, tmp_path: Path
 ) -> None:
-    only = tmp_path / "finetune"
-    shutil.copytree(krea2_model / "transformer", only / "transformer")
-    with pytest.raises(ModelLoadError, match="extras_name_or_path"):
-        make_adapter(only)
-    want = krea.transformer.state_dict()
-    for source in (only, only / "transformer"):
-        adapter = make_adapter(source, extras_name_or_path=str(krea2_model))
-        got = adapter.transformer.state_dict()
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), source
-        assert adapter.pipeline_options["text_encoder_select_layers"] == [2, 3, 4]  # the extras' model_index.json
-    with pytest.raises(ModelLoadError, match="model.name_or_path.*neither"):
-        make_adapter(tmp_path / "missing")
+    def reads_the_extras_model_index(adapter: Krea2Adapter) -> None:
+        assert adapter.pipeline_options["text_encoder_select_layers"] == [2, 3, 4]
+
+    family.check_parts_from_extras(krea, krea2_model, make_adapter, tmp_path, reads_the_extras_model_index,
+                                   file_refused=False)
     with pytest.raises(Krea2InputError, match="model.model_kwargs.edit"):
         make_adapter(krea2_model, model_kwargs={"edit": True})
 
@@ -273,25 +249,7 @@ def _diffusers_diff(adapter: Krea2Adapter, model: Path, lora: Path) -> tuple[flo
 
 
 def _round_trip(adapter: Krea2Adapter, model: Path, lora: Path, kind: str, **network: Any) -> float:
-    """A fresh model with the file read into a fresh network of the same shape by aitk's own
-    loader predicts as `adapter`; records the check and returns the difference."""
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
-    fresh = make_adapter(model)
-    batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(3)), TrainConfig(),
-                                     torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    handle = build_network(fresh.transformer, network_type=kind, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False), **network)
-    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
-    record("krea2", kind, "aitk loader (round trip)", diff < 1e-5, diff,
-           layout="diffusers" if next(iter(load_file(str(lora)))).startswith("transformer.") else "comfyui")
-    assert diff < 1e-5, (kind, diff)
-    return diff
+    return family.check_round_trip("krea2", adapter, make_adapter(model), lora, kind, **network)
 
 
 @pytest.fixture(scope="module")
@@ -302,20 +260,11 @@ def lora_run(krea2_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.T
 
 def test_lora_trains_with_falling_loss_previews_and_file_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = family.losses(result, "k2lora")
-    print(f"krea2 lora: first-10 mean loss {np.mean(losses[:10]):.4f}, last-10 {np.mean(losses[-10:]):.4f}")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
+    family.check_falling_loss_and_previews(result, "k2lora")
     wrapped = trainer.network.wrapped_module_names()
     assert "transformer_blocks.1.attn.to_gate" in wrapped and "text_fusion.projector" in wrapped
-    want = {f"{lora_key_stem(m)}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight")}
-    assert set(tensors) == want  # alpha folded into lora_B, no .alpha (diffusers' loader reads the file)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "krea2/lora" and meta["ss_base_model_version"] == "krea2"
+    family.check_folded_lora_file(trainer, result.final_lora, "krea2/lora", "krea2", prefix="",
+                                  weight_names=("lora_A", "lora_B"), stem_for=lora_key_stem)
 
 
 def test_lora_loads_in_diffusers_exactly(lora_run: tuple, krea2_model: Path) -> None:
@@ -325,20 +274,14 @@ def test_lora_loads_in_diffusers_exactly(lora_run: tuple, krea2_model: Path) -> 
     from test_tools import aitk
 
     trainer, result, tmp = lora_run
-    converted = tmp / "k2lora_diffusers.safetensors"
-    code, _, err = aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "krea2", "-o", converted)
-    assert code == 0, err
-    back = tmp / "k2lora_back.safetensors"
-    assert aitk("convert", converted, "--to", "comfyui", "--arch", "krea2", "-o", back)[0] == 0
+    converted = family.diffusers_layout_round_trip(result.final_lora, "krea2", tmp)
     original = load_file(str(result.final_lora))
-    assert load_file(str(back)).keys() == original.keys()
-    assert all(torch.equal(v, original[k]) for k, v in load_file(str(back)).items())
     diff, effect = _diffusers_diff(trainer.adapter, krea2_model, converted)
     print(f"krea2 lora: diffusers max abs diff {diff:.3g}, LoRA effect {effect:.3g}")
     record("krea2", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
     assert effect > 1e-3 and diff < 1e-4, (diff, effect)
     folded = tmp / "k2lora_original_names.safetensors"
-    save_file(alpha_folded(original), str(folded))
+    save_file(family.alpha_folded(original), str(folded))
     diff, _ = _diffusers_diff(trainer.adapter, krea2_model, folded)
     record("krea2", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="comfyui",
            note="alpha folded into lora_B (ai-toolkit's layout)")
@@ -354,42 +297,23 @@ def test_merge_round_trip_and_lora_info_know_krea2(lora_run: tuple, krea2_model:
     assert "krea2" in guessed["architecture"], guessed
     assert not Krea2Adapter.matches_lora_keys({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(1)})
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(2)), TrainConfig(),
-                                     torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    diff = family.merged_diff(adapter, krea2_model, result.final_lora, "krea2", tmp, Krea2Transformer2DModel,
-                              batch, cond)
-    record("krea2", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("krea2", adapter, krea2_model, result.final_lora, tmp, Krea2Transformer2DModel)
     _round_trip(adapter, krea2_model, result.final_lora, "lora", linear_rank=8)
 
 
 def test_dora_saved_for_diffusers_loads_exactly(krea2_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path, "k2dora", krea2_model, shapes_dataset, train={"steps": 6},
-               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
-               sample={"sample_every": 1000})
+    job = _job(tmp_path, "k2dora", krea2_model, shapes_dataset, **family.DORA_RUN)
     trainer, result = family.train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in family.losses(result, "k2dora"))
-    tensors = load_file(str(result.final_lora))
-    assert any(k.endswith("lora_magnitude_vector") for k in tensors) and all(k.startswith("transformer.") for k in tensors)
-    diff, effect = _diffusers_diff(trainer.adapter, krea2_model, result.final_lora)
-    record("krea2", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    family.check_dora_loads_in_diffusers("krea2", trainer, result, "k2dora",
+                                         lambda adapter, lora: _diffusers_diff(adapter, krea2_model, lora))
 
 
 def test_lokr_with_cached_text_loads_back_exactly(krea2_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     """LoKr with cached text embeddings (encoder released; previews from the cache); the file
     reads back exactly into a fresh network by aitk's loader."""
-    job = _job(tmp_path, "k2lokr", krea2_model, shapes_dataset,
-               train={"steps": 6, "cache_text_embeddings": True}, sample={"sample_every": 6},
-               network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
+    job = _job(tmp_path, "k2lokr", krea2_model, shapes_dataset, **family.CACHED_TEXT_LOKR_RUN)
     trainer, result = family.train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in family.losses(result, "k2lokr"))
-    assert trainer.adapter.text_encoder is None
-    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
-    tensors = load_file(str(result.final_lora))
-    assert tensors and all(k.startswith("diffusion_model.") for k in tensors)
-    assert any(k.endswith(".lokr_w1") for k in tensors)
+    family.check_cached_text_lokr_run(trainer, result, "k2lokr", 6, "diffusion_model.")
     trainer.adapter.text_encoder = make_adapter(krea2_model).text_encoder  # _round_trip encodes a prompt
     trainer.adapter._text_pipe = None
     _round_trip(trainer.adapter, krea2_model, result.final_lora, "lokr", linear_rank=2, lokr_factor=-1)
@@ -399,20 +323,12 @@ def test_quantized_base_trains_a_full_precision_lora(krea2_model: Path, shapes_d
     """qint8 base (torchao): the LoRA trains on it and its file changes the plain model in diffusers."""
     from diffusers import Krea2Pipeline
 
-    from test_tools import aitk
-
-    job = _job(tmp_path, "k2q", krea2_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
-               model={"quantize": True, "qtype": "qint8"})
+    job = _job(tmp_path, "k2q", krea2_model, shapes_dataset, **family.QUANTIZED_RUN)
     trainer, result = family.train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in family.losses(result, "k2q"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and any("torchao" in type(m.base_layer.weight).__module__ for m in layers)
-    converted = tmp_path / "k2q_diffusers.safetensors"
-    assert aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "krea2", "-o", converted)[0] == 0
-    plain = Krea2Pipeline.from_pretrained(krea2_model)
-    before = _render(plain)
-    plain.load_lora_weights(str(converted))
-    assert (_render(plain) - before).abs().max() > 1e-4
+    family.finite_run(result, "k2q")
+    family.check_quantized_base(trainer, every=False)
+    converted = family.converted_file(result.final_lora, "diffusers", "krea2", tmp_path / "k2q_diffusers.safetensors")
+    family.check_lora_changes_pipeline(Krea2Pipeline.from_pretrained(krea2_model), converted, _render)
 
 
 def test_presets_and_upstream_settings_validate_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

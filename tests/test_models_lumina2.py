@@ -9,8 +9,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's job builders
-
-from aitk.config.schema import ModelConfig, TrainConfig  # noqa: E402
-from aitk.models.base import ModelLoadError  # noqa: E402
-from aitk.models.flow_matching import FlowMatchingConfigError, sample_sigmas, time_shift  # noqa: E402
-from aitk.models.lumina2 import (  # noqa: E402
+from aitk.config.schema import ModelConfig, TrainConfig
+from aitk.models.base import ModelLoadError
+from aitk.models.flow_matching import sample_sigmas, time_shift
+from aitk.models.lumina2 import (
     SCHEDULER_SHIFT,
     Lumina2Adapter,
     fused_qkv_file,
@@ -36,10 +29,9 @@ from aitk.models.lumina2 import (  # noqa: E402
     lora_key_stem,
     module_for_stem,
 )
-import family_checks as family  # noqa: E402
-from conftest import build_tiny_model  # noqa: E402
-from interop_results import record  # noqa: E402
-from upstream_jobs import extras_on_path  # noqa: E402, F401 - autouse fixture: torchao for model.quantize
+import family_checks as family
+from conftest import build_tiny_model
+from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
 CPU = torch.device("cpu")
 PROMPT = "a red circle, shp style"
@@ -157,10 +149,7 @@ def test_lumina2_shift_is_the_schedulers_fixed_shift(lumina: Lumina2Adapter) -> 
     large = lumina.make_noisy_batch(torch.zeros(64, 16, 64, 64), TrainConfig(timestep_type="lumina2_shift"),
                                     torch.Generator().manual_seed(1))
     assert torch.equal(small.timesteps, large.timesteps)
-    weighted = _batch(lumina, timestep_type="weighted")
-    assert weighted.loss_weights is not None and weighted.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        _batch(lumina, min_snr_gamma=5.0)
+    family.check_weighted_loss_and_min_snr_refused(lumina, lumina.encode_images(family.pixels(0)), 0)
 
 
 # --- LoRA names ------------------------------------------------------------------------------------
@@ -170,15 +159,13 @@ def test_lora_targets_and_comfyui_names(lumina: Lumina2Adapter) -> None:
     names = lumina.network_candidates(False)
     blocks = 2 * 8 + 8 + 7  # layers and noise_refiner blocks have norm1.linear, context_refiner's not
     assert len(names) == blocks and "context_refiner.0.norm1.linear" not in names
-    assert lora_key_stem("layers.1.attn.to_out.0") == "diffusion_model.layers.1.attention.out"
-    assert lora_key_stem("noise_refiner.0.norm1.linear") == "diffusion_model.noise_refiner.0.adaLN_modulation.1"
-    assert lora_key_stem("layers.0.feed_forward.linear_3") == "diffusion_model.layers.0.feed_forward.w3"
-    assert lora_key_stem("layers.0.attn.to_k") == "diffusion_model.layers.0.attention.qkv.k"
-    assert lora_key_stem("norm_out.linear_2") == "diffusion_model.final_layer.linear"
-    linears = [n for n, m in lumina.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert all(module_for_stem(lora_key_stem(n)) == n for n in linears)  # every Linear, both ways
-    with pytest.raises(ValueError, match="original checkpoint"):
-        lora_key_stem("layers.0.attn.norm_q")
+    family.check_original_names(lora_key_stem, module_for_stem, lumina.transformer, {
+        "layers.1.attn.to_out.0": "diffusion_model.layers.1.attention.out",
+        "noise_refiner.0.norm1.linear": "diffusion_model.noise_refiner.0.adaLN_modulation.1",
+        "layers.0.feed_forward.linear_3": "diffusion_model.layers.0.feed_forward.w3",
+        "layers.0.attn.to_k": "diffusion_model.layers.0.attention.qkv.k",
+        "norm_out.linear_2": "diffusion_model.final_layer.linear",
+    }, unnamed="layers.0.attn.norm_q")
     assert lumina.offload_blocks(lumina.transformer)[0] is lumina.transformer.context_refiner[0]
     assert len(lumina.offload_blocks(lumina.text_encoder)) == 2
 
@@ -249,8 +236,6 @@ def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any)
     }, changes)
 
 
-_train = family.train_to_the_end
-
 
 def _render(pipe: Any, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
@@ -274,7 +259,7 @@ def _diffusers_diff(trainer: Any, model: Path, lora: Path) -> tuple[float, float
 @pytest.fixture(scope="module")
 def lora_run(model_dir: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("lumina2-lora")
-    return (*_train(_job(tmp, "lora", model_dir, shapes_dataset, train={"steps": 20})), tmp)
+    return (*family.train_to_the_end(_job(tmp, "lora", model_dir, shapes_dataset, train={"steps": 20})), tmp)
 
 
 def test_lora_trains_with_comfyui_names(lora_run: tuple) -> None:
@@ -299,15 +284,11 @@ def test_lora_trains_with_comfyui_names(lora_run: tuple) -> None:
 def test_diffusers_layout_loads_exactly_in_diffusers(kind: str, model_dir: Path, shapes_dataset: Path,
                                                      tmp_path: Path) -> None:
     network = {"type": "lora", "linear": 4, "linear_alpha": 8, "dora": kind == "dora"}
-    trainer, result, losses = _train(_job(tmp_path, kind, model_dir, shapes_dataset, network=network,
-                                          train={"steps": 6}, save={"save_format": "diffusers"}))
-    assert all(math.isfinite(x) for x in losses)
-    tensors = load_file(str(result.final_lora))
-    assert all(k.startswith("transformer.") and not k.endswith(".alpha") for k in tensors)
-    assert any("lora_magnitude_vector" in k for k in tensors) == (kind == "dora")
-    diff, effect = _diffusers_diff(trainer, model_dir, result.final_lora)
-    record("lumina2", kind, "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-4 and diff < 1e-4, (diff, effect)
+    job = _job(tmp_path, kind, model_dir, shapes_dataset, network=network, train={"steps": 6},
+               save={"save_format": "diffusers"})
+    trainer, result, losses = family.train_to_the_end(job)
+    family.check_diffusers_layout_run("lumina2", kind, result, losses,
+                                      lambda lora: _diffusers_diff(trainer, model_dir, lora))
 
 
 def test_tools_know_lumina2_files(lora_run: tuple, model_dir: Path) -> None:
@@ -316,9 +297,7 @@ def test_tools_know_lumina2_files(lora_run: tuple, model_dir: Path) -> None:
     `aitk merge` bakes it into a folder Lumina2Pipeline loads."""
     from diffusers import Lumina2Pipeline
 
-    from aitk.tools.convert import convert_file
     from aitk.tools.lora_info import _guess_arch, lora_info
-    from aitk.tools.merge import merge_model
 
     trainer, result, _, tmp = lora_run
     info = lora_info(result.final_lora)
@@ -328,28 +307,16 @@ def test_tools_know_lumina2_files(lora_run: tuple, model_dir: Path) -> None:
     # diffusers reads original-layout Lumina 2 files only with a fused attention.qkv and no .alpha
     with pytest.raises(Exception, match="qkv|split_with_sizes"):
         Lumina2Pipeline.from_pretrained(model_dir).load_lora_weights(str(result.final_lora))
-    converted, _ = convert_file(result.final_lora, "diffusers", "lumina2", tmp / "diffusers.safetensors")
-    assert all(k.startswith("transformer.") and ".alpha" not in k for k in load_file(str(converted)))
-    diff, effect = _diffusers_diff(trainer, model_dir, converted)
-    record("lumina2", "lora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
-    back, _ = convert_file(converted, "comfyui", "lumina2", tmp / "back.safetensors")
-    again = load_file(str(back))
-    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
-
-    merged = merge_model(str(model_dir), [str(result.final_lora)], arch="lumina2", output=tmp / "merged")
-    assert len(merged.merged["main"]) == len(trainer.network.wrapped_module_names())
-    adapter = trainer.adapter
-    ours = _render(adapter.sample_pipeline(), _embeds(adapter))
-    baked = _render(Lumina2Pipeline.from_pretrained(tmp / "merged"), _embeds(adapter))
-    max_diff = float((ours - baked).abs().max())
-    record("lumina2", "lora", "aitk merge", max_diff < 1e-4, max_diff)
-    assert max_diff < 1e-4
+    family.check_conversion_loads_in_diffusers("lumina2", result.final_lora, tmp, lambda lora: _diffusers_diff(trainer, model_dir, lora))
+    embeds = _embeds(trainer.adapter)
+    family.check_merged_folder_renders_alike("lumina2", trainer, model_dir, result.final_lora, tmp, Lumina2Pipeline,
+                                             lambda pipe: _render(pipe, embeds))
 
 
 def test_lokr_trains(model_dir: Path, shapes_dataset: Path, tmp_path: Path) -> None:
-    trainer, result, losses = _train(_job(tmp_path, "lokr", model_dir, shapes_dataset,
-                                          network={"type": "lokr", "lokr_factor": 4}, train={"steps": 6}))
+    job = _job(tmp_path, "lokr", model_dir, shapes_dataset, network={"type": "lokr", "lokr_factor": 4},
+               train={"steps": 6})
+    trainer, result, losses = family.train_to_the_end(job)
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert trainer.network.first.algo == "lokr"
     tensors = load_file(str(result.final_lora))
@@ -358,10 +325,9 @@ def test_lokr_trains(model_dir: Path, shapes_dataset: Path, tmp_path: Path) -> N
 
 def test_a_qint8_base_trains(model_dir: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "q8", model_dir, shapes_dataset, model={"quantize": True, "qtype": "qint8"})
-    trainer, result, losses = _train(job)
+    trainer, result, losses = family.train_to_the_end(job)
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
-    linears = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert linears and all("torchao" in type(m.base_layer.weight).__module__ for m in linears)
+    family.check_quantized_base(trainer)
     assert result.final_lora.is_file()
 
 

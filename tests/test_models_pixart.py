@@ -8,25 +8,19 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
 from aitk.models.pixart import PixArtAlphaAdapter, PixArtSigmaAdapter, binned_size, build_tiny_pixart
 from aitk.models.sd.timesteps import DDPMTimestepError
-from conftest import base_process, deep_update, write_job
 import family_checks as family
-from interop_results import record
 from upstream_jobs import extras_on_path  # noqa: F401 - autouse fixture: torchao for model.quantize
 
 CPU = torch.device("cpu")
@@ -54,10 +48,6 @@ def alpha(pixart_models: dict[str, Path]) -> PixArtAlphaAdapter:
 @pytest.fixture(scope="session")
 def sigma(pixart_models: dict[str, Path]) -> PixArtAlphaAdapter:
     return make_adapter(pixart_models["sigma"], "sigma")
-
-
-def _pixels(seed: int, b: int = 2) -> torch.Tensor:
-    return torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -122,7 +112,7 @@ def test_encode_prompts_is_the_pipeline_encoding(sigma: PixArtAlphaAdapter, pixa
 
 
 def test_noisy_batch_is_ddpm_on_the_models_schedule(sigma: PixArtAlphaAdapter, pixart_models: dict[str, Path]) -> None:
-    latents = sigma.encode_images(_pixels(1))
+    latents = sigma.encode_images(family.pixels(1))
     assert latents.shape == (2, 4, 8, 8)
     batch = sigma.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(5))
     assert batch.timesteps.dtype == torch.int64
@@ -181,29 +171,14 @@ def test_predict_is_the_noise_prediction_the_pipeline_steps_with(variant: str, r
 
 
 def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, arch: str, **changes: Any) -> Path:
-    process = deep_update(base_process(model_dir, data, tmp_path / "out"), {
+    return family.write_job(tmp_path, name, model_dir, data, {
         "model": {"arch": arch},
         "train": {"steps": 30, "batch_size": 2, "lr": 5e-3, "lr_scheduler": "constant"},
         "network": {"type": "lora", "linear": 8, "linear_alpha": 16},
         "save": {"save_every": 1000},
         "sample": {"sample_every": 15, "width": 64, "height": 64, "sample_steps": 2, "guidance_scale": 4.5,
                    "prompts": ["a red circle, [trigger] style"], "neg": "blurry", "seed": 5},
-    })
-    return write_job(tmp_path / f"{name}.yaml", name, deep_update(process, changes))
-
-
-def _train(job: Path) -> tuple[Any, Any]:
-    from aitk.config.loader import load_job_file
-    from aitk.trainer.loop import Trainer
-
-    loaded = load_job_file(job)
-    trainer = Trainer(loaded.job, loaded.job.config.process[0])
-    return trainer, trainer.run()
-
-
-def _losses(result: Any, name: str) -> list[float]:
-    lines = (result.output_dir / f"metrics_{name}.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    }, changes)
 
 
 def _render(pipe: Any) -> torch.Tensor:
@@ -242,45 +217,22 @@ def _comfyui_diff(adapter: PixArtAlphaAdapter, model: Path, variant: str, lora: 
 
 
 def _round_trip(adapter: PixArtAlphaAdapter, model: Path, variant: str, lora: Path, kind: str, **network: Any) -> None:
-    """A fresh model with the file read into a fresh network of the same shape by aitk's own loader
-    predicts as `adapter`; records the check."""
-    from aitk.networks.build import build_network
-    from aitk.networks.export import load_network_file
-
-    fresh = make_adapter(model, variant)
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    handle = build_network(fresh.transformer, network_type=kind, linear_alpha=1.0, seed=9,
-                           candidates=fresh.network_candidates(False), **network)
-    load_network_file(handle, lora, prefix=fresh.lora_prefix, key_for=fresh.lora_key_stem,
-                      diffusers_prefix=fresh.diffusers_lora_prefix)
-    with torch.no_grad():
-        diff = float((fresh.predict(batch, cond) - adapter.predict(batch, cond)).abs().max())
-    record(adapter.arch_names[0], kind, "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5, (kind, diff)
+    family.check_round_trip(adapter.arch_names[0], adapter, make_adapter(model, variant), lora, kind,
+                            layout="comfyui", **network)
 
 
 @pytest.fixture(scope="module")
 def lora_run(pixart_models: dict[str, Path], shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("pixart-lora")
-    return (*_train(_job(tmp, "plora", pixart_models["alpha"], shapes_dataset, "pixart")), tmp)
+    return (*family.train(_job(tmp, "plora", pixart_models["alpha"], shapes_dataset, "pixart")), tmp)
 
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
     trainer, result, _ = lora_run
-    assert result.state == "completed" and result.step == 30
-    losses = _losses(result, "plora")
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
-    samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
-    assert samples == [f"{step:09d}_0.jpg" for step in (0, 15, 30)]
-    tensors = load_file(str(result.final_lora))
-    wrapped = trainer.network.wrapped_module_names()
-    assert wrapped == trainer.adapter.network_candidates(False)
-    want = {f"transformer.{m}.{s}" for m in wrapped for s in ("lora_A.weight", "lora_B.weight", "alpha")}
-    assert set(tensors) == want and all(tensors[f"transformer.{m}.alpha"].item() == 16.0 for m in wrapped)
-    with safe_open(str(result.final_lora), "pt") as f:
-        meta = f.metadata()
-    assert meta["modelspec.architecture"] == "pixart-alpha/lora" and meta["ss_base_model_version"] == "pixart"
+    family.check_falling_loss_and_previews(result, "plora")
+    assert trainer.network.wrapped_module_names() == trainer.adapter.network_candidates(False)
+    family.check_lora_file(trainer, result.final_lora, "pixart-alpha/lora", "pixart", prefix="transformer.",
+                           weight_names=("lora_A", "lora_B"))
 
 
 def test_lora_loads_exactly_as_comfyui_maps_it(lora_run: tuple, pixart_models: dict[str, Path]) -> None:
@@ -298,34 +250,11 @@ def test_tools_know_pixart(lora_run: tuple, pixart_models: dict[str, Path]) -> N
     from test_tools import aitk
 
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
+    info = family.lora_info(result.final_lora)
     assert info["architecture"] == "pixart" and info["modules"] == len(trainer.network.wrapped_module_names())
-    converted = tmp / "plora_diffusers.safetensors"
-    assert aitk("convert", result.final_lora, "--to", "diffusers", "--arch", "pixart", "-o", converted)[0] == 0
-    back = tmp / "plora_back.safetensors"
-    assert aitk("convert", converted, "--to", "comfyui", "--arch", "pixart", "-o", back)[0] == 0
-    original = load_file(str(result.final_lora))
-    assert load_file(str(back)).keys() == original.keys()
-    assert all(torch.equal(v, original[k]) for k, v in load_file(str(back)).items())
-    code, _, err = aitk("merge", "--model", pixart_models["alpha"], "--lora", result.final_lora, "--arch", "pixart",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = PixArtTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
+    family.diffusers_layout_round_trip(result.final_lora, "pixart", tmp)
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(_pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
-    record("pixart", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("pixart", adapter, pixart_models["alpha"], result.final_lora, tmp, PixArtTransformer2DModel)
     _round_trip(adapter, pixart_models["alpha"], "alpha", result.final_lora, "lora", linear_rank=8)
 
 
@@ -338,8 +267,8 @@ def test_dora_and_lokr_on_sigma_with_cached_text(pixart_models: dict[str, Path],
         (tmp_path / kind).mkdir()
         job = _job(tmp_path / kind, f"s{kind}", model, shapes_dataset, "pixart_sigma", network=network,
                    train={"steps": 6, "cache_text_embeddings": True}, sample={"sample_every": 6})
-        trainer, result = _train(job)
-        assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, f"s{kind}"))
+        trainer, result = family.train(job)
+        family.finite_run(result, f"s{kind}")
         assert trainer.adapter.text_encoder is None
         assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000006_0.jpg"]
         tensors = load_file(str(result.final_lora))
@@ -351,10 +280,9 @@ def test_dora_and_lokr_on_sigma_with_cached_text(pixart_models: dict[str, Path],
 def test_quantized_base_trains(pixart_models: dict[str, Path], shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "pq", pixart_models["sigma"], shapes_dataset, "pixart_sigma", train={"steps": 6},
                sample={"sample_every": 1000}, model={"quantize": True, "qtype": "qint8"})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "pq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
+    trainer, result = family.train(job)
+    family.finite_run(result, "pq")
+    family.check_quantized_base(trainer)
     fresh = make_adapter(pixart_models["sigma"], "sigma")
     before = _render(fresh.sample_pipeline())
     load_as_comfyui_maps(fresh.transformer, result.final_lora)

@@ -10,7 +10,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 from aitk.config.schema import ModelConfig, TrainConfig
 from aitk.models.base import ModelLoadError, NoisyBatch, PromptEmbeds
-from aitk.models.flow_matching import FlowMatchingConfigError, time_shift
+from aitk.models.flow_matching import time_shift
 from aitk.models.qwen_image import (
     QwenImageAdapter,
     QwenImageInputError,
@@ -162,10 +161,7 @@ def test_noisy_batch_is_rectified_flow(qwen: QwenImageAdapter) -> None:
     s = (a.timesteps / 1000).view(-1, 1, 1, 1)
     noise = (a.noisy_latents - (1 - s) * latents) / s
     torch.testing.assert_close(a.target, noise - latents, rtol=1e-4, atol=1e-4)
-    weighted = qwen.make_noisy_batch(latents, TrainConfig(timestep_type="weighted"), torch.Generator().manual_seed(5))
-    assert weighted.loss_weights is not None and weighted.loss_weights.shape == (2,)
-    with pytest.raises(FlowMatchingConfigError, match="train.min_snr_gamma"):
-        qwen.make_noisy_batch(latents, TrainConfig(min_snr_gamma=5.0), None)
+    family.check_weighted_loss_and_min_snr_refused(qwen, latents, 5)
     with pytest.raises(QwenImageInputError, match="train.bypass_guidance_embedding"):
         qwen.make_noisy_batch(latents, TrainConfig(bypass_guidance_embedding=True), None)
 
@@ -277,9 +273,6 @@ def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any)
     }, changes)
 
 
-_train = family.train
-_losses = family.losses
-
 
 def _render(pipe: Any) -> torch.Tensor:
     """A guided render (true CFG 3 with a negative prompt: both branches see the LoRA)."""
@@ -299,7 +292,7 @@ def _diffusers_diff(trainer: Any, model: Path, lora: Path) -> tuple[float, float
 @pytest.fixture(scope="module")
 def lora_run(qwen_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("qwen-image-lora")
-    return (*_train(_job(tmp, "qlora", qwen_model, shapes_dataset)), tmp)
+    return (*family.train(_job(tmp, "qlora", qwen_model, shapes_dataset)), tmp)
 
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
@@ -321,66 +314,36 @@ def test_lora_loads_exactly_in_diffusers_in_both_layouts(lora_run: tuple, qwen_m
 
 def test_merge_and_lora_info_know_qwen_image(lora_run: tuple, qwen_model: Path) -> None:
     from diffusers import QwenImageTransformer2DModel
-    from safetensors.torch import save_file
-
-    from test_tools import aitk
 
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["architecture"] == "qwen_image" and info["network_type"] == "lora"
-    assert info["modules"] == len(trainer.network.wrapped_module_names())
-    bare = tmp / "bare.safetensors"  # no header: the key names alone tell the family
-    save_file(load_file(str(result.final_lora)), str(bare))
-    assert json.loads(aitk("lora", "info", bare, "--json")[1])["architecture"] == "qwen_image"
-    code, _, err = aitk("merge", "--model", qwen_model, "--lora", result.final_lora, "--arch", "qwen_image",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = QwenImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
+    guessed = family.check_lora_info(trainer, result.final_lora, "qwen_image", tmp)  # the key names alone
+    assert guessed["architecture"] == "qwen_image"
     adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(2)), TrainConfig(), torch.Generator().manual_seed(1))
+    batch, _ = family.red_circle_inputs(adapter, 2)
     cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"]), adapter.encode_prompts(["a blue square"])])
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
-    record("qwen_image", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("qwen_image", adapter, qwen_model, result.final_lora, tmp, QwenImageTransformer2DModel,
+                       batch, cond)
 
 
 def test_dora_saved_for_diffusers_loads_exactly(qwen_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "qdora", qwen_model, shapes_dataset, train={"steps": 6},
-               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
+               network=family.DORA_NETWORK, save={"save_format": "diffusers"},
                sample={"sample_every": 1000})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "qdora"))
-    tensors = load_file(str(result.final_lora))
-    assert any(k.endswith("lora_magnitude_vector") for k in tensors) and all(k.startswith("transformer.") for k in tensors)
-    diff, effect = _diffusers_diff(trainer, qwen_model, result.final_lora)
-    record("qwen_image", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    trainer, result = family.train(job)
+    family.check_dora_loads_in_diffusers("qwen_image", trainer, result, "qdora",
+                                         lambda adapter, lora: _diffusers_diff(trainer, qwen_model, lora))
 
 
 def test_lokr_trains_in_comfyui_names_and_round_trips(qwen_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "qlokr", qwen_model, shapes_dataset, train={"steps": 6}, sample={"sample_every": 1000},
-               network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "qlokr"))
+               network=family.LOKR_NETWORK)
+    trainer, result = family.train(job)
+    family.finite_run(result, "qlokr")
     tensors = load_file(str(result.final_lora))
     assert tensors and all(k.startswith("diffusion_model.transformer_blocks.") for k in tensors)
     assert any(k.endswith(".lokr_w1") for k in tensors)
-    adapter = trainer.adapter
-    batch = adapter.make_noisy_batch(adapter.encode_images(family.pixels(3)), TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([adapter.encode_prompts(["a red circle"])] * 2)
-    diff = family.loader_round_trip_diff(adapter, make_adapter(qwen_model), result.final_lora, batch, cond,
-                                         network_type="lokr", linear_rank=2)
-    record("qwen_image", "lokr", "aitk loader (round trip)", diff < 1e-5, diff)
-    assert diff < 1e-5
+    family.check_round_trip("qwen_image", trainer.adapter, make_adapter(qwen_model), result.final_lora, "lokr",
+                            linear_rank=2)
 
 
 def test_quantized_base_trains(qwen_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
@@ -388,14 +351,10 @@ def test_quantized_base_trains(qwen_model: Path, shapes_dataset: Path, tmp_path:
 
     job = _job(tmp_path, "qq", qwen_model, shapes_dataset, train={"steps": 8}, sample={"sample_every": 1000},
                model={"quantize": True, "qtype": "qint8"})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "qq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
-    plain = QwenImagePipeline.from_pretrained(qwen_model)
-    before = _render(plain)
-    plain.load_lora_weights(str(result.final_lora))
-    assert (_render(plain) - before).abs().max() > 1e-4
+    trainer, result = family.train(job)
+    family.finite_run(result, "qq")
+    family.check_quantized_base(trainer)
+    family.check_lora_changes_pipeline(QwenImagePipeline.from_pretrained(qwen_model), result.final_lora, _render)
 
 
 # --- the memory plan ---------------------------------------------------------------------------

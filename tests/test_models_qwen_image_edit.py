@@ -10,7 +10,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -309,41 +308,20 @@ def test_lora_trains_and_loads_exactly_in_diffusers(edit_run: tuple, edit_models
 
 def test_convert_merge_and_lora_info_on_an_edit_file(edit_run: tuple, edit_models: dict[str, Path]) -> None:
     from diffusers import QwenImageTransformer2DModel
-    from safetensors.torch import load_file, save_file
-
-    from test_tools import aitk
 
     trainer, result, _, tmp = edit_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["architecture"] == "qwen_image_edit" and info["network_type"] == "lora"
-    assert info["modules"] == len(trainer.network.wrapped_module_names())
-    bare = tmp / "bare.safetensors"  # no header: Qwen-Image's keys, and the note that the edit models share them
-    save_file(load_file(str(result.final_lora)), str(bare))
-    info = json.loads(aitk("lora", "info", bare, "--json")[1])
+    # no header: Qwen-Image's keys, and the note that the edit models share them
+    info = family.check_lora_info(trainer, result.final_lora, "qwen_image_edit", tmp)
     assert info["architecture"] == "qwen_image"
     assert "qwen_image_edit / qwen_image_edit_plus files have these keys too" in info["architecture_source"]
     family.diffusers_layout_round_trip(result.final_lora, "qwen_image_edit", tmp)
-    code, _, err = aitk("merge", "--model", edit_models["edit"], "--lora", result.final_lora, "--arch",
-                        "qwen_image_edit", "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = QwenImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
     adapter = trainer.adapter
     latents = adapter.encode_images(_pixels(0, 1, 3, 64, 64))
     batch = adapter.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(1),
                                      BatchContext(controls=_pixels(2, 1, 3, 64, 64)))
     cond = make_adapter(edit_models["edit"], False).encode_prompts(["turn it red"])
-    with torch.no_grad():
-        live = adapter.predict(batch, cond)
-        adapter.transformer, plain = merged, adapter.transformer
-        try:
-            out = adapter.predict(batch, cond)
-        finally:
-            adapter.transformer = plain
-    diff = float((out - live).abs().max())
-    record("qwen_image_edit", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    family.check_merge("qwen_image_edit", adapter, edit_models["edit"], result.final_lora, tmp,
+                       QwenImageTransformer2DModel, batch, cond)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ Everything runs offline on CPU in fp32 with 64 px images.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -307,9 +306,6 @@ def _job(tmp_path: Path, name: str, model_dir: Path, data: Path, **changes: Any)
     }, changes)
 
 
-_train = family.train
-_losses = family.losses
-
 
 def _render(pipe: Any) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
@@ -327,23 +323,16 @@ def _diffusers_diff(adapter: ZImageAdapter, model: Path, lora: Path) -> tuple[fl
 
 
 def _round_trip(adapter: ZImageAdapter, model: Path, lora: Path, kind: str, **network: Any) -> ZImageAdapter:
-    """A fresh model with the file read into a fresh network of the same shape (other seed, other
-    alphas) by aitk's own loader; asserts it predicts as `adapter` and records the check."""
+    """family.check_round_trip into a fresh model; returns it."""
     fresh = make_adapter(model)
-    latents = adapter.encode_images(family.pixels(3))
-    batch = adapter.make_noisy_batch(latents, TrainConfig(), torch.Generator().manual_seed(2))
-    cond = PromptEmbeds.cat([fresh.encode_prompts(["a red circle"])] * 2)
-    diff = family.loader_round_trip_diff(adapter, fresh, lora, batch, cond, network_type=kind, **network)
-    record("zimage", kind, "aitk loader (round trip)", diff < 1e-5, diff,
-           layout="diffusers" if next(iter(load_file(str(lora)))).startswith("transformer.") else "comfyui")
-    assert diff < 1e-5, (kind, diff)
+    family.check_round_trip("zimage", adapter, fresh, lora, kind, **network)
     return fresh
 
 
 @pytest.fixture(scope="module")
 def lora_run(zimage_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("zimage-lora")
-    return (*_train(_job(tmp, "zlora", zimage_model, shapes_dataset)), tmp)
+    return (*family.train(_job(tmp, "zlora", zimage_model, shapes_dataset)), tmp)
 
 
 def test_lora_trains_with_falling_loss_previews_and_comfyui_names(lora_run: tuple) -> None:
@@ -366,50 +355,20 @@ def test_lora_loads_exactly_in_diffusers_in_both_layouts(lora_run: tuple, zimage
 def test_merge_round_trip_and_lora_info_know_zimage(lora_run: tuple, zimage_model: Path) -> None:
     from diffusers import ZImageTransformer2DModel
 
-    from test_tools import aitk
-
     trainer, result, tmp = lora_run
-    code, out, err = aitk("lora", "info", result.final_lora, "--json")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["architecture"] == "zimage" and info["network_type"] == "lora"
-    assert info["modules"] == len(trainer.network.wrapped_module_names())
-    bare = tmp / "no_header.safetensors"  # a file without a header: guessed from its key names
-    save_file(load_file(str(result.final_lora)), str(bare))
-    code, out, err = aitk("lora", "info", bare, "--json")
-    assert code == 0 and json.loads(out)["architecture"] == "zimage", (out, err)
-    assert "guessed" in json.loads(out)["architecture_source"]
-    code, _, err = aitk("merge", "--model", zimage_model, "--lora", result.final_lora, "--arch", "zimage",
-                        "-o", tmp / "merged", "--dtype", "float32")
-    assert code == 0, err
-    merged = ZImageTransformer2DModel.from_pretrained(tmp / "merged", subfolder="transformer").eval()
-    batch = trainer.adapter.make_noisy_batch(trainer.adapter.encode_images(family.pixels(2)), TrainConfig(),
-                                             torch.Generator().manual_seed(1))
-    cond = PromptEmbeds.cat([trainer.adapter.encode_prompts(["a red circle"])] * 2)
-    with torch.no_grad():
-        live = trainer.adapter.predict(batch, cond)
-        trainer.adapter.transformer, plain = merged, trainer.adapter.transformer
-        try:
-            out = trainer.adapter.predict(batch, cond)
-        finally:
-            trainer.adapter.transformer = plain
-    diff = float((out - live).abs().max())
-    record("zimage", "lora", "aitk merge", diff < 1e-4, diff)
-    assert diff < 1e-4
+    guessed = family.check_lora_info(trainer, result.final_lora, "zimage", tmp)  # a copy without a header
+    assert guessed["architecture"] == "zimage" and "guessed" in guessed["architecture_source"]
+    family.check_merge("zimage", trainer.adapter, zimage_model, result.final_lora, tmp, ZImageTransformer2DModel)
     _round_trip(trainer.adapter, zimage_model, result.final_lora, "lora", linear_rank=8)
 
 
 def test_dora_saved_for_diffusers_loads_exactly(zimage_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     job = _job(tmp_path, "zdora", zimage_model, shapes_dataset, train={"steps": 8},
-               network={"dora": True, "linear": 4, "linear_alpha": 8}, save={"save_format": "diffusers"},
+               network=family.DORA_NETWORK, save={"save_format": "diffusers"},
                sample={"sample_every": 1000})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "zdora"))
-    tensors = load_file(str(result.final_lora))
-    assert any(k.endswith("lora_magnitude_vector") for k in tensors) and all(k.startswith("transformer.") for k in tensors)
-    diff, effect = _diffusers_diff(trainer.adapter, zimage_model, result.final_lora)
-    record("zimage", "dora", "diffusers load_lora_weights", diff < 1e-4, diff, layout="diffusers")
-    assert effect > 1e-3 and diff < 1e-4, (diff, effect)
+    trainer, result = family.train(job)
+    family.check_dora_loads_in_diffusers("zimage", trainer, result, "zdora",
+                                         lambda adapter, lora: _diffusers_diff(adapter, zimage_model, lora))
     _round_trip(trainer.adapter, zimage_model, result.final_lora, "dora", linear_rank=4)
 
 
@@ -419,14 +378,9 @@ def test_lokr_trains_in_comfyui_names_and_loads_in_aitk_and_diffusers(
     # with cached text embeddings (prompts of every length, their masks on disk) and the text encoder
     # released: previews render from the cached embeddings
     job = _job(tmp_path, "zlokr", zimage_model, shapes_dataset, train={"steps": 8, "cache_text_embeddings": True},
-               sample={"sample_every": 8}, network={"type": "lokr", "linear": 2, "linear_alpha": 4, "lokr_factor": -1})
-    trainer, result = _train(job)
-    assert result.state == "completed" and all(math.isfinite(x) for x in _losses(result, "zlokr"))
-    assert trainer.adapter.text_encoder is None
-    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["000000000_0.jpg", "000000008_0.jpg"]
-    tensors = load_file(str(result.final_lora))
-    assert tensors and all(k.startswith("diffusion_model.layers.") for k in tensors)
-    assert any(k.endswith(".lokr_w1") for k in tensors)
+               sample={"sample_every": 8}, network=family.LOKR_NETWORK)
+    trainer, result = family.train(job)
+    family.check_cached_text_lokr_run(trainer, result, "zlokr", 8, "diffusion_model.layers.")
     # our own loader reads the file back into a fresh network of the same shape: the same output
     fresh = _round_trip(trainer.adapter, zimage_model, result.final_lora, "lokr", linear_rank=2)
     # diffusers reads ai-toolkit's Z-Image LoKr files (ComfyUI names, LyCORIS tensors) as well
@@ -445,18 +399,14 @@ def test_quantized_base_with_the_training_adapter_trains(
     assistant = write_assistant(zimage_model, tmp_path / "assistant.safetensors")
     job = _job(tmp_path, "zq", zimage_model, shapes_dataset, train={"steps": 10}, sample={"sample_every": 1000},
                model={"quantize": True, "qtype": "qint8", "assistant_lora_path": str(assistant)})
-    trainer, result = _train(job)
+    trainer, result = family.train(job)
     assert result.state == "completed" and trainer.adapter.has_assistant
-    assert all(math.isfinite(x) for x in _losses(result, "zq"))
-    layers = [m for m in trainer.network.lora_layers().values() if isinstance(m.base_layer, torch.nn.Linear)]
-    assert layers and all("torchao" in type(m.base_layer.weight).__module__ for m in layers)
+    family.finite_run(result, "zq")
+    family.check_quantized_base(trainer)
     tensors = load_file(str(result.final_lora))
     assert not any("refiner" in k for k in tensors)  # the assistant's own layers are not saved
     assert tensors["diffusion_model.layers.0.attention.to_q.lora_A.weight"].shape[0] == 8
-    plain = ZImagePipeline.from_pretrained(zimage_model)
-    before = _render(plain)
-    plain.load_lora_weights(str(result.final_lora))
-    assert (_render(plain) - before).abs().max() > 1e-4
+    family.check_lora_changes_pipeline(ZImagePipeline.from_pretrained(zimage_model), result.final_lora, _render)
 
 
 def test_shipped_plan_config_builds_the_real_sizes() -> None:
@@ -487,16 +437,9 @@ def test_presets_validate_clean_and_extras_is_refused_elsewhere(
     import yaml
 
     from aitk.config.validate import validate_command
-    from aitk.ui.presets import PRESETS
 
     for key in ("zimage_turbo", "zimage_deturbo"):
-        job = PRESETS[key]["job"]
-        job["config"]["process"][0]["datasets"][0]["folder_path"] = str(tmp_path)
-        path = tmp_path / f"{key}.yaml"
-        path.write_text(yaml.safe_dump(job))
-        assert validate_command([str(path)]) == 0
-        printed = capsys.readouterr()
-        assert "warning" not in printed.out + printed.err, (key, printed)
+        job, path = family.check_preset_validates_clean(key, tmp_path, capsys)
     model = job["config"]["process"][0]["model"]
     model.update(arch="flux", name_or_path="black-forest-labs/FLUX.1-dev")
     path.write_text(yaml.safe_dump(job))

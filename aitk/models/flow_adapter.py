@@ -164,6 +164,21 @@ class FlowTransformerAdapter(ModelAdapter):
         """Load the parts at `location` (module docstring); returns the scheduler config."""
         raise NotImplementedError(f"{type(self).__name__} must say how its parts load (_load_parts)")
 
+    def _load_folder_parts(self, location: str, encoder_cls: type, tokenizer_cls: type | None = None,
+                           transformer_cls: type | None = None) -> None:
+        """tokenizer/ (AutoTokenizer unless `tokenizer_cls`), text_encoder/ (an `encoder_cls`, what
+        keep_of_text_encoder keeps of it), transformer/ (with `transformer_cls`: for the models
+        whose transformer comes from the folder too) and the VAE at `location`."""
+        from transformers import AutoTokenizer
+
+        self.tokenizer = (tokenizer_cls or AutoTokenizer).from_pretrained(location, subfolder="tokenizer")
+        # torch_dtype at load: the host never holds a part in a wider dtype than it trains in
+        encoder = encoder_cls.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
+        self.text_encoder = self.keep_of_text_encoder("text_encoder", encoder)
+        if transformer_cls is not None:
+            self.transformer = transformer_cls.from_pretrained(location, subfolder="transformer", torch_dtype=self.dtype)
+        self.vae = self._load_vae(location)
+
     def _load_vae(self, location: str) -> Any:
         """The model's vae/, or model.vae_path (a VAE folder, a pipeline folder with vae/, a hub id)."""
         import diffusers
@@ -311,6 +326,14 @@ class FlowTransformerAdapter(ModelAdapter):
         """Random latents of `batch` images of `size` (width, height in pixels)."""
         h, w = size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor
         return torch.randn(batch, channels, h, w)
+
+    def _example_text_to_image(self, batch: int, size: tuple[int, int], text_width: str,
+                               mask_dtype: torch.dtype) -> tuple[NoisyBatch, PromptEmbeds]:
+        """example_batch of a text-to-image transformer: random latents of its in_channels, prompts
+        as wide as its config's `text_width` with `mask_dtype` masks."""
+        config = self.transformer.config
+        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
+        return noisy, self._example_prompts(batch, getattr(config, text_width), mask_dtype)
 
     def _example_noisy(self, latents: torch.Tensor, extra: dict[str, Any] | None = None) -> NoisyBatch:
         """example_batch's NoisyBatch around `latents`: random timesteps and target."""

@@ -155,3 +155,15 @@ def tiny_unet(sample_size: int = 8, **kwargs: Any) -> Any:
         norm_num_groups=16,
         **kwargs,
     )
+
+
+def small_decoder_config(vocab_size: int, width: int, max_positions: int, pad_token_id: int | None,
+                         **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of a 2-layer decoder language model's config (Qwen3, GLM ...) as the
+    tiny text encoders use it: 4 query heads of 8, 2 key / value heads, a 64-wide MLP."""
+    return {
+        "vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 64,
+        "num_hidden_layers": 2,  # the pipelines read the second-to-last hidden states
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": max_positions, "pad_token_id": pad_token_id, **overrides,
+    }

@@ -142,16 +142,28 @@ def _video_sample(frames: int, ctrl: bool = False) -> dict[str, Any]:
     return sample
 
 
+def _qwen_job(arch: str, model: str, recovery_adapter: str, edit: bool = False) -> dict[str, Any]:
+    """Upstream's Qwen-Image examples (train_lora_qwen_image_24gb.yaml; its UI preset trains with
+    timestep_type weighted): a 3-bit base with its accuracy-recovery adapter (`recovery_adapter`,
+    a file of ostris/accuracy_recovery_adapters), cached text embeddings, low VRAM; `edit`: the edit
+    models' 3000 steps, control images and caption dropout."""
+    sample = {**_image_sample(1024, "flowmatch", 3.0, 25), "neg": "", **({"ctrl_img": ""} if edit else {})}
+    return _job(
+        arch=arch, model=model, resolution=[512, 768, 1024], rank=16, steps=3000 if edit else 2000, lr=1e-4,
+        optimizer="adamw8bit", dtype="bf16", sample=sample,
+        train_extra={"noise_scheduler": "flowmatch", "timestep_type": "weighted", "cache_text_embeddings": True},
+        dataset_extra={"control_path": "", "caption_dropout_rate": 0.05} if edit else None,
+        model_extra={"quantize": True, "quantize_te": True, "qtype_te": "qfloat8", "low_vram": True,
+                     "qtype": f"uint3|ostris/accuracy_recovery_adapters/{recovery_adapter}"},
+    )
+
+
 def _build() -> dict[str, dict[str, Any]]:
     flux_train = {"noise_scheduler": "flowmatch", "timestep_type": "sigmoid"}
     wan_dataset = {"num_frames": 33, "max_pixels_per_frame": 262144, "shrink_video_to_frames": True}
     # Z-Image's presets: upstream's UI defaults for it (qfloat8 transformer and text encoder, low VRAM)
     zimage_train = {"noise_scheduler": "flowmatch", "timestep_type": "weighted"}
     zimage_model = {"quantize": True, "qtype": "qfloat8", "quantize_te": True, "low_vram": True}
-    # upstream's train_lora_qwen_image_24gb.yaml (its UI preset trains with timestep_type weighted)
-    qwen_train = {"noise_scheduler": "flowmatch", "timestep_type": "weighted", "cache_text_embeddings": True}
-    qwen_model = {"quantize": True, "quantize_te": True, "qtype_te": "qfloat8", "low_vram": True}
-    ara = "ostris/accuracy_recovery_adapters/"
     presets = {
         "sd15": ("SD 1.5", "Stable Diffusion 1.5: fast, small, 512 px.", _job(
             arch="sd1", model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=[512], rank=16,
@@ -285,38 +297,25 @@ def _build() -> dict[str, dict[str, Any]]:
         )),
         "qwen_image": ("Qwen-Image", "Qwen-Image (20B MMDiT, Qwen2.5-VL text encoder): 3-bit base with "
                        "its accuracy-recovery adapter, cached text embeddings, low VRAM: upstream's 24 GB "
-                       "example.", _job(
-            arch="qwen_image", model="Qwen/Qwen-Image", resolution=[512, 768, 1024], rank=16,
-            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
-            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=qwen_train,
-            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_torchao_uint3.safetensors"},
+                       "example.", _qwen_job(
+            "qwen_image", "Qwen/Qwen-Image", "qwen_image_torchao_uint3.safetensors"
         )),
         "qwen_image_2512": ("Qwen-Image-2512", "Qwen-Image-2512 (the December 2025 weights, same architecture), "
-                            "set up as the Qwen-Image preset with the 2512 recovery adapter.", _job(
-            arch="qwen_image:2512", model="Qwen/Qwen-Image-2512", resolution=[512, 768, 1024], rank=16,
-            steps=2000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
-            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": ""}, train_extra=qwen_train,
-            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_2512_torchao_uint3.safetensors"},
+                            "set up as the Qwen-Image preset with the 2512 recovery adapter.", _qwen_job(
+            "qwen_image:2512", "Qwen/Qwen-Image-2512", "qwen_image_2512_torchao_uint3.safetensors"
         )),
         "qwen_image_edit": ("Qwen-Image-Edit", "Qwen-Image-Edit (instruction edits): captions are instructions, "
                             "each image needs its control image (datasets[0].control_path); 3-bit base with its "
                             "accuracy-recovery adapter, cached text embeddings (each caption with its control "
-                            "image), low VRAM: upstream's 32 GB example.", _job(
-            arch="qwen_image_edit", model="Qwen/Qwen-Image-Edit", resolution=[512, 768, 1024], rank=16,
-            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
-            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": "", "ctrl_img": ""},
-            train_extra=qwen_train, dataset_extra={"control_path": "", "caption_dropout_rate": 0.05},
-            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_edit_torchao_uint3.safetensors"},
+                            "image), low VRAM: upstream's 32 GB example.", _qwen_job(
+            "qwen_image_edit", "Qwen/Qwen-Image-Edit", "qwen_image_edit_torchao_uint3.safetensors", edit=True
         )),
         "qwen_image_edit_plus": ("Qwen-Image-Edit-2509", "Qwen-Image-Edit-2509 (up to three control images per "
                                  "image: datasets[0].control_path as a list of folders; previews take a samples "
                                  "entry's ctrl_img_1 .. ctrl_img_3), set up as the Qwen-Image-Edit preset with the "
-                                 "2509 recovery adapter: upstream's 32 GB example.", _job(
-            arch="qwen_image_edit_plus", model="Qwen/Qwen-Image-Edit-2509", resolution=[512, 768, 1024], rank=16,
-            steps=3000, lr=1e-4, optimizer="adamw8bit", dtype="bf16",
-            sample={**_image_sample(1024, "flowmatch", 3.0, 25), "neg": "", "ctrl_img": ""},
-            train_extra=qwen_train, dataset_extra={"control_path": "", "caption_dropout_rate": 0.05},
-            model_extra={**qwen_model, "qtype": f"uint3|{ara}qwen_image_edit_2509_torchao_uint3.safetensors"},
+                                 "2509 recovery adapter: upstream's 32 GB example.", _qwen_job(
+            "qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", "qwen_image_edit_2509_torchao_uint3.safetensors",
+            edit=True,
         )),
         "wan21": ("WAN 2.1 T2V 1.3B", "WAN 2.1 text to video (1.3B), 33-frame clips.", _job(
             arch="wan21", model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", resolution=[512], rank=32,

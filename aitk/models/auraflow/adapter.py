@@ -99,15 +99,9 @@ class AuraFlowAdapter(FlowTransformerAdapter):
     def _load_parts(self, location: str) -> dict[str, Any]:
         """Load every part; returns the scheduler config."""
         from diffusers import AuraFlowTransformer2DModel
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
-        # torch_dtype at load: the host never holds a part in a wider dtype than it trains in
-        self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = UMT5EncoderModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.transformer = AuraFlowTransformer2DModel.from_pretrained(
-            location, subfolder="transformer", torch_dtype=self.dtype
-        )
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, UMT5EncoderModel, transformer_cls=AuraFlowTransformer2DModel)
         return diffusers_parts.scheduler_config(location)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
@@ -141,9 +135,7 @@ class AuraFlowAdapter(FlowTransformerAdapter):
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
-        config = self.transformer.config
-        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
-        return noisy, self._example_prompts(batch, config.joint_attention_dim, torch.long)
+        return self._example_text_to_image(batch, size, "joint_attention_dim", torch.long)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         x = batch.noisy_latents.to(self.dtype)

@@ -110,11 +110,9 @@ class CogView4Adapter(FlowTransformerAdapter):
     # --- loading -------------------------------------------------------------------------
     def _load_parts(self, location: str) -> dict[str, Any]:
         """The VAE, text encoder and tokenizer; returns the scheduler config."""
-        from transformers import AutoTokenizer, GlmModel
+        from transformers import GlmModel
 
-        self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = GlmModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, GlmModel)
         return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:

@@ -86,19 +86,9 @@ def _cogview4_pipeline() -> Any:
     from transformers import GlmConfig, GlmModel
 
     tokenizer = build_tokenizer()
-    text_encoder = GlmModel(
-        GlmConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,  # the pipeline reads the second-to-last hidden states
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=TINY_TEXT_MAX_LENGTH * 2,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = GlmModel(GlmConfig(**tiny_common.small_decoder_config(
+        len(tokenizer), TEXT_DIM, TINY_TEXT_MAX_LENGTH * 2, tokenizer.pad_token_id
+    )))
     # a non-unit scaling factor, so a latent scaled the wrong way shows in the tests
     vae = tiny_common.tiny_autoencoder_kl(latent_channels=16, scaling_factor=0.5)
     return CogView4Pipeline(

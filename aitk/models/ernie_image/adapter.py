@@ -136,12 +136,9 @@ class ErnieImageAdapter(FlowTransformerAdapter):
     def _load_parts(self, location: str) -> dict[str, Any]:
         """The tokenizer, text encoder (its vision tower dropped) and VAE; returns the scheduler
         config (baidu's where the source has none)."""
-        from transformers import AutoTokenizer, Mistral3Model
+        from transformers import Mistral3Model
 
-        self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        encoder = Mistral3Model.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.text_encoder = self.keep_of_text_encoder("text_encoder", encoder)
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, Mistral3Model)
         return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
@@ -209,9 +206,7 @@ class ErnieImageAdapter(FlowTransformerAdapter):
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
-        config = self.transformer.config
-        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
-        return noisy, self._example_prompts(batch, config.text_in_dim, torch.bool)
+        return self._example_text_to_image(batch, size, "text_in_dim", torch.bool)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         from torch._subclasses.fake_tensor import is_fake

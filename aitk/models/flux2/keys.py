@@ -23,17 +23,12 @@ from collections.abc import Mapping
 
 import torch
 
+from aitk.models.original_names import DOUBLE_BLOCK_ATTENTION, PREFIX, BlockList, OriginalNames, lora_down_up_pairs
 from aitk.networks.fused_files import FusedWeights
 
-PREFIX = "diffusion_model."
-_QKV = {"to_q": "q", "to_k": "k", "to_v": "v"}
-_ADDED_QKV = {"add_q_proj": "q", "add_k_proj": "k", "add_v_proj": "v"}
 # inside a double block: diffusers path -> original path
 _DOUBLE = {
-    **{f"attn.{name}": f"img_attn.qkv.{part}" for name, part in _QKV.items()},
-    **{f"attn.{name}": f"txt_attn.qkv.{part}" for name, part in _ADDED_QKV.items()},
-    "attn.to_out.0": "img_attn.proj",
-    "attn.to_add_out": "txt_attn.proj",
+    **DOUBLE_BLOCK_ATTENTION,
     "ff.linear_in": "img_mlp.0",
     "ff.linear_out": "img_mlp.2",
     "ff_context.linear_in": "txt_mlp.0",
@@ -54,63 +49,34 @@ _OTHER = {
     "norm_out.linear": "final_layer.adaLN_modulation.1",
     "proj_out": "final_layer.linear",
 }
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
-_ORIGINAL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
-_LISTS = {"transformer_blocks": ("double_blocks", _DOUBLE), "single_transformer_blocks": ("single_blocks", _SINGLE)}
-_ORIGINAL_LISTS = {
-    "double_blocks": ("transformer_blocks", {v: k for k, v in _DOUBLE.items()}),
-    "single_blocks": ("single_transformer_blocks", {v: k for k, v in _SINGLE.items()}),
-}
-_ORIGINAL_OTHER = {v: k for k, v in _OTHER.items()}
+NAMES = OriginalNames(
+    blocks=[
+        BlockList("transformer_blocks", "double_blocks", _DOUBLE),
+        BlockList("single_transformer_blocks", "single_blocks", _SINGLE),
+    ],
+    other=_OTHER,
+    unnamed_error=(
+        "module {module!r} has no name in FLUX.2's original checkpoint layout, so ComfyUI could not "
+        "load its LoRA weights; wrap only Linear layers of the transformer "
+        "(network.network_kwargs.only_if_contains / ignore_if_contains)"
+    ),
+)
 _MLP_OUT = re.compile(r"^diffusion_model\.double_blocks\.\d+\.(?:img|txt)_mlp\.2$")
 #: the fused weights of the original layout: a double block's image and text qkv (q, k and v have
 #: the same heads, so each is a third of the rows)
 FUSED_QKV = FusedWeights(pattern=r"diffusion_model\.double_blocks\.\d+\.(?:img|txt)_attn\.qkv")
 
 
-def original_name(module_name: str) -> str | None:
-    """The original path of a Flux2Transformer2DModel Linear layer (q / k / v: their part of the
-    fused qkv), None if the original checkpoint has no such layer."""
-    m = _BLOCK.match(module_name)
-    if m:
-        original_list, names = _LISTS[m.group(1)]
-        inner = names.get(m.group(3))
-        return f"{original_list}.{m.group(2)}.{inner}" if inner else None
-    return _OTHER.get(module_name)
-
-
-def lora_key_stem(module_name: str) -> str:
-    """`diffusion_model.<original path>` of one wrapped module; ValueError for a layer the original
-    checkpoint does not have."""
-    name = original_name(module_name)
-    if name is None:
-        raise ValueError(
-            f"module {module_name!r} has no name in FLUX.2's original checkpoint layout, so ComfyUI could not "
-            "load its LoRA weights; wrap only Linear layers of the transformer "
-            "(network.network_kwargs.only_if_contains / ignore_if_contains)"
-        )
-    return PREFIX + name
-
-
-def module_for_stem(stem: str) -> str | None:
-    """Inverse of `lora_key_stem`: the diffusers module path of a key stem, None if none."""
-    if not stem.startswith(PREFIX):
-        return None
-    rest = stem[len(PREFIX):]
-    m = _ORIGINAL_BLOCK.match(rest)
-    if m:
-        block_list, names = _ORIGINAL_LISTS[m.group(1)]
-        inner = names.get(m.group(3))
-        return f"{block_list}.{m.group(2)}.{inner}" if inner else None
-    return _ORIGINAL_OTHER.get(rest)
-
-
-def flux2_lora_candidates(transformer: torch.nn.Module) -> list[str]:
-    """Default LoRA targets: every Linear inside the double- and single-stream blocks (attention and
-    feed-forward; FLUX.2's modulation is shared, outside the blocks), in model order."""
-    from aitk.networks.lora import eligible_modules
-
-    return [name for name in eligible_modules(transformer) if _BLOCK.match(name) and original_name(name)]
+#: the original path of a Flux2Transformer2DModel Linear layer (q / k / v: their part of the fused
+#: qkv), None if the original checkpoint has no such layer
+original_name = NAMES.original_name
+#: `diffusion_model.<original path>` of one wrapped module; ValueError for a layer without one
+lora_key_stem = NAMES.lora_key_stem
+#: inverse of `lora_key_stem`
+module_for_stem = NAMES.module_for_stem
+#: default LoRA targets: every Linear inside the double- and single-stream blocks (attention and
+#: feed-forward; FLUX.2's modulation is shared, outside the blocks), in model order
+flux2_lora_candidates = NAMES.lora_candidates
 
 
 def is_flux2_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -124,10 +90,5 @@ def is_flux2_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _flux2_mlp(tensors: Mapping[str, torch.Tensor]) -> bool:
-    for key, down in tensors.items():
-        stem = key.rsplit(".", 2)[0]
-        if _MLP_OUT.search(stem) and key.endswith((".lora_A.weight", ".lora_down.weight")):
-            up = tensors.get(f"{stem}.lora_B.weight", tensors.get(f"{stem}.lora_up.weight"))
-            if up is not None and down.dim() == 2 and down.shape[1] == 3 * up.shape[0]:
-                return True
-    return False
+    pairs = lora_down_up_pairs(tensors, _MLP_OUT.search)
+    return any(down.shape[1] == 3 * up.shape[0] for _, down, up in pairs)

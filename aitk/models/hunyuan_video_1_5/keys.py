@@ -27,17 +27,12 @@ from collections.abc import Mapping
 
 import torch
 
+from aitk.models.original_names import DOUBLE_BLOCK_ATTENTION, PREFIX, QKV_PARTS, BlockList, OriginalNames
 from aitk.networks.fused_files import FusedWeights
 
-PREFIX = "diffusion_model."
-_QKV = {"to_q": "q", "to_k": "k", "to_v": "v"}
-_ADDED_QKV = {"add_q_proj": "q", "add_k_proj": "k", "add_v_proj": "v"}
 # inside a double block (diffusers: transformer_blocks.N): diffusers path -> ComfyUI path
 _DOUBLE = {
-    **{f"attn.{name}": f"img_attn.qkv.{part}" for name, part in _QKV.items()},
-    **{f"attn.{name}": f"txt_attn.qkv.{part}" for name, part in _ADDED_QKV.items()},
-    "attn.to_out.0": "img_attn.proj",
-    "attn.to_add_out": "txt_attn.proj",
+    **DOUBLE_BLOCK_ATTENTION,
     "ff.net.0.proj": "img_mlp.0",
     "ff.net.2": "img_mlp.2",
     "ff_context.net.0.proj": "txt_mlp.0",
@@ -47,7 +42,7 @@ _DOUBLE = {
 }
 # inside a token-refiner block (diffusers: context_embedder.token_refiner.refiner_blocks.N)
 _REFINER = {
-    **{f"attn.{name}": f"self_attn.qkv.{part}" for name, part in _QKV.items()},
+    **{f"attn.{name}": f"self_attn.qkv.{part}" for name, part in QKV_PARTS.items()},
     "attn.to_out.0": "self_attn.proj",
     "ff.net.0.proj": "mlp.0",
     "ff.net.2": "mlp.2",
@@ -68,13 +63,22 @@ _OTHER = {
     "time_embed.timestep_embedder.linear_2": "time_in.out_layer",
     "proj_out": "final_layer.linear",
 }
-_DIFFUSERS_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_DIFFUSERS_REFINER = re.compile(r"^context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(.+)$")
-_COMFY_BLOCK = re.compile(r"^double_blocks\.(\d+)\.(.+)$")
-_COMFY_REFINER = re.compile(r"^txt_in\.individual_token_refiner\.blocks\.(\d+)\.(.+)$")
-_FROM_DOUBLE = {v: k for k, v in _DOUBLE.items()}
-_FROM_REFINER = {v: k for k, v in _REFINER.items()}
-_FROM_OTHER = {v: k for k, v in _OTHER.items()}
+NAMES = OriginalNames(
+    blocks=[
+        BlockList("transformer_blocks", "double_blocks", _DOUBLE),
+        # the refiner is no default target (musubi-tuner trains the double blocks only)
+        BlockList(
+            "context_embedder.token_refiner.refiner_blocks", "txt_in.individual_token_refiner.blocks", _REFINER,
+            default_target=False,
+        ),
+    ],
+    other=_OTHER,
+    unnamed_error=(
+        "module {module!r} has no one-to-one weight in ComfyUI's HunyuanVideo 1.5 model, so ComfyUI "
+        "could not load its LoRA weights; wrap the double blocks' and token refiner's Linear layers only "
+        "(network.network_kwargs.only_if_contains / ignore_if_contains)"
+    ),
+)
 #: the fused weights of ComfyUI's model: each double block's image and text qkv and each refiner
 #: block's qkv (q, k and v have the same heads: a third of the rows each)
 FUSED_QKV = FusedWeights(
@@ -82,57 +86,18 @@ FUSED_QKV = FusedWeights(
 )
 
 
-def comfy_name(module_name: str) -> str | None:
-    """ComfyUI's path of a HunyuanVideo15Transformer3DModel Linear layer (q / k / v: their part of
-    the fused qkv), None where ComfyUI's model has no one-to-one weight."""
-    if m := _DIFFUSERS_BLOCK.match(module_name):
-        inner = _DOUBLE.get(m.group(2))
-        return f"double_blocks.{m.group(1)}.{inner}" if inner else None
-    if m := _DIFFUSERS_REFINER.match(module_name):
-        inner = _REFINER.get(m.group(2))
-        return f"txt_in.individual_token_refiner.blocks.{m.group(1)}.{inner}" if inner else None
-    return _OTHER.get(module_name)
-
-
-def lora_key_stem(module_name: str) -> str:
-    """`diffusion_model.<ComfyUI path>` of one wrapped module; ValueError for a layer ComfyUI's
-    model has no weight for."""
-    name = comfy_name(module_name)
-    if name is None:
-        raise ValueError(
-            f"module {module_name!r} has no one-to-one weight in ComfyUI's HunyuanVideo 1.5 model, so ComfyUI "
-            "could not load its LoRA weights; wrap the double blocks' and token refiner's Linear layers only "
-            "(network.network_kwargs.only_if_contains / ignore_if_contains)"
-        )
-    return PREFIX + name
-
-
-def module_for_stem(stem: str) -> str | None:
-    """Inverse of `lora_key_stem`: the diffusers module path of a key stem, None if none."""
-    if not stem.startswith(PREFIX):
-        return None
-    rest = stem[len(PREFIX):]
-    if m := _COMFY_BLOCK.match(rest):
-        inner = _FROM_DOUBLE.get(m.group(2))
-        return f"transformer_blocks.{m.group(1)}.{inner}" if inner else None
-    if m := _COMFY_REFINER.match(rest):
-        inner = _FROM_REFINER.get(m.group(2))
-        return f"context_embedder.token_refiner.refiner_blocks.{m.group(1)}.{inner}" if inner else None
-    return _FROM_OTHER.get(rest)
-
-
-def is_block_target(module_name: str) -> bool:
-    """A Linear of a double block (attention, MLPs and modulation): the default LoRA targets, as
-    musubi-tuner trains every Linear of HunyuanVideo 1.5's double blocks."""
-    m = _DIFFUSERS_BLOCK.match(module_name)
-    return bool(m) and m.group(2) in _DOUBLE
-
-
-def lora_candidates(transformer: torch.nn.Module) -> list[str]:
-    """Default LoRA targets of a HunyuanVideo15Transformer3DModel, in model order."""
-    from aitk.networks.lora import eligible_modules
-
-    return [name for name in eligible_modules(transformer) if is_block_target(name)]
+#: ComfyUI's path of a HunyuanVideo15Transformer3DModel Linear layer (q / k / v: their part of the
+#: fused qkv), None where ComfyUI's model has no one-to-one weight
+comfy_name = NAMES.original_name
+#: `diffusion_model.<ComfyUI path>` of one wrapped module; ValueError for a layer without one
+lora_key_stem = NAMES.lora_key_stem
+#: inverse of `lora_key_stem`
+module_for_stem = NAMES.module_for_stem
+#: a Linear of a double block (attention, MLPs and modulation): the default LoRA targets, as
+#: musubi-tuner trains every Linear of HunyuanVideo 1.5's double blocks
+is_block_target = NAMES.is_block_target
+#: default LoRA targets of a HunyuanVideo15Transformer3DModel, in model order
+lora_candidates = NAMES.lora_candidates
 
 
 def is_hunyuan_video_15_lora(tensors: Mapping[str, torch.Tensor]) -> bool:

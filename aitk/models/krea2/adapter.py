@@ -91,7 +91,7 @@ def real_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> PromptEmbeds:
     return PromptEmbeds(out, {"mask": keep})
 
 
-class Krea2Adapter(FlowTransformerAdapter):
+class Krea2Adapter(qlatents.QwenLatentsMixin, FlowTransformerAdapter):
     arch_names = ("krea2",)
     text_encoder_names = ("text_encoder",)
     keeps_fp32_modules = True  # loaded with torch_dtype: diffusers keeps Krea 2's RMSNorm scales fp32
@@ -145,13 +145,9 @@ class Krea2Adapter(FlowTransformerAdapter):
         """The VAE, text encoder and tokenizer, and the pipeline's settings; returns the scheduler
         config (Krea 2's where the source has none)."""
         from diffusers import DiffusionPipeline
-        from transformers import AutoTokenizer, Qwen3VLModel
+        from transformers import Qwen3VLModel
 
-        self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = self.keep_of_text_encoder(
-            "text_encoder", Qwen3VLModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        )
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, Qwen3VLModel)
         try:
             index = DiffusionPipeline.load_config(location)
         except OSError:  # no model_index.json: the pipeline's defaults (the real model's taps)
@@ -204,10 +200,6 @@ class Krea2Adapter(FlowTransformerAdapter):
             "negative_prompt_embeds": neg.hidden_states, "negative_prompt_embeds_mask": neg.extra["mask"],
         }
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return qlatents.encode_latents(self.vae, pixels, self.device)
-
     def text_encoder_id(self) -> str:
         taps = self.pipeline_options.get("text_encoder_select_layers", "default")
         return f"{super().text_encoder_id()}|taps:{taps}"
@@ -254,11 +246,3 @@ class Krea2Adapter(FlowTransformerAdapter):
             return_dict=False,
         )[0]
         return qlatents.unpack_latents(out, h, w)
-
-    # --- previews ------------------------------------------------------------------------
-    def _unpack_preview(self, latents: torch.Tensor) -> torch.Tensor:
-        height, width = self._preview_pixel_size(latents.shape[1])
-        return qlatents.unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
-
-    def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        return qlatents.decode_latents(self.vae, latents)

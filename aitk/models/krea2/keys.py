@@ -16,7 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-PREFIX = "diffusion_model."
+from aitk.models.original_names import PREFIX, BlockList, OriginalNames
+
 # Inside a transformer or text-fusion block: diffusers path -> original path.
 _BLOCK_NAMES = {
     "attn.to_q": "attn.wq",
@@ -39,17 +40,19 @@ _OTHER_NAMES = {
     "text_fusion.projector": "txtfusion.projector",
     "final_layer.linear": "last.linear",
 }
-# diffusers block list -> original block list
-_LISTS = {
-    "transformer_blocks": "blocks",
-    "text_fusion.layerwise_blocks": "txtfusion.layerwise_blocks",
-    "text_fusion.refiner_blocks": "txtfusion.refiner_blocks",
-}
-_BLOCK = re.compile(r"^(transformer_blocks|text_fusion\.layerwise_blocks|text_fusion\.refiner_blocks)\.(\d+)\.(.+)$")
-_ORIGINAL_BLOCK = re.compile(r"^(blocks|txtfusion\.layerwise_blocks|txtfusion\.refiner_blocks)\.(\d+)\.(.+)$")
-_ORIGINAL_LISTS = {v: k for k, v in _LISTS.items()}
-_ORIGINAL_BLOCK_NAMES = {v: k for k, v in _BLOCK_NAMES.items()}
-_ORIGINAL_OTHER = {v: k for k, v in _OTHER_NAMES.items()}
+NAMES = OriginalNames(
+    blocks=[
+        BlockList("transformer_blocks", "blocks", _BLOCK_NAMES),
+        BlockList("text_fusion.layerwise_blocks", "txtfusion.layerwise_blocks", _BLOCK_NAMES),
+        BlockList("text_fusion.refiner_blocks", "txtfusion.refiner_blocks", _BLOCK_NAMES),
+    ],
+    other=_OTHER_NAMES,
+    unnamed_error=(
+        "module {module!r} has no name in Krea 2's original checkpoint layout, so ComfyUI could not "
+        "load its LoRA weights; wrap only Linear layers of the transformer "
+        "(network.network_kwargs.only_if_contains / ignore_if_contains)"
+    ),
+)
 #: stems only Krea 2's files have: the gated attention of its main blocks (ours and ai-toolkit's
 #: original name, diffusers' name)
 _KREA2_STEMS = re.compile(
@@ -57,38 +60,12 @@ _KREA2_STEMS = re.compile(
 )
 
 
-def original_name(module_name: str) -> str | None:
-    """The original path of a diffusers Krea2Transformer2DModel Linear layer, None if none."""
-    m = _BLOCK.match(module_name)
-    if m:
-        inner = _BLOCK_NAMES.get(m.group(3))
-        return f"{_LISTS[m.group(1)]}.{m.group(2)}.{inner}" if inner else None
-    return _OTHER_NAMES.get(module_name)
-
-
-def lora_key_stem(module_name: str) -> str:
-    """`diffusion_model.<original path>` of one wrapped module; ValueError for a layer the
-    original checkpoint does not have."""
-    name = original_name(module_name)
-    if name is None:
-        raise ValueError(
-            f"module {module_name!r} has no name in Krea 2's original checkpoint layout, so ComfyUI could not "
-            "load its LoRA weights; wrap only Linear layers of the transformer "
-            "(network.network_kwargs.only_if_contains / ignore_if_contains)"
-        )
-    return PREFIX + name
-
-
-def module_for_stem(stem: str) -> str | None:
-    """Inverse of `lora_key_stem`: the diffusers module path of a key stem, None if none."""
-    if not stem.startswith(PREFIX):
-        return None
-    rest = stem[len(PREFIX):]
-    m = _ORIGINAL_BLOCK.match(rest)
-    if m:
-        inner = _ORIGINAL_BLOCK_NAMES.get(m.group(3))
-        return f"{_ORIGINAL_LISTS[m.group(1)]}.{m.group(2)}.{inner}" if inner else None
-    return _ORIGINAL_OTHER.get(rest)
+#: the original path of a diffusers Krea2Transformer2DModel Linear layer, None if none
+original_name = NAMES.original_name
+#: `diffusion_model.<original path>` of one wrapped module; ValueError for a layer without one
+lora_key_stem = NAMES.lora_key_stem
+#: inverse of `lora_key_stem`
+module_for_stem = NAMES.module_for_stem
 
 
 def is_krea2_lora(tensors: Mapping[str, torch.Tensor]) -> bool:

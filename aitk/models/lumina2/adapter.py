@@ -93,15 +93,9 @@ class Lumina2Adapter(FlowTransformerAdapter):
     def _load_parts(self, location: str) -> dict[str, Any]:
         """Load every part; returns the scheduler config."""
         from diffusers import Lumina2Transformer2DModel
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        # torch_dtype at load: the host never holds a part in a wider dtype than it trains in
-        self.text_encoder = AutoModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.transformer = Lumina2Transformer2DModel.from_pretrained(
-            location, subfolder="transformer", torch_dtype=self.dtype
-        )
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, AutoModel, transformer_cls=Lumina2Transformer2DModel)
         return diffusers_parts.scheduler_config(location)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:
@@ -157,9 +151,7 @@ class Lumina2Adapter(FlowTransformerAdapter):
     def example_batch(
         self, batch: int, size: tuple[int, int], frames: int, *, expert: str, with_controls: bool
     ) -> tuple[NoisyBatch, PromptEmbeds]:
-        config = self.transformer.config
-        noisy = self._example_noisy(self._example_latents(batch, size, config.in_channels))
-        return noisy, self._example_prompts(batch, config.cap_feat_dim, torch.int64)
+        return self._example_text_to_image(batch, size, "cap_feat_dim", torch.int64)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
         x = batch.noisy_latents.to(self.dtype)

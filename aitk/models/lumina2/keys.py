@@ -22,14 +22,13 @@ the query's size, which does not fit Lumina 2's grouped-query attention. So:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
+from aitk.models.original_names import PREFIX, BlockList, OriginalNames, lora_down_up_pairs
 from aitk.networks.fused_files import FusedWeights, fuse_lora_tensors
 
-PREFIX = "diffusion_model."
 #: the transformer's repeated block lists, in the order a forward pass runs them
 BLOCK_LISTS = ("context_refiner", "noise_refiner", "layers")
 #: q / k / v: their part of the fused original `attention.qkv`
@@ -52,9 +51,15 @@ _OTHER_NAMES = {
     "norm_out.linear_1": "final_layer.adaLN_modulation.1",
     "norm_out.linear_2": "final_layer.linear",
 }
-_BLOCK = re.compile(r"^(context_refiner|noise_refiner|layers)\.(\d+)\.(.+)$")
-_ORIGINAL_BLOCK = {orig: diff for diff, orig in _BLOCK_NAMES.items()}
-_ORIGINAL_OTHER = {orig: diff for diff, orig in _OTHER_NAMES.items()}
+NAMES = OriginalNames(
+    blocks=[BlockList(name, name, _BLOCK_NAMES) for name in BLOCK_LISTS],
+    other=_OTHER_NAMES,
+    unnamed_error=(
+        "module {module!r} has no name in Lumina 2's original checkpoint layout, so ComfyUI "
+        "could not load its LoRA weights; wrap only Linear layers of the transformer "
+        "(network.network_kwargs.only_if_contains / ignore_if_contains)"
+    ),
+)
 
 
 def _real_qkv_rows(total: int) -> tuple[int, ...] | None:
@@ -69,54 +74,17 @@ FUSED_QKV = FusedWeights(
     part_rows=_real_qkv_rows,
 )
 
-
-def original_name(module_name: str) -> str | None:
-    """The original path of a diffusers Lumina2Transformer2DModel Linear layer (q / k / v: their
-    part of `attention.qkv`), None if the original checkpoint has no such layer."""
-    m = _BLOCK.match(module_name)
-    if m:
-        inner = _BLOCK_NAMES.get(m.group(3))
-        return f"{m.group(1)}.{m.group(2)}.{inner}" if inner else None
-    return _OTHER_NAMES.get(module_name)
-
-
-def lora_key_stem(module_name: str) -> str:
-    """`diffusion_model.<original path>` of one wrapped module; ValueError for a layer the
-    original checkpoint does not have."""
-    name = original_name(module_name)
-    if name is None:
-        raise ValueError(
-            f"module {module_name!r} has no name in Lumina 2's original checkpoint layout, so ComfyUI "
-            "could not load its LoRA weights; wrap only Linear layers of the transformer "
-            "(network.network_kwargs.only_if_contains / ignore_if_contains)"
-        )
-    return PREFIX + name
-
-
-def module_for_stem(stem: str) -> str | None:
-    """Inverse of `lora_key_stem`: the diffusers module path of a key stem, None if none."""
-    if not stem.startswith(PREFIX):
-        return None
-    rest = stem[len(PREFIX):]
-    m = _BLOCK.match(rest)
-    if m:
-        inner = _ORIGINAL_BLOCK.get(m.group(3))
-        return f"{m.group(1)}.{m.group(2)}.{inner}" if inner else None
-    return _ORIGINAL_OTHER.get(rest)
-
-
-def is_block_target(module_name: str) -> bool:
-    """An attention, feed-forward or modulation Linear of a transformer block: ai-toolkit's
-    Lumina 2 LoRA targets (every Linear inside the blocks)."""
-    m = _BLOCK.match(module_name)
-    return bool(m) and m.group(3) in _BLOCK_NAMES
-
-
-def lumina2_lora_candidates(transformer: torch.nn.Module) -> list[str]:
-    """Default LoRA targets of a Lumina2Transformer2DModel, in model order."""
-    from aitk.networks.lora import eligible_modules
-
-    return [name for name in eligible_modules(transformer) if is_block_target(name)]
+#: the original path of a Lumina2Transformer2DModel Linear layer (q / k / v: their part of
+#: `attention.qkv`), None if the original checkpoint has no such layer
+original_name = NAMES.original_name
+#: `diffusion_model.<original path>` of one wrapped module; ValueError for a layer without one
+lora_key_stem = NAMES.lora_key_stem
+#: inverse of `lora_key_stem`
+module_for_stem = NAMES.module_for_stem
+#: an attention, feed-forward or modulation Linear of a block: ai-toolkit's Lumina 2 LoRA targets
+is_block_target = NAMES.is_block_target
+#: default LoRA targets of a Lumina2Transformer2DModel, in model order
+lumina2_lora_candidates = NAMES.lora_candidates
 
 
 def is_lumina2_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -132,12 +100,8 @@ def is_lumina2_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _grouped_query_qkv(tensors: Mapping[str, torch.Tensor]) -> bool:
-    for key, down in tensors.items():
-        if FUSED_QKV.part_stems(stem := key.rsplit(".", 2)[0]) and key.endswith((".lora_A.weight", ".lora_down.weight")):
-            up = tensors.get(f"{stem}.lora_B.weight", tensors.get(f"{stem}.lora_up.weight"))
-            if up is not None and down.dim() == 2 and up.shape[0] < 3 * down.shape[1]:
-                return True
-    return False
+    pairs = lora_down_up_pairs(tensors, FUSED_QKV.part_stems)
+    return any(up.shape[0] < 3 * down.shape[1] for _, down, up in pairs)
 
 
 def fused_qkv_file(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

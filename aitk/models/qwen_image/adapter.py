@@ -86,7 +86,7 @@ def _remake_meta_rope(transformer: torch.nn.Module) -> None:
     rope.pos_freqs, rope.neg_freqs = fresh.pos_freqs, fresh.neg_freqs
 
 
-class QwenImageAdapter(FlowTransformerAdapter):
+class QwenImageAdapter(qlatents.QwenLatentsMixin, FlowTransformerAdapter):
     arch_names = ("qwen_image",)
     text_encoder_names = ("text_encoder",)
     bucket_divisibility = 32  # ai-toolkit's get_bucket_divisibility for Qwen-Image
@@ -122,11 +122,7 @@ class QwenImageAdapter(FlowTransformerAdapter):
         """The VAE, text encoder and tokenizer; returns the scheduler config."""
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-        self.tokenizer = Qwen2Tokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = self.keep_of_text_encoder("text_encoder", Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            location, subfolder="text_encoder", torch_dtype=self.dtype
-        ))
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer)
         return diffusers_parts.scheduler_config(location)
 
     def keep_of_text_encoder(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
@@ -171,10 +167,6 @@ class QwenImageAdapter(FlowTransformerAdapter):
             "negative_prompt_embeds": negative.hidden_states, "negative_prompt_embeds_mask": negative.extra["mask"],
         }
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return qlatents.encode_latents(self.vae, pixels, self.device)
-
     def latent_space_id(self) -> str:
         cfg = self.vae.config
         return (
@@ -211,11 +203,3 @@ class QwenImageAdapter(FlowTransformerAdapter):
             return_dict=False,
         )[0]
         return qlatents.unpack_latents(out, h, w)
-
-    # --- previews ------------------------------------------------------------------------
-    def _unpack_preview(self, latents: torch.Tensor) -> torch.Tensor:
-        height, width = self._preview_pixel_size(latents.shape[1])
-        return qlatents.unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
-
-    def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        return qlatents.decode_latents(self.vae, latents)

@@ -117,3 +117,23 @@ def training_sigmas(
         # draws below the schedule's lowest level (u < 1/1000) stay at its end, as on the grid
         sigma = stretch_to_terminal(sigma, mu, float(terminal)).clamp(min=max(float(terminal), SIGMA_MIN), max=1.0)
     return sigma.float()
+
+
+class QwenLatentsMixin:
+    """Images through Qwen-Image's VAE (per-channel normalised) and previews from its 2x2-packed
+    tokens, for the adapters on that VAE (Qwen-Image, Krea 2); put before FlowTransformerAdapter."""
+
+    vae: Any
+    device: torch.device
+    vae_scale_factor: int
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_latents(self.vae, pixels, self.device)
+
+    def _unpack_preview(self, latents: torch.Tensor) -> torch.Tensor:
+        height, width = self._preview_pixel_size(latents.shape[1])  # type: ignore[attr-defined]
+        return unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents)

@@ -13,6 +13,7 @@ template's prefix is 34 tokens as with the real tokenizer and the pipeline's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,19 @@ def build_tiny_qwen_image(folder: str | Path, variant: str = "t2i", seed: int = 
 
 def qwen_tokenizer() -> Any:
     """A Qwen2Tokenizer over every byte plus merges for the template's words, and the specials."""
+    return byte_tokenizer(TEMPLATE_WORDS)
+
+
+def byte_tokenizer(words: Sequence[str]) -> Any:
+    """A Qwen2Tokenizer over every byte, merges that spell each of `words` left to right, and the
+    special tokens."""
     from tokenizers import AddedToken
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2Tokenizer
 
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     merges: list[tuple[str, str]] = []
-    for word in TEMPLATE_WORDS:  # left to right: each prefix of the word is a token
+    for word in words:  # left to right: each prefix of the word is a token
         for end in range(2, len(word) + 1):
             if word[:end] not in vocab:
                 vocab[word[:end]] = len(vocab)
@@ -63,8 +70,9 @@ def qwen_tokenizer() -> Any:
     return tokenizer
 
 
-def _text_encoder(tokenizer: Any) -> Any:
-    """Qwen2.5-VL with a 2-layer text model as wide as the transformer's text input."""
+def text_encoder(tokenizer: Any, max_positions: int = 2048) -> Any:
+    """Qwen2.5-VL with a 2-layer text model as wide as the transformer's text input, a 1-block
+    vision tower."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -76,7 +84,7 @@ def _text_encoder(tokenizer: Any) -> Any:
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
-            "max_position_embeddings": 2048,
+            "max_position_embeddings": max_positions,
             # multimodal RoPE: the sections add up to half a head (16 / 2), as 16 + 24 + 24 = 128 / 2
             "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
             "bos_token_id": ids["<|endoftext|>"],
@@ -95,16 +103,11 @@ def _text_encoder(tokenizer: Any) -> Any:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _pipeline() -> Any:
-    """The QwenImagePipeline `build_tiny_qwen_image` saves (torch's generator already seeded)."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+def denoising_parts() -> dict[str, Any]:
+    """The tiny transformer, VAE and scheduler of Qwen-Image's pipelines (in this order: torch's
+    generator already seeded)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-    tokenizer = qwen_tokenizer()
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=64,  # 16 latent channels x a 2x2 patch, as in Qwen-Image
@@ -123,10 +126,15 @@ def _pipeline() -> Any:
         num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
         base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
     )
-    pipe = QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=_text_encoder(tokenizer), tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
+
+def _pipeline() -> Any:
+    """The QwenImagePipeline `build_tiny_qwen_image` saves (torch's generator already seeded)."""
+    from diffusers import QwenImagePipeline
+
+    tokenizer = qwen_tokenizer()
+    pipe = QwenImagePipeline(**denoising_parts(), text_encoder=text_encoder(tokenizer), tokenizer=tokenizer)
     prefix = pipe.prompt_template_encode.split("{}")[0]
     if len(tokenizer(prefix).input_ids) != pipe.prompt_template_encode_start_idx:  # diffusers changed it
         raise RuntimeError(

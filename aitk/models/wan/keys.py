@@ -8,10 +8,10 @@ ComfyUI loads WAN LoRAs only under the original checkpoint names
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
-PREFIX = "diffusion_model."
+from aitk.models.original_names import PREFIX, BlockList, OriginalNames
+
 #: key fragments of WAN's transformer blocks in network files: original, kohya and diffusers names
 BLOCK_KEY_FRAGMENTS = ("diffusion_model.blocks.", "lora_unet_blocks_", "transformer.blocks.")
 #: key fragments of 2.1 I2V's image attention (original and diffusers names)
@@ -46,35 +46,22 @@ _OTHER_NAMES = {
     "proj_out": "head.head",
 }
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def original_name(module_name: str) -> str | None:
-    """The original WAN path of a diffusers WanTransformer3DModel module, None if it has none."""
-    m = _BLOCK.match(module_name)
-    if m:
-        inner = _BLOCK_NAMES.get(m.group(2))
-        return f"blocks.{m.group(1)}.{inner}" if inner else None
-    return _OTHER_NAMES.get(module_name)
-
-
-def lora_key_stem(module_name: str) -> str:
-    """`diffusion_model.<original path>` for one wrapped module; ValueError when WAN's original
-    checkpoint has no such layer (ComfyUI could not apply it)."""
-    name = original_name(module_name)
-    if name is None:
-        raise ValueError(
-            f"module {module_name!r} has no name in WAN's original checkpoint layout, so ComfyUI "
-            "could not load its LoRA weights; wrap only attention / FFN layers of the transformer "
-            "blocks (network.network_kwargs.only_if_contains / ignore_if_contains)"
-        )
-    return PREFIX + name
-
-
-def is_block_target(module_name: str) -> bool:
-    """An attention or FFN linear layer of a transformer block (the default LoRA targets)."""
-    m = _BLOCK.match(module_name)
-    return bool(m) and m.group(2) in _BLOCK_NAMES
+NAMES = OriginalNames(
+    blocks=[BlockList("blocks", "blocks", _BLOCK_NAMES)],
+    other=_OTHER_NAMES,
+    unnamed_error=(
+        "module {module!r} has no name in WAN's original checkpoint layout, so ComfyUI "
+        "could not load its LoRA weights; wrap only attention / FFN layers of the transformer "
+        "blocks (network.network_kwargs.only_if_contains / ignore_if_contains)"
+    ),
+)
+#: the original WAN path of a diffusers WanTransformer3DModel module, None if it has none
+original_name = NAMES.original_name
+#: `diffusion_model.<original path>` for one wrapped module; ValueError when WAN's original
+#: checkpoint has no such layer (ComfyUI could not apply it)
+lora_key_stem = NAMES.lora_key_stem
+#: an attention or FFN linear layer of a transformer block (the default LoRA targets)
+is_block_target = NAMES.is_block_target
 
 
 def lora_file_kind(keys: Iterable[str]) -> str | None:

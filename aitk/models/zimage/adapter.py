@@ -144,11 +144,9 @@ class ZImageAdapter(FlowTransformerAdapter):
     def _load_parts(self, location: str) -> dict[str, Any]:
         """The VAE, text encoder and tokenizer; returns the scheduler config (ai-toolkit's
         Z-Image schedule where the source has none)."""
-        from transformers import AutoTokenizer, Qwen3Model
+        from transformers import Qwen3Model
 
-        self.tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
-        self.text_encoder = Qwen3Model.from_pretrained(location, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.vae = self._load_vae(location)
+        self._load_folder_parts(location, Qwen3Model)
         return diffusers_parts.scheduler_config(location, DEFAULT_SCHEDULER)
 
     def bind(self, parts: Any, configs: PartConfigs) -> None:

@@ -82,20 +82,9 @@ def _zimage_pipeline() -> Any:
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tokenizer()
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,  # the pipeline reads the second-to-last hidden states
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=TINY_TEXT_MAX_LENGTH,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    text_encoder = Qwen3Model(Qwen3Config(**tiny_common.small_decoder_config(
+        len(tokenizer), TEXT_DIM, TINY_TEXT_MAX_LENGTH, tokenizer.pad_token_id, tie_word_embeddings=True
+    )))
     vae = tiny_flux_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(
