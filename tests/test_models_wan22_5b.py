@@ -81,10 +81,10 @@ def test_tiny_model_has_the_5b_structure(model: Path, adapter: Wan22TI2VAdapter)
     assert (t.in_channels, t.out_channels, tuple(t.patch_size)) == (48, 48, (1, 2, 2))
     assert sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) < 10 * 2**20
     # the adapter's facts
-    from aitk.models.archs import CONTROL_ARCHS, OPTIONAL_CONTROL_ARCHS, data_facts
+    from aitk.models.archs import CONTROL_ARCHS, OPTIONAL_FIRST_FRAME_ARCHS, data_facts
 
     assert data_facts(ARCH) == (adapter.bucket_divisibility, adapter.frame_rule) == (32, "4k+1")
-    assert ARCH in CONTROL_ARCHS & OPTIONAL_CONTROL_ARCHS and not adapter.i2v
+    assert ARCH in OPTIONAL_FIRST_FRAME_ARCHS and ARCH not in CONTROL_ARCHS and adapter.optional_first_frame and not adapter.i2v
     assert adapter.flow_shift == 5.0 and list(adapter.experts()) == ["main"]
     assert adapter.base_model_version == "wan_2.2_5b" and adapter.modelspec_architecture == "wan-2.2-ti2v-5b/lora"
     latents = adapter.encode_images(video(2, 9, 64, 96))

@@ -294,8 +294,13 @@ class LTX2Adapter(LTX2Previews, FlowTransformerAdapter):
         latent_frames = (max(frames, 1) - 1) // self.vae_scale_factor_temporal + 1
         latents = torch.randn(batch, config.in_channels, latent_frames, h, w)
         noisy = self._example_noisy(latents, {"audio": torch.randn(batch, *self._audio_shape(latent_frames))})
-        width = int(self.part_configs.part("connectors").get("caption_channels", config.caption_channels))
-        layers = int(self.part_configs.part("connectors").get("text_proj_in_factor", 49))
+        # the prompts are every hidden state of the Gemma text encoder (embeddings and each layer's)
+        # stacked; its config says how many, where the plan's sources carry no connectors config
+        text = self.part_configs.part("text_encoder")
+        text = text.get("text_config", text)
+        connectors = self.part_configs.part("connectors")
+        width = int(connectors.get("caption_channels", text.get("hidden_size", config.caption_channels)))
+        layers = int(connectors.get("text_proj_in_factor", int(text.get("num_hidden_layers", 48)) + 1))
         return noisy, self._example_prompts(batch, width * layers, torch.bool)
 
     def predict(self, batch: NoisyBatch, cond: PromptEmbeds) -> torch.Tensor:
