@@ -12,22 +12,6 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is the whole story: shown without a traceback."""
-    from aitk.config.loader import JobFileError
-    from aitk.data import DatasetError
-    from aitk.models.registry import UnknownArchitectureError
-    from aitk.models.base import ModelLoadError
-    from aitk.optim.factory import OptimizerConfigError
-    from aitk.trainer.loop import TrainingAborted
-    from aitk.config.prompts import SamplePromptError
-
-    return (
-        JobFileError, DatasetError, UnknownArchitectureError, ModelLoadError,
-        OptimizerConfigError, TrainingAborted, SamplePromptError, FileNotFoundError,
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run_jobs(args)
@@ -57,7 +41,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             loaded = load_job_file(job_path, strict=args.strict)
         except JobFileError as exc:
             print(str(exc), file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return EXIT_BAD_INPUT  # = the exit code of reason config (aitk.trainer.failure)
         from aitk.config.start_warnings import run_start_warnings
 
         logged_by_run = set(run_start_warnings(loaded.job))  # each run's log says these itself
@@ -69,23 +53,20 @@ def _run_jobs(args: argparse.Namespace) -> int:
             stop.install(announce=lambda message: print(message, file=sys.stderr))
             try:
                 result = trainer.run()
-            except _user_errors() as exc:
-                print(f"error in {job_path} (process {index}): {exc}", file=sys.stderr)
-                return EXIT_FAILED
-            except Exception as exc:  # noqa: BLE001 - last resort: message here, details in the log
-                detail = traceback.format_exc()
+            except BaseException as exc:  # noqa: BLE001 - the run wrote its reason; here: message and exit code
+                from aitk.trainer.failure import classify
+
+                failure = trainer.failure or classify(exc)
+                if failure.reason == "killed":
+                    raise
                 log = Path(process.training_folder) / loaded.job.config.name / "log.txt"
-                if log.parent.is_dir():
-                    with open(log, "a", encoding="utf-8") as handle:
-                        handle.write(detail)
-                if args.debug:
-                    print(detail, file=sys.stderr)
-                print(
-                    f"error in {job_path} (process {index}): {type(exc).__name__}: {exc}\n"
-                    f"(the full traceback is in {log}; run with --debug to print it)",
-                    file=sys.stderr,
-                )
-                return EXIT_FAILED
+                if args.debug and failure.reason == "internal":
+                    print(traceback.format_exc(), file=sys.stderr)
+                print(f"error in {job_path} (process {index}), reason {failure.reason}: {failure.message}\n"
+                      f"fix: {failure.fix}", file=sys.stderr)
+                if failure.reason == "internal":
+                    print(f"(the full traceback is in {log}; run with --debug to print it)", file=sys.stderr)
+                return failure.exit_code
             finally:
                 stop.uninstall()
             if result.state == "stopped":

@@ -118,7 +118,7 @@ def test_missing_dataset_folder_fails_before_loading_the_model(make_job, tmp_pat
     job = make_job("nodata", dataset={"folder_path": str(tmp_path / "missing")})
     proc = aitk("run", str(job))
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # reason data (docs/outputs.md)
     assert "Traceback" not in output
     assert str(tmp_path / "missing") in output
     assert "loading model" not in output

@@ -148,6 +148,7 @@ def test_a_job_whose_process_died_with_the_worker_becomes_error_with_its_last_li
     assert final["status"] == ERROR
     assert "gone without a final state" in final["error"]
     assert "aitk run" in final["error"] or "step" in final["error"]  # the last lines of its output
+    assert final["reason"] == "killed" and "resumes from the last complete checkpoint" in final["fix"]
 
 
 def test_reconcile_trusts_the_runs_own_final_state(ui, tmp_path):
@@ -236,3 +237,36 @@ def test_a_run_that_ignores_the_stop_is_killed_after_the_grace_period(ui):
         if stubborn.poll() is None:
             stubborn.kill()
             stubborn.wait()
+
+
+def test_failed_runs_show_their_reason_message_and_fix(ui, monkeypatch):
+    """Out of memory inside a step (injected: AITK_FAULT reaches the worker's `aitk run`), a dataset
+    folder that is not there, and a run killed with SIGKILL: each job ends in error with the
+    reason, a message, a fix and the reason's exit code; the run's checkpoint stays complete."""
+    # (a job file that is not valid never gets here: the API refuses it, test_ui_api.py)
+    monkeypatch.setenv("AITK_FAULT", "oom@3")
+    oom = ui.make("oom", train={"steps": 10}, save={"save_every": 2})
+    refused = ui.make("nodata", datasets=[{"folder_path": str(ui.settings.datasets_folder / "gone"),
+                                           "resolution": [64]}])
+    with WorkerInThread(ui.store, ui.settings):
+        wait_for(lambda: job(ui, refused)["status"] in (COMPLETED, ERROR), what="both jobs")
+    first = job(ui, oom)
+    assert (first["status"], first["reason"], first["exit_code"]) == (ERROR, "oom", 6), first
+    assert "out of memory in the training step at step 3" in first["message"] and "batch_size" in first["fix"]
+    checkpoints = list_checkpoints(ui.settings.training_folder / "oom" / "checkpoints")
+    assert checkpoints[0].step == 2 and verify_checkpoint(checkpoints[0].path) is None
+    second = job(ui, refused)
+    assert (second["status"], second["reason"], second["exit_code"]) == (ERROR, "data", 3), second
+    assert "gone" in second["message"] and "dataset" in second["fix"]
+    listed = {j["id"]: j for j in ui.get("/api/jobs").json()["jobs"]}
+    assert listed[oom]["reason"] == "oom" and listed[oom]["fix"] == first["fix"]
+
+    monkeypatch.delenv("AITK_FAULT")
+    victim = ui.make("victim9", train={"steps": 400})
+    with WorkerInThread(ui.store, ui.settings):
+        running = wait_for(lambda: (j := job(ui, victim))["status"] == RUNNING and j["step"] >= 1 and j,
+                           what="the job to train")
+        os.kill(running["pid"], signal.SIGKILL)
+        wait_for(lambda: job(ui, victim)["status"] == ERROR, what="the worker to see it")
+    killed = job(ui, victim)
+    assert killed["reason"] == "killed" and killed["exit_code"] == -signal.SIGKILL and "SIGKILL" in killed["message"]

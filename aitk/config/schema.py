@@ -262,6 +262,15 @@ class TrainConfig(Section):
     noise_offset: float = Field(0.0, description="Noise offset.")
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting gamma.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 = off).")
+    nan_policy: Literal["skip", "rollback", "stop"] = Field(
+        "skip", description="A step whose loss or gradients are not finite is never applied. skip: go on, and stop "
+        "the run (reason nan) after nan_patience such steps in a row; rollback: after nan_patience in a row, reload "
+        "the last complete checkpoint with half the learning rate and go on (at most 3 times); stop: stop at the "
+        "first one.",
+    )
+    nan_patience: int = Field(
+        10, ge=1, description="Non-finite steps in a row before nan_policy skip stops the run or rollback rolls back."
+    )
     ema_config: EmaConfig = Field(default_factory=EmaConfig)
     switch_boundary_every: int | None = Field(
         None, ge=1, description="Multi-expert models: switch the trained expert every N steps."

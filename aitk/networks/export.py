@@ -322,6 +322,10 @@ def diffusers_to_network_state(
 
 
 
+class NonFiniteWeightsError(ValueError):
+    """The weights to be saved hold NaN or inf (a diverged run, or values beyond the save dtype)."""
+
+
 def save_lora(
     path: str | Path,
     handle: NetworkHandle,
@@ -402,6 +406,12 @@ def save_lora(
         if k in (LORA_ADAPTER_METADATA_KEY, FUSED_RECORD_KEY, ALPHA_RECORD_KEY) and k in header:
             continue  # the config / fused record describing these tensors wins
         header[k] = v
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:  # a file that would break every image made with it is never written
+        raise NonFiniteWeightsError(
+            f"{Path(path).name} is not written: {len(bad)} of its tensors hold NaN or inf values "
+            f"(e.g. {', '.join(bad[:3])}) in save dtype {str(dtype).removeprefix('torch.')}"
+        )
     from aitk.networks.metadata import safetensors_bytes_with_hashes
 
     data = safetensors_bytes_with_hashes(tensors, header)  # + sshs_model_hash, sshs_legacy_hash, modelspec.hash_sha256

@@ -49,8 +49,12 @@ def write_checkpoint(
 ) -> Path:
     """Create `root/<step>/` atomically. `write_files(tmp_dir)` writes the state files into it."""
     tmp = begin_checkpoint(root, step)
-    write_files(tmp)
-    return commit_checkpoint(root, step, tmp, pause_hook=pause_hook)
+    try:
+        write_files(tmp)
+        return commit_checkpoint(root, step, tmp, pause_hook=pause_hook)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays (the previous ones do)
+        raise
 
 
 def begin_checkpoint(root: Path, step: int) -> Path:

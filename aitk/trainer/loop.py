@@ -12,15 +12,17 @@ from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aitk.config.schema import JobFile, ProcessConfig
 from aitk.models.base import BatchContext
 from aitk.trainer import checkpoint as ckpt
+from aitk.trainer import faults
 from aitk.trainer.errors import TrainingAborted
 from aitk.trainer.reporting import MetricsWriter, iso_now
+from aitk.trainer.failing import TrainerFailures
 from aitk.trainer.saving import TrainerSaving
 from aitk.trainer.session import RunPaths
 from aitk.trainer.setup import TrainerSetup
@@ -30,9 +32,10 @@ from aitk.trainer.step_timer import StepTimer
 from aitk.trainer.stop import StopController
 from aitk.trainer.control import CONTROL_REQUESTS, ControlRequests
 
-MAX_NONFINITE_IN_A_ROW = 10
+if TYPE_CHECKING:
+    from aitk.trainer.failure import Failure
 
-__all__ = ["Trainer", "TrainingAborted", "RunResult", "MAX_NONFINITE_IN_A_ROW"]
+__all__ = ["Trainer", "TrainingAborted", "RunResult"]
 
 
 @dataclass
@@ -44,9 +47,9 @@ class RunResult:
     final_loras: list[Path] = field(default_factory=list)  # one per network (per expert for WAN 2.2)
 
 
-class Trainer(TrainerSetup, TrainerSaving):
+class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
     """One training process of a job: set-up (setup.py), steps and cadence (here), saving and resume
-    (saving.py)."""
+    (saving.py), failures (failing.py)."""
 
     def __init__(
         self,
@@ -74,6 +77,8 @@ class Trainer(TrainerSetup, TrainerSaving):
         self.requests: set[str] = set()
         self.timer = StepTimer(False, torch.device("cpu"))  # performance_log_every: set in _run
         self.wandb: Any = None  # logging.use_wandb: the WandbRun (main process)
+        self.failure: Failure | None = None  # why the run ended in error (aitk.trainer.failure)
+        self.rollback_pending = False  # train.nan_policy rollback: due before the next step
 
     # ------------------------------------------------------------------ status
     def _set_status(self, **fields: Any) -> None:
@@ -85,6 +90,7 @@ class Trainer(TrainerSetup, TrainerSaving):
         from aitk.trainer.loss import diffusion_loss, latent_mask
 
         timer = self.timer
+        faults.raise_out_of_memory(self.state.step)
         with timer.phase("data"):
             batch = self.data.next_batch()
         with timer.phase("forward"):  # the encoders (when not cached), the denoiser and the loss
@@ -113,6 +119,7 @@ class Trainer(TrainerSetup, TrainerSaving):
                 sample_weights=weights,
                 mask=mask,
             )
+            loss = faults.poison_loss(loss, self.state.step)
         with timer.phase("backward"):
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
@@ -206,15 +213,12 @@ class Trainer(TrainerSetup, TrainerSaving):
             if scaler is not None:
                 scaler.update()
             self.state.nonfinite_in_a_row += 1
+            self.state.nonfinite_steps += 1
             self.log(
                 f"warning: step {self.state.step}: loss or gradient is not finite "
                 f"(loss={mean_loss}, grad_norm={grad_norm}); the update was skipped"
             )
-            if self.state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise TrainingAborted(
-                    f"the loss was not finite for {MAX_NONFINITE_IN_A_ROW} steps in a row; lower "
-                    "train.lr, set train.max_grad_norm, or use train.dtype fp32/bf16 instead of fp16"
-                )
+            self._after_nonfinite_step(mean_loss, grad_norm)
         elif self.update_skipped:  # fp16 overflow (unscale_ found inf / NaN): GradScaler's skip
             self.optimizer.zero_grad(set_to_none=True)
             scaler.update()
@@ -307,6 +311,11 @@ class Trainer(TrainerSetup, TrainerSaving):
             if self.wandb is not None:
                 self.wandb.log_previews(paths, [r.prompt for r in self.preview_requests], step)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a preview size
+            if isinstance(exc, torch.OutOfMemoryError):
+                from aitk.trainer.memory_check import free_cached_memory
+
+                free_cached_memory(self.session.device)
+                exc = type(exc)((str(exc).strip().splitlines() or [""])[0])  # one line in the log
             self.log(f"warning: samples for step {step} failed ({type(exc).__name__}: {exc}); training goes on")
         finally:
             for module in experts:
@@ -322,9 +331,8 @@ class Trainer(TrainerSetup, TrainerSaving):
             self._wait_for_everyone()
             return result
         except BaseException as exc:
-            if getattr(self, "status", None) is not None:
-                self._set_status(state="error", error=str(exc) or type(exc).__name__, force=True)
-            self._finish_wandb(1, "error")
+            self.failure = self._record_failure(exc)
+            self._finish_wandb(self.failure.exit_code, "error")
             raise
         finally:
             if getattr(self, "data", None) is not None:
@@ -396,6 +404,7 @@ class Trainer(TrainerSetup, TrainerSaving):
             **{f"lr_{i}": lr for i, lr in enumerate(lrs)},
             **health,  # gradient_stability(_avg), alpha_enabled and the phase fields
             "update_skipped": self.update_skipped,
+            "nonfinite_steps": self.state.nonfinite_steps,
             **({"loss_scale": self.loss_scale} if self.loss_scale is not None else {}),
         }
 
@@ -414,8 +423,9 @@ class Trainer(TrainerSetup, TrainerSaving):
             self._set_status(state="completed", step=self.state.step, force=True)
             self.log(f"{self.job.config.name} already finished {self.state.step} steps; nothing to do")
             return RunResult("completed", self.state.step, finals[0], self.paths.root, finals)
+        self._check_disk_space()
         metrics = (
-            MetricsWriter(self.paths.metrics, self.state.step if resumed else None)
+            MetricsWriter(self.paths.metrics, self.state.step if resumed else None, warn=self.log)
             if self.session.is_main
             else None
         )
@@ -456,7 +466,14 @@ class Trainer(TrainerSetup, TrainerSaving):
             self.timer.begin_step()
             step_started = time.perf_counter()
             expert = self.active_expert
-            loss, grad_norm, lrs, samples, stop, stability = self._optimizer_step()
+            try:
+                loss, grad_norm, lrs, samples, stop, stability = self._optimizer_step()
+            except torch.OutOfMemoryError as exc:
+                out_of_memory: str | None = str(exc)
+            else:
+                out_of_memory = None
+            if out_of_memory is not None:  # outside the handler: the failed step's tensors are unreachable
+                raise self._out_of_memory(out_of_memory)
             health = self.health.after_step(expert, self.state.step, loss, stability)
             if self.requests and self.session.is_main:
                 self.controls.done(self.requests)  # consumed even when the run ends at this step
@@ -470,9 +487,19 @@ class Trainer(TrainerSetup, TrainerSaving):
                 reporter.step_done({**record, **timings}, self.state.step)
             speed = (self.state.step - first_step) / (time.perf_counter() - started_at)
             bar.update(1)
-            self._set_status(step=self.state.step, speed=speed, eta_s=(total - self.state.step) / speed)
+            self._set_status(step=self.state.step, speed=speed, eta_s=(total - self.state.step) / speed,
+                             nonfinite_steps=self.state.nonfinite_steps)
             if self.on_step_end is not None:
                 self.on_step_end(self, self.state.step)
+            if self.rollback_pending:  # train.nan_policy rollback
+                self.rollback_pending = False
+                self._roll_back()
+                if metrics is not None:
+                    metrics.rewind(self.state.step)  # each step appears once, as on resume
+                bar.n = self.state.step
+                bar.refresh()
+                first_step, started_at = self.state.step, time.perf_counter()
+                continue
             if self.state.step >= total:
                 break  # a stop asked for during the last step changes nothing: the run completes
             if stop or self._stop_requested_here():

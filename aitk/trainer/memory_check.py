@@ -87,3 +87,43 @@ class PlanCheck:
         warning = shortfall_warning(self.plan, self.free_at_start, self.job_hint)
         if warning:
             self.log(warning)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """After an out-of-memory error: drop what the failed step left (its tensors are unreachable
+    once the exception is handled) and hand the allocator's cache back to the driver."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_total_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def fit_advice(job: JobFile, process_index: int, budget: int | None) -> str | None:
+    """The fix of an out-of-memory failure from the memory plan: the cheapest settings that fit
+    in `budget` bytes (the device's memory), as job keys; None when there is no plan or no fit."""
+    if budget is None:
+        return None
+    from aitk.plan import PlanInputError, plan_job
+    from aitk.plan.report import gib
+
+    try:
+        plan = plan_job(job, budget, process_index=process_index)
+    except PlanInputError:
+        return None
+    except Exception:  # noqa: BLE001 - advice only: the failure is reported either way
+        return None
+    if not plan.suggestion:
+        if plan.fits:
+            return (f"the memory plan puts this run at {gib(plan.peak_device)} of {gib(budget)}: other processes on "
+                    "the device or memory fragmentation took the rest; free the device, or lower train.batch_size")
+        return plan.suggestion_note
+    changes = ", ".join(f"{key}: {value}" for key, value in plan.suggestion.items())
+    return (f"change in the job: {changes} (planned peak {gib(plan.suggestion_peak or 0)} of {gib(budget)}; "
+            "`aitk plan JOB --gpu-memory <size>` shows the whole plan)")

@@ -9,6 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from aitk.fsutil import atomic_write_bytes
@@ -30,6 +31,8 @@ class RunLog:
 
     def __init__(self, path: Path | None, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.path = path
+        self._failing = False
         self._file: TextIO | None = None
         if path is not None and enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,20 +46,32 @@ class RunLog:
         tqdm.write(message, file=sys.stderr)
         if self._file is not None:
             stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
-            for line in message.splitlines() or [""]:
-                self._file.write(f"{stamp} {line}\n")
+            try:
+                for line in message.splitlines() or [""]:
+                    self._file.write(f"{stamp} {line}\n")
+            except OSError as exc:  # a full disk: the terminal still gets every message
+                if not self._failing:
+                    tqdm.write(f"warning: cannot write {self.path} ({exc.strerror or exc})", file=sys.stderr)
+                self._failing = True
+            else:
+                self._failing = False
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # said when the write failed
             self._file = None
 
 
 class MetricsWriter:
     """One JSON object per optimizer step, appended and flushed as the step ends."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, warn: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.warn = warn
+        self._failing = False  # a failed write is said once, until writes succeed again
         if resume_step is None:
             path.write_text("")
         else:
@@ -76,12 +91,25 @@ class MetricsWriter:
                 continue  # a line cut short by a crash
         atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
 
+    def rewind(self, completed_steps: int) -> None:
+        """Drop the lines of steps a rollback undid (train.nan_policy rollback)."""
+        self._file.close()
+        self._truncate_after(completed_steps)
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def write(self, record: dict[str, Any]) -> None:
         record = {key: _plain(value) for key, value in record.items()}
         # docs/outputs.md: plain JSON numbers only; a non-finite value (a skipped NaN step) is null
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as exc:  # metrics are a view of the run: a full disk here is a warning, not a lost run
+            if not self._failing and self.warn is not None:
+                self.warn(f"warning: cannot write {self.path} ({exc.strerror or exc}); training goes on")
+            self._failing = True
+        else:
+            self._failing = False
 
     def close(self) -> None:
         self._file.close()
@@ -90,8 +118,11 @@ class MetricsWriter:
 class StatusFile:
     """status.json, rewritten atomically at most every `interval_s` (always on a state change)."""
 
-    def __init__(self, path: Path, total_steps: int, interval_s: float = 2.0) -> None:
+    def __init__(self, path: Path, total_steps: int, interval_s: float = 2.0,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.warn = warn
+        self._failing = False
         self.interval_s = interval_s
         self._last_write = 0.0
         self.data: dict[str, Any] = {
@@ -101,7 +132,10 @@ class StatusFile:
             "speed": None,
             "eta_s": None,
             "last_checkpoint": None,
-            "error": None,
+            "error": None,  # the message, kept for readers of earlier versions
+            "reason": None,  # when the state is error: aitk.trainer.failure.REASONS
+            "message": None,
+            "fix": None,
             "pid": os.getpid(),
             "updated": None,
         }
@@ -116,7 +150,14 @@ class StatusFile:
         if force or changed_state or now - self._last_write >= self.interval_s:
             self._last_write = now
             self.data["updated"] = datetime.now().astimezone().isoformat()
-            atomic_write_bytes(self.path, json.dumps(self.data, indent=1).encode())
+            try:
+                atomic_write_bytes(self.path, json.dumps(self.data, indent=1).encode())
+            except OSError as exc:  # the old status stays readable (atomic): say it once, go on
+                if not self._failing and self.warn is not None:
+                    self.warn(f"warning: cannot write {self.path} ({exc.strerror or exc}); training goes on")
+                self._failing = True
+            else:
+                self._failing = False
 
 
 def iso_now() -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from aitk.fsutil import atomic_copy
 from aitk.trainer import checkpoint as ckpt
+from aitk.trainer import faults
 from aitk.trainer.errors import TrainingAborted
 from aitk.trainer.state import CheckpointContent, read_content, write_content
 
@@ -40,8 +41,7 @@ class TrainerSaving:
         return signature
 
     def _resume(self) -> bool:
-        from aitk.trainer.resume import IncompatibleCheckpoint, check_signature, choose_checkpoint
-        from aitk.trainer.rng import restore_rng
+        from aitk.trainer.resume import choose_checkpoint
 
         found = choose_checkpoint(
             self.paths.checkpoints, is_main=self.session.is_main,
@@ -49,6 +49,18 @@ class TrainerSaving:
         )
         if found is None:
             return False
+        self._load_checkpoint(found.path)
+        self.log(f"resuming from {found.path} (step {self.state.step} of {self.train_cfg.steps})")
+        self._set_status(last_checkpoint=str(found.path), step=self.state.step)
+        return True
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Network, optimizer, schedules, data position, random state and counters from a complete
+        checkpoint (resume, and train.nan_policy rollback)."""
+        from aitk.trainer.resume import IncompatibleCheckpoint, check_signature
+        from aitk.trainer.rng import restore_rng
+
+        found = ckpt.CheckpointInfo(path, int(path.name))
         # FSDP: the first process reads the model state and broadcasts it to the shards
         content = read_content(found.path, model_state=self.fsdp is None or self.session.is_main)
         try:
@@ -79,9 +91,6 @@ class TrainerSaving:
             restore_rng(content.rng_per_rank[rank], self.noise_generator)
         else:
             self.log(f"warning: the checkpoint has no random state for process {rank}; reseeding it")
-        self.log(f"resuming from {found.path} (step {self.state.step} of {self.train_cfg.steps})")
-        self._set_status(last_checkpoint=str(found.path), step=self.state.step)
-        return True
 
     def _save_lora(self, step: int | None) -> list[Path]:
         """The run's LoRA files or model folders; under FSDP a collective (the main process writes
@@ -130,6 +139,22 @@ class TrainerSaving:
         return everyone
 
     def _save_checkpoint(self, final: bool = False) -> None:
+        """A refused write (full disk, read-only folder, quota) stops the run with reason io; the
+        partial checkpoint is removed and the previous complete ones stay."""
+        from aitk.networks.export import NonFiniteWeightsError
+        from aitk.trainer.failure import disk_failure
+
+        try:
+            self._write_checkpoint(final)
+        except NonFiniteWeightsError as exc:
+            raise TrainingAborted(str(exc), reason="nan") from exc
+        except Exception as exc:
+            refused = disk_failure(exc, f"the checkpoint of step {self.state.step}", self.paths.root)
+            if refused is None:
+                raise
+            raise refused from exc
+
+    def _write_checkpoint(self, final: bool) -> None:
         step = self.state.step
         rng = self._gather_rng()  # every process takes part; only the main one writes
         if self.fsdp is None and not self.session.is_main:
@@ -198,7 +223,7 @@ class TrainerSaving:
             folder = ckpt.write_checkpoint(
                 self.paths.checkpoints,
                 step,
-                lambda tmp: write_content(tmp, content),
+                lambda tmp: (write_content(tmp, content), faults.refuse_checkpoint_write(step, tmp)),
                 pause_hook=self.checkpoint_pause_hook,
             )
         if health_json.get("alpha_scheduler") is not None:

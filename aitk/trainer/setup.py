@@ -46,7 +46,7 @@ class TrainerSetup:
             self.log(f"note: {note}")
         for warning in self._job_warnings():
             self.log(f"warning: {warning}")
-        self.status = StatusFile(self.paths.status, self.train_cfg.steps) if main else None
+        self.status = StatusFile(self.paths.status, self.train_cfg.steps, warn=self.log) if main else None
         self._set_status(state="starting")
         if main:
             self.paths.config.write_text(dump_job(self.job))
@@ -78,7 +78,7 @@ class TrainerSetup:
         try:  # the job's token (.env) for every download; a gated / missing hub model stops here
             prepare_job_downloads(self.job_path, self.process.model.name_or_path)
         except HubFileError as exc:
-            raise TrainingAborted(str(exc)) from exc
+            raise TrainingAborted(str(exc), reason="model") from exc
         from aitk.trainer.memory_check import PlanCheck
 
         self.plan_check = PlanCheck(

@@ -25,6 +25,9 @@ class TrainerState:
     step: int = 0  # optimizer steps completed
     data: dict[str, Any] = field(default_factory=dict)
     nonfinite_in_a_row: int = 0
+    nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient, over the run
+    nan_rollbacks: int = 0  # train.nan_policy rollback: how many so far
+    lr_factor: float = 1.0  # the learning rate's scale after rollbacks (0.5 per rollback)
     # What must match when resuming (optimizer, ranks, wrapped modules); see trainer/resume.py.
     signature: dict[str, Any] = field(default_factory=dict)
     # Training health: stability EMAs and the alpha scheduler's state (trainer/health.py).

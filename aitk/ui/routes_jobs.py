@@ -54,7 +54,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "gpu_ids": job.gpu_ids, "step": job.step, "total_steps": total,
         "progress": (job.step / total) if total else None, "speed": job.speed, "eta_s": job.eta_s,
         "queue_position": job.queue_position if job.status == QUEUED else None,
-        "error": job.error, "info": job.info, "exit_code": job.exit_code, "pid": job.pid,
+        "error": job.error, "reason": job.reason, "message": job.message, "fix": job.fix, "info": job.info, "exit_code": job.exit_code, "pid": job.pid,
         "created_at": job.created_at, "updated_at": job.updated_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "summary": _summary(job.config_yaml),
     }
@@ -171,7 +171,7 @@ def delete_job(job_id: int, delete_files: bool = Query(False), c: Context = Depe
 def start_job(job_id: int, c: Context = Depends(ctx)) -> dict[str, Any]:
     job = c.job(job_id)
     if not c.store.transition(job.id, STARTABLE, status=QUEUED, queue_position=c.store.next_queue_position(),
-                              error=None, info=None):
+                              error=None, reason=None, message=None, fix=None, info=None):
         raise Refused(f"job {job.name!r} is {job.status}; only an idle, completed, stopped or failed job starts", 409)
     return {"job": job_json(c.job(job.id))}
 

@@ -71,7 +71,11 @@ class Job(Base):
     # The process's start time guards against PID reuse when a restarted worker adopts a job.
     pid_started: Mapped[float | None] = mapped_column(Float, nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the message and the log's last lines
+    # Why an error ended the run (aitk/trainer/failure.py): oom, nan, io, config, data, model, killed, internal
+    reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fix: Mapped[str | None] = mapped_column(Text, nullable=True)
     info: Mapped[str | None] = mapped_column(Text, nullable=True)
     stop_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     stop_signaled_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -251,6 +251,7 @@ class Worker:
         }
         if final == ERROR:
             fields["error"] = self._error_text(job, code, own)
+            fields.update(self._failure_fields(job, code, own))
         if self.store.transition(job.id, ACTIVE, **fields):
             self.log(f"job {job.id} ({job.name}) ended: {final}" + (f" (exit code {code})" if code is not None else ""))
 
@@ -269,6 +270,26 @@ class Worker:
         lines = [line for line in lines if line.strip()]
         return head + ("\n" + "\n".join(lines) if lines else "")
 
+    def _failure_fields(self, job: Job, code: int | None, own: dict[str, Any] | None) -> dict[str, Any]:
+        """reason, message and fix of a job that ended in error: the run's own (status.json), else
+        what the exit code and the output's last lines say (a job file refused before the run
+        started, a process killed with no chance to write)."""
+        from aitk.trainer.failure import DEFAULT_FIXES, reason_of_exit_code
+
+        if own and own.get("state") == "error" and own.get("reason"):
+            return {"reason": own["reason"], "message": own.get("message") or own.get("error"), "fix": own.get("fix")}
+        if not job.pid:
+            return {"reason": "internal", "message": "the worker stopped while starting this job",
+                    "fix": "start it again"}
+        reason = (reason_of_exit_code(code) if code is not None else "killed") or "internal"
+        if reason == "killed":
+            message = ("the run's process was killed (SIGKILL) without a chance to save" if code is not None else
+                       "the run's process is gone without a final state (killed, or the machine restarted)")
+        else:
+            lines = [line for line in tail_lines(output_log(self.settings, job.id), 8) if line.strip()]
+            message = "\n".join(lines[-4:]) or f"the run exited with code {code}"
+        return {"reason": reason, "message": message, "fix": DEFAULT_FIXES[reason]}
+
     # ------------------------------------------------------------------------- starting
     def _start_queued(self) -> None:
         busy = [gpu_set(j.gpu_ids) for j in self.store.list_jobs(ACTIVE)]
@@ -284,7 +305,7 @@ class Worker:
         now = time.time()
         claimed = self.store.transition(
             job.id, [QUEUED], status=RUNNING, run_state="starting", started_at=now, finished_at=None,
-            exit_code=None, error=None, info=None, stop_requested_at=None, stop_signaled_at=None,
+            exit_code=None, error=None, reason=None, message=None, fix=None, info=None, stop_requested_at=None, stop_signaled_at=None,
             pid=None, pid_started=None, speed=None, eta_s=None,
         )
         if not claimed:

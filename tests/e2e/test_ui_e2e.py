@@ -500,3 +500,44 @@ def test_ui_end_to_end(server: Server, browser: Any, tmp_path: Path) -> None:
     assert not errors, errors
     context.close()
     print(f"e2e: {time.monotonic() - started:.1f} s in the browser")
+
+
+def test_a_failed_run_shows_its_reason_message_and_fix(server: Server, browser: Any) -> None:
+    """A job whose dataset folder is gone by the time it runs: the job list and the job page say
+    the reason (Dataset), the run's own message naming the folder, and the fix."""
+    gone = server.root / "datasets" / "deleted_meanwhile"
+    job = {"job": "extension", "config": {"name": "e2e_failed", "process": [{
+        "type": "sd_trainer", "training_folder": str(server.root / "output"), "device": "cpu",
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+        "datasets": [{"folder_path": str(gone), "resolution": [64]}],
+        "train": {"steps": 4, "batch_size": 1}, "model": {"name_or_path": str(server.model)},
+    }]}}
+    created = server.api("POST", "/api/jobs", json={"config": job, "start": True})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job"]["id"]
+    deadline = time.monotonic() + 120
+    while (state := job_status(server, job_id))["status"] != "error":
+        assert time.monotonic() < deadline and state["status"] in ("queued", "running"), state
+        time.sleep(0.3)
+    assert state["reason"] == "data" and str(gone) in state["message"], state
+
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/jobs")
+    page.locator("#t").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    summary = page.locator("[data-testid=jobs-table] tr[data-job=e2e_failed] [data-testid=failure-summary]")
+    summary.wait_for()
+    assert summary.text_content().startswith("Dataset: ") and "Fix: check the dataset folders" in summary.text_content()
+    page.goto(f"{server.url}/jobs/{job_id}")
+    box = page.locator("[data-testid=failure][data-reason=data]")
+    box.wait_for()
+    text = box.text_content()
+    assert "Failed: Dataset" in text and "exit code 3" in text and str(gone) in text
+    assert "Fix: check the dataset folders" in text
+    shot(page, "21-failed-job")
+    assert not errors, errors
+    context.close()

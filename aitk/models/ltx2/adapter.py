@@ -29,7 +29,6 @@ maps for LTX-2 and LTX2Pipeline.load_lora_weights converts (docs/lora-formats.md
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path

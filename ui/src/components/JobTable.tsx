@@ -2,6 +2,7 @@ import { Link } from "../lib/router";
 import { duration, speed } from "../lib/format";
 import type { Job } from "../lib/types";
 import { ProgressBar, StatusBadge } from "./common";
+import { FailureSummary } from "./FailureBox";
 import { JobActions } from "./JobActions";
 
 export function stepLabel(job: Job): string {
@@ -24,7 +25,7 @@ export function JobTable({ jobs, onChange, actions = true }: { jobs: Job[]; onCh
             <td><Link to={`/jobs/${job.id}`}>{job.name}</Link>
               {job.queue_position !== null ? <span className="muted small"> #{job.queue_position} in queue</span> : null}
             </td>
-            <td><StatusBadge status={job.status} runState={job.run_state} /></td>
+            <td><StatusBadge status={job.status} runState={job.run_state} /><FailureSummary job={job} /></td>
             <td className="cell-progress"><ProgressBar value={job.progress} label={stepLabel(job)} /></td>
             <td>{job.status === "running" ? speed(job.speed) : "–"}</td>
             <td>{job.status === "running" ? duration(job.eta_s) : "–"}</td>

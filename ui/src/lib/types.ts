@@ -26,6 +26,9 @@ export interface Job {
   eta_s: number | null;
   queue_position: number | null;
   error: string | null;
+  reason: string | null; // oom | nan | io | config | data | model | killed | internal (when status is error)
+  message: string | null;
+  fix: string | null;
   info: string | null;
   exit_code: number | null;
   pid: number | null;

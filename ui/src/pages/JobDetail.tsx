@@ -13,6 +13,7 @@ import { LogView } from "../components/LogView";
 import { StoredJobPlan } from "../components/MemoryPlan";
 import { MetricsPanel } from "../components/MetricsPanel";
 import { SampleGallery } from "../components/SampleGallery";
+import { FailureBox } from "../components/FailureBox";
 
 type Tab = "overview" | "samples" | "metrics" | "checkpoints" | "config";
 const TABS: { id: Tab; label: string }[] = [
@@ -146,7 +147,7 @@ export function JobDetail({ jobId }: { jobId: number }) {
       </div>
       <ProgressBar value={job.progress} label={stepLabel(job)} />
       {error ? <ErrorBox message={error} /> : null}
-      {job.error ? <div className="alert alert-error"><strong>Error</strong><pre className="code">{job.error}</pre></div> : null}
+      <FailureBox job={job} />
       {job.info ? <p className="muted">{job.info}</p> : null}
       <JobActions job={job} onChange={reload} />
       <Tabs tabs={TABS} active={tab} onChange={(t) => navigate(`/jobs/${jobId}${t === "overview" ? "" : `?tab=${t}`}`, { replace: true })} />
