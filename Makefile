@@ -65,6 +65,12 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/data.py
 	HF_HUB_OFFLINE=1 $(PY) bench/ui_metrics.py
 
+# Not part of `bench` or `test`: about 20 minutes on 2 CPU cores (200 tiny jobs through `aitk ui`'s
+# worker: complete, stop, kill -9 of a run, of the worker, server restarts, deletes, two at once).
+.PHONY: soak
+soak: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/soak.py --jobs 200
+
 # Not part of `bench`: about 8 minutes on 2 CPU cores (10 training runs of 900 steps).
 alpha-study: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) bench/alpha_study.py

@@ -54,7 +54,8 @@ def job_json(job: Job) -> dict[str, Any]:
         "gpu_ids": job.gpu_ids, "step": job.step, "total_steps": total,
         "progress": (job.step / total) if total else None, "speed": job.speed, "eta_s": job.eta_s,
         "queue_position": job.queue_position if job.status == QUEUED else None,
-        "error": job.error, "reason": job.reason, "message": job.message, "fix": job.fix, "info": job.info, "exit_code": job.exit_code, "pid": job.pid,
+        "error": job.error, "reason": job.reason, "message": job.message, "fix": job.fix,
+        "info": job.info, "exit_code": job.exit_code, "pid": job.pid,
         "created_at": job.created_at, "updated_at": job.updated_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "summary": _summary(job.config_yaml),
     }

@@ -215,13 +215,19 @@ def write_expert_metrics(path: Path, steps: int) -> None:
             out.write(json.dumps(line) + "\n")
 
 
-def test_ui_end_to_end(server: Server, browser: Any, tmp_path: Path) -> None:
-    started = time.monotonic()
+def open_page(browser: Any) -> tuple[Any, Any, list[str]]:
+    """A fresh browser context and page; the list collects the page's uncaught errors."""
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return context, page, errors
+
+
+def test_ui_end_to_end(server: Server, browser: Any, tmp_path: Path) -> None:
+    started = time.monotonic()
+    context, page, errors = open_page(browser)
 
     # --- sign in: the server answers the app's pages with its sign-in page until then
     page.goto(server.url + "/")
@@ -521,11 +527,7 @@ def test_a_failed_run_shows_its_reason_message_and_fix(server: Server, browser: 
         time.sleep(0.3)
     assert state["reason"] == "data" and str(gone) in state["message"], state
 
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    context, page, errors = open_page(browser)
     page.goto(server.url + "/jobs")
     page.locator("#t").fill(TOKEN)
     page.get_by_role("button", name="Sign in").click()
