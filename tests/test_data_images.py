@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -416,17 +417,54 @@ def test_no_warnings_module_noise_for_bombs(tmp_path, monkeypatch, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can read chmod 000 files")
-def test_unreadable_file_chmod_000(tmp_path):
-    save_image(tmp_path / "good.png", 32, 32)
-    locked = save_image(tmp_path / "locked.png", 32, 32)
-    locked.chmod(0)
+def _as_nobody(work: Any) -> Any:
+    """Run `work()` in a forked child that has dropped root (root reads chmod 000 files); its
+    JSON-able result comes back through a pipe."""
+    import json
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with os.fdopen(write_end, "w") as out:
+                json.dump(work(), out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as answer:
+        text = answer.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed"
+    return json.loads(text)
+
+
+def test_unreadable_file_chmod_000():
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="aitk-chmod-"))  # outside root's 0700 pytest folder
     try:
-        td, logs = _td([_cfg(tmp_path, resolution=64)])
-        assert [s.reason for s in td.reports[0].skipped_files] == ["unreadable"]
-        assert sum("locked.png" in m for m in logs) == 1
+        save_image(folder / "good.png", 32, 32)
+        locked = save_image(folder / "locked.png", 32, 32)
+        locked.chmod(0)
+        if os.geteuid() == 0:
+            os.chown(folder, 65534, 65534)
+            os.chown(folder / "good.png", 65534, 65534)  # locked.png stays root's, mode 000
+
+        def scan() -> dict[str, Any]:
+            td, logs = _td([_cfg(folder, resolution=64)])
+            return {"reasons": [s.reason for s in td.reports[0].skipped_files], "logs": logs}
+
+        seen = _as_nobody(scan) if os.geteuid() == 0 else scan()
+        assert seen["reasons"] == ["unreadable"]
+        assert sum("locked.png" in m for m in seen["logs"]) == 1
     finally:
-        locked.chmod(0o644)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_unreadable_file_simulated(tmp_path, monkeypatch):
