@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,35 +22,49 @@ import torch
 MAX_TRACKED_ELEMENTS = 1 << 20
 
 
+@dataclass
+class SignMeasure:
+    """One step's gradient signs (on the device) and their agreement with the previous step's
+    (a 0-dim tensor on the device, None on the expert's first step): read by the step's one host
+    sync, kept (`GradientSignTracker.commit`) only when the update is applied."""
+
+    expert: str
+    signs: dict[str, torch.Tensor]
+    agreement: torch.Tensor | None
+
+
 class GradientSignTracker:
     def __init__(self, max_elements: int = MAX_TRACKED_ELEMENTS) -> None:
-        self._previous: dict[str, dict[str, torch.Tensor]] = {}
+        self._previous: dict[str, dict[str, torch.Tensor]] = {}  # on the device the gradients are on
         self.max_elements = int(max_elements)
 
     @torch.no_grad()
-    def update(self, expert: str, named_grads: dict[str, torch.Tensor | None]) -> float | None:
-        """Record this step's gradient signs; returns the agreement with the previous step's, or
-        None on the expert's first step. Tensors without a gradient are left out."""
+    def measure(self, expert: str, named_grads: dict[str, torch.Tensor | None]) -> SignMeasure:
+        """This step's signs and their agreement with the kept ones, without a host sync.
+        Tensors without a gradient are left out."""
+        present = {name: grad for name, grad in named_grads.items() if grad is not None}
+        stride = max(1, -(-sum(g.numel() for g in present.values()) // self.max_elements))
+        signs = {name: torch.sign(grad.detach().reshape(-1)[::stride]).to(torch.int8) for name, grad in present.items()}
         previous = self._previous.get(expert)
-        current: dict[str, torch.Tensor] = {}
-        agree, total = 0, 0
-        present = [g for g in named_grads.values() if g is not None]
-        stride = max(1, -(-sum(g.numel() for g in present) // self.max_elements))
-        for name, grad in named_grads.items():
-            if grad is None:
-                continue
-            signs = torch.sign(grad.detach().reshape(-1)[::stride]).to(torch.int8)
-            current[name] = signs
-            if previous is not None and name in previous:
-                agree += int((signs == previous[name].to(signs.device)).sum().item())
-                total += signs.numel()
-        self._previous[expert] = {k: v.cpu() for k, v in current.items()}
-        if previous is None or total == 0:
-            return None
-        return agree / total
+        shared = [n for n in signs if previous is not None and n in previous and previous[n].numel() == signs[n].numel()]
+        if not shared:
+            return SignMeasure(expert, signs, None)
+        device = signs[shared[0]].device
+        now = torch.cat([signs[n].to(device) for n in shared])
+        before = torch.cat([previous[n].to(device) for n in shared])  # type: ignore[index]
+        return SignMeasure(expert, signs, (now == before).float().mean())  # weighted by element count
+
+    def commit(self, measured: SignMeasure) -> None:
+        self._previous[measured.expert] = measured.signs
+
+    def update(self, expert: str, named_grads: dict[str, torch.Tensor | None]) -> float | None:
+        """measure + commit, read on the host: the agreement, or None on the expert's first step."""
+        measured = self.measure(expert, named_grads)
+        self.commit(measured)
+        return None if measured.agreement is None else float(measured.agreement)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {e: {k: v.clone() for k, v in signs.items()} for e, signs in self._previous.items()}
+        return {e: {k: v.to("cpu", copy=True) for k, v in signs.items()} for e, signs in self._previous.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]] | None) -> None:
         self._previous = {e: {k: v.to(torch.int8) for k, v in signs.items()} for e, signs in (state or {}).items()}
@@ -94,9 +109,10 @@ class TrainingHealth:
             linear, conv = self.scheduler.alphas(key)
             handle.set_alphas(linear, conv)
 
-    def sign_stability(self, expert: str | None, named_params: dict[str, Any]) -> float | None:
-        """Gradient-sign agreement of this step's (synced, unscaled) gradients."""
-        return self.signs.update(self._key(expert), {n: p.grad for n, p in named_params.items()})
+    def measure_signs(self, expert: str | None, named_params: dict[str, Any]) -> SignMeasure:
+        """Gradient-sign agreement of this step's (synced, unscaled) gradients, on the device;
+        `self.signs.commit(...)` keeps the signs once the update is applied."""
+        return self.signs.measure(self._key(expert), {n: p.grad for n, p in named_params.items()})
 
     def after_step(self, expert: str | None, step: int, loss: float, stability: float | None) -> dict[str, Any]:
         """Record one optimizer step; returns the health fields of its metrics line."""

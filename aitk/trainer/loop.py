@@ -86,7 +86,7 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             self.status.update(**fields)
 
     # ------------------------------------------------------------------ one step
-    def _micro_step(self, scale: float) -> tuple[float, int]:
+    def _micro_step(self, scale: float) -> tuple[torch.Tensor, int]:
         from aitk.trainer.loss import diffusion_loss, latent_mask
 
         timer = self.timer
@@ -123,8 +123,7 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         with timer.phase("backward"):
             scaled = loss * scale
             (self.grad_scaler.scale(scaled) if self.grad_scaler is not None else scaled).backward()
-            value = loss.item()
-        return value, latents.shape[0]
+        return loss.detach(), latents.shape[0]  # read on the host once per step (_apply_update)
 
     def _batch_context(self, batch: Any) -> BatchContext:
         device = self.session.device
@@ -138,7 +137,7 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             expert=self.active_expert,
         )
 
-    def _sync(self, loss: float) -> tuple[float, bool]:
+    def _sync(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Average gradients and loss over processes; agree on stopping and on save-now /
         sample-now requests (one all-reduce). The requests are left in `self.requests`."""
         stop_flag = 1.0 if self.stop.requested else 0.0
@@ -152,9 +151,10 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         # FSDP has already reduce-scattered the gradients in backward: only the tail travels here
         params = self._step_params() if self.fsdp is None else []
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        tail = [loss, stop_flag, *flags]
-        tail_tensor = torch.tensor(tail, dtype=torch.float32, device=self.session.device)
-        flat = torch.cat([g.reshape(-1).float().to(self.session.device) for g in grads] + [tail_tensor])
+        device = self.session.device
+        tail_tensor = torch.cat([loss.reshape(1).float().to(device),
+                                 torch.tensor([stop_flag, *flags], dtype=torch.float32, device=device)])
+        flat = torch.cat([g.reshape(-1).float().to(device) for g in grads] + [tail_tensor])
         dist.all_reduce(flat)
         flat /= self.session.world_size
         offset = 0
@@ -162,9 +162,10 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             n = grad.numel()
             param.grad = flat[offset : offset + n].view_as(param).to(param.dtype)
             offset += n
-        agreed = flat[-len(tail):].tolist()
-        self.requests = {n for n, f in zip(CONTROL_REQUESTS, agreed[2:]) if f > 0}
-        return agreed[0], agreed[1] > 0
+        tail = flat[-len(tail_tensor):]
+        agreed = tail[1:].tolist()  # the flags decide what this process does next: read now
+        self.requests = {n for n, f in zip(CONTROL_REQUESTS, agreed[1:]) if f > 0}
+        return tail[0], agreed[0] > 0
 
     @property
     def active_expert(self) -> str | None:
@@ -192,17 +193,25 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         with self.timer.phase("optimizer"):  # the all-reduce, clipping, the update, EMA, the schedule
             return self._apply_update(sum(losses) / len(losses), samples)
 
-    def _apply_update(self, loss: float, samples: int) -> tuple[float, float, list[float], int, bool, float | None]:
+    def _apply_update(self, loss: torch.Tensor, samples: int) -> tuple[float, float, list[float], int, bool, float | None]:
         """The optimizer step of the accumulated gradients (skipped when not finite)."""
-        mean_loss, stop = self._sync(loss)
+        loss_on_device, stop = self._sync(loss)
         stability: float | None = None
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        norm_on_device = torch.nn.utils.clip_grad_norm_(
             self._step_params(), max_norm if max_norm and max_norm > 0 else float("inf")
-        ).item()
+        )
+        signs = self._measure_signs()
+        # The step's one host sync: loss, gradient norm and sign agreement travel together
+        numbers = [loss_on_device, norm_on_device] + ([signs.agreement] if signs and signs.agreement is not None else [])
+        device = loss_on_device.device
+        # FSDP's norm is a DTensor: its full value (an all-reduce every process takes part in)
+        local = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in numbers]
+        values = torch.stack([n.detach().float().reshape(()).to(device, non_blocking=True) for n in local]).tolist()
+        mean_loss, grad_norm = values[0], values[1]
         # With fp16 loss scaling an overflowing gradient is routine: the scaler skips that update
         # and lowers its scale. Anything else non-finite is a bad step.
         self.loss_scale = scaler.get_scale() if scaler is not None else None
@@ -228,20 +237,15 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             )
         else:
             self.state.nonfinite_in_a_row = 0
-            reports_stability = hasattr(self.optimizer, "last_gradient_stability")
-            if not reports_stability and self.fsdp is None:
-                stability = self.health.sign_stability(self.active_expert, self._step_named_params())
-            elif not reports_stability and self.session.is_main:
-                from aitk.trainer.fsdp_state import local_gradients
-
-                # FSDP: the main process's shards stand for the model (nothing is gathered)
-                stability = self.health.sign_stability(self.active_expert, local_gradients(self._step_named_params()))
+            if signs is not None:
+                self.health.signs.commit(signs)
+                stability = values[2] if signs.agreement is not None else None
             if scaler is not None:
                 scaler.step(self.optimizer)
                 scaler.update()
             else:
                 self.optimizer.step()
-            if reports_stability:  # automagic: its update-sign agreement
+            if hasattr(self.optimizer, "last_gradient_stability"):  # automagic: its update-sign agreement
                 stability = self.optimizer.last_gradient_stability
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
@@ -252,6 +256,20 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
         self.lr_scheduler.step()
         return mean_loss, grad_norm, lrs, samples * self.session.world_size, stop, stability
+
+    def _measure_signs(self) -> Any:
+        """This step's gradient signs for the stability metric (None when the optimizer reports
+        its own, as automagic does, or on an FSDP process other than the main one, whose shards
+        do not stand for the model)."""
+        if hasattr(self.optimizer, "last_gradient_stability"):
+            return None
+        if self.fsdp is None:
+            return self.health.measure_signs(self.active_expert, self._step_named_params())
+        if not self.session.is_main:
+            return None
+        from aitk.trainer.fsdp_state import local_gradients
+
+        return self.health.measure_signs(self.active_expert, local_gradients(self._step_named_params()))
 
     def _scratch_samples_dir(self) -> Path:
         """Where an FSDP process other than the main one puts the previews it renders too (one
