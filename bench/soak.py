@@ -210,13 +210,15 @@ class Soak:
 
         jobs = {j["id"]: j for j in self.ui.api("GET", "/api/jobs").json()["jobs"]}
         stuck = [j["name"] for j in jobs.values() if j["status"] in ACTIVE + ("queued",)]
-        lost, disagree, outcomes = [], [], Counter()
+        lost, disagree, failed, outcomes = [], [], [], Counter()
         for entry in self.created:
             job = jobs.get(entry["id"])
             if job is None:
                 lost.append(f"{entry['name']}: gone from the database")
                 continue
             outcomes[(entry["scenario"], job["status"], job.get("reason"))] += 1
+            if job["status"] == "error" and entry["scenario"] != "kill_run":
+                failed.append(f"{entry['name']}: {job.get('reason')}: {job.get('message')}")
             run = self.root / "output" / entry["name"]
             try:
                 status = json.loads((run / "status.json").read_text())
@@ -244,11 +246,12 @@ class Soak:
         for name in self.deleted:
             if name in names or (self.root / "output" / name).exists():
                 lost.append(f"deleted job {name} is still in the database or on disk")
-        return {"stuck": stuck, "lost": lost, "disagree": disagree, "outcomes": outcomes}
+        return {"stuck": stuck, "lost": lost, "disagree": disagree, "failed": failed, "outcomes": outcomes}
 
     def timing(self) -> dict[str, float]:
         """Seconds per job of the `complete` scenario: first fifth vs last fifth (medians)."""
         times = [e["ended"] - e["started"] for e in self.created if e["scenario"] == "complete" and e["ended"]]
+        times = times or [e["ended"] - e["started"] for e in self.created if e["ended"]]  # --only without complete
         fifth = max(1, len(times) // 5)
         first, last = statistics.median(times[:fifth]), statistics.median(times[-fifth:])
         return {"complete_jobs": len(times), "first_median_s": first, "last_median_s": last,
@@ -259,6 +262,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200, help="jobs to run (default 200)")
     parser.add_argument("--json", type=Path, help="write the summary here too")
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios")
     args = parser.parse_args()
     from aitk.demo import draw_dataset
     from aitk.models.sd import build_tiny_sd15
@@ -275,12 +279,13 @@ def main() -> int:
         try:
             turn = 0
             while soak.count < args.jobs:
-                scenario = SCENARIOS[turn % len(SCENARIOS)]
+                chosen = tuple(args.only or SCENARIOS)
+                scenario = chosen[turn % len(chosen)]
                 turn += 1
                 t0 = time.monotonic()
                 getattr(soak, scenario)()
                 per_scenario[scenario].append(time.monotonic() - t0)
-                if turn % len(SCENARIOS) == 0:
+                if turn % len(chosen) == 0:
                     print(f"{soak.count} jobs, {time.monotonic() - started:.0f} s", flush=True)
             result = soak.check()
             timing = soak.timing()
@@ -297,16 +302,17 @@ def main() -> int:
         times = per_scenario.get(scenario, [])
         print(f"| {scenario} | {len(times)} | {statistics.median(times) if times else math.nan:.1f} | {seen} |")
     print(f"stuck (running / stopping / queued): {len(result['stuck'])}; lost files: {len(result['lost'])}; "
-          f"database / status.json disagreements: {len(result['disagree'])}")
+          f"database / status.json disagreements: {len(result['disagree'])}; unexpected failures: "
+          f"{len(result['failed'])}")
     print(f"time per completing job: {timing['first_median_s']:.2f} s (first fifth), {timing['last_median_s']:.2f} s "
           f"(last fifth), ratio {timing['growth']:.2f}")
-    for line in result["stuck"] + result["lost"] + result["disagree"]:
+    for line in result["stuck"] + result["lost"] + result["disagree"] + result["failed"]:
         print("  problem:", line)
     if args.json:
         args.json.write_text(json.dumps({"jobs": soak.count, "wall_s": wall, **timing,
                                          "stuck": result["stuck"], "lost": result["lost"],
-                                         "disagree": result["disagree"]}, indent=1))
-    return 0 if not (result["stuck"] or result["lost"] or result["disagree"]) else 1
+                                         "disagree": result["disagree"], "failed": result["failed"]}, indent=1))
+    return 0 if not (result["stuck"] or result["lost"] or result["disagree"] or result["failed"]) else 1
 
 
 if __name__ == "__main__":

@@ -537,6 +537,20 @@ def test_the_store_adds_missing_columns_on_start(tmp_path):
     store.close()
 
 
+def test_a_deleted_jobs_id_is_never_given_to_a_new_job(tmp_path):
+    """SQLite reuses a deleted last row's id; a page or client still following that job must not
+    see another one under its id (found by bench/soak.py)."""
+    store = Store(f"sqlite:///{tmp_path / 'ids.db'}")
+    fields = {"config_yaml": "job: extension", "training_folder": "/tmp", "status": "idle"}
+    first, second = store.add_job(name="a", **fields), store.add_job(name="b", **fields)
+    assert store.delete_job(second.id, ["idle"])
+    third = store.add_job(name="c", **fields)
+    assert third.id == second.id + 1
+    assert store.delete_job(third.id, ["idle"]) and store.delete_job(first.id, ["idle"])
+    assert store.add_job(name="d", **fields).id == third.id + 1
+    store.close()
+
+
 def test_dashboard_reports_gpus_through_nvidia_ml_py_when_importable(ui, monkeypatch):
     import sys
     import types

@@ -44,6 +44,9 @@ ACTIVE = (RUNNING, STOPPING)
 STARTABLE = (IDLE, COMPLETED, STOPPED, ERROR)
 
 
+DELETED_HIGH_WATER = "deleted_job_id_high_water"  # settings row: the highest id a deleted job had
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -211,6 +214,13 @@ class Store:
         now = time.time()
         job = Job(created_at=now, updated_at=now, **fields)
         with self.session() as s:
+            if self.engine.dialect.name == "sqlite":
+                # SQLite gives a deleted last row's id to the next row: a page or a client still
+                # following the deleted job would show the new one. Ids only go up.
+                deleted = s.get(Setting, DELETED_HIGH_WATER)
+                newest = s.execute(select(func.max(Job.id))).scalar() or 0
+                if deleted is not None and int(deleted.value) >= newest:
+                    job.id = int(deleted.value) + 1
             s.add(job)
         return job
 
@@ -242,6 +252,11 @@ class Store:
             if job is None or job.status not in set(allowed):
                 return False
             s.delete(job)
+            mark = s.get(Setting, DELETED_HIGH_WATER)
+            if mark is None:
+                s.add(Setting(key=DELETED_HIGH_WATER, value=str(job_id)))
+            elif int(mark.value) < job_id:
+                mark.value = str(job_id)
             return True
 
     # ---------------------------------------------------------------- settings
