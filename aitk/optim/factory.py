@@ -327,6 +327,10 @@ def build_optimizer(
         logger.warning(
             "adafactor with relative_step=True ignores train.lr and the lr scheduler"
         )
+    if key in ("adamw", "adam") and "fused" not in kwargs and "foreach" not in kwargs:
+        params = [p for g in groups for p in g["params"]]
+        if params and all(p.is_cuda and p.is_floating_point() for p in params):
+            kwargs = {**kwargs, "fused": True}  # torch's fused kernel: one launch for the whole update
     try:
         return cls(groups, lr=ctor_lr, **kwargs)
     except (TypeError, ValueError) as e:

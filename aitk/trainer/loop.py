@@ -498,6 +498,8 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             self.state.step += 1
             timings = self.timer.end_step()
             step_time = time.perf_counter() - step_started
+            if self.train_cfg.compile and self.state.step == first_step + 1:
+                self.log(f"train.compile: the first step took {step_time:.1f} s (the blocks compiled in it)")
             if reporter is not None:
                 record = self._metrics_record(
                     self.state.step - 1, loss, grad_norm, lrs, samples, step_time, expert, health

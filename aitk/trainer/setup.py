@@ -111,8 +111,29 @@ class TrainerSetup:
                 self.log(f"note: sample.sampler {sample_cfg.sampler!r}: previews use {note}")
         self._setup_network()
         self.placement.move_trainable(self.params)  # made next to host-side base weights
+        self._apply_speed_switches()
         self._setup_optimizer()
         self.plan_check.report()
+
+    def _apply_speed_switches(self) -> None:
+        """train.allow_tf32, channels_last and compile (aitk/trainer/speed.py), once the networks
+        are in the denoisers (compiled blocks include their LoRA layers)."""
+        from aitk.trainer import speed
+
+        cfg = self.train_cfg
+        notes = [speed.apply_tf32(cfg.allow_tf32, self.session.device)]
+        for module in self.adapter.experts().values():
+            notes.append(speed.apply_channels_last(module, cfg.channels_last))
+            if cfg.compile:
+                blocks = self.adapter.offload_blocks(module)
+                if blocks:
+                    speed.compile_blocks(blocks)
+                    self.log(f"train.compile: {len(blocks)} blocks of {type(module).__name__} compile during the "
+                             "first step")
+                else:
+                    notes.append(f"train.compile: {type(module).__name__} names no repeated blocks; it runs as is")
+        for note in filter(None, notes):
+            self.log(f"note: {note}")
 
     def _job_warnings(self) -> list[str]:
         """The job file's "not supported" warnings about this process entry (`aitk validate`
