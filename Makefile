@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench alpha-study clean ui e2e-deps
+.PHONY: install demo test bench alpha-study clean ui e2e-deps fuzz
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP) ui e2e-deps
 	rm -f $(INTEROP_RESULTS)
 	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/test_interop_table.py
 	$(TEST_ENV) $(PY) -m pytest tests/test_interop_table.py
+
+# Property-based fuzzing (tests/test_fuzz_*.py) with ten times the examples `make test` runs, drawn
+# at random each time (make test's are derandomized); a failure prints the blob that replays it.
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 AITK_FUZZ_SCALE=10 $(PY) -m pytest tests/test_fuzz_jobfiles.py tests/test_fuzz_datasets.py tests/test_fuzz_api.py
 
 # The web app (ui/: React + TypeScript + Vite), built into ui/dist, which `aitk ui` serves. Rebuilt
 # only when a source, package.json or package-lock.json is newer than the last build (stamp files).

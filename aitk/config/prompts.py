@@ -267,12 +267,19 @@ def preview_issues(process: Any) -> frozenset[str]:
     return frozenset(_issues(build_preview_requests(sample, process.trigger_word), arch, text_cached))
 
 
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_file()
+    except RuntimeError:  # ~user that does not exist here
+        return False
+
+
 def missing_ctrl_images(requests: list[PreviewRequest], arch: str) -> dict[int, str]:
     """index -> the first control image path of each request whose file does not exist here, on
     a model whose previews use it."""
     missing = {}
     for i, request in enumerate(requests):
-        absent = [p for p in preview_control_images(request, arch) if not Path(p).expanduser().is_file()]
+        absent = [p for p in preview_control_images(request, arch) if not _is_file(p)]
         if absent:
             missing[i] = absent[0]
     return missing

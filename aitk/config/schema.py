@@ -271,6 +271,14 @@ class TrainConfig(Section):
     nan_patience: int = Field(
         10, ge=1, description="Non-finite steps in a row before nan_policy skip stops the run or rollback rolls back."
     )
+    compile: bool = Field(
+        False, description="Compile the denoiser's repeated blocks with torch.compile (regional compilation): "
+        "faster steps after a warm-up of the first step."
+    )
+    allow_tf32: bool = Field(True, description="TF32 for float32 matmuls and convolutions on Ampere or newer GPUs.")
+    channels_last: bool = Field(
+        False, description="Channels-last memory layout for the denoiser's convolutions (UNets: SD 1.5 / SDXL)."
+    )
     ema_config: EmaConfig = Field(default_factory=EmaConfig)
     switch_boundary_every: int | None = Field(
         None, ge=1, description="Multi-expert models: switch the trained expert every N steps."
@@ -542,7 +550,10 @@ class JobConfig(Section):
     def _one_output_folder_per_process(self) -> "JobConfig":
         seen: dict[str, int] = {}
         for index, process in enumerate(self.process):
-            folder = str(Path(process.training_folder).expanduser().resolve())
+            try:
+                folder = str(Path(process.training_folder).expanduser().resolve())
+            except (RuntimeError, OSError, ValueError):  # ~user unknown here, a NUL byte: compare as written
+                folder = process.training_folder
             if folder in seen:
                 raise user_error(
                     f"process[{index}] writes to the same folder as process[{seen[folder]}] "

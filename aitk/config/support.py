@@ -171,6 +171,9 @@ UNSUPPORTED: list[Unsupported] = [
                 lambda v, s: v is True and s.model.resolved_arch not in ("flux", "flux_kontext", "flex2"),
                 "bypass_guidance_embedding on a model without a guidance embedding (only FLUX.1 dev, Kontext, "
                 "Flex.1 and Flex.2, model.arch flux / flux_kontext / flex2, have one: remove the key)", FAILS),
+    Unsupported(ProcessConfig, "train.compile", lambda v, s: v is True and s.model.layer_offloading is True,
+                "train.compile with model.layer_offloading (offloaded blocks' weights change device every step, "
+                "so their compiled code would be rebuilt each time): use one or the other", FAILS),
     Unsupported(ProcessConfig, "model.layer_offloading", lambda v, s: v is True and s.network is None,
                 "layer offloading in a full fine-tune (no network: section; offloading moves frozen weights "
                 "only, and here every denoiser weight trains: use a LoRA, or FSDP across GPUs)", FAILS),

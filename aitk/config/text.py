@@ -100,6 +100,13 @@ for _cls in (_Loader, _Dumper):
 
 
 def _yaml_syntax_problem(exc: yaml.YAMLError, text: str) -> str:
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        before = text[: max(0, exc.position)]
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        code = exc.character
+        escape = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+        return (f"line {line}, column {column}: the character #x{code:04x} (a control character or non-character) is "
+                f"not allowed in YAML; remove it, or write it as \"{escape}\" inside double quotes")
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     where = ""
@@ -289,6 +296,65 @@ def apply_name(data: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # text -> data
 
+MAX_DEPTH = 64  # a job file is about 6 levels deep; deeper data is refused before anything walks it
+MAX_VALUES = 100_000  # values once aliases are expanded (an alias bomb is refused, not expanded)
+
+
+class _ShapeError(Exception):
+    pass
+
+
+def _check_shape(data: Any) -> None:
+    """Refuse data that contains itself (`&a [*a]`), nests deeper than MAX_DEPTH, or expands
+    to more than MAX_VALUES values (aliases inside aliases): every later step walks it recursively."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def walk(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise _ShapeError(
+                "an alias (*name) is used inside its own anchor (&name), so the value contains itself; "
+                "write the value out instead"
+            )
+        if depth > MAX_DEPTH:
+            raise _ShapeError(
+                f"values are nested more than {MAX_DEPTH} levels deep; a job file needs a few levels "
+                "(see config/examples/sd15_lora.yaml)"
+            )
+        open_.add(key)
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += walk(child, depth + 1)
+            if total > MAX_VALUES:
+                raise _ShapeError(
+                    f"the file expands to more than {MAX_VALUES} values (anchors and aliases repeated inside "
+                    "each other); a job file needs far fewer - write the values out"
+                )
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    walk(data, 0)
+
+
+def _checked(data: Any, source: str) -> Any:
+    try:
+        _check_shape(data)
+    except _ShapeError as exc:
+        raise JobFileError(source, [str(exc)]) from None
+    return data
+
+
+def _too_deep(source: str) -> JobFileError:
+    return JobFileError(source, [f"brackets or indentation are nested too deeply to read (more than {MAX_DEPTH} "
+                                 "levels is refused); a job file needs a few levels (see "
+                                 "config/examples/sd15_lora.yaml)"])
+
 
 def parse_text(text: str, source: str, environ: Mapping[str, str] | None, warnings: list[str]) -> Any:
     """Substitute `${ENV}` and parse YAML, JSON or JSONC (sniffed); parse warnings go to `warnings`."""
@@ -309,7 +375,9 @@ def parse_text(text: str, source: str, environ: Mapping[str, str] | None, warnin
         try:
             return_value = _json_load(stripped, json_warnings)
             warnings.extend(json_warnings)
-            return return_value
+            return _checked(return_value, source)
+        except RecursionError:
+            raise _too_deep(source) from None
         except json.JSONDecodeError as exc:
             try:  # a YAML flow mapping ({job: extension, ...}) is not JSON but is fine
                 loader = _Loader(stripped)
@@ -318,9 +386,11 @@ def parse_text(text: str, source: str, environ: Mapping[str, str] | None, warnin
                 finally:
                     loader.dispose()
                 warnings.extend(loader.duplicates)
-                return data
+                return _checked(data, source)
             except yaml.YAMLError:
                 pass
+            except RecursionError:
+                raise _too_deep(source) from None
             line = stripped.splitlines()[exc.lineno - 1].strip() if exc.lineno <= len(stripped.splitlines()) else ""
             at = f" (at `{line[:60]}`)" if line else ""
             raise JobFileError(
@@ -331,15 +401,20 @@ def parse_text(text: str, source: str, environ: Mapping[str, str] | None, warnin
     subst, problems = _substitute_env(text, env, yaml_comments=True)
     if problems:
         raise JobFileError(source, problems)
-    loader = _Loader(subst)
+    try:
+        loader = _Loader(subst)  # refuses control characters (a NUL byte) already
+    except yaml.YAMLError as exc:
+        raise JobFileError(source, [_yaml_syntax_problem(exc, subst)]) from None
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise JobFileError(source, [_yaml_syntax_problem(exc, subst)]) from None
+    except RecursionError:
+        raise _too_deep(source) from None
     finally:
         loader.dispose()
     warnings.extend(loader.duplicates)
-    return data
+    return _checked(data, source)
 
 
 # --------------------------------------------------------------------------------------------

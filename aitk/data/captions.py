@@ -42,8 +42,21 @@ def _decode(raw: bytes, path: Path, warn: Callable[[str], None] | None, what: st
         return raw.decode("utf-8-sig", errors="replace")
 
 
-def _read_caption_file(path: Path, warn: Callable[[str], None] | None) -> str:
-    """Cleaned text of a caption file; "" when it is missing, unreadable or blank."""
+def leads_outside(path: Path, folder: Path) -> bool:
+    """Whether `path`, an entry of `folder`, is a link (or under one) that resolves outside `folder`."""
+    try:
+        return not path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return True
+
+
+def _read_caption_file(path: Path, warn: Callable[[str], None] | None, confine: Path | None = None) -> str:
+    """Cleaned text of a caption file; "" when it is missing, unreadable or blank, or (with
+    `confine`) a link leading outside that folder."""
+    if confine is not None and leads_outside(path, confine):
+        if warn:
+            warn(f"warning: caption file {path} is a link leading outside {confine}; it is not read here")
+        return ""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -77,13 +90,15 @@ def resolve_caption(
     default_caption: str,
     metadata: dict[str, str] | None,
     warn: Callable[[str], None] | None = None,
+    confine: Path | None = None,
 ) -> tuple[str, str]:
     """(caption text, source) of one image; source is "txt", "metadata" or "default".
 
     Order: a non-blank `<stem>.<caption_ext>` file, then the image's line in metadata.jsonl (looked
     up by `rel`, the '/'-separated path relative to the dataset folder), then `default_caption`.
+    With `confine` (a folder), a caption file that is a link leading outside it is not read.
     """
-    text = _read_caption_file(caption_path(image_path, caption_ext), warn)
+    text = _read_caption_file(caption_path(image_path, caption_ext), warn, confine)
     if text:
         return text, SOURCE_TXT
     if metadata:
@@ -100,14 +115,21 @@ def _normalise_name(name: str) -> str:
     return name
 
 
-def read_metadata_captions(folder: Path, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+def read_metadata_captions(
+    folder: Path, warn: Callable[[str], None] | None = None, confine: bool = False
+) -> dict[str, str]:
     """Captions from `<folder>/metadata.jsonl` (Hugging Face imagefolder layout).
 
     One JSON object per line: {"file_name": "a.png", "text": "..."} ("caption" or "prompt" are
     accepted instead of "text"). `file_name` is relative to the folder. Bad lines are skipped with a
-    warning naming the file and line; a missing file gives {}.
+    warning naming the file and line; a missing file gives {}, and so does (with `confine`) a link
+    leading outside the folder.
     """
     path = folder / METADATA_FILE
+    if confine and path.is_symlink() and leads_outside(path, folder):
+        if warn:
+            warn(f"warning: {path} is a link leading outside {folder}; it is not read here")
+        return {}
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -103,10 +103,19 @@ class DatasetScan:
         )
 
 
+def _user_path(value: str, key: str, label: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not have
+        raise DatasetError(
+            f"{label}: {key} {value!r} starts with ~ but names no user of this machine - write the full path"
+        ) from None
+
+
 def _aux_folder(value: str | None, key: str, label: str) -> Path | None:
     if not value:
         return None
-    folder = Path(value).expanduser()
+    folder = _user_path(value, key, label)
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is not a folder"
         raise DatasetError(f"{label}: {key} {folder} {what} - set {key} to a folder of images, or remove it")
@@ -179,6 +188,7 @@ def scan_dataset(
     divisibility: int,
     log: Callable[[str], None],
     frame_rule: str | None = None,
+    confine: bool = False,
 ) -> DatasetScan:
     """Scan one dataset entry. Raises DatasetError for a missing/empty folder (or mask/control folder)
     and for a resolution below `divisibility`; a folder whose files are all unusable is returned with
@@ -187,9 +197,11 @@ def scan_dataset(
     `frame_rule` is the model's accepted frame counts ("4k+1"; None for an image model). A dataset
     with num_frames > 1 is a video dataset: its clips (and still images, as one-frame clips) are
     planned with `plan_frames` and bucketed by a per-frame pixel budget.
+
+    `confine` (the web UI): links leading outside the dataset folder are not followed (see scan_folder).
     """
-    folder = Path(cfg.folder_path).expanduser()
     label = f"datasets[{index}]"
+    folder = _user_path(cfg.folder_path, "folder_path", label)
     if cfg.num_frames > 1 and frame_rule is None:
         raise DatasetError(
             f"{label}: num_frames {cfg.num_frames} asks for video training, but this model trains on "
@@ -203,7 +215,7 @@ def scan_dataset(
                 f"{label} ({folder}): resolution {r} is smaller than the model's bucket size "
                 f"multiple {divisibility} - use a resolution of at least {divisibility}"
             )
-    metadata = read_metadata_captions(folder, warn=log) if folder.is_dir() else {}
+    metadata = read_metadata_captions(folder, warn=log, confine=confine) if folder.is_dir() else {}
     scan = scan_folder(
         folder,
         caption_ext=cfg.caption_ext,
@@ -213,6 +225,7 @@ def scan_dataset(
         label=label,
         metadata=metadata,
         videos=cfg.num_frames > 1,
+        confine=confine,
     )
     if cfg.num_frames > 1 and (cfg.mask_path or cfg.control_path):
         raise DatasetError(

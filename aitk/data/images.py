@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aitk.data.captions import SOURCE_DEFAULT, apply_trigger, resolve_caption
+from aitk.data.captions import SOURCE_DEFAULT, apply_trigger, leads_outside, resolve_caption
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _EXIF_ORIENTATION = 0x0112
@@ -304,6 +304,7 @@ def scan_folder(
     label: str = "dataset",
     metadata: dict[str, str] | None = None,
     videos: bool = False,
+    confine: bool = False,
 ) -> ScanResult:
     """Scan an image folder. Raises DatasetError when the folder is missing or holds no image file.
 
@@ -311,6 +312,8 @@ def scan_folder(
     with one warning each and counted by reason. `metadata` is the folder's metadata.jsonl captions.
     With `videos`, clips (mp4, webm, mov, mkv, gif) are scanned too and carry their VideoInfo;
     without it, clips in the folder are skipped with a reason that says how to use them.
+    With `confine` (the web UI), links leading outside the folder are skipped unread, images and
+    caption files alike; the command line follows them (a dataset of links is a common layout).
     """
     if not folder.exists():
         raise DatasetError(
@@ -338,6 +341,8 @@ def scan_folder(
     for path in files:
         video = None
         try:
+            if confine and leads_outside(path, folder):
+                raise ValueError(f"outside the folder (a link to {_link_target(path)}; not followed here)")
             if path not in clip_set:
                 w, h = probe_image(path)
             elif not videos:
@@ -353,7 +358,8 @@ def scan_folder(
             skipped_files.append(SkippedFile(path, reason_key(str(exc)), str(exc)))
             continue
         rel = path.relative_to(folder).as_posix()
-        raw, source = resolve_caption(path, rel, caption_ext, default_caption, metadata, warn=log)
+        raw, source = resolve_caption(path, rel, caption_ext, default_caption, metadata, warn=log,
+                                      confine=folder if confine else None)
         records.append(
             ImageRecord(
                 path=path,

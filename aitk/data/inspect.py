@@ -94,8 +94,10 @@ def _dataset_lines(scan: DatasetScan) -> list[str]:
     return lines
 
 
-def inspect_job(path: str, out: Callable[[str], None] = print) -> int:
-    """Inspect the datasets of one job file. 0 when every dataset has usable images, else 1."""
+def inspect_job(path: str, out: Callable[[str], None] = print, *, confine: bool = False) -> int:
+    """Inspect the datasets of one job file. 0 when every dataset has usable images, else 1.
+
+    `confine` (the web UI): links leading outside a dataset folder are reported, not followed."""
     from aitk.config.loader import JobFileError, load_job_file
     from aitk.models.archs import data_facts
 
@@ -123,7 +125,7 @@ def inspect_job(path: str, out: Callable[[str], None] = print) -> int:
             try:
                 scan = scan_dataset(
                     index, cfg, process_trigger=process.trigger_word, divisibility=divisibility,
-                    log=notes.append, frame_rule=frame_rule,
+                    log=notes.append, frame_rule=frame_rule, confine=confine,
                 )
             except DatasetError as exc:
                 out(f"datasets[{index}] {cfg.folder_path}")

@@ -32,7 +32,8 @@ class Context:
         return Path(stored) if stored else self.settings.datasets_folder
 
     def job(self, job_id: int) -> Job:
-        job = self.store.get_job(job_id)
+        # ids are 64-bit in the database; a larger number is no job (not an overflow and a 500)
+        job = self.store.get_job(job_id) if -(2**63) <= job_id < 2**63 else None
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
         return job

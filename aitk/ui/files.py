@@ -14,15 +14,18 @@ from typing import Any
 
 from aitk.trainer.checkpoint import MANIFEST, list_checkpoints
 from aitk.fsutil import atomic_write_bytes
-from aitk.ui.security import media_kind
+from aitk.ui.security import inside, media_kind
 
 SAMPLE_RE = re.compile(r"^(\d{9})_(\d+)\.(jpg|jpeg|png|webp|mp4)$")
 STEP_FILE_RE = re.compile(r"_(\d{9})(?:_[a-z_]+)?\.safetensors$")
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "status.json"
+    if not inside(run_dir, path):
+        return None  # a link leading outside the run folder is not read
     try:
-        data = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # not there yet, or caught between writes on a file system without atomic rename
     return data if isinstance(data, dict) else None
@@ -96,16 +99,32 @@ def checkpoint_folders(run_dir: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ datasets
 
 
+def _own_file(folder: Path, entry: Path) -> bool:
+    """A regular file of `folder` that is not a link leading outside it (never listed nor read)."""
+    return entry.is_file() and inside(folder, entry)
+
+
+def read_caption(item: Path) -> str | None:
+    """The caption file beside a dataset item (`<stem>.txt`), as text; None when there is none or
+    it is a link leading outside the dataset folder. Bytes that are not UTF-8 are replaced."""
+    path = item.with_suffix(".txt")
+    if not _own_file(item.parent, path):
+        return None
+    try:
+        return path.read_bytes().decode("utf-8-sig", errors="replace")
+    except OSError:
+        return None
+
+
 def dataset_items(folder: Path) -> list[dict[str, Any]]:
     items = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
-        if entry.name.startswith(".") or not entry.is_file():
+        if entry.name.startswith(".") or not _own_file(folder, entry):
             continue
         kind = media_kind(entry.name)
         if kind is None:
             continue
-        caption_file = entry.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8", errors="replace") if caption_file.is_file() else None
+        caption = read_caption(entry)
         st = entry.stat()
         items.append({
             "name": entry.name, "kind": kind, "size": st.st_size, "modified": st.st_mtime,
@@ -117,7 +136,7 @@ def dataset_items(folder: Path) -> list[dict[str, Any]]:
 def dataset_summary(folder: Path) -> dict[str, Any]:
     images = videos = captions = size = 0
     for entry in folder.iterdir():
-        if entry.name.startswith(".") or not entry.is_file():
+        if entry.name.startswith(".") or not _own_file(folder, entry):
             continue
         kind = media_kind(entry.name)
         if kind == "image":
@@ -148,6 +167,10 @@ def thumbnail(source: Path, cache: Path, size: int = 256) -> Path:
         image = _first_frame(source)
     else:
         with Image.open(source) as opened:
+            w, h = opened.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and w * h > limit:  # Pillow itself refuses only above twice its limit
+                raise ValueError(f"too large ({w}x{h} pixels, over Pillow's decompression-bomb limit of {limit})")
             image = ImageOps.exif_transpose(opened)
             image.load()
     image = image.convert("RGB")

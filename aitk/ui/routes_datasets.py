@@ -205,8 +205,7 @@ def item_thumbnail(name: str, item: str, size: int = Query(256, ge=32, le=1024),
 
 @router.get("/datasets/{name}/items/{item}/caption")
 def get_caption(name: str, item: str, c: Context = Depends(ctx)) -> dict[str, Any]:
-    caption = _item(c, name, item).with_suffix(".txt")
-    return {"item": item, "caption": caption.read_text(encoding="utf-8") if caption.is_file() else None}
+    return {"item": item, "caption": files.read_caption(_item(c, name, item))}
 
 
 @router.put("/datasets/{name}/items/{item}/caption")

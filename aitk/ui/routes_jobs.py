@@ -22,7 +22,7 @@ from aitk.ui.context import Context, ctx
 from aitk.ui.metrics_query import DEFAULT_FIELDS
 from aitk.ui.metrics_query import lines as metrics_lines
 from aitk.ui.metrics_query import query as metrics_query
-from aitk.ui.security import Refused, check_name, safe_join
+from aitk.ui.security import Refused, check_name, inside, safe_join
 from aitk.ui.store import ACTIVE, QUEUED, RUNNING, STARTABLE, STOPPED, STOPPING, Job
 from aitk.ui.worker import job_files, output_log
 
@@ -234,7 +234,8 @@ def _log(c: Context, job: Job, lines: int, source: str = "auto") -> dict[str, An
     if source == "auto":
         source = "output" if output.is_file() else "log"
     path = output if source == "output" else log_txt
-    return {"source": source, "lines": files.tail_lines(path, lines)}
+    own = inside(path.parent, path)  # a link leading outside its folder is not read
+    return {"source": source, "lines": files.tail_lines(path, lines) if own else []}
 
 
 @router.get("/{job_id}/log")
@@ -255,7 +256,11 @@ def job_checkpoints(job_id: int, c: Context = Depends(ctx)) -> dict[str, Any]:
 
 
 def _metrics_file(c: Context, job: Job) -> Path:
-    return c.run_dir(job) / f"metrics_{job.name}.jsonl"
+    run_dir = c.run_dir(job)
+    path = run_dir / f"metrics_{job.name}.jsonl"
+    if not inside(run_dir, path):
+        raise Refused(f"{path.name} in the run folder is a link leading outside it; it is not read", 403)
+    return path
 
 
 @router.get("/{job_id}/metrics")
@@ -291,14 +296,15 @@ def inspect_job_datasets(job_id: int, c: Context = Depends(ctx)) -> dict[str, An
 
 
 def run_inspect(yaml_text: str) -> dict[str, Any]:
-    """`aitk dataset inspect` on a job text; the report lines and whether every dataset is usable."""
+    """`aitk dataset inspect` on a job text; the report lines and whether every dataset is usable.
+    Links leading outside a dataset folder are not followed (their files are not read)."""
     from aitk.data.inspect import inspect_job
 
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="aitk-inspect-") as tmp:
         path = Path(tmp) / "job.yaml"
         path.write_text(yaml_text, encoding="utf-8")
-        code = inspect_job(str(path), out=lines.append)
+        code = inspect_job(str(path), out=lines.append, confine=True)
     return {"ok": code == 0, "lines": [line.replace(str(path), "job") for line in lines]}
 
 

@@ -103,7 +103,11 @@ def settings_json(c: Context) -> dict[str, Any]:
 def _folder(value: str, what: str, base: Path) -> str:
     if "\x00" in value or not value.strip():
         raise Refused(f"{what}: give a folder path")
-    path = Path(value.strip()).expanduser()
+    try:
+        path = Path(value.strip()).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not have
+        raise Refused(f"{what}: {value.strip()!r} starts with ~ but names no user of this machine; "
+                      "write the full path") from None
     path = (path if path.is_absolute() else base / path).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)

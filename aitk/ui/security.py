@@ -91,15 +91,22 @@ def safe_join(root: Path, relative: str | list[str]) -> Path:
     for part in parts:
         _check_segment(part)
     base = root.resolve()
-    target = base.joinpath(*parts).resolve()
+    try:
+        target = base.joinpath(*parts).resolve()
+    except (RuntimeError, OSError):  # a link that leads back to itself
+        raise Refused("path is a link loop (it leads back to itself)", 404) from None
     if target != base and not target.is_relative_to(base):
         raise Refused("path leads outside the allowed folder", 403)
     return target
 
 
 def inside(root: Path, path: Path) -> bool:
-    base = root.resolve()
-    resolved = path.resolve()
+    """Whether `path` resolves (links followed) to `root` or below it; a link loop is not inside."""
+    try:
+        base = root.resolve()
+        resolved = path.resolve()
+    except (RuntimeError, OSError):
+        return False
     return resolved == base or resolved.is_relative_to(base)
 
 
