@@ -110,14 +110,12 @@ def fit_advice(job: JobFile, process_index: int, budget: int | None) -> str | No
     in `budget` bytes (the device's memory), as job keys; None when there is no plan or no fit."""
     if budget is None:
         return None
-    from aitk.plan import PlanInputError, plan_job
+    from aitk.plan import plan_job
     from aitk.plan.report import gib
 
     try:
         plan = plan_job(job, budget, process_index=process_index)
-    except PlanInputError:
-        return None
-    except Exception:  # noqa: BLE001 - advice only: the failure is reported either way
+    except Exception:  # noqa: BLE001 - advice only (no plan for this model, ...): the failure is reported either way
         return None
     if not plan.suggestion:
         if plan.fits:
