@@ -78,3 +78,30 @@ def test_ranks_agree_on_epoch_lengths_with_reg(folders):
         # every training image is used num_repeats times overall (minus a truncated batch at most)
         assert len(k0) + len(k1) >= 16 - 3
         assert r0.epoch == r1.epoch == epoch + 1
+
+
+def test_loading_ahead_changes_no_batch_and_saves_the_consumed_state(folders):
+    """The batch loaded in the background while a step runs: the same batches as loading on
+    demand, state_dict as of the batches handed out (not the one loaded ahead), and a rewind of
+    the same object (load_state_dict, epoch =) drops the batch loaded ahead."""
+    main, reg = folders
+    cfgs = [DatasetConfig(folder_path=str(main), resolution=64, flip_x=True, random_crop=True),
+            DatasetConfig(folder_path=str(reg), is_reg=True, resolution=64)]
+    ahead = TrainingData(cfgs, trigger_word=None, divisibility=16, batch_size=3, seed=5, log=lambda m: None)
+    plain = TrainingData(cfgs, trigger_word=None, divisibility=16, batch_size=3, seed=5, log=lambda m: None,
+                         prefetch=False)
+    assert ahead._ahead is not None and plain._ahead is None
+    states = []
+    for _ in range(7):
+        assert same(record(ahead.next_batch()), record(plain.next_batch()))
+        assert ahead.state_dict() == plain.state_dict()
+        states.append(ahead.state_dict())
+    assert ahead._sampler.state_dict() != ahead.state_dict()  # the sampler really is a batch ahead
+    ahead.load_state_dict(dict(states[2]))  # back to after batch 3, on the same object
+    plain.load_state_dict(dict(states[2]))
+    for _ in range(3):
+        assert same(record(ahead.next_batch()), record(plain.next_batch()))
+    ahead.epoch = plain.epoch = 4
+    assert ahead.state_dict() == plain.state_dict()
+    assert same(record(ahead.next_batch()), record(plain.next_batch()))
+    ahead.close()

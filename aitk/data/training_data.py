@@ -22,6 +22,7 @@ from aitk.config.schema import DatasetConfig
 from aitk.data.buckets import crop_geometry
 from aitk.data.captions import process_tags
 from aitk.data.dataset import DatasetScan, scan_dataset
+from aitk.data.prefetch import BatchesAhead
 from aitk.data.images import (
     DatasetError,
     ImageRecord,
@@ -130,6 +131,8 @@ class TrainingData:
         world_size: int = 1,
         log: Callable[[str], None] = print,
         frame_rule: str | None = None,
+        prefetch: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         if not datasets:
             raise DatasetError("no datasets configured - add at least one entry under datasets:")
@@ -168,6 +171,8 @@ class TrainingData:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aitk-data") if workers else None
         )
+        # the next batch loads while the current step runs (aitk/data/prefetch.py)
+        self._ahead = BatchesAhead(self._sampler, self._load_batch, pin_memory=pin_memory) if prefetch else None
 
     # ------------------------------------------------------------------ construction
     def _add_dataset(self, index: int, cfg: DatasetConfig, process_trigger: str | None) -> None:
@@ -252,12 +257,19 @@ class TrainingData:
         return self._items[self._reg_items(epoch)[entry - n]]
 
     # ------------------------------------------------------------------ public API
+    def _sampler_state(self) -> dict:
+        """The sampler's state after the batches handed out (the sampler itself may be a batch ahead)."""
+        ahead = self._ahead.consumed_state() if self._ahead is not None else None
+        return ahead if ahead is not None else self._sampler.state_dict()
+
     @property
     def epoch(self) -> int:
-        return self._sampler.epoch
+        return int(self._sampler_state()["epoch"])
 
     @epoch.setter
     def epoch(self, value: int) -> None:
+        if self._ahead is not None:
+            self._ahead.reset()
         self._sampler.load_state_dict({"epoch": int(value), "position": 0})
 
     @property
@@ -268,7 +280,7 @@ class TrainingData:
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         """This process's batches in an epoch (the current one by default). With is_reg datasets
         the number can differ slightly between epochs (partial batches)."""
-        return self._sampler.batches_in_epoch(self._sampler.epoch if epoch is None else int(epoch))
+        return self._sampler.batches_in_epoch(self.epoch if epoch is None else int(epoch))
 
     @property
     def needs_latent_cache(self) -> bool:
@@ -304,8 +316,8 @@ class TrainingData:
         return sorted(pairs, key=lambda pair: (pair[0], [str(p) for p in pair[1]]))
 
     def state_dict(self) -> dict:
-        state = self._sampler.state_dict()
-        state["batches_per_epoch"] = self._sampler.batches_in_epoch(self._sampler.epoch)
+        state = self._sampler_state()
+        state["batches_per_epoch"] = self._sampler.batches_in_epoch(int(state["epoch"]))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -316,10 +328,16 @@ class TrainingData:
                 f"warning: the datasets changed since the checkpoint ({saved} -> {now} "
                 "batches per epoch); resuming at the saved epoch, the batch order differs"
             )
+        if self._ahead is not None:
+            self._ahead.reset()
         self._sampler.load_state_dict(state)
 
     def next_batch(self) -> Batch:
-        epoch, entries = self._sampler.next()
+        if self._ahead is not None:
+            return self._ahead.next()
+        return self._load_batch(*self._sampler.next())
+
+    def _load_batch(self, epoch: int, entries: list[int]) -> Batch:
         if self._pool is not None and len(entries) > 1:
             results = list(self._pool.map(lambda e: self._sample_or_none(epoch, e), entries))
         else:
@@ -431,6 +449,9 @@ class TrainingData:
         self._log(f"latent cache: {encoded} latents encoded, {reused} reused")
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

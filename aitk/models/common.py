@@ -59,8 +59,9 @@ def encode_mode(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.T
     fp32 because fp16 VAEs overflow; the mode (not a sample) because it is deterministic, so cached
     latents and resumed runs agree.
     """
-    pixels = pixels.to(device, dtype=torch.float32)
-    return vae.encode(pixels).latent_dist.mode()
+    pixels = pixels.to(device, dtype=torch.float32, non_blocking=True)
+    with torch.no_grad():  # the VAE is never trained: no graph to record
+        return vae.encode(pixels).latent_dist.mode()
 
 
 def pixels_to_pil(pixels: torch.Tensor, scale_factor: int) -> list[Any]:

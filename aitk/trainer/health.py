@@ -23,19 +23,33 @@ MAX_TRACKED_ELEMENTS = 1 << 20
 
 
 @dataclass
+class KeptSigns:
+    """One expert's gradient signs as one flat int8 vector on the device, and its layout: the
+    (name, element count) of each tensor in order. One vector makes a step's measure a handful of
+    ops whatever the number of tensors."""
+
+    layout: tuple[tuple[str, int], ...]
+    flat: torch.Tensor
+
+    def by_name(self) -> dict[str, torch.Tensor]:
+        sizes = [n for _, n in self.layout]
+        return {name: part for (name, _), part in zip(self.layout, torch.split(self.flat, sizes))}
+
+
+@dataclass
 class SignMeasure:
     """One step's gradient signs (on the device) and their agreement with the previous step's
     (a 0-dim tensor on the device, None on the expert's first step): read by the step's one host
     sync, kept (`GradientSignTracker.commit`) only when the update is applied."""
 
     expert: str
-    signs: dict[str, torch.Tensor]
+    signs: KeptSigns
     agreement: torch.Tensor | None
 
 
 class GradientSignTracker:
     def __init__(self, max_elements: int = MAX_TRACKED_ELEMENTS) -> None:
-        self._previous: dict[str, dict[str, torch.Tensor]] = {}  # on the device the gradients are on
+        self._previous: dict[str, KeptSigns] = {}  # on the device the gradients are on
         self.max_elements = int(max_elements)
 
     @torch.no_grad()
@@ -43,16 +57,24 @@ class GradientSignTracker:
         """This step's signs and their agreement with the kept ones, without a host sync.
         Tensors without a gradient are left out."""
         present = {name: grad for name, grad in named_grads.items() if grad is not None}
+        if not present:
+            return SignMeasure(expert, KeptSigns((), torch.zeros(0, dtype=torch.int8)), None)
         stride = max(1, -(-sum(g.numel() for g in present.values()) // self.max_elements))
-        signs = {name: torch.sign(grad.detach().reshape(-1)[::stride]).to(torch.int8) for name, grad in present.items()}
+        device = next(iter(present.values())).device
+        parts = [g.detach().reshape(-1)[::stride].to(device) for g in present.values()]
+        layout = tuple((name, part.numel()) for name, part in zip(present, parts))
+        signs = KeptSigns(layout, torch.cat(parts).sign_().to(torch.int8))
         previous = self._previous.get(expert)
-        shared = [n for n in signs if previous is not None and n in previous and previous[n].numel() == signs[n].numel()]
+        if previous is None:
+            return SignMeasure(expert, signs, None)
+        if previous.layout == layout:  # every step but the first after a change of tensors
+            return SignMeasure(expert, signs, signs.flat.eq(previous.flat.to(device)).float().mean())
+        before, now = previous.by_name(), signs.by_name()
+        shared = [n for n in now if n in before and before[n].numel() == now[n].numel()]
         if not shared:
             return SignMeasure(expert, signs, None)
-        device = signs[shared[0]].device
-        now = torch.cat([signs[n].to(device) for n in shared])
-        before = torch.cat([previous[n].to(device) for n in shared])  # type: ignore[index]
-        return SignMeasure(expert, signs, (now == before).float().mean())  # weighted by element count
+        same = torch.cat([now[n] for n in shared]).eq(torch.cat([before[n].to(device) for n in shared]))
+        return SignMeasure(expert, signs, same.float().mean())  # weighted by element count
 
     def commit(self, measured: SignMeasure) -> None:
         self._previous[measured.expert] = measured.signs
@@ -64,10 +86,15 @@ class GradientSignTracker:
         return None if measured.agreement is None else float(measured.agreement)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {e: {k: v.to("cpu", copy=True) for k, v in signs.items()} for e, signs in self._previous.items()}
+        """Per expert, per tensor name (the checkpoint's health.pt format)."""
+        return {e: {k: v.to("cpu", copy=True) for k, v in kept.by_name().items()} for e, kept in self._previous.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]] | None) -> None:
-        self._previous = {e: {k: v.to(torch.int8) for k, v in signs.items()} for e, signs in (state or {}).items()}
+        self._previous = {}
+        for expert, signs in (state or {}).items():
+            if signs:
+                layout = tuple((k, v.numel()) for k, v in signs.items())
+                self._previous[expert] = KeptSigns(layout, torch.cat([v.reshape(-1).to(torch.int8) for v in signs.values()]))
 
 
 class TrainingHealth:

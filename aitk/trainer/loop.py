@@ -79,6 +79,7 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         self.wandb: Any = None  # logging.use_wandb: the WandbRun (main process)
         self.failure: Failure | None = None  # why the run ended in error (aitk.trainer.failure)
         self.rollback_pending = False  # train.nan_policy rollback: due before the next step
+        self._named_params_by_expert: dict[str | None, dict[str, torch.nn.Parameter]] = {}
 
     # ------------------------------------------------------------------ status
     def _set_status(self, **fields: Any) -> None:
@@ -96,21 +97,21 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         with timer.phase("forward"):  # the encoders (when not cached), the denoiser and the loss
             with self.placement.using(*self.step_parts):  # parked (low_vram) VAE etc. come in for this
                 if batch.latents is not None:
-                    latents = batch.latents.to(self.session.device)
+                    latents = batch.latents.to(self.session.device, non_blocking=True)
                 else:
                     latents = self.adapter.encode_images(batch.pixels)
                 noisy = self.adapter.make_noisy_batch(
                     latents, self.train_cfg, self.noise_generator, self._batch_context(batch)
                 )
             cond = self.conditioner.for_batch(batch.captions, batch.is_reg, batch.control_files)
-            weights = batch.loss_multiplier.to(self.session.device)
+            weights = batch.loss_multiplier.to(self.session.device, non_blocking=True)
             if noisy.loss_weights is not None:
                 weights = weights * noisy.loss_weights
             with self.session.autocast():
                 prediction = self.adapter.predict(noisy, cond)
             mask = None
             if batch.masks is not None:
-                mask = latent_mask(batch.masks.to(self.session.device), noisy.target)
+                mask = latent_mask(batch.masks.to(self.session.device, non_blocking=True), noisy.target)
             loss = diffusion_loss(
                 prediction.float(),
                 noisy.target.float(),
@@ -132,8 +133,8 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             original_sizes=list(batch.original_sizes),
             crops_top_left=list(batch.crops_top_left),
             target_sizes=[bucket] * len(batch) if bucket is not None else [],
-            controls=batch.controls.to(device) if batch.controls is not None else None,
-            first_frames=batch.first_frames.to(device) if batch.first_frames is not None else None,
+            controls=batch.controls.to(device, non_blocking=True) if batch.controls is not None else None,
+            first_frames=batch.first_frames.to(device, non_blocking=True) if batch.first_frames is not None else None,
             expert=self.active_expert,
         )
 
@@ -175,13 +176,17 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
     def _step_params(self) -> list[torch.nn.Parameter]:
         """Parameters this step trains: the active expert's only, so the other's stay untouched."""
         expert = self.active_expert
-        return self.params if expert is None else self.network.trainable_parameters(expert)
+        return self.params if expert is None else list(self._step_named_params().values())
 
     def _step_named_params(self) -> dict[str, torch.nn.Parameter]:
+        # built once per expert: the trained tensors keep their identity for the whole run (resume
+        # and rollback copy values into them)
         expert = self.active_expert
-        if expert is None:
-            return self.network.named_trainable_parameters()
-        return self.network[expert].named_trainable_parameters()
+        named = self._named_params_by_expert.get(expert)
+        if named is None:
+            source = self.network if expert is None else self.network[expert]
+            named = self._named_params_by_expert[expert] = source.named_trainable_parameters()
+        return named
 
     def _optimizer_step(self) -> tuple[float, float, list[float], int, bool, float | None]:
         accumulation = self.train_cfg.accumulation_steps
@@ -201,8 +206,12 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.max_grad_norm
+        params = self._step_params()
+        # foreach: one pass over all gradients (torch picks it by itself on CUDA only); not for
+        # FSDP's sharded tensors
+        foreach = True if self.fsdp is None and all(p.device.type in ("cpu", "cuda") for p in params) else None
         norm_on_device = torch.nn.utils.clip_grad_norm_(
-            self._step_params(), max_norm if max_norm and max_norm > 0 else float("inf")
+            params, max_norm if max_norm and max_norm > 0 else float("inf"), foreach=foreach
         )
         signs = self._measure_signs()
         # The step's one host sync: loss, gradient norm and sign agreement travel together

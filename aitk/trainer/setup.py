@@ -69,6 +69,7 @@ class TrainerSetup:
             world_size=self.session.world_size,
             log=self.log,
             frame_rule=adapter_cls.frame_rule,
+            pin_memory=torch.device(self.session.device).type == "cuda",  # copies to the GPU overlap the step
         )
         for line in self.data.summary_lines:
             self.log(line)

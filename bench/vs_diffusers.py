@@ -1,0 +1,157 @@
+"""aitk against diffusers' example `train_text_to_image_lora.py` on the same tiny SD 1.5 work.
+
+Same tiny model, 16 images at 64 px, batch 2, rank 4, fp32, the same LoRA modules (to_q, to_k,
+to_v, to_out.0 of the UNet), one CPU thread each. Both encode latents every step (aitk's latent
+cache off); aitk keeps its default text-embedding cache, which the script does not have. A second
+aitk row turns the latent cache on. Each trainer's step time is the median gap between optimizer
+steps (torch's global optimizer step hook, the same clock for both) after a warm-up, in RUNS
+interleaved runs; the median over runs is printed with the ratio. Aim (#16): aitk <= 0.9x.
+
+The script is not ours and is never committed: pass a scratch copy (from the diffusers repository,
+examples/text_to_image/) with --script, and an interpreter that has `datasets` installed with
+--python. torchvision has no CPU build for our torch; --shim names a folder with a stand-in for
+the few transforms the script uses (docs/benchmarks.md says how the published figures were made).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STEPS = 200
+WARMUP = 20
+IMAGES = 16
+MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+# Runs the target (a module or a script) with a timestamp per optimizer step written to a file.
+STEP_CLOCK = """
+import runpy, sys, time, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+stamps = []
+register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+out, kind, target, *rest = sys.argv[1:]
+sys.argv = [target, *rest]
+try:
+    runpy.run_module(target, run_name="__main__") if kind == "module" else runpy.run_path(target, run_name="__main__")
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+finally:
+    open(out, "w").write("\\n".join(map(str, stamps)))
+"""
+
+
+def make_work(workdir: Path) -> tuple[Path, Path]:
+    """The tiny model and a 16-image dataset captioned both ways (.txt for aitk, metadata.jsonl
+    for the script's imagefolder loader)."""
+    from PIL import ImageOps
+
+    from aitk.demo import draw_dataset
+    from aitk.models.sd import build_tiny_sd15
+
+    model = build_tiny_sd15(workdir / "tiny-sd15")
+    drawn = workdir / "drawn"
+    draw_dataset(drawn)
+    data = workdir / "data"
+    data.mkdir()
+    images = sorted(p for p in drawn.iterdir() if p.suffix == ".png")
+    rows = []
+    for index in range(IMAGES):
+        source = images[index % len(images)]
+        caption = source.with_suffix(".txt").read_text().strip()
+        name = f"{index:02d}.png"
+        from PIL import Image
+
+        image = Image.open(source)
+        (ImageOps.mirror(image) if index >= len(images) else image).save(data / name)
+        (data / name).with_suffix(".txt").write_text(caption)
+        rows.append({"file_name": name, "text": caption})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, data
+
+
+def aitk_job(workdir: Path, model: Path, data: Path, name: str, cache_latents: bool) -> Path:
+    import yaml
+
+    process = {
+        "type": "sd_trainer", "training_folder": str(workdir / "aitk-out"), "device": "cpu",
+        "training_seed": 0,
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4,
+                    "network_kwargs": {"only_if_contains": MODULES}},
+        "save": {"dtype": "float32", "save_every": 100000},
+        "datasets": [{"folder_path": str(data), "resolution": [64], "cache_latents": cache_latents}],
+        "train": {"steps": STEPS, "batch_size": 2, "lr": 1e-4, "optimizer": "adamw",
+                  "skip_first_sample": True},
+        "model": {"name_or_path": str(model)},
+    }
+    job = workdir / f"{name}.yaml"
+    job.write_text(yaml.safe_dump({"job": "extension", "config": {"name": name, "process": [process]}}))
+    return job
+
+
+def step_time(python: str, clock: Path, args: list[str], env: dict[str, str], workdir: Path) -> float:
+    stamps_file = workdir / "stamps.txt"
+    result = subprocess.run([python, str(clock), str(stamps_file), *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{args[1]} failed:\n{result.stderr[-3000:]}")
+    stamps = [float(s) for s in stamps_file.read_text().split()]
+    if len(stamps) != STEPS:
+        raise SystemExit(f"{args[1]}: {len(stamps)} optimizer steps, expected {STEPS}")
+    return statistics.median(b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--script", required=True, type=Path, help="scratch copy of train_text_to_image_lora.py")
+    parser.add_argument("--python", default=sys.executable, help="interpreter with `datasets` for the script")
+    parser.add_argument("--shim", type=Path, help="folder with a torchvision stand-in for the script")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    script_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in [str(args.shim or ""), env.get("PYTHONPATH", "")] if p))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model, data = make_work(workdir)
+        clock = workdir / "step_clock.py"
+        clock.write_text(STEP_CLOCK)
+        script_args = [
+            "path", str(args.script.resolve()), "--pretrained_model_name_or_path", str(model),
+            "--train_data_dir", str(data), "--caption_column", "text", "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", str(STEPS), "--rank", "4",
+            "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",
+            "--dataloader_num_workers", "0", "--mixed_precision", "no", "--report_to", "tensorboard",
+            "--output_dir", str(workdir / "diffusers-out"), "--checkpointing_steps", "100000",
+        ]
+        rows: dict[str, list[float]] = {"diffusers": [], "aitk": [], "aitk_cached": []}
+        for run in range(args.runs):
+            for name in (list(rows) if run % 2 == 0 else list(reversed(rows))):
+                shutil.rmtree(workdir / "aitk-out", ignore_errors=True)
+                shutil.rmtree(workdir / "diffusers-out", ignore_errors=True)
+                if name == "diffusers":
+                    seconds = step_time(args.python, clock, script_args, script_env, workdir)
+                else:
+                    job = aitk_job(workdir, model, data, name, cache_latents=name == "aitk_cached")
+                    seconds = step_time(sys.executable, clock, ["module", "aitk", "run", str(job)], env, workdir)
+                rows[name].append(seconds)
+                print(f"run {run + 1} {name}: {seconds * 1000:.1f} ms/step", flush=True)
+    base = statistics.median(rows["diffusers"])
+    print(f"diffusers train_text_to_image_lora.py: {base * 1000:.1f} ms/step (median of {args.runs})")
+    for name, label in (("aitk", "aitk, latents encoded each step"), ("aitk_cached", "aitk, latent cache on")):
+        ours = statistics.median(rows[name])
+        print(f"{label + ':':38s} {ours * 1000:.1f} ms/step = {ours / base:.2f}x (aim: <= 0.90x)")
+
+
+if __name__ == "__main__":
+    main()
