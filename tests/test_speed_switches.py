@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 STEPS = 20
 
@@ -88,3 +89,22 @@ def test_compile_with_layer_offloading_is_refused_before_loading(make_job, capsy
     job = make_job("compile_offload", train={"compile": True}, model={"layer_offloading": True})
     assert validate_command([str(job)], strict=False) != 0
     assert "train.compile with model.layer_offloading" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_fp32_master_weights(make_job, baseline):
+    """train.dtype bf16: the frozen base is stored in bf16 and the forward runs in bf16 autocast,
+    while the LoRA (the trained weights and their optimizer state) stays fp32; the losses follow
+    the fp32 run within bf16's precision (8 bits of mantissa)."""
+    job = make_job("bf16", train={"steps": STEPS, "dtype": "bf16"})
+    trainer, result = train(job)
+    assert result.state == "completed"
+    assert trainer.session.mixed_precision == "bf16"
+    unet = trainer.adapter.denoiser()
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trainer.params and all(p.dtype == torch.float32 for p in trainer.params)
+    moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    losses = losses_of(job)
+    assert len(losses) == STEPS and losses != baseline  # really ran in bf16
+    assert losses == pytest.approx(baseline, rel=0.05)

@@ -67,7 +67,5 @@ class BatchesAhead:
         self._sampler.load_state_dict(before)
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending[1].cancel()
-            self._pending = None
+        self.reset()  # the sampler's state stays what was handed out
         self._executor.shutdown(wait=False, cancel_futures=True)

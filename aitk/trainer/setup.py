@@ -299,6 +299,12 @@ class TrainerSetup:
             raise TrainingAborted(f"network: {exc}") from exc
         self.network = NetworkGroup(networks, self._text_encoder_networks())
         self.params = self.network.trainable_parameters()
+        if self.session.mixed_precision != "no":
+            # fp32 master weights: bf16 / fp16 is the frozen base's dtype and the autocast dtype of
+            # the forward; the network's own weights, their gradients and the optimizer state stay
+            # fp32, so small updates are not rounded away (mixed precision as accelerate and kohya do)
+            for param in self.params:
+                param.data = param.data.float()
         for name, handle in self.network.items():
             count = sum(p.numel() for p in handle.trainable_parameters())
             which = "" if self.network.is_single else f" ({name} expert)"
