@@ -28,9 +28,13 @@ demo: $(STAMP)
 INTEROP_RESULTS ?= $(CURDIR)/.cache/interop-results.json
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 AITK_E2E_REQUIRED=1 AITK_INTEROP_RESULTS=$(INTEROP_RESULTS)
 
+# pytest-xdist: one worker per core (at most 4), each test file on one worker (module fixtures are
+# built once); each worker trains on one thread (OMP_NUM_THREADS=1).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP) ui e2e-deps
 	rm -f $(INTEROP_RESULTS)
-	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/test_interop_table.py
+	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/test_interop_table.py -n $(TEST_WORKERS) --dist loadfile
 	$(TEST_ENV) $(PY) -m pytest tests/test_interop_table.py
 
 # Property-based fuzzing (tests/test_fuzz_*.py) with ten times the examples `make test` runs, drawn
@@ -89,3 +93,14 @@ clean:
 .PHONY: bench-gpu
 bench-gpu: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/gpu.py
+
+# The CUDA image of aitk with the web UI (docker/Dockerfile; run it with docker/compose.yaml, or as a
+# RunPod template: docs/cloud.md). Needs a docker daemon and the network; not part of `make test`,
+# whose tests/test_docker.py lints the files and builds the image only where a daemon can pull.
+# DOCKER_BUILD_ARGS, e.g. "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128".
+DOCKER ?= docker
+DOCKER_IMAGE ?= aitk:latest
+DOCKER_BUILD_ARGS ?=
+.PHONY: docker
+docker:
+	$(DOCKER) build -f docker/Dockerfile -t $(DOCKER_IMAGE) $(DOCKER_BUILD_ARGS) .

@@ -1,5 +1,5 @@
 """`aitk` command line: run, validate, plan, dataset inspect, schedule replay, demo, ui, worker,
-convert, merge, lora info."""
+convert, merge, lora info, caption, cloud."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _close_process_group() -> None:
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
+    from aitk.config.caption import CaptionJobFile
     from aitk.config.loader import JobFileError, load_job_file
     from aitk.trainer.loop import Trainer
     from aitk.trainer.stop import StopController
@@ -38,10 +39,19 @@ def _run_jobs(args: argparse.Namespace) -> int:
     stop = StopController()
     for job_path in args.jobs:
         try:
-            loaded = load_job_file(job_path, strict=args.strict)
+            loaded = load_job_file(job_path, strict=args.strict, caption_ok=True)
         except JobFileError as exc:
             print(str(exc), file=sys.stderr)
             return EXIT_BAD_INPUT  # = the exit code of reason config (aitk.trainer.failure)
+        if isinstance(loaded.job, CaptionJobFile):  # a caption job (aitk/config/caption.py)
+            for warning in loaded.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            from aitk.caption.command import run_caption_job
+
+            code = run_caption_job(loaded)
+            if code != EXIT_OK:
+                return code
+            continue
         from aitk.config.start_warnings import run_start_warnings
 
         logged_by_run = set(run_start_warnings(loaded.job))  # each run's log says these itself
@@ -112,6 +122,12 @@ def cmd_push(args: argparse.Namespace) -> int:
         log=lambda message: print(message, file=sys.stderr),
     )
     return EXIT_OK if result.state == "uploaded" else EXIT_FAILED
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from aitk.model_cache import run_fetch_command
+
+    return run_fetch_command(args.target, revision=args.revision, token_from_job=args.token_from_job)
 
 
 def _ui_settings(args: argparse.Namespace):
@@ -201,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--public", action="store_true", help="create the repo public (default: save.hf_private)")
     push.set_defaults(func=cmd_push)
 
+    fetch = sub.add_parser("fetch-model", help="download a hub model (or every hub model a job file names) into "
+                           "the Hugging Face cache ahead of a run (docs/hub.md)")
+    fetch.add_argument("target", help="owner/name (a model repo), owner/name/file (one file) or a job file")
+    fetch.add_argument("--revision", help="branch, tag or commit of the model repo (default main)")
+    fetch.add_argument("--token-from-job", metavar="JOB.yaml", help="use the token of this job (HF_TOKEN in a .env "
+                       "next to it); a job file given as target uses its own")
+    fetch.set_defaults(func=cmd_fetch_model)
+
     ui = sub.add_parser("ui", help="web UI: queue, run, watch and stop jobs from a browser (docs/ui.md)")
     ui.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1 without "
                     "AI_TOOLKIT_AUTH, all interfaces with it)")
@@ -217,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     from aitk.tools.commands import add_tool_commands
 
     add_tool_commands(sub)  # convert, merge, lora info
+    from aitk.caption.command import add_caption_command
+
+    add_caption_command(sub)
+    from aitk.cloud.commands import add_cloud_commands
+
+    add_cloud_commands(sub)  # cloud modal, cloud modal-pull
     return parser
 
 
@@ -224,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `aitk job.yaml` and `python run.py job.yaml` (ai-toolkit's spelling) mean `aitk run job.yaml`.
     known = {"run", "validate", "plan", "dataset", "schedule", "demo", "push", "ui", "worker", "convert", "merge",
-             "lora", "-h", "--help"}
+             "lora", "caption", "cloud", "fetch-model", "-h", "--help"}
     if argv and argv[0] not in known:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)

@@ -7,10 +7,11 @@ aitk row turns the latent cache on. Each trainer's step time is the median gap b
 steps (torch's global optimizer step hook, the same clock for both) after a warm-up, in RUNS
 interleaved runs; the median over runs is printed with the ratio. Aim (#16): aitk <= 0.9x.
 
-The script is not ours and is never committed: pass a scratch copy (from the diffusers repository,
-examples/text_to_image/) with --script, and an interpreter that has `datasets` installed with
---python. torchvision has no CPU build for our torch; --shim names a folder with a stand-in for
-the few transforms the script uses (docs/benchmarks.md says how the published figures were made).
+The script is not ours and is never committed: pass a copy of it (from the diffusers repository,
+examples/text_to_image/) with --script, and an interpreter that has `datasets` and `tensorboard`
+(the script's default tracker) with --python (docs/benchmarks.md: how). torchvision has no CPU
+build for our torch, so the bench runs a scratch copy of the script whose torchvision import is
+replaced by bench/vs_diffusers_transforms.py, unless --python can import torchvision.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 STEPS = 200
@@ -80,6 +82,20 @@ def make_work(workdir: Path) -> tuple[Path, Path]:
     return model, data
 
 
+def scratch_script(script: Path, python: str, workdir: Path) -> Path:
+    """A copy of the script to run: as is when `python` has torchvision, else with the stand-in."""
+    has_torchvision = subprocess.run([python, "-c", "import torchvision"], capture_output=True).returncode == 0
+    text = script.read_text()
+    line = "from torchvision import transforms"
+    if not has_torchvision:
+        if line not in text:
+            raise SystemExit(f"{script}: no `{line}` line to replace (torchvision is missing)")
+        text = text.replace(line, "import vs_diffusers_transforms as transforms", 1)
+    copy = workdir / "train_text_to_image_lora.py"
+    copy.write_text(text)
+    return copy
+
+
 def aitk_job(workdir: Path, model: Path, data: Path, name: str, cache_latents: bool) -> Path:
     import yaml
 
@@ -115,19 +131,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--script", required=True, type=Path, help="scratch copy of train_text_to_image_lora.py")
     parser.add_argument("--python", default=sys.executable, help="interpreter with `datasets` for the script")
-    parser.add_argument("--shim", type=Path, help="folder with a torchvision stand-in for the script")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    script_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in [str(args.shim or ""), env.get("PYTHONPATH", "")] if p))
+    script_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in [str(BENCH), env.get("PYTHONPATH", "")] if p))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        script = scratch_script(args.script, args.python, workdir)
         model, data = make_work(workdir)
         clock = workdir / "step_clock.py"
         clock.write_text(STEP_CLOCK)
         script_args = [
-            "path", str(args.script.resolve()), "--pretrained_model_name_or_path", str(model),
+            "path", str(script), "--pretrained_model_name_or_path", str(model),
             "--train_data_dir", str(data), "--caption_column", "text", "--resolution", "64",
             "--train_batch_size", "2", "--max_train_steps", str(STEPS), "--rank", "4",
             "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--seed", "0",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,11 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests never read or change the user's own hub cache (the model-cache routes list and delete
+# in it): each test session gets an empty one, set before huggingface_hub reads its constants.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="aitk-tests-hf-home-")
+for _cache_variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    os.environ.pop(_cache_variable, None)
 
 
 @pytest.fixture(scope="session", autouse=True)

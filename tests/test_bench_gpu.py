@@ -177,6 +177,9 @@ def test_soft_deadline_cuts_timed_steps_short_after_the_first():
 
 def _run(tmp_path: Path, *argv: str) -> gpu.Run:
     run = gpu.Run(gpu.parse_args(["--dry-run", "--out", str(tmp_path), *argv]))
+    # the budget counts from the bench's start-up, which for a test is its module's import at
+    # collection, possibly many minutes before it runs
+    run.budget = gpu.Budget(run.args.max_seconds, started=time.monotonic())
     run.ops = CPU
     run.meta["matmul_peak_flops"] = 1e9
     return run

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from aitk.ui.security import COOKIE, OPEN_ROUTES
-from aitk.ui.server import bind_address, create_app, route_table
+from aitk.ui.server import ExposedWithoutToken, bind_address, create_app, route_table
 from aitk.ui.settings import UISettings
 from aitk.ui.store import RUNNING, Store
 
@@ -211,7 +211,8 @@ def test_without_a_token_only_localhost_is_served(tmp_path):
     settings = make_settings(tmp_path, token=None)
     host, notes = bind_address(settings, None)
     assert host == "127.0.0.1" and "127.0.0.1 only" in notes[0]
-    assert bind_address(settings, "0.0.0.0")[1][0].startswith("warning")
+    with pytest.raises(ExposedWithoutToken, match="AI_TOOLKIT_AUTH"):  # all interfaces need a token
+        bind_address(settings, "0.0.0.0")
     assert bind_address(make_settings(tmp_path / "b"), None)[0] == "0.0.0.0"
     app = create_app(settings, loopback_only=True)
     with TestClient(app, base_url="http://localhost:8675") as client:

@@ -85,11 +85,12 @@ class _Resolved:
     union_at: int | None = None  # len(parts) where a union tag was consumed
     union_ann: Any = None
     union_member: Any = None
+    root: Any = JobFile  # the schema the location starts from (JobFile, or a caption job's)
 
 
-def _resolve(loc: tuple[str | int, ...]) -> _Resolved:
-    r = _Resolved(parts=[])
-    ann: Any = JobFile
+def _resolve(loc: tuple[str | int, ...], root: type[BaseModel] = JobFile) -> _Resolved:
+    r = _Resolved(parts=[], root=root)
+    ann: Any = root
     for item in loc:
         r.field = None
         if ann is None:
@@ -240,8 +241,8 @@ def _is_container(ann: Any) -> bool:
     return get_origin(ann) in (list, dict) or _is_model(ann)
 
 
-def _section_of(parts: list[str | int]) -> type[BaseModel]:
-    ann = _strip_optional(_resolve(tuple(parts)).ann) if parts else JobFile
+def _section_of(parts: list[str | int], root: type[BaseModel] = JobFile) -> type[BaseModel]:
+    ann = _strip_optional(_resolve(tuple(parts), root).ann) if parts else root
     return ann if _is_model(ann) else BaseModel
 
 
@@ -261,7 +262,7 @@ def _error_message(err: Mapping[str, Any], r: _Resolved, data: Any) -> str:
         found, parent = _get(data, parts[:-1])
         if found and isinstance(parent, dict):
             for other in parent:
-                if str(other) != str(key) and suggest(str(other), _section_of(parts[:-1])) == f"did you mean {key!r}?":
+                if str(other) != str(key) and suggest(str(other), _section_of(parts[:-1], r.root)) == f"did you mean {key!r}?":
                     hint += f" (found {str(other)!r}: did you mean {key!r}?)"
                     break
         return f"{path}: required key missing; {hint}"
@@ -301,9 +302,9 @@ def _error_message(err: Mapping[str, Any], r: _Resolved, data: Any) -> str:
     return f"{path}: {shown} is not valid; use {_describe(r.ann, r.field)}"
 
 
-def validation_problems(exc: ValidationError, data: Any) -> list[str]:
+def validation_problems(exc: ValidationError, data: Any, root: type[BaseModel] = JobFile) -> list[str]:
     errors = exc.errors(include_url=False)
-    resolved = [(err, _resolve(tuple(err["loc"]))) for err in errors]
+    resolved = [(err, _resolve(tuple(err["loc"]), root)) for err in errors]
     problems: list[str] = []
     handled_unions: set[tuple[str | int, ...]] = set()
     for err, r in resolved:

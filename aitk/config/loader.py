@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from aitk.config.caption import CaptionJobFile, caption_job_problem, is_caption_job, parse_caption_job
 from aitk.config.errors import JobFileError, fmt_value, validation_problems
 from aitk.config.keys import unknown_keys
 from aitk.config.schema import JobFile
@@ -27,7 +28,7 @@ __all__ = ["JobFileError", "LoadedJob", "load_job_file", "parse_job_text", "dump
 
 @dataclass
 class LoadedJob:
-    job: JobFile
+    job: JobFile | CaptionJobFile  # a caption job only where the caller accepts one (caption_ok)
     warnings: list[str] = field(default_factory=list)
     path: Path = Path("<text>")
 
@@ -38,8 +39,11 @@ def parse_job_text(
     source: str = "<text>",
     strict: bool = False,
     environ: Mapping[str, str] | None = None,
+    caption_ok: bool = False,
 ) -> LoadedJob:
-    """Parse and validate a job given as text (YAML, JSON or JSONC, sniffed)."""
+    """Parse and validate a job given as text (YAML, JSON or JSONC, sniffed). A caption job
+    (aitk/config/caption.py) is a CaptionJobFile with `caption_ok`, else refused with the command
+    that runs it."""
     warnings: list[str] = []
     data = parse_text(text, source, environ, warnings)
     if data is None:
@@ -51,6 +55,14 @@ def parse_job_text(
             source, [f"(top level): found {kind}; a job file is a mapping with `job:`, `config:` and optional `meta:`"]
         )
     data = apply_name(data)
+    if is_caption_job(data):
+        if not caption_ok:
+            raise JobFileError(source, [caption_job_problem(source)])
+        caption_job, caption_warnings = parse_caption_job(data, source)
+        unknown = unknown_keys(caption_job, strict=strict)
+        if strict and unknown:
+            raise JobFileError(source, unknown)
+        return LoadedJob(job=caption_job, warnings=warnings + unknown + caption_warnings, path=Path(source))
     try:
         job = JobFile.model_validate(data)
     except ValidationError as exc:
@@ -68,9 +80,10 @@ def load_job_file(
     *,
     strict: bool = False,
     environ: Mapping[str, str] | None = None,
+    caption_ok: bool = False,
 ) -> LoadedJob:
     """Read, substitute, parse and validate a job file. Raises JobFileError with a complete message."""
-    loaded = parse_job_text(read_text(path), source=str(path), strict=strict, environ=environ)
+    loaded = parse_job_text(read_text(path), source=str(path), strict=strict, environ=environ, caption_ok=caption_ok)
     loaded.path = Path(path)
     return loaded
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aitk.config.caption import CaptionJobFile
 from aitk.config.loader import JobFileError, LoadedJob, load_job_file
 from aitk.config.support import render_path, unsupported_failures
 
@@ -13,6 +14,13 @@ from aitk.config.support import render_path, unsupported_failures
 def _local_checks(loaded: LoadedJob) -> list[str]:
     """Hints that only make sense on the machine that validates (never errors)."""
     notes: list[str] = []
+    if isinstance(loaded.job, CaptionJobFile):
+        for i, process in enumerate(loaded.job.config.process):
+            if not Path(process.caption.path_to_caption).expanduser().is_dir():
+                where = render_path(("config", "process", i, "caption", "path_to_caption"))
+                notes.append(f"{where}: folder {process.caption.path_to_caption!r} does not exist here "
+                             "(fine if it exists on the machine that captions)")
+        return notes
     for i, process in enumerate(loaded.job.config.process):
         for j, dataset in enumerate(process.datasets):
             folder = Path(dataset.folder_path).expanduser()
@@ -58,7 +66,7 @@ def validate_command(paths: list[str], strict: bool = False) -> int:
     failed = 0
     for path in paths:
         try:
-            loaded = load_job_file(path, strict=strict)
+            loaded = load_job_file(path, strict=strict, caption_ok=True)
         except JobFileError as exc:
             failed += 1
             print(str(exc), file=sys.stderr)

@@ -87,7 +87,9 @@ def build_fake_model(
     for expert in trained:
         module = denoisers[expert_parts[expert]]
         _add_network(adapter, module, settings)
-        if settings.dtype == "fp16":  # the trainer trains fp32 masters under fp16 (GradScaler unscales fp32 only)
+        # the trainer keeps fp32 masters: for a network in bf16 and fp16, for a full fine-tune in
+        # fp16 (GradScaler unscales fp32 only)
+        if settings.dtype == "fp16" or (settings.dtype == "bf16" and settings.network is not None):
             for param in build.trainable_parameters(module):
                 param.data = param.data.float()
         if settings.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False):

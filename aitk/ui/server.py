@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from aitk.ui import routes_datasets, routes_jobs, routes_misc, routes_plan
+from aitk.ui import routes_caption, routes_datasets, routes_jobs, routes_misc, routes_models, routes_plan
 from aitk.ui.context import Context
 from aitk.ui.metrics_index import MetricsRegistry
 from aitk.ui.security import LOGIN_PAGE, Refused, SecurityMiddleware, safe_join
@@ -129,6 +129,8 @@ def create_app(settings: UISettings, *, start_worker: bool = False, loopback_onl
     app.include_router(routes_jobs.router)
     app.include_router(routes_datasets.router)
     app.include_router(routes_plan.router)
+    app.include_router(routes_caption.router)
+    app.include_router(routes_models.router)
 
     @app.get("/{path:path}", include_in_schema=False)
     def spa(path: str) -> Any:
@@ -175,8 +177,16 @@ def route_table(app: FastAPI) -> list[tuple[str, str]]:
     return sorted(set(out))
 
 
+LOOPBACK_BIND = ("127.0.0.1", "localhost", "::1")
+
+
+class ExposedWithoutToken(Exception):
+    """--host names an address other machines reach, and AI_TOOLKIT_AUTH is not set."""
+
+
 def bind_address(settings: UISettings, host: str | None) -> tuple[str, list[str]]:
-    """Where to listen, and what to tell the user about it."""
+    """Where to listen, and what to tell the user about it. Raises ExposedWithoutToken for an
+    address other machines reach without a token."""
     notes = []
     if host is None:
         if settings.auth_token:
@@ -186,17 +196,26 @@ def bind_address(settings: UISettings, host: str | None) -> tuple[str, list[str]
             host = "127.0.0.1"
             notes.append("AI_TOOLKIT_AUTH is not set: listening on 127.0.0.1 only (this machine). To open it "
                          "to the network, set AI_TOOLKIT_AUTH=<a long random token> and pass --host 0.0.0.0")
-    elif not settings.auth_token and host not in ("127.0.0.1", "localhost", "::1"):
-        notes.append(f"warning: listening on {host} WITHOUT a token: anyone who reaches this port can run "
-                     "jobs and read your files. Set AI_TOOLKIT_AUTH to require one")
+    elif not settings.auth_token and host not in LOOPBACK_BIND:
+        # Refused, not warned: in a container, on a rented GPU or behind a cloud proxy the port is
+        # public, and a warning in a log nobody reads left the jobs API and every served file open.
+        raise ExposedWithoutToken(
+            f"refusing to listen on {host} without a token: anyone who reaches this port could run jobs and "
+            "read your files. Set AI_TOOLKIT_AUTH to a long random token (e.g. export "
+            "AI_TOOLKIT_AUTH=$(openssl rand -hex 24)); every request then needs it. Or leave out --host to "
+            "listen on 127.0.0.1 only")
     return host, notes
 
 
 def serve(settings: UISettings, host: str | None = None, port: int = DEFAULT_PORT, worker: bool = True) -> int:
     import uvicorn
 
-    host, notes = bind_address(settings, host)
-    loopback_only = not settings.auth_token and host in ("127.0.0.1", "localhost", "::1")
+    try:
+        host, notes = bind_address(settings, host)
+    except ExposedWithoutToken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    loopback_only = not settings.auth_token and host in LOOPBACK_BIND
     for note in notes:
         print(note, file=sys.stderr)
     app = create_app(settings, start_worker=worker, loopback_only=loopback_only)

@@ -543,3 +543,228 @@ def test_a_failed_run_shows_its_reason_message_and_fix(server: Server, browser: 
     shot(page, "21-failed-job")
     assert not errors, errors
     context.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_florence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from aitk.caption.tiny import build_tiny_florence2
+
+    return build_tiny_florence2(tmp_path_factory.mktemp("caption-model") / "florence2")
+
+
+def test_caption_a_dataset_from_its_page(server: Server, browser: Any, tiny_florence: Path) -> None:
+    """The dataset page's Caption action with a tiny Florence-2: the task's progress reaches done,
+    and the new captions show in the caption editors (a caption typed before is kept)."""
+    assert server.api("POST", "/api/datasets", json={"name": "to_caption"}).status_code == 201
+    names = ["a_circle.png", "b_square.png", "c_circle.png"]
+    files = [("files", (name, png((60 * i, 90, 200), name[2:-4]), "image/png")) for i, name in enumerate(names)]
+    uploaded = server.api("POST", "/api/datasets/to_caption/upload", files=files,
+                          data={"captions": '{"a_circle.png": "typed by hand"}'})
+    assert uploaded.status_code == 201, uploaded.text
+
+    context, page, errors = open_page(browser)
+    page.goto(server.url + "/datasets/to_caption")
+    page.locator("#t").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_test_id("dataset-page").wait_for()
+    page.get_by_test_id("caption-dataset").click()  # opens the options
+    page.get_by_test_id("caption-model").select_option("custom")
+    page.get_by_test_id("caption-model-id").fill(str(tiny_florence))
+    page.locator("#caption-prefix").fill("shp")
+    page.locator("#caption-max").fill("5")
+    shot(page, "30-caption-options")
+    page.get_by_test_id("caption-dataset").click()  # starts
+    progress = page.get_by_test_id("caption-progress")
+    progress.wait_for()
+    page.locator("[data-testid=caption-progress][data-state=completed]").wait_for(timeout=120_000)
+    assert progress.get_attribute("data-done") == "2" and progress.get_attribute("data-total") == "2"
+    assert "captioned 2 of 3 files, 1 already had a caption" in page.get_by_test_id("caption-outcome").text_content()
+    for name in names[1:]:  # the editors show the new captions, to edit and save there
+        editor = page.locator(f"[data-item='{name}']").get_by_test_id("caption")
+        page.wait_for_function("(e) => e.value.startsWith('shp ')", arg=editor.element_handle())
+    assert page.locator("[data-item='a_circle.png']").get_by_test_id("caption").input_value() == "typed by hand"
+    card = page.locator("[data-item='b_square.png']")
+    card.get_by_test_id("caption").fill("shp a blue square")
+    card.get_by_test_id("save-caption").click()
+    card.get_by_test_id("caption-state").filter(has_text="saved").wait_for()
+    assert server.api("GET", "/api/datasets/to_caption/items/b_square.png/caption").json()["caption"] == "shp a blue square"
+    shot(page, "31-captioned")
+    assert not errors, errors
+    context.close()
+
+
+def test_quick_train_captions_the_picked_images(server: Server, browser: Any, tiny_florence: Path) -> None:
+    """Quick train's Caption: the picked files go to a caption task; the captions fill the empty boxes."""
+    context, page, errors = open_page(browser)
+    page.goto(server.url + "/quick-train")
+    page.locator("#t").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name="Quick train").wait_for()
+    page.get_by_test_id("file-input").set_input_files(
+        [{"name": f"qt_{i}.png", "mimeType": "image/png", "buffer": png((90, 40 * i, 60), "circle")} for i in range(3)])
+    boxes = page.get_by_test_id("qt-caption-text")
+    wait_count(page, "[data-testid=qt-caption-text]", 3)
+    boxes.nth(0).fill("my own words")
+    page.get_by_test_id("qt-caption").click()
+    page.get_by_test_id("caption-model").select_option("custom")
+    page.get_by_test_id("caption-model-id").fill(str(tiny_florence))
+    page.locator("#caption-max").fill("4")
+    page.get_by_test_id("qt-caption").click()
+    page.locator("[data-testid=caption-progress][data-state=completed]").wait_for(timeout=120_000)
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=qt-caption-text]')].every((e) => e.value)")
+    assert boxes.nth(0).input_value() == "my own words"
+    assert all(boxes.nth(i).input_value() for i in (1, 2))
+    shot(page, "32-quick-train-captions")
+    assert not errors, errors
+    context.close()
+
+
+# ------------------------------------------------------------------ the model cache and publishing
+@dataclass
+class OnlineServer:
+    """`aitk ui` online against the local hub of tests/hub_server.py, with its own HF_HOME."""
+
+    server: Server
+    hub: Any
+    hf_home: Path
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory: pytest.TempPathFactory, tiny_sd15: Path) -> Iterator[OnlineServer]:
+    from http.server import ThreadingHTTPServer
+    import threading
+
+    from hub_server import FakeHub, _handler
+
+    if not DIST_INDEX.is_file():
+        missing("the web app is not built (ui/dist/index.html); run `make ui`")
+    hub = FakeHub()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    hub.url = f"http://127.0.0.1:{httpd.server_port}"
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    root = tmp_path_factory.mktemp("e2e-online")
+    port = free_port()
+    log = ARTIFACTS / "server-online.log"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, AI_TOOLKIT_AUTH=TOKEN, HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url,
+               HF_HOME=str(root / "hf-home"), NO_PROXY="127.0.0.1,localhost", OMP_NUM_THREADS="1")
+    for name in ("AITK_DATABASE_URL", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                 "HF_TOKEN_PATH"):
+        env.pop(name, None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aitk", "ui", "--host", "127.0.0.1", "--port", str(port),
+             "--home", str(root / "home"), "--training-folder", str(root / "output"),
+             "--datasets-folder", str(root / "datasets")],
+            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", root, tiny_sd15, process, log)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(server.url + "/login", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"`aitk ui` did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    try:
+        yield OnlineServer(server, hub, root / "hf-home")
+    finally:
+        try:
+            children = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_settings_show_the_model_cache_and_a_finished_job_publishes(online: OnlineServer, browser: Any) -> None:
+    """Settings: the hub cache's place and size; a model id fetched from there (progress to done, the
+    size then equal to the blobs on disk, the model listed). A job's page: Fetch models. A finished
+    job's "Publish to the Hub": its LoRA reaches the hub, the page links the repo."""
+    from test_model_cache import PIPE_FETCHED, pipe_files
+
+    server, hub = online.server, online.hub
+    files = pipe_files()
+    hub.add_repo("tester/e2e-pipe", files)
+    data = server.root / "datasets" / "shapes"
+    data.mkdir(parents=True)
+    for i, (colour, shape) in enumerate([((220, 40, 40), "circle"), ((40, 80, 220), "square")]):
+        (data / f"img{i}.png").write_bytes(png(colour, shape))
+        (data / f"img{i}.txt").write_text(f"a {shape}")
+
+    def job(name: str, model: str, start: bool, save: dict[str, Any] | None = None) -> int:
+        config = {"job": "extension", "config": {"name": name, "process": [{
+            "type": "sd_trainer", "training_folder": str(server.root / "output"), "device": "cpu", "training_seed": 3,
+            "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+            "datasets": [{"folder_path": str(data), "resolution": [64]}],
+            "train": {"steps": 2, "batch_size": 1, "dtype": "fp32"}, "save": {"dtype": "float32", **(save or {})},
+            "model": {"name_or_path": model}}]}}
+        created = server.api("POST", "/api/jobs", json={"config": config, "start": start})
+        assert created.status_code == 201, created.text
+        return created.json()["job"]["id"]
+
+    finished = job("e2e_publish", str(server.model), True, {"hf_repo_id": "tester/e2e-lora"})  # trains meanwhile
+    context, page, errors = open_page(browser)
+    page.goto(server.url + "/settings")
+    page.locator("#t").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    size = page.get_by_test_id("cache-size")
+    size.wait_for()
+    assert size.get_attribute("data-bytes") == "0"
+    assert page.get_by_test_id("cache-path").inner_text() == str(online.hf_home / "hub")
+    page.get_by_test_id("fetch-model-id").fill("tester/e2e-pipe")
+    page.get_by_test_id("fetch-model").click()
+    page.locator("[data-testid=fetch-progress][data-state=completed]").wait_for(timeout=60_000)
+    progress = page.get_by_test_id("fetch-progress")
+    total = sum(len(files[p]) for p in PIPE_FETCHED)
+    assert progress.get_attribute("data-done") == progress.get_attribute("data-total") == str(total)
+    blobs = sum(p.stat().st_size for p in (online.hf_home / "hub").glob("models--*/blobs/*"))
+    page.locator(f"[data-testid=cache-size][data-bytes='{blobs}']").wait_for()
+    row = page.locator("[data-testid=cached-models] tr[data-repo='tester/e2e-pipe']")
+    row.wait_for()
+    assert row.get_attribute("data-bytes") == str(blobs) and "just now" in row.inner_text()
+    shot(page, "40-settings-model-cache")
+
+    # a job's page: Fetch models downloads what the job names (here: all cached already)
+    waiting = job("e2e_fetch", "tester/e2e-pipe", False)
+    page.goto(f"{server.url}/jobs/{waiting}")
+    page.get_by_test_id("fetch-job-models").click()
+    outcome = page.locator("[data-testid=fetch-job] [data-testid=fetch-progress][data-state=completed]")
+    outcome.wait_for(timeout=60_000)
+    assert "already in the cache" in outcome.inner_text()
+
+    # the finished job: Publish to the Hub with the token of the settings page
+    deadline = time.monotonic() + 180
+    while (state := job_status(server, finished))["status"] != "completed":
+        assert time.monotonic() < deadline and state["status"] in ("queued", "running"), state
+        time.sleep(0.5)
+    assert server.api("PUT", "/api/settings", json={"hf_token": "hf_e2ePublishToken0123"}).status_code == 200
+    page.goto(f"{server.url}/jobs/{finished}")
+    assert page.get_by_test_id("publish-repo").input_value() == "tester/e2e-lora"
+    assert page.get_by_test_id("publish-private").is_checked()
+    page.get_by_test_id("publish-private").uncheck()
+    page.get_by_test_id("publish-job").click()
+    page.locator("[data-testid=publish-state][data-state=uploaded]").wait_for(timeout=60_000)
+    assert page.get_by_test_id("publish-url").get_attribute("href") == f"{hub.url}/tester/e2e-lora"
+    lora = server.root / "output" / "e2e_publish" / "e2e_publish.safetensors"
+    assert hub.files["tester/e2e-lora"]["e2e_publish.safetensors"] == lora.read_bytes()
+    assert hub.repos["tester/e2e-lora"]["visibility"] == "public"
+    uploads = {r.headers.get("authorization") for r in hub.requests if r.method == "POST"}
+    assert uploads == {"Bearer hf_e2ePublishToken0123"}
+    shot(page, "41-job-published")
+    assert not errors, errors
+    context.close()

@@ -1,6 +1,6 @@
 // The JSON API client: same-origin requests (the session cookie rides along), errors as ApiError,
 // and a signed-out answer (401) sends the browser to the server's sign-in page.
-import type { PlanAnswer } from "./types";
+import type { FetchTask, ModelCacheAnswer, PlanAnswer, PublishAnswer, PublishState } from "./types";
 
 export class ApiError extends Error {
   readonly status: number;
@@ -131,4 +131,94 @@ export const plans = {
     api.post<PlanAnswer>("/api/plan", { yaml, gpu_ids: gpuIds, gpu_memory: gpuMemory || null }),
   job: (jobId: number, gpuMemory: string) =>
     api.get<PlanAnswer>(`/api/jobs/${jobId}/plan${gpuMemory ? `?gpu_memory=${encodeURIComponent(gpuMemory)}` : ""}`),
+};
+
+/** A caption task of the server (docs/captions.md): `aitk caption` in the background on a dataset or on
+ * Quick train's files, with its done / total. `captions` (files tasks): each file's caption in upload order. */
+export interface CaptionTask {
+  id: string;
+  kind: "dataset" | "files";
+  dataset: string | null;
+  state: "starting" | "loading" | "running" | "completed" | "failed" | "stopped";
+  message: string;
+  model: string | null;
+  done: number;
+  total: number;
+  written: number;
+  failed: number;
+  done_before: number;
+  files: number;
+  failures: { file: string; reason: string }[];
+  log?: string[];
+  captions?: (string | null)[];
+}
+
+/** What a Caption action sends: the model (empty: the default of `detailed`) and the caption's edges. */
+export interface CaptionSettings {
+  model: string;
+  detailed: boolean;
+  prompt: string;
+  overwrite: boolean;
+  prefix: string;
+  suffix: string;
+  max_length: string;
+}
+
+export interface CaptionModel {
+  id: string;
+  label: string;
+  detailed: boolean;
+}
+
+export const CAPTION_FINAL = ["completed", "failed", "stopped"];
+
+export const captions = {
+  models: () => api.get<{ models: CaptionModel[] }>("/api/caption"),
+  task: (id: string) => api.get<{ task: CaptionTask }>(`/api/caption?task=${encodeURIComponent(id)}`),
+  remove: (id: string) => api.del<{ removed: string }>(`/api/caption?task=${encodeURIComponent(id)}`),
+  ofDataset: (name: string) => api.get<{ task: CaptionTask | null }>(`/api/datasets/${encodeURIComponent(name)}/caption`),
+  startDataset: (name: string, s: CaptionSettings) => api.post<{ task: CaptionTask }>(
+    `/api/datasets/${encodeURIComponent(name)}/caption`, captionBody(s)),
+  stopDataset: (name: string) => api.del<{ task: CaptionTask }>(`/api/datasets/${encodeURIComponent(name)}/caption`),
+  startFiles: (files: File[], s: CaptionSettings) => {
+    const form = new FormData();
+    for (const [key, value] of Object.entries(captionBody(s))) {
+      if (value !== null && value !== undefined && key !== "overwrite") form.append(key, String(value));
+    }
+    for (const f of files) form.append("files", f, f.name);
+    return upload<{ task: CaptionTask }>("/api/caption/files", form);
+  },
+};
+
+function captionBody(s: CaptionSettings): Record<string, string | number | boolean | null> {
+  const max = Number(s.max_length);
+  return {
+    model: s.model.trim() || null,
+    detailed: s.detailed,
+    prompt: s.prompt.trim() || null,
+    overwrite: s.overwrite,
+    prefix: s.prefix,
+    suffix: s.suffix,
+    max_length: s.max_length.trim() && Number.isFinite(max) && max > 0 ? Math.round(max) : null,
+  };
+}
+
+/** The Hugging Face cache (settings page) and model fetches ahead of a run (docs/hub.md). */
+export const models = {
+  cache: () => api.get<ModelCacheAnswer>("/api/models/cache"),
+  fetchState: () => api.get<{ task: FetchTask | null }>("/api/models/fetch"),
+  fetchRepo: (repoId: string, revision: string) =>
+    api.post<{ task: FetchTask }>("/api/models/fetch", { repo_id: repoId, revision: revision.trim() || null }),
+  fetchJob: (jobId: number) => api.post<{ task: FetchTask }>("/api/models/fetch", { job_id: jobId }),
+  remove: (repoId: string) => api.del<{ freed: number; cache: ModelCacheAnswer }>(
+    `/api/models/cache?repo_id=${encodeURIComponent(repoId)}`),
+};
+
+export const FETCH_FINAL = ["completed", "failed"];
+
+/** "Publish to the Hub" of a completed job (the upload `aitk push` does). */
+export const publishing = {
+  state: (jobId: number) => api.get<PublishAnswer>(`/api/jobs/${jobId}/publish`),
+  start: (jobId: number, repoId: string, isPrivate: boolean) =>
+    api.post<{ publish: PublishState }>(`/api/jobs/${jobId}/publish`, { repo_id: repoId.trim() || null, private: isPrivate }),
 };

@@ -269,3 +269,63 @@ export type PlanAnswer =
       seconds: number;
     }
   | { ok: false; error: string; problems: string[]; budget: PlanBudget | null };
+
+/** GET /api/models/cache: the Hugging Face hub cache as huggingface_hub's scan_cache_dir sees it. */
+export interface CachedModel {
+  repo_id: string;
+  repo_type: string;
+  size_on_disk: number;
+  nb_files: number;
+  last_accessed: number | null;
+  last_modified: number | null;
+  revisions: number;
+  refs: string[];
+}
+
+export interface ModelCacheAnswer {
+  hf_home: string;
+  hub_cache: string;
+  exists: boolean;
+  size_on_disk: number;
+  repos: CachedModel[];
+  warnings: string[];
+  fetch?: FetchTask | null;
+}
+
+/** A model fetch of the server (`aitk fetch-model` in the background): bytes done / still to download. */
+export interface FetchTask {
+  id: string;
+  label: string;
+  job_id: number | null;
+  targets: string[];
+  notes: string[];
+  state: "planning" | "downloading" | "completed" | "failed";
+  total_bytes: number;
+  done_bytes: number;
+  cached_bytes: number;
+  files: number;
+  current: string | null;
+  items: { key: string; reference: string; repo_id: string; label: string; files: number; bytes: number;
+    cached_bytes: number; path: string | null; done: boolean }[];
+  error: string | null;
+  started_at: number;
+  finished_at: number | null;
+}
+
+/** A job's upload to the Hub ("Publish to the Hub"): running, uploaded (url) or failed (message). */
+export interface PublishState {
+  state: "running" | "uploaded" | "failed" | "skipped";
+  message: string;
+  repo_id: string | null;
+  url: string | null;
+  private: boolean | null;
+  log: string[];
+  started_at: number;
+  finished_at: number | null;
+}
+
+export interface PublishAnswer {
+  publish: PublishState | null;
+  defaults: { repo_id: string | null; private: boolean; push_to_hub: boolean };
+  publishable: boolean;
+}

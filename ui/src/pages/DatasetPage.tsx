@@ -1,12 +1,14 @@
-// One dataset: upload (drag and drop), thumbnails with captions to edit, delete, and the inspection report.
-import { useState } from "react";
-import { api, upload } from "../lib/api";
+// One dataset: upload (drag and drop), thumbnails with captions to edit, delete, captions written by a
+// model (the Caption action), and the inspection report.
+import { useCallback, useState } from "react";
+import { api, captions, upload } from "../lib/api";
 import { useAction, usePoll } from "../lib/hooks";
 import { bytes } from "../lib/format";
 import { Link, navigate } from "../lib/router";
 import type { DatasetDetail, InspectReport, PresetInfo } from "../lib/types";
 import { Card, ConfirmButton, Empty, ErrorBox, Loading, ProgressBar } from "../components/common";
 import { CaptionEditor } from "../components/CaptionEditor";
+import { CaptionProgress, CaptionSettingsForm, defaultCaptionSettings, useCaptionTask } from "../components/CaptionAction";
 import { DropZone } from "../components/DropZone";
 
 function Inspect({ name }: { name: string }) {
@@ -34,6 +36,48 @@ function Inspect({ name }: { name: string }) {
       </div>
       {action.error ? <ErrorBox message={action.error} /> : null}
       {report ? <pre className={`code ${report.ok ? "" : "code-bad"}`} data-testid="inspect-report">{report.lines.join("\n")}</pre> : null}
+    </Card>
+  );
+}
+
+/** Caption the dataset with a vision-language model on the server; the captions land in the editors below. */
+function Captioning({ name, onCaptioned }: { name: string; onCaptioned: () => void }) {
+  const [settings, setSettings] = useState(defaultCaptionSettings);
+  const [open, setOpen] = useState(false);
+  const [round, setRound] = useState(0);
+  const start = useAction();
+  const stop = useAction();
+  // eslint-disable-next-line react-hooks/exhaustive-deps
+  const load = useCallback(() => captions.ofDataset(name).then((r) => r.task), [name, round]);
+  const { task, error } = useCaptionTask(load, onCaptioned);
+  const running = task !== null && !["completed", "failed", "stopped"].includes(task.state);
+  const run = () => void start.run(() => captions.startDataset(name, settings)).then((r) => {
+    if (r) {
+      setOpen(false);
+      setRound((n) => n + 1);
+    }
+  });
+  return (
+    <Card title="Captions by a model" actions={
+      <button type="button" className="btn btn-primary" disabled={running || start.busy} data-testid="caption-dataset"
+        onClick={() => (open ? run() : setOpen(true))}>
+        {open ? "Start captioning" : "Caption"}
+      </button>
+    }>
+      <p className="muted small">Writes a caption for every image and video that has none, with Florence-2 (short) or
+        Qwen2.5-VL (detailed), in the background; a stopped run goes on where it was when started again.</p>
+      {open && !running ? (
+        <>
+          <CaptionSettingsForm value={settings} onChange={setSettings} overwriteLabel="replace existing captions too" />
+          <div className="actions">
+            <button type="button" className="btn btn-quiet" onClick={() => setOpen(false)}>Cancel</button>
+          </div>
+        </>
+      ) : null}
+      {start.error ? <ErrorBox message={start.error} /> : null}
+      {stop.error || error ? <ErrorBox message={stop.error ?? error} /> : null}
+      {task ? <CaptionProgress task={task} stopping={stop.busy}
+        onStop={() => void stop.run(() => captions.stopDataset(name))} /> : null}
     </Card>
   );
 }
@@ -79,10 +123,11 @@ export function DatasetPage({ name }: { name: string }) {
       {progress !== null ? <ProgressBar value={progress} label={`uploading ${Math.round(progress * 100)} %`} /> : null}
       {uploadError ? <ErrorBox message={uploadError} /> : null}
       {note ? <p className="ok-line" data-testid="upload-note">{note}</p> : null}
+      {data.items.length ? <Captioning name={data.name} onCaptioned={reload} /> : null}
       {data.items.length ? (
         <div className="items" data-testid="dataset-items">
           {data.items.map((item) => (
-            <CaptionEditor key={`${item.name}:${item.modified}`} dataset={data.name} item={item} onDeleted={reload} />
+            <CaptionEditor key={`${item.name}:${item.modified}:${item.caption ?? ""}`} dataset={data.name} item={item} onDeleted={reload} />
           ))}
         </div>
       ) : <Empty>This dataset is empty. Drop images or videos above.</Empty>}

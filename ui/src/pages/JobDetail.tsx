@@ -14,6 +14,8 @@ import { StoredJobPlan } from "../components/MemoryPlan";
 import { MetricsPanel } from "../components/MetricsPanel";
 import { SampleGallery } from "../components/SampleGallery";
 import { FailureBox } from "../components/FailureBox";
+import { FetchJobModels } from "../components/ModelFetch";
+import { PublishCard } from "../components/PublishCard";
 
 type Tab = "overview" | "samples" | "metrics" | "checkpoints" | "config";
 const TABS: { id: Tab; label: string }[] = [
@@ -150,6 +152,8 @@ export function JobDetail({ jobId }: { jobId: number }) {
       <FailureBox job={job} />
       {job.info ? <p className="muted">{job.info}</p> : null}
       <JobActions job={job} onChange={reload} />
+      {job.status === "completed" ? <PublishCard job={job} /> : null}
+      {!active && job.status !== "completed" ? <FetchJobModels job={job} /> : null}
       <Tabs tabs={TABS} active={tab} onChange={(t) => navigate(`/jobs/${jobId}${t === "overview" ? "" : `?tab=${t}`}`, { replace: true })} />
       {tab === "overview" ? <Overview d={data} onChange={reload} /> : null}
       {tab === "samples" ? <SampleGallery jobId={job.id} samples={data.samples} prompts={promptsOf(data)} /> : null}

@@ -1,16 +1,74 @@
 // Quick train: a name, a trigger word, images with their captions and a model -> a queued job.
-import { useEffect, useMemo, useState, type FormEvent } from "react";
-import { api, ApiError, upload } from "../lib/api";
-import { usePoll } from "../lib/hooks";
+// Captions can be written by a model on the server first (the Caption action), then edited here.
+import { useCallback, useEffect, useMemo, useState, type FormEvent } from "react";
+import { api, ApiError, captions, upload, type CaptionTask } from "../lib/api";
+import { useAction, usePoll } from "../lib/hooks";
 import { navigate } from "../lib/router";
 import type { Job, PresetInfo } from "../lib/types";
 import { Card, ErrorBox, ProgressBar } from "../components/common";
 import { DropZone } from "../components/DropZone";
+import { CaptionProgress, CaptionSettingsForm, defaultCaptionSettings, useCaptionTask } from "../components/CaptionAction";
 
 interface Picked {
   file: File;
   url: string;
   caption: string;
+}
+
+/** Caption the picked files on the server (those without a caption, or all) and fill in the answers. */
+function QuickCaption({ files, disabled, onCaptions }: {
+  files: Picked[];
+  disabled: boolean;
+  onCaptions: (byFile: Map<File, string>) => void; // files removed meanwhile are simply not there
+}) {
+  const [settings, setSettings] = useState(defaultCaptionSettings);
+  const [open, setOpen] = useState(false);
+  const [started, setStarted] = useState<{ id: string; sent: File[] } | null>(null);
+  const start = useAction();
+  const load = useCallback(
+    () => (started ? captions.task(started.id).then((r) => r.task) : Promise.resolve(null)), [started]);
+  const onEnd = (task: CaptionTask) => {
+    if (!started) return;
+    const filled = new Map<File, string>();
+    (task.captions ?? []).forEach((caption, j) => {
+      const file = started.sent[j];
+      if (caption && file !== undefined) filled.set(file, caption);
+    });
+    onCaptions(filled);
+    void captions.remove(task.id).catch(() => undefined); // its copy of the files is no longer needed
+  };
+  const { task, error } = useCaptionTask(started ? load : null, onEnd);
+  const running = task !== null && !["completed", "failed", "stopped"].includes(task.state);
+  const run = () => {
+    const chosen = files.filter((f) => settings.overwrite || !f.caption.trim()).map((f) => f.file);
+    if (!chosen.length) return;
+    void start.run(() => captions.startFiles(chosen, settings)).then((r) => {
+      if (r) {
+        setOpen(false);
+        setStarted({ id: r.task.id, sent: chosen });
+      }
+    });
+  };
+  const missing = files.filter((f) => !f.caption.trim()).length;
+  return (
+    <div className="section">
+      <div className="row">
+        <button type="button" className="btn" data-testid="qt-caption" disabled={disabled || running || start.busy || !files.length}
+          onClick={() => (open ? run() : setOpen(true))}>
+          {open ? "Start captioning" : "Caption with a model"}
+        </button>
+        <span className="small muted">{missing} of {files.length} without a caption</span>
+      </div>
+      {open && !running ? (
+        <>
+          <CaptionSettingsForm value={settings} onChange={setSettings} overwriteLabel="replace the captions typed here too" />
+          <button type="button" className="btn btn-quiet" onClick={() => setOpen(false)}>Cancel</button>
+        </>
+      ) : null}
+      {start.error || error ? <ErrorBox message={start.error ?? error} /> : null}
+      {task ? <CaptionProgress task={task} /> : null}
+    </div>
+  );
 }
 
 export function QuickTrain() {
@@ -83,6 +141,8 @@ export function QuickTrain() {
         </Card>
         <Card title={`2. Images and captions (${files.length})`}>
           <DropZone onFiles={add} disabled={progress !== null} />
+          <QuickCaption files={files} disabled={progress !== null}
+            onCaptions={(filled) => setFiles((old) => old.map((f) => (filled.has(f.file) ? { ...f, caption: filled.get(f.file)! } : f)))} />
           <div className="items">
             {files.map((f, i) => (
               <div className="item-card" key={f.url}>
@@ -90,7 +150,7 @@ export function QuickTrain() {
                   {f.file.type.startsWith("video/") ? <video src={f.url} muted /> : <img src={f.url} alt={f.file.name} />}
                 </div>
                 <div className="item-name">{f.file.name}</div>
-                <textarea rows={3} value={f.caption} placeholder={trigger ? `e.g. ${trigger} sitting on a sofa` : "caption"}
+                <textarea rows={3} value={f.caption} data-testid="qt-caption-text" placeholder={trigger ? `e.g. ${trigger} sitting on a sofa` : "caption"}
                   onChange={(e) => setCaption(i, e.target.value)} />
                 <button type="button" className="btn btn-small" onClick={() => removeAt(i)}>remove</button>
               </div>

@@ -4,6 +4,7 @@ import { useAction } from "../lib/hooks";
 import { bytes } from "../lib/format";
 import type { Settings } from "../lib/types";
 import { Card, ErrorBox, Loading } from "../components/common";
+import { ModelCacheCard } from "../components/ModelFetch";
 
 export function SettingsPage() {
   const [settings, setSettings] = useState<Settings | null>(null);
@@ -62,6 +63,7 @@ export function SettingsPage() {
           ) : null}
         </form>
       </Card>
+      <ModelCacheCard />
       <Card title="Server">
         <ul className="small">
           <li>Sign-in token required: {settings.auth_required ? "yes (AI_TOOLKIT_AUTH)" : "no (this machine only)"}</li>
