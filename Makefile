@@ -34,7 +34,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4;
 
 test: $(STAMP) ui e2e-deps
 	rm -f $(INTEROP_RESULTS)
-	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/test_interop_table.py -n $(TEST_WORKERS) --dist loadfile
+	$(TEST_ENV) $(PY) -m pytest tests --ignore=tests/test_interop_table.py -n $(TEST_WORKERS) --dist loadfile -rs
 	$(TEST_ENV) $(PY) -m pytest tests/test_interop_table.py
 
 # Property-based fuzzing (tests/test_fuzz_*.py) with ten times the examples `make test` runs, drawn

@@ -128,6 +128,16 @@ def test_local_model_paths_are_warned_about(tmp_path):
     assert any("model.name_or_path" in w and "the remote run cannot read it" in w for w in warnings), warnings
 
 
+def test_a_cpu_device_is_warned_about(tmp_path):
+    job = write_job(tmp_path)
+    assert not any(".device" in w for w in rewrite_job(job).warnings)
+    data = yaml.safe_load(job.read_text())
+    data["config"]["process"][0]["device"] = "cpu"
+    job.write_text(yaml.safe_dump(data))
+    warnings = rewrite_job(job).warnings
+    assert any("config.process[0].device: 'cpu'" in w and "GPU idle" in w for w in warnings), warnings
+
+
 def test_environment_variables_are_substituted_here(tmp_path, monkeypatch):
     job = write_job(tmp_path)
     monkeypatch.setenv("AITK_TEST_STEPS", "77")

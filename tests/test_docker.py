@@ -214,7 +214,10 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
 
 
 def test_make_docker_builds_the_dockerfile():
-    result = subprocess.run(["make", "-n", "docker"], cwd=ROOT, capture_output=True, text=True, check=True)
+    # run under `make test` too: a sub-make would print "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", "docker"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["docker", "build", "-f", "docker/Dockerfile", "-t", "aitk:latest", "."]
 
 

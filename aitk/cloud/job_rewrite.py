@@ -93,6 +93,15 @@ def _local_path_warnings(process: Mapping[str, Any], where: str, base: Path) -> 
     return out
 
 
+def _device_warnings(process: Mapping[str, Any], where: str) -> list[str]:
+    """A job written for a CPU (device: cpu) would leave the rented GPU idle."""
+    device = process.get("device")
+    if isinstance(device, str) and device.strip().lower().startswith("cpu"):
+        return [f"{where}.device: {device!r}: the run would train on the container's CPU and leave the GPU "
+                "idle; remove the key (the GPU is the default) or set it to cuda"]
+    return []
+
+
 class _Rewriter:
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -153,6 +162,7 @@ def rewrite_job(path: str | Path, environ: Mapping[str, str] | None = None, base
         where = f"config.process[{i}]"
         rewriter.process(process, where)
         warnings.extend(_local_path_warnings(process, where, rewriter.base))
+        warnings.extend(_device_warnings(process, where))
     if rewriter.problems:
         raise CloudJobError(source, rewriter.problems)
     out = to_yaml(data)

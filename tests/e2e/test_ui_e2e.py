@@ -15,6 +15,7 @@ test is skipped, or fails when AITK_E2E_REQUIRED=1 (as `make test` sets it).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -84,17 +85,25 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd15: Path) -> Iterato
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, AI_TOOLKIT_AUTH=TOKEN, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", AITK_UI_STOP_GRACE_S="60")
     env.pop("AITK_DATABASE_URL", None)
+    with running_ui(root, port, env, log, cwd=REPO) as process:
+        yield Server(f"http://127.0.0.1:{port}", root, tiny_sd15, process, log)
+
+
+@contextlib.contextmanager
+def running_ui(root: Path, port: int, env: dict[str, str], log: Path, *, cwd: Path) -> Iterator[subprocess.Popen]:
+    """`aitk ui` on 127.0.0.1:`port` with its home, output and datasets under `root`, once it
+    answers; then stopped (Ctrl+C), and any job process it left killed."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "aitk", "ui", "--host", "127.0.0.1", "--port", str(port), "--home", str(root / "home"),
              "--training-folder", str(root / "output"), "--datasets-folder", str(root / "datasets")],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", root, tiny_sd15, process, log)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(server.url + "/login", timeout=2).status_code == 200:
+            if httpx.get(url + "/login", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -102,7 +111,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd15: Path) -> Iterato
             raise AssertionError(f"`aitk ui` did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     try:
-        yield server
+        yield process
     finally:
         try:
             children = psutil.Process(process.pid).children(recursive=True)  # job processes (own sessions)
@@ -651,42 +660,11 @@ def online(tmp_path_factory: pytest.TempPathFactory, tiny_sd15: Path) -> Iterato
     for name in ("AITK_DATABASE_URL", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
                  "HF_TOKEN_PATH"):
         env.pop(name, None)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aitk", "ui", "--host", "127.0.0.1", "--port", str(port),
-             "--home", str(root / "home"), "--training-folder", str(root / "output"),
-             "--datasets-folder", str(root / "datasets")],
-            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", root, tiny_sd15, process, log)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(server.url + "/login", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"`aitk ui` did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
     try:
-        yield OnlineServer(server, hub, root / "hf-home")
+        with running_ui(root, port, env, log, cwd=root) as process:
+            server = Server(f"http://127.0.0.1:{port}", root, tiny_sd15, process, log)
+            yield OnlineServer(server, hub, root / "hf-home")
     finally:
-        try:
-            children = psutil.Process(process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
         httpd.shutdown()
         httpd.server_close()
 

@@ -1,7 +1,8 @@
 // The Caption action of the dataset page and Quick train (docs/captions.md): which model and how,
 // and a caption task's progress (done / total, polled), its outcome and the files it skipped.
-import { useEffect, useRef, useState } from "react";
-import { CAPTION_FINAL, captions, messageOf, type CaptionModel, type CaptionSettings, type CaptionTask } from "../lib/api";
+import { useEffect, useState } from "react";
+import { CAPTION_FINAL, captions, type CaptionModel, type CaptionSettings, type CaptionTask } from "../lib/api";
+import { useTaskPoll } from "../lib/hooks";
 import { ProgressBar } from "./common";
 
 export const defaultCaptionSettings: CaptionSettings = {
@@ -10,39 +11,7 @@ export const defaultCaptionSettings: CaptionSettings = {
 
 /** Polls a caption task every second until it ends; `onEnd` runs once when it does. */
 export function useCaptionTask(load: (() => Promise<CaptionTask | null>) | null, onEnd: (task: CaptionTask) => void) {
-  const [task, setTask] = useState<CaptionTask | null>(null);
-  const [error, setError] = useState<string | null>(null);
-  const endRef = useRef(onEnd);
-  endRef.current = onEnd;
-  useEffect(() => {
-    if (!load) return;
-    let cancelled = false;
-    let timer: number | undefined;
-    let wasRunning = false;
-    const run = async () => {
-      try {
-        const t = await load();
-        if (cancelled) return;
-        setTask(t);
-        setError(null);
-        const final = !t || CAPTION_FINAL.includes(t.state);
-        if (t && final && wasRunning) endRef.current(t);
-        if (!final) {
-          wasRunning = true;
-          timer = window.setTimeout(run, 1000);
-        }
-      } catch (err) {
-        if (cancelled) return;
-        setError(messageOf(err));
-        timer = window.setTimeout(run, 2000);
-      }
-    };
-    void run();
-    return () => {
-      cancelled = true;
-      if (timer !== undefined) window.clearTimeout(timer);
-    };
-  }, [load]);
+  const { task, setTask, error } = useTaskPoll(load, CAPTION_FINAL, 1000, onEnd);
   return { task, setTask, error };
 }
 

@@ -1,46 +1,19 @@
 // Models fetched ahead of a run (docs/hub.md): the settings page's model cache (where it is, its size,
 // the cached models, a model id to fetch) and a job page's "Fetch models"; a fetch runs on the server
 // (one at a time) and its bytes done / total are polled here.
-import { useCallback, useEffect, useRef, useState, type FormEvent } from "react";
+import { useCallback, useEffect, useState, type FormEvent } from "react";
 import { FETCH_FINAL, messageOf, models } from "../lib/api";
 import { ago, bytes } from "../lib/format";
 import type { FetchTask, Job, ModelCacheAnswer } from "../lib/types";
+import { useTaskPoll } from "../lib/hooks";
 import { Card, ConfirmButton, Empty, ErrorBox, ProgressBar } from "./common";
+
+const loadFetchTask = async (): Promise<FetchTask | null> => (await models.fetchState()).task;
 
 /** The server's newest fetch, polled while it runs; `start` begins one; `onEnd` runs once when one ends. */
 export function useFetchTask(onEnd?: (task: FetchTask) => void) {
-  const [task, setTask] = useState<FetchTask | null>(null);
-  const [error, setError] = useState<string | null>(null);
   const [tick, setTick] = useState(0);
-  const endRef = useRef(onEnd);
-  endRef.current = onEnd;
-  useEffect(() => {
-    let cancelled = false;
-    let timer: number | undefined;
-    let wasRunning = false;
-    const run = async () => {
-      try {
-        const { task: t } = await models.fetchState();
-        if (cancelled) return;
-        setTask(t);
-        const final = !t || FETCH_FINAL.includes(t.state);
-        if (t && final && wasRunning) endRef.current?.(t);
-        if (!final) {
-          wasRunning = true;
-          timer = window.setTimeout(run, 700);
-        }
-      } catch (err) {
-        if (cancelled) return;
-        setError(messageOf(err));
-        timer = window.setTimeout(run, 2000);
-      }
-    };
-    void run();
-    return () => {
-      cancelled = true;
-      if (timer !== undefined) window.clearTimeout(timer);
-    };
-  }, [tick]);
+  const { task, setTask, error, setError } = useTaskPoll(loadFetchTask, FETCH_FINAL, 700, onEnd, tick);
   const start = useCallback(async (action: () => Promise<{ task: FetchTask }>) => {
     setError(null);
     try {

@@ -53,6 +53,55 @@ export function usePoll<T>(load: () => Promise<T>, intervalMs: number | null, de
   return { data, error, loading, reload };
 }
 
+/**
+ * A server task (captioning, a model fetch) polled every `intervalMs` until its state is one of
+ * `finalStates` (2 s after a failed request); `onEnd` runs once when a task seen running ends.
+ * `load` null: nothing to poll yet. A change of `load` or `restart` starts over.
+ */
+export function useTaskPoll<T extends { state: string }>(
+  load: (() => Promise<T | null>) | null,
+  finalStates: readonly string[],
+  intervalMs: number,
+  onEnd?: (task: T) => void,
+  restart?: unknown,
+) {
+  const [task, setTask] = useState<T | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const endRef = useRef(onEnd);
+  endRef.current = onEnd;
+  useEffect(() => {
+    if (!load) return;
+    let cancelled = false;
+    let timer: number | undefined;
+    let wasRunning = false;
+    const run = async () => {
+      try {
+        const t = await load();
+        if (cancelled) return;
+        setTask(t);
+        setError(null);
+        const final = !t || finalStates.includes(t.state);
+        if (t && final && wasRunning) endRef.current?.(t);
+        if (!final) {
+          wasRunning = true;
+          timer = window.setTimeout(run, intervalMs);
+        }
+      } catch (err) {
+        if (cancelled) return;
+        setError(messageOf(err));
+        timer = window.setTimeout(run, 2000);
+      }
+    };
+    void run();
+    return () => {
+      cancelled = true;
+      if (timer !== undefined) window.clearTimeout(timer);
+    };
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [load, restart]);
+  return { task, setTask, error, setError };
+}
+
 /** The width of an element, followed as it changes (charts draw to it). Use as `ref={ref}`. */
 export function useWidth<E extends HTMLElement>(): [(element: E | null) => void, number] {
   const [width, setWidth] = useState(0);
