@@ -80,6 +80,7 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         self.failure: Failure | None = None  # why the run ended in error (aitk.trainer.failure)
         self.rollback_pending = False  # train.nan_policy rollback: due before the next step
         self._named_params_by_expert: dict[str | None, dict[str, torch.nn.Parameter]] = {}
+        self._foreach_clip: dict[str | None, bool] = {}
 
     # ------------------------------------------------------------------ status
     def _set_status(self, **fields: Any) -> None:
@@ -208,10 +209,13 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
         max_norm = self.train_cfg.max_grad_norm
         params = self._step_params()
         # foreach: one pass over all gradients (torch picks it by itself on CUDA only); not for
-        # FSDP's sharded tensors
-        foreach = True if self.fsdp is None and all(p.device.type in ("cpu", "cuda") for p in params) else None
+        # FSDP's sharded tensors. Decided once per expert: the tensors stay where they are.
+        foreach = self._foreach_clip.get(self.active_expert)
+        if foreach is None:
+            foreach = self._foreach_clip[self.active_expert] = (
+                self.fsdp is None and all(p.device.type in ("cpu", "cuda") for p in params))
         norm_on_device = torch.nn.utils.clip_grad_norm_(
-            params, max_norm if max_norm and max_norm > 0 else float("inf"), foreach=foreach
+            params, max_norm if max_norm and max_norm > 0 else float("inf"), foreach=foreach or None
         )
         signs = self._measure_signs()
         # The step's one host sync: loss, gradient norm and sign agreement travel together

@@ -234,6 +234,15 @@ def open_page(browser: Any) -> tuple[Any, Any, list[str]]:
     return context, page, errors
 
 
+def signed_in_page(browser: Any, url: str) -> tuple[Any, Any, list[str]]:
+    """`open_page`, then `url` with the token given on the sign-in page the server answers with."""
+    context, page, errors = open_page(browser)
+    page.goto(url)
+    page.locator("#t").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    return context, page, errors
+
+
 def test_ui_end_to_end(server: Server, browser: Any, tmp_path: Path) -> None:
     started = time.monotonic()
     context, page, errors = open_page(browser)
@@ -536,10 +545,7 @@ def test_a_failed_run_shows_its_reason_message_and_fix(server: Server, browser: 
         time.sleep(0.3)
     assert state["reason"] == "data" and str(gone) in state["message"], state
 
-    context, page, errors = open_page(browser)
-    page.goto(server.url + "/jobs")
-    page.locator("#t").fill(TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    context, page, errors = signed_in_page(browser, server.url + "/jobs")
     summary = page.locator("[data-testid=jobs-table] tr[data-job=e2e_failed] [data-testid=failure-summary]")
     summary.wait_for()
     assert summary.text_content().startswith("Dataset: ") and "Fix: check the dataset folders" in summary.text_content()
@@ -571,10 +577,7 @@ def test_caption_a_dataset_from_its_page(server: Server, browser: Any, tiny_flor
                           data={"captions": '{"a_circle.png": "typed by hand"}'})
     assert uploaded.status_code == 201, uploaded.text
 
-    context, page, errors = open_page(browser)
-    page.goto(server.url + "/datasets/to_caption")
-    page.locator("#t").fill(TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    context, page, errors = signed_in_page(browser, server.url + "/datasets/to_caption")
     page.get_by_test_id("dataset-page").wait_for()
     page.get_by_test_id("caption-dataset").click()  # opens the options
     page.get_by_test_id("caption-model").select_option("custom")
@@ -604,10 +607,7 @@ def test_caption_a_dataset_from_its_page(server: Server, browser: Any, tiny_flor
 
 def test_quick_train_captions_the_picked_images(server: Server, browser: Any, tiny_florence: Path) -> None:
     """Quick train's Caption: the picked files go to a caption task; the captions fill the empty boxes."""
-    context, page, errors = open_page(browser)
-    page.goto(server.url + "/quick-train")
-    page.locator("#t").fill(TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    context, page, errors = signed_in_page(browser, server.url + "/quick-train")
     page.get_by_role("heading", name="Quick train").wait_for()
     page.get_by_test_id("file-input").set_input_files(
         [{"name": f"qt_{i}.png", "mimeType": "image/png", "buffer": png((90, 40 * i, 60), "circle")} for i in range(3)])
@@ -696,10 +696,7 @@ def test_settings_show_the_model_cache_and_a_finished_job_publishes(online: Onli
         return created.json()["job"]["id"]
 
     finished = job("e2e_publish", str(server.model), True, {"hf_repo_id": "tester/e2e-lora"})  # trains meanwhile
-    context, page, errors = open_page(browser)
-    page.goto(server.url + "/settings")
-    page.locator("#t").fill(TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    context, page, errors = signed_in_page(browser, server.url + "/settings")
     size = page.get_by_test_id("cache-size")
     size.wait_for()
     assert size.get_attribute("data-bytes") == "0"
