@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,10 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-ROUNDS = 5
-STEPS = 70  # per round and loop
+ROUNDS = 9  # short rounds: the machine's speed drifts within minutes, and drift within a round is noise
+STEPS = 50  # per round and loop
 WARMUP = 10
 LAUNCHES = 3
+BARE_FIRST_STEP = "--bare-loop-first-step"  # this file run as the bare loop's launch
 
 
 def make_job(workdir: Path, name: str, steps: int) -> Path:
@@ -92,7 +92,7 @@ def phase_medians(job: Path) -> dict[str, float]:
     return {f: statistics.median(line[f] for line in lines) for f in fields}
 
 
-def bare_step_times(job: Path) -> list[tuple[float, float]]:
+def bare_step_times(job: Path, steps: int = STEPS) -> list[tuple[float, float]]:
     """(wall, process CPU) seconds of each step of the same work with nothing around it: UNet +
     peft LoRA, fixed latents and text, fused AdamW."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -120,7 +120,7 @@ def bare_step_times(job: Path) -> list[tuple[float, float]]:
     generator = torch.Generator().manual_seed(0)
     unet.train()
     times: list[tuple[float, float]] = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         start, start_cpu = time.perf_counter(), time.process_time()
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, 1000, (2,), generator=generator)
@@ -171,9 +171,13 @@ def import_floor() -> dict[str, float]:
 def launch_to_first_step(job: Path) -> tuple[float, float]:
     env = launch_env()
     started = time.time()
-    subprocess.run([sys.executable, "-m", "aitk", "run", str(job)], cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    child = subprocess.Popen([sys.executable, "-m", "aitk", "run", str(job)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this run's own peak, not the largest of all children's
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
+    peak_mb = usage.ru_maxrss / 1024
     raw = yaml.safe_load(job.read_text())
     process = raw["config"]["process"][0]
     metrics = Path(process["training_folder"]) / raw["config"]["name"] / f"metrics_{raw['config']['name']}.jsonl"
@@ -182,7 +186,20 @@ def launch_to_first_step(job: Path) -> tuple[float, float]:
     return first_end - started, peak_mb
 
 
+def bare_launch_to_first_step(job: Path) -> float:
+    """The same launch for the bare loop: this file run fresh, its imports (the same libraries),
+    the model from disk, the LoRA and one step; it encodes no images (its latents are random)."""
+    started = time.time()
+    out = subprocess.run([sys.executable, __file__, BARE_FIRST_STEP, str(job)], env=launch_env(), check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.split()[-1]) - started
+
+
 def main() -> None:
+    if sys.argv[1:2] == [BARE_FIRST_STEP]:
+        bare_step_times(Path(sys.argv[2]), steps=1)
+        print(time.time())
+        return
     torch.set_num_threads(1)
     ratios, cpu_ratios, statistic_costs, bares, ours = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +227,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "aitk")], env=launch_env(),
                        check=True, stdout=subprocess.DEVNULL)
         launch_to_first_step(make_job(workdir, "warm", 2))  # file cache and compiled modules in place
-        launches = [launch_to_first_step(make_job(workdir, f"launch{i}", 20)) for i in range(LAUNCHES)]
+        launches, bare_launches = [], []
+        for i in range(LAUNCHES):  # interleaved, as the steps are
+            launches.append(launch_to_first_step(make_job(workdir, f"launch{i}", 20)))
+            bare_launches.append(bare_launch_to_first_step(job))
         floor = import_floor()
     launch = statistics.median(t for t, _ in launches)
     rss = max(r for _, r in launches)
@@ -228,6 +248,10 @@ def main() -> None:
     print(f"  trainer step by phase (timed run): {parts}; step {phases['step_time_s'] * 1000:.1f} ms")
     print(f"launch to first step:             {launch:.2f} s    (median of {LAUNCHES}: "
           f"{', '.join(f'{t:.2f}' for t, _ in launches)}; aim: <= 4.0 s)")
+    bare_launch = statistics.median(bare_launches)
+    print(f"  the bare loop's launch to its first step: {bare_launch:.2f} s (median of {LAUNCHES}: "
+          f"{', '.join(f'{t:.2f}' for t in bare_launches)}; the same imports, model from disk, LoRA and one step, "
+          f"no images encoded); aitk / bare: {launch / bare_launch:.2f}")
     libraries = sum(floor.values())
     print(f"  of which library imports:       {libraries:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in floor.items())}; "
           "median of 3 fresh interpreters); the rest, aitk's own work to the first step: "

@@ -195,3 +195,26 @@ def test_sign_tracking_of_large_models_is_sampled():
     kept = tracker.state_dict()["main"]["w"]
     assert kept.numel() <= 1000 and kept.dtype == torch.int8
     assert tracker.update("main", {"w": -g}) == 0.0
+
+
+def test_sign_agreement_of_a_lora_matches_a_direct_count_and_leaves_the_gradients_alone():
+    """The one-call path (every tensor whole, on one device): the agreement is the share of
+    elements whose sign repeats, and a lone tensor's gradient (flattened as a view) is untouched."""
+    from aitk.trainer.health import GradientSignTracker
+
+    torch.manual_seed(3)
+    first = {f"m{i}.lora_A": torch.randn(4, 8) for i in range(3)} | {"m.lora_B": torch.randn(8, 4, 1, 1)}
+    second = {name: torch.randn(g.shape) for name, g in first.items()}
+    tracker = GradientSignTracker()
+    assert tracker.update("main", first) is None
+    same = sum(int((a.sign() == b.sign()).sum()) for a, b in zip(first.values(), second.values()))
+    expected = same / sum(g.numel() for g in first.values())
+    assert tracker.update("main", second) == pytest.approx(expected, abs=1e-6)
+    assert 0.2 < expected < 0.8
+
+    lone = GradientSignTracker()
+    grad = torch.randn(6, 5)
+    kept = grad.clone()
+    lone.update("main", {"w": grad})
+    assert lone.update("main", {"w": grad}) == 1.0
+    assert torch.equal(grad, kept)  # not turned into its signs in place

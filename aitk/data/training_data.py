@@ -171,8 +171,11 @@ class TrainingData:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aitk-data") if workers else None
         )
-        # the next batch loads while the current step runs (aitk/data/prefetch.py)
-        self._ahead = BatchesAhead(self._sampler, self._load_batch, pin_memory=pin_memory) if prefetch else None
+        # the next batch loads while the current step runs (aitk/data/prefetch.py), when loading it
+        # reads files; batches of latents already in memory are only stacked, and a loader thread
+        # would then cost the step more (its turns at the GIL) than it saves
+        ahead = prefetch and self.reads_files_per_batch
+        self._ahead = BatchesAhead(self._sampler, self._load_batch, pin_memory=pin_memory) if ahead else None
 
     # ------------------------------------------------------------------ construction
     def _add_dataset(self, index: int, cfg: DatasetConfig, process_trigger: str | None) -> None:
@@ -281,6 +284,15 @@ class TrainingData:
         """This process's batches in an epoch (the current one by default). With is_reg datasets
         the number can differ slightly between epochs (partial batches)."""
         return self._sampler.batches_in_epoch(self.epoch if epoch is None else int(epoch))
+
+    @property
+    def reads_files_per_batch(self) -> bool:
+        """Whether a batch reads files: images or clips to decode, latents kept on disk only,
+        masks or control images."""
+        return any(
+            ds.cache is None or not ds.cache.memory or ds.cfg.mask_path or ds.cfg.control_path
+            for ds in self._datasets
+        )
 
     @property
     def needs_latent_cache(self) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 
 # A LoRA has far fewer elements; a full fine-tune is sampled (a fixed stride per tensor), so the
@@ -50,6 +51,7 @@ class SignMeasure:
 class GradientSignTracker:
     def __init__(self, max_elements: int = MAX_TRACKED_ELEMENTS) -> None:
         self._previous: dict[str, KeptSigns] = {}  # on the device the gradients are on
+        self._plans: dict[tuple[str, ...], tuple[int, tuple[tuple[str, int], ...]]] = {}  # names -> stride, layout
         self.max_elements = int(max_elements)
 
     @torch.no_grad()
@@ -59,11 +61,23 @@ class GradientSignTracker:
         present = {name: grad for name, grad in named_grads.items() if grad is not None}
         if not present:
             return SignMeasure(expert, KeptSigns((), torch.zeros(0, dtype=torch.int8)), None)
-        stride = max(1, -(-sum(g.numel() for g in present.values()) // self.max_elements))
-        device = next(iter(present.values())).device
-        parts = [g.detach().reshape(-1)[::stride].to(device) for g in present.values()]
-        layout = tuple((name, part.numel()) for name, part in zip(present, parts))
-        signs = KeptSigns(layout, torch.cat(parts).sign_().to(torch.int8))
+        grads = list(present.values())
+        device = grads[0].device
+        names = tuple(present)
+        plan = self._plans.get(names)
+        if plan is None:  # the tensors' sizes, hence the stride and layout, stay put over a run
+            sizes = [g.numel() for g in grads]
+            stride = max(1, -(-sum(sizes) // self.max_elements))
+            layout = tuple((name, len(range(0, n, stride))) for name, n in zip(names, sizes))
+            plan = self._plans[names] = (stride, layout)
+        stride, layout = plan
+        if stride == 1 and all(g.device == device for g in grads):
+            # one call for every tensor, the most of a step's host cost; a lone tensor comes back
+            # as a view of its gradient, hence the sign() out of place
+            flat = _flatten_dense_tensors(grads)
+        else:
+            flat = torch.cat([g.detach().reshape(-1)[::stride].to(device) for g in grads])
+        signs = KeptSigns(layout, flat.sign().to(torch.int8))
         previous = self._previous.get(expert)
         if previous is None:
             return SignMeasure(expert, signs, None)
