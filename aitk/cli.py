@@ -33,7 +33,6 @@ def _close_process_group() -> None:
 def _run_jobs(args: argparse.Namespace) -> int:
     from aitk.config.caption import CaptionJobFile
     from aitk.config.loader import JobFileError, load_job_file
-    from aitk.trainer.loop import Trainer
     from aitk.trainer.stop import StopController
 
     stop = StopController()
@@ -58,6 +57,8 @@ def _run_jobs(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             if warning not in logged_by_run:
                 print(f"warning: {warning}", file=sys.stderr)
+        from aitk.trainer.loop import Trainer  # torch and the model libraries: after the job file is known good
+
         for index, process in enumerate(loaded.job.config.process):
             trainer = Trainer(loaded.job, process, stop=stop, job_path=Path(job_path))
             stop.install(announce=lambda message: print(message, file=sys.stderr))
