@@ -9,8 +9,9 @@ Prints, from one run:
 - where the trainer's step goes (data, forward, backward, optimizer: performance_log_every);
 - launch to first step of `python -m aitk run job.yaml` (aitk byte-compiled and one warm-up
   launch first, as a user's second run), median of 3 launches, and the peak RSS of those runs;
-  aims: <= 4.0 s, <= 550 MB. Beside it, what the libraries' imports alone take in a fresh
-  interpreter (torch, torch._dynamo, transformers, peft, diffusers), so that the rest is aitk's.
+  aims: <= 4.0 s, <= 550 MB. Beside it, the bare loop's own launch to its first step (this file
+  run fresh: the same libraries, model load, LoRA and one step), and what the libraries' imports
+  alone take in a fresh interpreter (torch, torch._dynamo, transformers, peft, diffusers).
   bench/vs_diffusers.py times the same launch for diffusers' example script.
 """
 
