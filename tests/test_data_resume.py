@@ -108,14 +108,16 @@ def test_loading_ahead_changes_no_batch_and_saves_the_consumed_state(folders):
 
 
 def test_batches_of_latents_in_memory_load_on_demand_and_files_load_ahead(folders, tmp_path):
-    """A loader thread only where a batch reads files: latents kept in memory are stacked on the
-    step's thread; latents kept on disk only, masks and images load ahead."""
+    """A loader thread only where a batch reads files or is pinned for the GPU: on the CPU, latents
+    kept in memory are stacked on the step's thread; latents kept on disk only and images load ahead."""
     main, _ = folders
     common = dict(trigger_word=None, divisibility=16, batch_size=2, seed=5, log=lambda m: None)
     in_memory = TrainingData([DatasetConfig(folder_path=str(main), resolution=64, cache_latents=True)], **common)
     on_disk = TrainingData([DatasetConfig(folder_path=str(main), resolution=64, cache_latents_to_disk=True)], **common)
     images = TrainingData([DatasetConfig(folder_path=str(main), resolution=64)], **common)
+    for_gpu = TrainingData([DatasetConfig(folder_path=str(main), resolution=64, cache_latents=True)], **common,
+                           pin_memory=True)  # the copy into pinned memory overlaps the step
     assert in_memory._ahead is None and not in_memory.reads_files_per_batch
-    assert on_disk._ahead is not None and images._ahead is not None
-    for data in (on_disk, images):
+    assert on_disk._ahead is not None and images._ahead is not None and for_gpu._ahead is not None
+    for data in (on_disk, images, for_gpu):
         data.close()

@@ -171,10 +171,11 @@ class TrainingData:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aitk-data") if workers else None
         )
-        # the next batch loads while the current step runs (aitk/data/prefetch.py), when loading it
-        # reads files; batches of latents already in memory are only stacked, and a loader thread
-        # would then cost the step more (its turns at the GIL) than it saves
-        ahead = prefetch and self.reads_files_per_batch
+        # the next batch loads while the current step runs (aitk/data/prefetch.py) when loading it
+        # reads files, or copies it into pinned memory for the GPU; on the CPU, latents already in
+        # memory are only stacked, and a loader thread would cost the step more (its turns at the
+        # GIL) than it saves
+        ahead = prefetch and (self.reads_files_per_batch or pin_memory)
         self._ahead = BatchesAhead(self._sampler, self._load_batch, pin_memory=pin_memory) if ahead else None
 
     # ------------------------------------------------------------------ construction
