@@ -33,10 +33,10 @@ from aitk.data.images import (
 )
 from aitk.data.latent_cache import CACHE_DIR_NAME, LatentCache, latent_key
 from aitk.data.sampler import BucketBatchSampler, seed_words
+from aitk.data.reg_stream import RegStream
 from aitk.data.video import ClipPlan, frame_indices, read_frames
 
 Variant = tuple[bool, bool]  # (flip_x, flip_y)
-_REG_STREAM = 0x726567  # separates the regularisation-selection generator from the others
 
 
 @dataclass
@@ -146,8 +146,6 @@ class TrainingData:
         self._items: list[_Item] = []
         self._entry_item: list[int] = []  # sample index -> item index (non-reg, num_repeats expanded)
         self._reg_pool: list[int] = []  # item indices of is_reg datasets (num_repeats expanded)
-        self._reg_perms: dict[int, np.ndarray] = {}
-        self._reg_epoch: tuple[int, list[int]] | None = None
         self._latents_ready = False
         self._warned_once: set[str] = set()
         self.frame_rule = frame_rule
@@ -159,6 +157,7 @@ class TrainingData:
                 "every dataset is a regularisation dataset (is_reg: true) - add a dataset of the images "
                 "to train on (is_reg: false); regularisation images are mixed in with those"
             )
+        self._reg = RegStream(self._seed, self._reg_pool, per_epoch=len(self._entry_item))
         bucket_keys = [self._bucket_key(self._items[i]) for i in self._entry_item]
         extra = self._reg_bucket_keys if self._reg_pool else None
         self._sampler = BucketBatchSampler(bucket_keys, batch_size, seed, rank, world_size, extra_keys=extra)
@@ -225,40 +224,14 @@ class TrainingData:
         )
 
     # ------------------------------------------------------------------ regularisation samples
-    def _reg_perm(self, cycle: int) -> np.ndarray:
-        perm = self._reg_perms.get(cycle)
-        if perm is None:
-            if len(self._reg_perms) > 8:
-                self._reg_perms.clear()
-            perm = np.random.default_rng([self._seed, _REG_STREAM, int(cycle)]).permutation(len(self._reg_pool))
-            self._reg_perms[cycle] = perm
-        return perm
-
-    def _reg_items(self, epoch: int) -> list[int]:
-        """The item indices of an epoch's regularisation samples (as many as non-reg samples).
-
-        The reg pool is walked as an endless stream of seeded permutations (one per cycle): each
-        epoch takes the next len(non-reg samples) of it, so a large reg set is subsampled and used
-        evenly over the epochs, a small one is cycled.
-        """
-        if self._reg_epoch is not None and self._reg_epoch[0] == epoch:
-            return self._reg_epoch[1]
-        n, m = len(self._entry_item), len(self._reg_pool)
-        out = []
-        for p in range(epoch * n, (epoch + 1) * n):
-            cycle, offset = divmod(p, m)
-            out.append(self._reg_pool[int(self._reg_perm(cycle)[offset])])
-        self._reg_epoch = (epoch, out)
-        return out
-
     def _reg_bucket_keys(self, epoch: int) -> list[tuple]:
-        return [self._bucket_key(self._items[i]) for i in self._reg_items(epoch)]
+        return [self._bucket_key(self._items[i]) for i in self._reg.items(epoch)]
 
     def _item_of(self, epoch: int, entry: int) -> _Item:
         n = len(self._entry_item)
         if entry < n:
             return self._items[self._entry_item[entry]]
-        return self._items[self._reg_items(epoch)[entry - n]]
+        return self._items[self._reg.items(epoch)[entry - n]]
 
     # ------------------------------------------------------------------ public API
     def _sampler_state(self) -> dict:
