@@ -13,9 +13,12 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from aitk import startup_gc
+
     try:
         return _run_jobs(args)
     finally:
+        startup_gc.restore()
         _close_process_group()
 
 
@@ -31,6 +34,7 @@ def _close_process_group() -> None:
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
+    from aitk import startup_gc
     from aitk.config.caption import CaptionJobFile
     from aitk.config.loader import JobFileError, load_job_file
     from aitk.trainer.stop import StopController
@@ -57,9 +61,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             if warning not in logged_by_run:
                 print(f"warning: {warning}", file=sys.stderr)
-        from aitk.trainer.loop import Trainer  # torch and the model libraries: after the job file is known good
-
         for index, process in enumerate(loaded.job.config.process):
+            startup_gc.pause()  # until the training loop starts (aitk/startup_gc.py)
+            from aitk.trainer.loop import Trainer  # torch and the model libraries: after the job file is known good
+
             trainer = Trainer(loaded.job, process, stop=stop, job_path=Path(job_path))
             stop.install(announce=lambda message: print(message, file=sys.stderr))
             try:
@@ -80,6 +85,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
                 return failure.exit_code
             finally:
                 stop.uninstall()
+                startup_gc.restore()
             if result.state == "stopped":
                 return stop.exit_code or EXIT_OK
     return EXIT_OK

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aitk import startup_gc
 from aitk.config.schema import JobFile, ProcessConfig
 from aitk.models.base import BatchContext
 from aitk.trainer import checkpoint as ckpt
@@ -487,6 +488,7 @@ class Trainer(TrainerSetup, TrainerSaving, TrainerFailures):
             performance_every=self.process.performance_log_every, wandb=self.wandb,
         ) if self.session.is_main else None
         self._set_status(state="training", step=self.state.step)
+        startup_gc.resume()  # what start-up made is frozen; the steps' garbage is collected (aitk/startup_gc.py)
         started_at = time.perf_counter()
         first_step = self.state.step
         stopped = False
