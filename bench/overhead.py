@@ -11,7 +11,8 @@ Prints, from one run:
   launch first, as a user's second run), median of 3 launches, and the peak RSS of those runs;
   aims: <= 4.0 s, <= 550 MB. Beside it, the bare loop's own launch to its first step (this file
   run fresh: the same libraries, model load, LoRA and one step), and what the libraries' imports
-  alone take in a fresh interpreter (torch, torch._dynamo, transformers, peft, diffusers).
+  alone take in a fresh interpreter (torch, torch._dynamo, transformers, peft, diffusers); both
+  hold back the garbage collector's full passes as `aitk run` does while a run starts.
   bench/vs_diffusers.py times the same launch for diffusers' example script.
 """
 
@@ -136,7 +137,11 @@ def bare_step_times(job: Path, steps: int = STEPS) -> list[tuple[float, float]]:
 
 
 # What any trainer on these libraries pays before its first step: the imports of an SD 1.5 LoRA run.
-IMPORT_FLOOR = """
+# The bare loop's launch and the import floor hold back the collector's full passes as `aitk run`
+# does while a run starts (aitk/startup_gc.py), so that the three launches compare like for like.
+HOLD_FULL_GC_PASSES = "from aitk import startup_gc; startup_gc.pause()\n"
+
+IMPORT_FLOOR = HOLD_FULL_GC_PASSES + """
 import time
 marks = [("start", time.perf_counter())]
 import torch
@@ -191,8 +196,11 @@ def bare_launch_to_first_step(job: Path) -> float:
     """The same launch for the bare loop: this file run fresh, its imports (the same libraries),
     the model from disk, the LoRA and one step; it encodes no images (its latents are random)."""
     started = time.time()
-    out = subprocess.run([sys.executable, __file__, BARE_FIRST_STEP, str(job)], env=launch_env(), check=True,
-                         capture_output=True, text=True).stdout
+    this = str(Path(__file__).resolve())
+    code = HOLD_FULL_GC_PASSES + (f"import runpy, sys; sys.argv = [{this!r}, {BARE_FIRST_STEP!r}, {str(job)!r}]; "
+                                  f"runpy.run_path({this!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], env=launch_env(), check=True, capture_output=True,
+                         text=True).stdout
     return float(out.split()[-1]) - started
 
 
@@ -252,7 +260,7 @@ def main() -> None:
     bare_launch = statistics.median(bare_launches)
     print(f"  the bare loop's launch to its first step: {bare_launch:.2f} s (median of {LAUNCHES}: "
           f"{', '.join(f'{t:.2f}' for t in bare_launches)}; the same imports, model from disk, LoRA and one step, "
-          f"no images encoded); aitk / bare: {launch / bare_launch:.2f}")
+          f"no images encoded; full collector passes held back as aitk's): aitk / bare: {launch / bare_launch:.2f}")
     libraries = sum(floor.values())
     print(f"  of which library imports:       {libraries:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in floor.items())}; "
           "median of 3 fresh interpreters); the rest, aitk's own work to the first step: "
