@@ -5,8 +5,9 @@ objects that live as long as the run. On the way, the collector's full passes wa
 again and again: 7 passes, 0.75 s of a 4.5 s start on the tiny model (measured), for next to
 nothing freed. So while a run starts, `aitk run` holds back the full passes only (`pause`): the
 young generations are still collected, so short-lived garbage of the model load is freed as
-before. When the training loop begins, everything alive is moved to the permanent generation,
-which collections never walk (`gc.freeze`), and full passes are allowed again (`resume`). When
+before. When the training loop begins, one full pass frees what start-up left in cycles,
+everything still alive is moved to the permanent generation, which collections never walk
+(`gc.freeze`), and full passes are allowed again (`resume`). When
 the run ends, `restore` thaws those objects, so that whatever of them has become garbage is
 collected if the process goes on (a second job of the same `aitk run`, a caption job).
 
@@ -31,9 +32,12 @@ def pause() -> None:
 
 
 def resume() -> None:
-    """The training loop starts: freeze what start-up made, full passes allowed again."""
+    """The training loop starts: one full pass frees what start-up left in cycles (a big model's
+    temporaries must not stay frozen for the whole run), the rest is frozen, and full passes are
+    allowed again."""
     global _saved_thresholds, _frozen
     if _saved_thresholds is not None:
+        gc.collect()
         gc.freeze()
         _frozen = True
         gc.set_threshold(*_saved_thresholds)

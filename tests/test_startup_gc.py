@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,17 @@ def test_pause_holds_full_passes_only_and_resume_freezes_then_restore_thaws(keep
     del garbage
     assert gc.collect(1) >= 1
 
+    class Node:
+        pass
+
+    old = Node()
+    old.me = old  # a cycle old enough to reach the oldest generation during start-up...
+    gc.collect(1)
+    gc.collect(1)
+    gone = weakref.ref(old)
+    del old  # ...then garbage: the pass at resume frees it rather than freezing it for the run
     startup_gc.resume()
+    assert gone() is None
     assert gc.get_freeze_count() > 1000 and gc.get_threshold() == before
     startup_gc.restore()
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
